@@ -1,0 +1,680 @@
+//! Persisted (format 1) types, key encodings, and the conversions between the
+//! public model and what is written to disk.
+//!
+//! Only this module knows bincode. Every value goes through [`crate::envelope`]
+//! and every decoded value is validated (address families, prefix lengths,
+//! name characters) before it becomes a model type.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::envelope::{self, DecodeError, Kind};
+use crate::model::*;
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a persisted value into an envelope of `kind`.
+pub(crate) fn encode<T: Serialize>(kind: Kind, value: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail; an empty payload would
+    // be caught by decode as a payload error, never silently accepted.
+    let payload = bincode::serde::encode_to_vec(value, config()).unwrap_or_default();
+    envelope::seal(kind, &payload)
+}
+
+/// Decodes an envelope of `kind` into a persisted value, refusing trailing bytes.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], kind: Kind) -> Result<T, DecodeError> {
+    let env = envelope::open_kind(bytes, kind)?;
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(env.payload, config())
+        .map_err(|e| DecodeError::Payload(e.to_string()))?;
+    if used != env.payload.len() {
+        return Err(DecodeError::Payload(format!(
+            "{} unused payload bytes",
+            env.payload.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+fn bad(msg: impl Into<String>) -> DecodeError {
+    DecodeError::Payload(msg.into())
+}
+
+// ---------------------------------------------------------------- v1 types
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AddrV1 {
+    family: u8,
+    bytes: [u8; 16],
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NetV1 {
+    addr: AddrV1,
+    prefix: u8,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeMetaV1 {
+    node_name: String,
+    boot_id: String,
+    cluster_id: String,
+    created_unix: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseV1 {
+    pool: String,
+    block: NetV1,
+    epoch: u64,
+    state: u8,
+    alloc_cursor: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyV1 {
+    container_id: String,
+    ifname: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AssignedV1 {
+    addr: AddrV1,
+    block: NetV1,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AttachmentV1 {
+    key: KeyV1,
+    netns: String,
+    pod_namespace: String,
+    pod_name: String,
+    pool: String,
+    addresses: Vec<AssignedV1>,
+    host_veth: String,
+    state: u8,
+    boot_id: String,
+    created_unix: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) enum IntentOpV1 {
+    AcquireBlock { pool: String, block: Option<NetV1> },
+    ReleaseBlock { pool: String, block: NetV1 },
+    Wire { key: KeyV1 },
+    Unwire { key: KeyV1 },
+    ExportBlock { block: NetV1 },
+    WithdrawBlock { block: NetV1 },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) enum IntentStateV1 {
+    Pending,
+    Done,
+    Aborted(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IntentV1 {
+    id: u64,
+    op: IntentOpV1,
+    state: IntentStateV1,
+    created_unix: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AddressV1 {
+    attachment: KeyV1,
+    block: NetV1,
+}
+
+/// One operation inside a WAL batch: a put (value = a sealed envelope) or a
+/// delete of `key` in `tree`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WalOpV1 {
+    pub tree: u8,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WalBatchV1 {
+    pub seq: u64,
+    pub ops: Vec<WalOpV1>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SegmentHeaderV1 {
+    pub format_version: u32,
+    pub first_seq: u64,
+}
+
+// ------------------------------------------------------------ conversions
+
+fn addr_to_v1(a: IpAddr) -> AddrV1 {
+    match a {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            AddrV1 { family: 4, bytes }
+        }
+        IpAddr::V6(v6) => AddrV1 {
+            family: 6,
+            bytes: v6.octets(),
+        },
+    }
+}
+
+fn addr_from_v1(a: &AddrV1) -> Result<IpAddr, DecodeError> {
+    match a.family {
+        4 => {
+            if a.bytes[4..].iter().any(|b| *b != 0) {
+                return Err(bad("IPv4 address with bytes beyond the fourth"));
+            }
+            Ok(IpAddr::V4(Ipv4Addr::new(
+                a.bytes[0], a.bytes[1], a.bytes[2], a.bytes[3],
+            )))
+        }
+        6 => Ok(IpAddr::V6(Ipv6Addr::from(a.bytes))),
+        f => Err(bad(format!("address family {f}"))),
+    }
+}
+
+fn net_to_v1(n: IpNet) -> NetV1 {
+    NetV1 {
+        addr: addr_to_v1(n.addr()),
+        prefix: n.prefix_len(),
+    }
+}
+
+fn net_from_v1(n: &NetV1) -> Result<IpNet, DecodeError> {
+    match addr_from_v1(&n.addr)? {
+        IpAddr::V4(a) => Ipv4Net::new(a, n.prefix)
+            .map(IpNet::V4)
+            .map_err(|_| bad(format!("IPv4 prefix length {}", n.prefix))),
+        IpAddr::V6(a) => Ipv6Net::new(a, n.prefix)
+            .map(IpNet::V6)
+            .map_err(|_| bad(format!("IPv6 prefix length {}", n.prefix))),
+    }
+}
+
+fn key_to_v1(k: &AttachmentKey) -> KeyV1 {
+    KeyV1 {
+        container_id: k.container_id.clone(),
+        ifname: k.ifname.clone(),
+    }
+}
+
+fn key_from_v1(k: &KeyV1) -> Result<AttachmentKey, DecodeError> {
+    validate_key(&k.container_id, &k.ifname).map_err(bad)?;
+    Ok(AttachmentKey::new(k.container_id.clone(), k.ifname.clone()))
+}
+
+/// Checks the parts of an attachment key: non-empty, no NUL (the key
+/// encoding uses NUL as the separator), bounded length.
+pub(crate) fn validate_key(container_id: &str, ifname: &str) -> Result<(), String> {
+    if container_id.is_empty() || container_id.len() > 256 || container_id.contains('\0') {
+        return Err(format!(
+            "container id must be 1-256 bytes without NUL, got {container_id:?}"
+        ));
+    }
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('\0') || ifname.contains('/') {
+        return Err(format!(
+            "interface name must be 1-15 bytes without NUL or '/', got {ifname:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn lease_state_to_u8(s: LeaseState) -> u8 {
+    match s {
+        LeaseState::Acquiring => 1,
+        LeaseState::Leased => 2,
+        LeaseState::Releasing => 3,
+        LeaseState::Quarantined => 4,
+    }
+}
+
+fn lease_state_from_u8(b: u8) -> Result<LeaseState, DecodeError> {
+    Ok(match b {
+        1 => LeaseState::Acquiring,
+        2 => LeaseState::Leased,
+        3 => LeaseState::Releasing,
+        4 => LeaseState::Quarantined,
+        _ => return Err(bad(format!("lease state {b}"))),
+    })
+}
+
+fn att_state_to_u8(s: AttachmentState) -> u8 {
+    match s {
+        AttachmentState::Reserved => 1,
+        AttachmentState::Wired => 2,
+        AttachmentState::Releasing => 3,
+    }
+}
+
+fn att_state_from_u8(b: u8) -> Result<AttachmentState, DecodeError> {
+    Ok(match b {
+        1 => AttachmentState::Reserved,
+        2 => AttachmentState::Wired,
+        3 => AttachmentState::Releasing,
+        _ => return Err(bad(format!("attachment state {b}"))),
+    })
+}
+
+pub(crate) fn encode_node_meta(m: &NodeMeta) -> Vec<u8> {
+    encode(
+        Kind::NodeMeta,
+        &NodeMetaV1 {
+            node_name: m.node_name.clone(),
+            boot_id: m.boot_id.clone(),
+            cluster_id: m.cluster_id.clone(),
+            created_unix: m.created_unix,
+        },
+    )
+}
+
+pub(crate) fn decode_node_meta(b: &[u8]) -> Result<NodeMeta, DecodeError> {
+    let v: NodeMetaV1 = decode(b, Kind::NodeMeta)?;
+    Ok(NodeMeta {
+        node_name: v.node_name,
+        boot_id: v.boot_id,
+        cluster_id: v.cluster_id,
+        created_unix: v.created_unix,
+    })
+}
+
+pub(crate) fn encode_counter(v: u64) -> Vec<u8> {
+    encode(Kind::Counter, &v)
+}
+
+pub(crate) fn decode_counter(b: &[u8]) -> Result<u64, DecodeError> {
+    decode(b, Kind::Counter)
+}
+
+/// The CHECKPOINT file: the format version of the whole journal and the
+/// sequence number up to which sled's files are known to be durable.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CheckpointV1 {
+    pub format_version: u32,
+    pub seq: u64,
+}
+
+pub(crate) fn encode_checkpoint(seq: u64) -> Vec<u8> {
+    encode(
+        Kind::Format,
+        &CheckpointV1 {
+            format_version: u32::from(envelope::FORMAT_VERSION),
+            seq,
+        },
+    )
+}
+
+/// Decodes the CHECKPOINT file. A file written by a newer coil is reported
+/// as [`DecodeError::NewerVersion`] before its payload is looked at, so a
+/// newer journal is refused as newer, never misread as corrupt.
+pub(crate) fn decode_checkpoint(b: &[u8]) -> Result<CheckpointV1, DecodeError> {
+    let c: CheckpointV1 = decode(b, Kind::Format)?;
+    if c.format_version > u32::from(envelope::FORMAT_VERSION) {
+        return Err(DecodeError::NewerVersion(
+            u16::try_from(c.format_version).unwrap_or(u16::MAX),
+        ));
+    }
+    Ok(c)
+}
+
+pub(crate) fn encode_lease(l: &BlockLease) -> Vec<u8> {
+    encode(
+        Kind::Lease,
+        &LeaseV1 {
+            pool: l.pool.clone(),
+            block: net_to_v1(l.block),
+            epoch: l.epoch,
+            state: lease_state_to_u8(l.state),
+            alloc_cursor: l.alloc_cursor,
+        },
+    )
+}
+
+pub(crate) fn decode_lease(b: &[u8]) -> Result<BlockLease, DecodeError> {
+    let v: LeaseV1 = decode(b, Kind::Lease)?;
+    let block = net_from_v1(&v.block)?;
+    if block != block.trunc() {
+        return Err(bad(format!("block {block} has host bits set")));
+    }
+    Ok(BlockLease {
+        pool: v.pool,
+        block,
+        epoch: v.epoch,
+        state: lease_state_from_u8(v.state)?,
+        alloc_cursor: v.alloc_cursor,
+    })
+}
+
+pub(crate) fn encode_attachment(a: &Attachment) -> Vec<u8> {
+    encode(
+        Kind::Attachment,
+        &AttachmentV1 {
+            key: key_to_v1(&a.key),
+            netns: a.netns.clone(),
+            pod_namespace: a.pod_namespace.clone(),
+            pod_name: a.pod_name.clone(),
+            pool: a.pool.clone(),
+            addresses: a
+                .addresses
+                .iter()
+                .map(|x| AssignedV1 {
+                    addr: addr_to_v1(x.addr),
+                    block: net_to_v1(x.block),
+                })
+                .collect(),
+            host_veth: a.host_veth.clone(),
+            state: att_state_to_u8(a.state),
+            boot_id: a.boot_id.clone(),
+            created_unix: a.created_unix,
+        },
+    )
+}
+
+pub(crate) fn decode_attachment(b: &[u8]) -> Result<Attachment, DecodeError> {
+    let v: AttachmentV1 = decode(b, Kind::Attachment)?;
+    let mut addresses = Vec::with_capacity(v.addresses.len());
+    for x in &v.addresses {
+        let addr = addr_from_v1(&x.addr)?;
+        let block = net_from_v1(&x.block)?;
+        if !block.contains(&addr) {
+            return Err(bad(format!("address {addr} outside its block {block}")));
+        }
+        addresses.push(AssignedAddress { addr, block });
+    }
+    Ok(Attachment {
+        key: key_from_v1(&v.key)?,
+        netns: v.netns,
+        pod_namespace: v.pod_namespace,
+        pod_name: v.pod_name,
+        pool: v.pool,
+        addresses,
+        host_veth: v.host_veth,
+        state: att_state_from_u8(v.state)?,
+        boot_id: v.boot_id,
+        created_unix: v.created_unix,
+    })
+}
+
+pub(crate) fn encode_intent(i: &Intent) -> Vec<u8> {
+    let op = match &i.op {
+        IntentOp::AcquireBlock { pool, block } => IntentOpV1::AcquireBlock {
+            pool: pool.clone(),
+            block: block.map(net_to_v1),
+        },
+        IntentOp::ReleaseBlock { pool, block } => IntentOpV1::ReleaseBlock {
+            pool: pool.clone(),
+            block: net_to_v1(*block),
+        },
+        IntentOp::Wire { key } => IntentOpV1::Wire {
+            key: key_to_v1(key),
+        },
+        IntentOp::Unwire { key } => IntentOpV1::Unwire {
+            key: key_to_v1(key),
+        },
+        IntentOp::ExportBlock { block } => IntentOpV1::ExportBlock {
+            block: net_to_v1(*block),
+        },
+        IntentOp::WithdrawBlock { block } => IntentOpV1::WithdrawBlock {
+            block: net_to_v1(*block),
+        },
+    };
+    let state = match &i.state {
+        IntentState::Pending => IntentStateV1::Pending,
+        IntentState::Done => IntentStateV1::Done,
+        IntentState::Aborted { reason } => IntentStateV1::Aborted(reason.clone()),
+    };
+    encode(
+        Kind::Intent,
+        &IntentV1 {
+            id: i.id,
+            op,
+            state,
+            created_unix: i.created_unix,
+        },
+    )
+}
+
+pub(crate) fn decode_intent(b: &[u8]) -> Result<Intent, DecodeError> {
+    let v: IntentV1 = decode(b, Kind::Intent)?;
+    let op = match &v.op {
+        IntentOpV1::AcquireBlock { pool, block } => IntentOp::AcquireBlock {
+            pool: pool.clone(),
+            block: block.as_ref().map(net_from_v1).transpose()?,
+        },
+        IntentOpV1::ReleaseBlock { pool, block } => IntentOp::ReleaseBlock {
+            pool: pool.clone(),
+            block: net_from_v1(block)?,
+        },
+        IntentOpV1::Wire { key } => IntentOp::Wire {
+            key: key_from_v1(key)?,
+        },
+        IntentOpV1::Unwire { key } => IntentOp::Unwire {
+            key: key_from_v1(key)?,
+        },
+        IntentOpV1::ExportBlock { block } => IntentOp::ExportBlock {
+            block: net_from_v1(block)?,
+        },
+        IntentOpV1::WithdrawBlock { block } => IntentOp::WithdrawBlock {
+            block: net_from_v1(block)?,
+        },
+    };
+    let state = match v.state {
+        IntentStateV1::Pending => IntentState::Pending,
+        IntentStateV1::Done => IntentState::Done,
+        IntentStateV1::Aborted(reason) => IntentState::Aborted { reason },
+    };
+    Ok(Intent {
+        id: v.id,
+        op,
+        state,
+        created_unix: v.created_unix,
+    })
+}
+
+pub(crate) fn encode_address(e: &AddressEntry) -> Vec<u8> {
+    encode(
+        Kind::Address,
+        &AddressV1 {
+            attachment: key_to_v1(&e.attachment),
+            block: net_to_v1(e.block),
+        },
+    )
+}
+
+pub(crate) fn decode_address(b: &[u8]) -> Result<AddressEntry, DecodeError> {
+    let v: AddressV1 = decode(b, Kind::Address)?;
+    Ok(AddressEntry {
+        attachment: key_from_v1(&v.attachment)?,
+        block: net_from_v1(&v.block)?,
+    })
+}
+
+// ------------------------------------------------------------------- keys
+
+/// Sort-preserving key of an address: family byte, then the address bytes
+/// (4 for IPv4, 16 for IPv6).
+pub(crate) fn addr_key(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v4) => {
+            let mut k = vec![4u8];
+            k.extend_from_slice(&v4.octets());
+            k
+        }
+        IpAddr::V6(v6) => {
+            let mut k = vec![6u8];
+            k.extend_from_slice(&v6.octets());
+            k
+        }
+    }
+}
+
+pub(crate) fn addr_from_key(k: &[u8]) -> Result<IpAddr, DecodeError> {
+    match (k.first(), k.len()) {
+        (Some(4), 5) => Ok(IpAddr::V4(Ipv4Addr::new(k[1], k[2], k[3], k[4]))),
+        (Some(6), 17) => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&k[1..]);
+            Ok(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => Err(bad(format!("malformed address key {k:02x?}"))),
+    }
+}
+
+/// Sort-preserving key of a block: the address key of its network address
+/// followed by the prefix length.
+pub(crate) fn net_key(n: IpNet) -> Vec<u8> {
+    let mut k = addr_key(n.network());
+    k.push(n.prefix_len());
+    k
+}
+
+pub(crate) fn net_from_key(k: &[u8]) -> Result<IpNet, DecodeError> {
+    let (prefix, addr) = k
+        .split_last()
+        .ok_or_else(|| bad("empty block key"))?;
+    let addr = addr_from_key(addr)?;
+    IpNet::new(addr, *prefix).map_err(|_| bad(format!("block key prefix {prefix}")))
+}
+
+pub(crate) fn attachment_key(k: &AttachmentKey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(k.container_id.len() + 1 + k.ifname.len());
+    v.extend_from_slice(k.container_id.as_bytes());
+    v.push(0);
+    v.extend_from_slice(k.ifname.as_bytes());
+    v
+}
+
+pub(crate) fn attachment_from_key(k: &[u8]) -> Result<AttachmentKey, DecodeError> {
+    let pos = k
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| bad("attachment key without separator"))?;
+    let cid = std::str::from_utf8(&k[..pos]).map_err(|e| bad(e.to_string()))?;
+    let ifn = std::str::from_utf8(&k[pos + 1..]).map_err(|e| bad(e.to_string()))?;
+    validate_key(cid, ifn).map_err(bad)?;
+    Ok(AttachmentKey::new(cid, ifn))
+}
+
+/// Renders a raw key of `tree` for humans (error messages, dumps).
+pub(crate) fn show_key(tree: crate::Tree, k: &[u8]) -> String {
+    use crate::Tree;
+    let body = match tree {
+        Tree::Meta => String::from_utf8_lossy(k).into_owned(),
+        Tree::Leases => net_from_key(k)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| format!("{k:02x?}")),
+        Tree::Attachments => attachment_from_key(k)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| String::from_utf8_lossy(k).into_owned()),
+        Tree::Intents => <[u8; 8]>::try_from(k)
+            .map(|b| u64::from_be_bytes(b).to_string())
+            .unwrap_or_else(|_| format!("{k:02x?}")),
+        Tree::Addresses => addr_from_key(k)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| format!("{k:02x?}")),
+    };
+    format!("{}/{}", tree.name(), body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_attachment() -> Attachment {
+        Attachment {
+            key: AttachmentKey::new("abc123", "eth0"),
+            netns: "/run/netns/p1".into(),
+            pod_namespace: "default".into(),
+            pod_name: "p1".into(),
+            pool: "default".into(),
+            addresses: vec![
+                AssignedAddress {
+                    addr: "10.0.1.5".parse().expect("addr"),
+                    block: "10.0.1.0/27".parse().expect("net"),
+                },
+                AssignedAddress {
+                    addr: "fd00::5".parse().expect("addr"),
+                    block: "fd00::/122".parse().expect("net"),
+                },
+            ],
+            host_veth: "veth1234".into(),
+            state: AttachmentState::Wired,
+            boot_id: "b".into(),
+            created_unix: 7,
+        }
+    }
+
+    #[test]
+    fn attachment_round_trip() {
+        let a = sample_attachment();
+        assert_eq!(decode_attachment(&encode_attachment(&a)), Ok(a));
+    }
+
+    #[test]
+    fn address_outside_block_is_corrupt() {
+        let mut a = sample_attachment();
+        a.addresses[0].addr = "10.9.9.9".parse().expect("addr");
+        assert!(decode_attachment(&encode_attachment(&a)).is_err());
+    }
+
+    #[test]
+    fn keys_sort_like_addresses() {
+        let a: IpAddr = "10.0.0.255".parse().expect("addr");
+        let b: IpAddr = "10.0.1.0".parse().expect("addr");
+        assert!(addr_key(a) < addr_key(b));
+        assert_eq!(addr_from_key(&addr_key(b)), Ok(b));
+        let n: IpNet = "fd00:1::/64".parse().expect("net");
+        assert_eq!(net_from_key(&net_key(n)), Ok(n));
+        let k = AttachmentKey::new("c", "eth1");
+        assert_eq!(attachment_from_key(&attachment_key(&k)), Ok(k));
+    }
+
+    #[test]
+    fn intent_round_trip_all_ops() {
+        let key = AttachmentKey::new("c", "eth0");
+        let block: IpNet = "10.1.0.0/28".parse().expect("net");
+        for op in [
+            IntentOp::AcquireBlock {
+                pool: "p".into(),
+                block: None,
+            },
+            IntentOp::AcquireBlock {
+                pool: "p".into(),
+                block: Some(block),
+            },
+            IntentOp::ReleaseBlock {
+                pool: "p".into(),
+                block,
+            },
+            IntentOp::Wire { key: key.clone() },
+            IntentOp::Unwire { key: key.clone() },
+            IntentOp::ExportBlock { block },
+            IntentOp::WithdrawBlock { block },
+        ] {
+            for state in [
+                IntentState::Pending,
+                IntentState::Done,
+                IntentState::Aborted {
+                    reason: "r".into(),
+                },
+            ] {
+                let i = Intent {
+                    id: 42,
+                    op: op.clone(),
+                    state,
+                    created_unix: 1,
+                };
+                assert_eq!(decode_intent(&encode_intent(&i)), Ok(i));
+            }
+        }
+    }
+}

@@ -1,0 +1,1264 @@
+//! The journal: open/recover, group commit, reads, checkpoints.
+//!
+//! Directory layout:
+//!
+//! ```text
+//! DIR/LOCK         flock(2)ed by the one process that has the journal open
+//! DIR/CHECKPOINT   format version + the seq up to which sled is durable
+//! DIR/wal/*.wal    write-ahead log segments (see crate::wal)
+//! DIR/sled/        the materialized state (sled 0.34)
+//! ```
+//!
+//! A commit appends one frame to the newest WAL segment, waits for a shared
+//! `fdatasync` (group commit: one leader syncs for everyone who appended
+//! before it started), applies the operations to sled, and only then returns.
+//! sled is never flushed on the commit path; a background checkpoint flushes
+//! it, fsyncs its files, records the checkpoint and deletes the WAL segments
+//! it covers. Opening replays every WAL frame after the checkpoint into sled.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::net::IpAddr;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ipnet::IpNet;
+
+use crate::codec::{self, WalOpV1};
+use crate::durable;
+use crate::envelope::{DecodeError, FORMAT_VERSION, OLDEST_FORMAT_VERSION};
+use crate::error::{JournalError, Result};
+use crate::model::*;
+use crate::wal;
+use crate::Tree;
+
+const META_NODE: &[u8] = b"node";
+const META_INTENT_HWM: &[u8] = b"intent_hwm";
+const CHECKPOINT_FILE: &str = "CHECKPOINT";
+
+/// What to do with a damaged WAL when opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// A damaged frame at the end of the newest segment is a write that was
+    /// in flight when the process or machine died: it was never acknowledged,
+    /// so it is cut off (and reported). Damage anywhere else is an error.
+    #[default]
+    TolerateTornTail,
+    /// Any damaged frame is an error.
+    Strict,
+}
+
+/// How to open a journal.
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    /// WAL bytes after which a background checkpoint runs.
+    pub checkpoint_bytes: u64,
+    pub recovery: RecoveryMode,
+    /// Open without writing anything of ours: no torn-tail truncation, no new
+    /// segment, no checkpoint, and commits are refused. (sled still replays
+    /// its own log when it opens.) Used by `coilctl journal dump/verify`.
+    pub read_only: bool,
+    /// sled's page cache budget.
+    pub cache_bytes: u64,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            checkpoint_bytes: 8 << 20,
+            recovery: RecoveryMode::TolerateTornTail,
+            read_only: false,
+            cache_bytes: 8 << 20,
+        }
+    }
+}
+
+/// A damaged WAL tail that was cut off at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub dropped_bytes: u64,
+    pub reason: String,
+    /// Frames after the damage that did decode (unacknowledged writes of the
+    /// same group-commit window, or damage: see docs/journal.md).
+    pub later_valid_frames: usize,
+}
+
+/// What opening found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The journal did not exist and was created.
+    pub created: bool,
+    /// Sequence number covered by the last checkpoint.
+    pub checkpoint_seq: u64,
+    /// Last sequence number in the journal after replay.
+    pub last_seq: u64,
+    /// WAL batches replayed into sled.
+    pub replayed_batches: u64,
+    /// Torn tails cut off (or, read-only, found).
+    pub torn_tails: Vec<TornTail>,
+    /// Segments removed because a checkpoint already covered them.
+    pub removed_segments: usize,
+    /// Wall time of the open, in microseconds.
+    pub open_us: u64,
+}
+
+/// Size figures of a journal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    pub last_seq: u64,
+    pub checkpoint_seq: u64,
+    pub wal_segments: usize,
+    pub wal_bytes: u64,
+}
+
+/// A set of operations committed atomically: after a crash either all of
+/// them are visible or none is.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    ops: Vec<WalOpV1>,
+    max_intent: u64,
+    invalid: Option<String>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn put(&mut self, tree: Tree, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(WalOpV1 {
+            tree: tree.id(),
+            key,
+            value: Some(value),
+        });
+        self
+    }
+
+    fn del(&mut self, tree: Tree, key: Vec<u8>) -> &mut Self {
+        self.ops.push(WalOpV1 {
+            tree: tree.id(),
+            key,
+            value: None,
+        });
+        self
+    }
+
+    fn refuse(&mut self, why: String) -> &mut Self {
+        if self.invalid.is_none() {
+            self.invalid = Some(why);
+        }
+        self
+    }
+
+    pub fn put_node_meta(&mut self, m: &NodeMeta) -> &mut Self {
+        self.put(Tree::Meta, META_NODE.to_vec(), codec::encode_node_meta(m))
+    }
+
+    pub fn put_lease(&mut self, l: &BlockLease) -> &mut Self {
+        if l.block != l.block.trunc() {
+            return self.refuse(format!("lease block {} has host bits set", l.block));
+        }
+        self.put(
+            Tree::Leases,
+            codec::net_key(l.block),
+            codec::encode_lease(l),
+        )
+    }
+
+    pub fn delete_lease(&mut self, block: IpNet) -> &mut Self {
+        self.del(Tree::Leases, codec::net_key(block))
+    }
+
+    pub fn put_attachment(&mut self, a: &Attachment) -> &mut Self {
+        if let Err(e) = codec::validate_key(&a.key.container_id, &a.key.ifname) {
+            return self.refuse(e);
+        }
+        if let Some(x) = a.addresses.iter().find(|x| !x.block.contains(&x.addr)) {
+            return self.refuse(format!(
+                "attachment {}: address {} outside its block {}",
+                a.key, x.addr, x.block
+            ));
+        }
+        self.put(
+            Tree::Attachments,
+            codec::attachment_key(&a.key),
+            codec::encode_attachment(a),
+        )
+    }
+
+    pub fn delete_attachment(&mut self, key: &AttachmentKey) -> &mut Self {
+        self.del(Tree::Attachments, codec::attachment_key(key))
+    }
+
+    pub fn put_intent(&mut self, i: &Intent) -> &mut Self {
+        self.max_intent = self.max_intent.max(i.id);
+        self.put(
+            Tree::Intents,
+            i.id.to_be_bytes().to_vec(),
+            codec::encode_intent(i),
+        )
+    }
+
+    pub fn delete_intent(&mut self, id: u64) -> &mut Self {
+        self.del(Tree::Intents, id.to_be_bytes().to_vec())
+    }
+
+    pub fn put_address(&mut self, addr: IpAddr, e: &AddressEntry) -> &mut Self {
+        if !e.block.contains(&addr) {
+            return self.refuse(format!("address {addr} outside its block {}", e.block));
+        }
+        if let Err(why) = codec::validate_key(&e.attachment.container_id, &e.attachment.ifname) {
+            return self.refuse(why);
+        }
+        self.put(
+            Tree::Addresses,
+            codec::addr_key(addr),
+            codec::encode_address(e),
+        )
+    }
+
+    pub fn delete_address(&mut self, addr: IpAddr) -> &mut Self {
+        self.del(Tree::Addresses, codec::addr_key(addr))
+    }
+}
+
+/// What a commit produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// The batch's sequence number in the WAL.
+    pub seq: u64,
+}
+
+/// A record that did not decode, found by [`Journal::dump`] or [`Journal::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRecord {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Everything in a journal, decoded; what did not decode is listed apart.
+#[derive(Debug, Clone, Default)]
+pub struct Dump {
+    pub node: Option<NodeMeta>,
+    pub intent_hwm: u64,
+    pub leases: Vec<BlockLease>,
+    pub attachments: Vec<Attachment>,
+    pub intents: Vec<Intent>,
+    pub addresses: Vec<(IpAddr, AddressEntry)>,
+    pub corrupt: Vec<CorruptRecord>,
+    pub stats: JournalStats,
+}
+
+/// The result of [`Journal::verify`].
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Records that failed their envelope or type checks.
+    pub corrupt: Vec<CorruptRecord>,
+    /// Records that decode but contradict each other (an address owned by an
+    /// attachment that does not list it, and so on).
+    pub inconsistent: Vec<String>,
+    /// Records checked.
+    pub records: u64,
+    pub stats: JournalStats,
+    pub torn_tails: Vec<TornTail>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.inconsistent.is_empty()
+    }
+}
+
+struct WalState {
+    file: Option<Arc<File>>,
+    file_path: PathBuf,
+    file_len: u64,
+    next_seq: u64,
+    written_seq: u64,
+    synced_seq: u64,
+    syncing: bool,
+    pending: Vec<(u64, Vec<WalOpV1>)>,
+    poisoned: Option<String>,
+    bytes_since_checkpoint: u64,
+    checkpoint_requested: bool,
+    intent_hwm_written: u64,
+}
+
+enum Msg {
+    Checkpoint,
+    Stop,
+}
+
+struct Inner {
+    dir: PathBuf,
+    wal_dir: PathBuf,
+    sled_dir: PathBuf,
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    state: Mutex<WalState>,
+    cv: Condvar,
+    opts: JournalOptions,
+    checkpoint_lock: Mutex<()>,
+    checkpoint_seq: AtomicU64,
+    intent_next: AtomicU64,
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    _lock: File,
+}
+
+/// The node's write-ahead journal. Share it with `Arc<Journal>`; every method
+/// takes `&self` and is safe to call from many threads.
+pub struct Journal {
+    inner: Arc<Inner>,
+    checkpointer: Option<JoinHandle<()>>,
+    report: OpenReport,
+    abandoned: AtomicBool,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.inner.dir)
+            .field("read_only", &self.inner.opts.read_only)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn corrupt(tree: Tree, key: &[u8], e: DecodeError) -> JournalError {
+    JournalError::Corrupt {
+        key: codec::show_key(tree, key),
+        reason: e.to_string(),
+    }
+}
+
+fn flock_exclusive(dir: &Path) -> Result<File> {
+    let path = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| JournalError::io("open lock file", &path, e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(JournalError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        return Err(JournalError::io("flock", &path, err));
+    }
+    Ok(f)
+}
+
+fn open_sled(dir: &Path, sled_dir: &Path, cache: u64) -> Result<sled::Db> {
+    let cfg = sled::Config::new()
+        .path(sled_dir)
+        .cache_capacity(cache)
+        .flush_every_ms(None)
+        .mode(sled::Mode::LowSpace);
+    // sled 0.34 can panic on damaged files instead of returning an error.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(JournalError::Open {
+            dir: dir.to_path_buf(),
+            reason: format!("sled: {e}"),
+        }),
+        Err(_) => Err(JournalError::Open {
+            dir: dir.to_path_buf(),
+            reason: "sled panicked while opening its files".into(),
+        }),
+    }
+}
+
+fn read_checkpoint(dir: &Path) -> Result<Option<codec::CheckpointV1>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(JournalError::io("read", &path, e)),
+    };
+    match codec::decode_checkpoint(&bytes) {
+        Ok(c) => {
+            if c.format_version < u32::from(OLDEST_FORMAT_VERSION) {
+                return Err(JournalError::OlderFormat {
+                    dir: dir.to_path_buf(),
+                    found: c.format_version,
+                    oldest: u32::from(OLDEST_FORMAT_VERSION),
+                });
+            }
+            Ok(Some(c))
+        }
+        Err(DecodeError::NewerVersion(v)) => Err(JournalError::NewerFormat {
+            dir: dir.to_path_buf(),
+            found: u32::from(v),
+            supported: u32::from(FORMAT_VERSION),
+        }),
+        Err(DecodeError::OlderVersion(v)) => Err(JournalError::OlderFormat {
+            dir: dir.to_path_buf(),
+            found: u32::from(v),
+            oldest: u32::from(OLDEST_FORMAT_VERSION),
+        }),
+        Err(e) => Err(JournalError::Corrupt {
+            key: CHECKPOINT_FILE.into(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Atomically replaces the CHECKPOINT file: temp file, fsync, rename, fsync dir.
+fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
+    let tmp = dir.join("CHECKPOINT.tmp");
+    let path = dir.join(CHECKPOINT_FILE);
+    {
+        let f = File::create(&tmp).map_err(|e| JournalError::io("create", &tmp, e))?;
+        wal::write_all_at(&f, &codec::encode_checkpoint(seq), 0)
+            .map_err(|e| JournalError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| JournalError::io("fsync", &tmp, e))?;
+    }
+    fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename", &path, e))?;
+    durable::sync_dir(dir)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Journal> {
+        Journal::open_with(dir, JournalOptions::default())
+    }
+
+    /// Opens (or, unless read-only, creates) the journal in `dir`: takes the
+    /// lock, checks the format version, opens sled, replays the WAL after the
+    /// last checkpoint, cuts off a torn tail, and starts a fresh segment.
+    pub fn open_with(dir: impl AsRef<Path>, opts: JournalOptions) -> Result<Journal> {
+        let started = Instant::now();
+        let dir = dir.as_ref().to_path_buf();
+        if opts.read_only {
+            if !dir.join(CHECKPOINT_FILE).exists() && !dir.join("sled").exists() {
+                return Err(JournalError::Open {
+                    dir,
+                    reason: "no journal here".into(),
+                });
+            }
+        } else {
+            fs::create_dir_all(&dir).map_err(|e| JournalError::io("create dir", &dir, e))?;
+        }
+        let lock_file = flock_exclusive(&dir)?;
+        let checkpoint = read_checkpoint(&dir)?;
+        let wal_dir = dir.join("wal");
+        let sled_dir = dir.join("sled");
+        if !opts.read_only {
+            fs::create_dir_all(&wal_dir)
+                .map_err(|e| JournalError::io("create dir", &wal_dir, e))?;
+        }
+        let segments = if wal_dir.exists() {
+            wal::list_segments(&wal_dir)?
+        } else {
+            Vec::new()
+        };
+        let db = open_sled(&dir, &sled_dir, opts.cache_bytes)?;
+        let mut trees = Vec::with_capacity(Tree::ALL.len());
+        for t in Tree::ALL {
+            trees.push(
+                db.open_tree(t.name())
+                    .map_err(|e| JournalError::sled("open tree", e))?,
+            );
+        }
+        let mut report = OpenReport::default();
+        let checkpoint_seq = match checkpoint {
+            Some(c) => c.seq,
+            None => {
+                let empty = trees.iter().all(|t| t.is_empty()) && segments.is_empty();
+                if !empty {
+                    return Err(JournalError::Corrupt {
+                        key: CHECKPOINT_FILE.into(),
+                        reason: "missing, but the journal holds data".into(),
+                    });
+                }
+                if opts.read_only {
+                    return Err(JournalError::Open {
+                        dir,
+                        reason: "no journal here".into(),
+                    });
+                }
+                write_checkpoint(&dir, 0)?;
+                durable::sync_tree(&sled_dir)?;
+                report.created = true;
+                0
+            }
+        };
+        report.checkpoint_seq = checkpoint_seq;
+
+        // Replay the WAL after the checkpoint.
+        let mut expected = checkpoint_seq + 1;
+        let mut batches: Vec<sled::Batch> = (0..Tree::ALL.len()).map(|_| sled::Batch::default()).collect();
+        let mut covered = Vec::new();
+        for (i, seg) in segments.iter().enumerate() {
+            let newest = i + 1 == segments.len();
+            let scan = wal::scan_segment(&seg.path)?;
+            if let Some(bad) = &scan.bad {
+                let key = format!("{}@{}", seg.path.display(), bad.offset);
+                if !newest || opts.recovery == RecoveryMode::Strict {
+                    return Err(JournalError::Corrupt {
+                        key,
+                        reason: format!(
+                            "{} ({} valid frames follow)",
+                            bad.reason, bad.later_valid_frames
+                        ),
+                    });
+                }
+                report.torn_tails.push(TornTail {
+                    segment: seg.path.clone(),
+                    offset: bad.offset,
+                    dropped_bytes: scan.file_len - scan.valid_len,
+                    reason: bad.reason.clone(),
+                    later_valid_frames: bad.later_valid_frames,
+                });
+            }
+            if let Some(h) = &scan.header {
+                if h.first_seq != seg.first_seq {
+                    return Err(JournalError::Corrupt {
+                        key: seg.path.display().to_string(),
+                        reason: format!(
+                            "segment header says first seq {}, file name says {}",
+                            h.first_seq, seg.first_seq
+                        ),
+                    });
+                }
+            }
+            let mut last_in_segment = seg.first_seq.saturating_sub(1);
+            for b in scan.batches {
+                last_in_segment = b.seq;
+                if b.seq < expected {
+                    continue;
+                }
+                if b.seq != expected {
+                    return Err(JournalError::Corrupt {
+                        key: format!("{}", seg.path.display()),
+                        reason: format!("WAL gap: expected seq {expected}, found {}", b.seq),
+                    });
+                }
+                for op in b.ops {
+                    let Some(t) = Tree::from_id(op.tree) else {
+                        return Err(JournalError::Corrupt {
+                            key: format!("{} seq {}", seg.path.display(), b.seq),
+                            reason: format!("unknown tree id {}", op.tree),
+                        });
+                    };
+                    match op.value {
+                        Some(v) => batches[t.index()].insert(op.key, v),
+                        None => batches[t.index()].remove(op.key),
+                    }
+                }
+                report.replayed_batches += 1;
+                expected += 1;
+            }
+            if last_in_segment <= checkpoint_seq && !newest {
+                covered.push(seg.path.clone());
+            }
+            if !opts.read_only && scan.bad.is_some() {
+                if scan.valid_len == 0 || scan.header.is_none() {
+                    fs::remove_file(&seg.path)
+                        .map_err(|e| JournalError::io("remove torn segment", &seg.path, e))?;
+                    durable::sync_dir(&wal_dir)?;
+                } else {
+                    wal::truncate_segment(&seg.path, scan.valid_len)?;
+                }
+            }
+        }
+        for (t, b) in trees.iter().zip(batches) {
+            t.apply_batch(b)
+                .map_err(|e| JournalError::sled("replay", e))?;
+        }
+        let last_seq = expected - 1;
+        report.last_seq = last_seq;
+
+        let intent_hwm = match trees[Tree::Meta.index()]
+            .get(META_INTENT_HWM)
+            .map_err(|e| JournalError::sled("read", e))?
+        {
+            Some(v) => codec::decode_counter(&v)
+                .map_err(|e| corrupt(Tree::Meta, META_INTENT_HWM, e))?,
+            None => 0,
+        };
+
+        let mut state = WalState {
+            file: None,
+            file_path: PathBuf::new(),
+            file_len: 0,
+            next_seq: last_seq + 1,
+            written_seq: last_seq,
+            synced_seq: last_seq,
+            syncing: false,
+            pending: Vec::new(),
+            poisoned: None,
+            bytes_since_checkpoint: 0,
+            checkpoint_requested: false,
+            intent_hwm_written: intent_hwm,
+        };
+        if !opts.read_only {
+            for p in &covered {
+                fs::remove_file(p).map_err(|e| JournalError::io("remove segment", p, e))?;
+                report.removed_segments += 1;
+            }
+            let path = wal::segment_path(&wal_dir, last_seq + 1);
+            // A previous open may have created this very segment and died
+            // before writing to it; it holds only a header, so recreate it.
+            let (file, len) = wal::create_segment(&wal_dir, last_seq + 1)?;
+            state.file = Some(Arc::new(file));
+            state.file_path = path;
+            state.file_len = len;
+            if report.replayed_batches > 0 {
+                state.bytes_since_checkpoint = opts.checkpoint_bytes;
+            }
+        }
+
+        let (tx, rx) = mpsc::channel();
+        let read_only = opts.read_only;
+        let inner = Arc::new(Inner {
+            dir,
+            wal_dir,
+            sled_dir,
+            db,
+            trees,
+            state: Mutex::new(state),
+            cv: Condvar::new(),
+            opts,
+            checkpoint_lock: Mutex::new(()),
+            checkpoint_seq: AtomicU64::new(checkpoint_seq),
+            intent_next: AtomicU64::new(intent_hwm + 1),
+            tx: Mutex::new(if read_only { None } else { Some(tx) }),
+            _lock: lock_file,
+        });
+        let checkpointer = if read_only {
+            None
+        } else {
+            let worker = Arc::clone(&inner);
+            let handle = std::thread::Builder::new()
+                .name("coil-journal-ckpt".into())
+                .spawn(move || checkpointer(worker, rx))
+                .map_err(|e| JournalError::io("spawn checkpointer", &inner.dir, e))?;
+            Some(handle)
+        };
+        report.open_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let j = Journal {
+            inner,
+            checkpointer,
+            report,
+            abandoned: AtomicBool::new(false),
+        };
+        if j.report.replayed_batches > 0 && !read_only {
+            j.inner.request_checkpoint();
+        }
+        tracing::debug!(dir = %j.inner.dir.display(), report = ?j.report, "journal opened");
+        Ok(j)
+    }
+
+    /// What opening found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// The journal's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Allocates a fresh intent id. Ids are unique for the journal's life:
+    /// the high-water mark is committed with every batch that carries an
+    /// intent.
+    pub fn next_intent_id(&self) -> u64 {
+        self.inner.intent_next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Commits `batch`: returns once it is durable on disk and visible to
+    /// reads. Concurrent callers share one fdatasync.
+    ///
+    /// An `Err` means the outcome is unknown (the frame may or may not have
+    /// reached the disk), exactly as if the process had crashed at this
+    /// point; after a failed sync the journal is poisoned and refuses further
+    /// commits until it is reopened.
+    pub fn commit(&self, batch: Batch) -> Result<CommitInfo> {
+        if let Some(why) = batch.invalid {
+            return Err(JournalError::Invalid(why));
+        }
+        if self.inner.opts.read_only {
+            return Err(JournalError::ReadOnly {
+                dir: self.inner.dir.clone(),
+            });
+        }
+        let mut ops = batch.ops;
+        let inner = &self.inner;
+        let mut st = lock(&inner.state);
+        if let Some(r) = &st.poisoned {
+            return Err(JournalError::Poisoned { reason: r.clone() });
+        }
+        if batch.max_intent > st.intent_hwm_written {
+            st.intent_hwm_written = batch.max_intent;
+            ops.push(WalOpV1 {
+                tree: Tree::Meta.id(),
+                key: META_INTENT_HWM.to_vec(),
+                value: Some(codec::encode_counter(batch.max_intent)),
+            });
+        }
+        if ops.is_empty() {
+            return Ok(CommitInfo {
+                seq: st.written_seq,
+            });
+        }
+        let seq = st.next_seq;
+        let frame = wal::encode_batch(seq, &ops);
+        if frame.len() > crate::envelope::MAX_PAYLOAD {
+            return Err(JournalError::Invalid(format!(
+                "batch of {} operations encodes to {} bytes, over the limit",
+                ops.len(),
+                frame.len()
+            )));
+        }
+        let Some(file) = st.file.clone() else {
+            return Err(JournalError::ReadOnly {
+                dir: inner.dir.clone(),
+            });
+        };
+        if let Err(e) = wal::write_all_at(&file, &frame, st.file_len) {
+            // Cut the partial frame off so later frames are not written
+            // behind garbage; if that fails too, stop accepting commits.
+            if let Err(e2) = file.set_len(st.file_len) {
+                st.poisoned = Some(format!(
+                    "write to {} failed ({e}) and truncating it back failed ({e2})",
+                    st.file_path.display()
+                ));
+            }
+            return Err(JournalError::io("append", st.file_path.clone(), e));
+        }
+        st.next_seq += 1;
+        st.written_seq = seq;
+        st.file_len += frame.len() as u64;
+        st.bytes_since_checkpoint += frame.len() as u64;
+        st.pending.push((seq, ops));
+        loop {
+            if st.synced_seq >= seq {
+                let want_checkpoint = st.bytes_since_checkpoint >= inner.opts.checkpoint_bytes
+                    && !st.checkpoint_requested;
+                if want_checkpoint {
+                    st.checkpoint_requested = true;
+                }
+                drop(st);
+                if want_checkpoint {
+                    inner.request_checkpoint();
+                }
+                return Ok(CommitInfo { seq });
+            }
+            if let Some(r) = &st.poisoned {
+                return Err(JournalError::Poisoned { reason: r.clone() });
+            }
+            if st.syncing {
+                st = inner.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            } else {
+                st = inner.lead(st);
+            }
+        }
+    }
+
+    /// Runs a checkpoint now: flushes and fsyncs sled, records the covered
+    /// sequence number, removes the WAL segments it covers.
+    pub fn checkpoint(&self) -> Result<()> {
+        if self.inner.opts.read_only {
+            return Err(JournalError::ReadOnly {
+                dir: self.inner.dir.clone(),
+            });
+        }
+        self.inner.checkpoint()
+    }
+
+    /// Closes the journal cleanly (with a final checkpoint).
+    pub fn close(mut self) -> Result<()> {
+        self.stop_checkpointer();
+        if self.inner.opts.read_only {
+            return Ok(());
+        }
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.inner.checkpoint()
+    }
+
+    /// Drops the journal as a crash would: no final checkpoint, so the next
+    /// open replays the WAL. For tests and benchmarks.
+    pub fn abandon(mut self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.stop_checkpointer();
+    }
+
+    fn stop_checkpointer(&mut self) {
+        if let Some(tx) = lock(&self.inner.tx).take() {
+            let _ = tx.send(Msg::Stop);
+        }
+        if let Some(h) = self.checkpointer.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Figures about the journal's size.
+    pub fn stats(&self) -> JournalStats {
+        let last_seq = lock(&self.inner.state).written_seq;
+        let mut s = JournalStats {
+            last_seq,
+            checkpoint_seq: self.inner.checkpoint_seq.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        if let Ok(segs) = wal::list_segments(&self.inner.wal_dir) {
+            s.wal_segments = segs.len();
+            s.wal_bytes = segs
+                .iter()
+                .filter_map(|g| fs::metadata(&g.path).ok())
+                .map(|m| m.len())
+                .sum();
+        }
+        s
+    }
+
+    fn tree(&self, t: Tree) -> &sled::Tree {
+        &self.inner.trees[t.index()]
+    }
+
+    fn get<T>(
+        &self,
+        t: Tree,
+        key: &[u8],
+        dec: fn(&[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>> {
+        match self
+            .tree(t)
+            .get(key)
+            .map_err(|e| JournalError::sled("read", e))?
+        {
+            Some(v) => dec(&v).map(Some).map_err(|e| corrupt(t, key, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan<T>(
+        &self,
+        t: Tree,
+        range: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        dec: fn(&[u8], &[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        for kv in range {
+            let (k, v) = kv.map_err(|e| JournalError::sled("scan", e))?;
+            out.push(dec(&k, &v).map_err(|e| corrupt(t, &k, e))?);
+        }
+        Ok(out)
+    }
+
+    pub fn node_meta(&self) -> Result<Option<NodeMeta>> {
+        self.get(Tree::Meta, META_NODE, codec::decode_node_meta)
+    }
+
+    pub fn lease(&self, block: IpNet) -> Result<Option<BlockLease>> {
+        self.get(Tree::Leases, &codec::net_key(block), codec::decode_lease)
+    }
+
+    /// All leases, ordered by block address.
+    pub fn leases(&self) -> Result<Vec<BlockLease>> {
+        self.scan(Tree::Leases, self.tree(Tree::Leases).iter(), |k, v| {
+            let l = codec::decode_lease(v)?;
+            check_key(k, &codec::net_key(l.block))?;
+            Ok(l)
+        })
+    }
+
+    pub fn attachment(&self, key: &AttachmentKey) -> Result<Option<Attachment>> {
+        self.get(
+            Tree::Attachments,
+            &codec::attachment_key(key),
+            codec::decode_attachment,
+        )
+    }
+
+    /// All attachments, ordered by (container id, ifname).
+    pub fn attachments(&self) -> Result<Vec<Attachment>> {
+        self.scan(
+            Tree::Attachments,
+            self.tree(Tree::Attachments).iter(),
+            |k, v| {
+                let a = codec::decode_attachment(v)?;
+                check_key(k, &codec::attachment_key(&a.key))?;
+                Ok(a)
+            },
+        )
+    }
+
+    pub fn intent(&self, id: u64) -> Result<Option<Intent>> {
+        self.get(Tree::Intents, &id.to_be_bytes(), codec::decode_intent)
+    }
+
+    /// All intents, oldest first.
+    pub fn intents(&self) -> Result<Vec<Intent>> {
+        self.scan(Tree::Intents, self.tree(Tree::Intents).iter(), |k, v| {
+            let i = codec::decode_intent(v)?;
+            check_key(k, &i.id.to_be_bytes())?;
+            Ok(i)
+        })
+    }
+
+    /// Intents still pending, oldest first: what recovery must settle.
+    pub fn pending_intents(&self) -> Result<Vec<Intent>> {
+        Ok(self
+            .intents()?
+            .into_iter()
+            .filter(|i| i.state == IntentState::Pending)
+            .collect())
+    }
+
+    pub fn address(&self, addr: IpAddr) -> Result<Option<AddressEntry>> {
+        self.get(Tree::Addresses, &codec::addr_key(addr), codec::decode_address)
+    }
+
+    /// Addresses assigned inside `block`, in address order: an O(log n + k)
+    /// range scan, which is what the allocator needs to find free room.
+    pub fn addresses_in(&self, block: IpNet) -> Result<Vec<(IpAddr, AddressEntry)>> {
+        let lo = codec::addr_key(block.network());
+        let hi = codec::addr_key(block.broadcast());
+        self.scan(
+            Tree::Addresses,
+            self.tree(Tree::Addresses).range(lo..=hi),
+            decode_address_kv,
+        )
+    }
+
+    /// Every assigned address, in address order.
+    pub fn addresses(&self) -> Result<Vec<(IpAddr, AddressEntry)>> {
+        self.scan(
+            Tree::Addresses,
+            self.tree(Tree::Addresses).iter(),
+            decode_address_kv,
+        )
+    }
+
+    /// Decodes every record, collecting the ones that fail instead of
+    /// stopping at the first.
+    pub fn dump(&self) -> Dump {
+        let mut d = Dump {
+            stats: self.stats(),
+            ..Default::default()
+        };
+        let mut bad = |t: Tree, k: &[u8], e: String| {
+            d.corrupt.push(CorruptRecord {
+                key: codec::show_key(t, k),
+                reason: e,
+            })
+        };
+        for t in Tree::ALL {
+            for kv in self.tree(t).iter() {
+                let (k, v) = match kv {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        bad(t, b"", format!("sled scan: {e}"));
+                        break;
+                    }
+                };
+                let res: Result<(), DecodeError> = (|| {
+                    match t {
+                        Tree::Meta => match &*k {
+                            META_NODE => d.node = Some(codec::decode_node_meta(&v)?),
+                            META_INTENT_HWM => d.intent_hwm = codec::decode_counter(&v)?,
+                            _ => {
+                                return Err(DecodeError::Payload("unknown meta key".into()))
+                            }
+                        },
+                        Tree::Leases => {
+                            let l = codec::decode_lease(&v)?;
+                            check_key(&k, &codec::net_key(l.block))?;
+                            d.leases.push(l)
+                        }
+                        Tree::Attachments => {
+                            let a = codec::decode_attachment(&v)?;
+                            check_key(&k, &codec::attachment_key(&a.key))?;
+                            d.attachments.push(a)
+                        }
+                        Tree::Intents => {
+                            let i = codec::decode_intent(&v)?;
+                            check_key(&k, &i.id.to_be_bytes())?;
+                            d.intents.push(i)
+                        }
+                        Tree::Addresses => d.addresses.push(decode_address_kv(&k, &v)?),
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = res {
+                    bad(t, &k, e.to_string());
+                }
+            }
+        }
+        d
+    }
+
+    /// Checks every record and the cross-references between them.
+    pub fn verify(&self) -> VerifyReport {
+        let d = self.dump();
+        let mut r = VerifyReport {
+            records: (d.leases.len()
+                + d.attachments.len()
+                + d.intents.len()
+                + d.addresses.len()
+                + usize::from(d.node.is_some())) as u64,
+            stats: d.stats,
+            torn_tails: self.report.torn_tails.clone(),
+            ..Default::default()
+        };
+        r.records += d.corrupt.len() as u64;
+        r.corrupt = d.corrupt;
+        let atts: BTreeMap<&AttachmentKey, &Attachment> =
+            d.attachments.iter().map(|a| (&a.key, a)).collect();
+        let leases: BTreeMap<IpNet, &BlockLease> = d.leases.iter().map(|l| (l.block, l)).collect();
+        for (addr, e) in &d.addresses {
+            match atts.get(&e.attachment) {
+                None => r.inconsistent.push(format!(
+                    "address {addr} is owned by {}, which has no attachment record",
+                    e.attachment
+                )),
+                Some(a) if !a.addresses.iter().any(|x| x.addr == *addr) => {
+                    r.inconsistent.push(format!(
+                        "address {addr} is owned by {}, whose record does not list it",
+                        e.attachment
+                    ))
+                }
+                Some(_) => {}
+            }
+            if !leases.contains_key(&e.block) {
+                r.inconsistent.push(format!(
+                    "address {addr} belongs to block {}, which the node does not lease",
+                    e.block
+                ));
+            }
+        }
+        let owners: BTreeMap<IpAddr, &AddressEntry> =
+            d.addresses.iter().map(|(a, e)| (*a, e)).collect();
+        for a in &d.attachments {
+            for x in &a.addresses {
+                match owners.get(&x.addr) {
+                    Some(e) if e.attachment == a.key => {}
+                    Some(e) => r.inconsistent.push(format!(
+                        "attachment {} lists {}, which the address index gives to {}",
+                        a.key, x.addr, e.attachment
+                    )),
+                    None => r.inconsistent.push(format!(
+                        "attachment {} lists {}, which is missing from the address index",
+                        a.key, x.addr
+                    )),
+                }
+            }
+        }
+        if let Some(max) = d.intents.iter().map(|i| i.id).max() {
+            if max > d.intent_hwm {
+                r.inconsistent.push(format!(
+                    "intent {max} is above the intent high-water mark {}",
+                    d.intent_hwm
+                ));
+            }
+        }
+        r
+    }
+}
+
+fn check_key(stored: &[u8], derived: &[u8]) -> Result<(), DecodeError> {
+    if stored != derived {
+        return Err(DecodeError::Payload(
+            "record does not match the key it is stored under".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn decode_address_kv(k: &[u8], v: &[u8]) -> Result<(IpAddr, AddressEntry), DecodeError> {
+    let addr = codec::addr_from_key(k)?;
+    let e = codec::decode_address(v)?;
+    if !e.block.contains(&addr) {
+        return Err(DecodeError::Payload(format!(
+            "address {addr} outside its block {}",
+            e.block
+        )));
+    }
+    Ok((addr, e))
+}
+
+impl Inner {
+    /// Becomes the sync leader: fdatasyncs everything written so far, applies
+    /// it to sled in WAL order, publishes the new synced sequence number.
+    /// Called with the state lock held and `syncing == false`; returns with
+    /// the lock held again.
+    fn lead<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
+        st.syncing = true;
+        let target = st.written_seq;
+        let pending = std::mem::take(&mut st.pending);
+        let file = st.file.clone();
+        let path = st.file_path.clone();
+        drop(st);
+        let res = match file {
+            Some(f) => f
+                .sync_data()
+                .map_err(|e| format!("fdatasync {}: {e}", path.display()))
+                .and_then(|()| self.apply(pending)),
+            None => Err("no open segment".to_string()),
+        };
+        let mut st = lock(&self.state);
+        st.syncing = false;
+        match res {
+            Ok(()) => st.synced_seq = target,
+            Err(why) => {
+                tracing::error!(%why, "journal poisoned");
+                st.poisoned = Some(why);
+            }
+        }
+        self.cv.notify_all();
+        st
+    }
+
+    fn apply(&self, pending: Vec<(u64, Vec<WalOpV1>)>) -> Result<(), String> {
+        for (seq, ops) in pending {
+            let mut batches: Vec<Option<sled::Batch>> = (0..Tree::ALL.len()).map(|_| None).collect();
+            for op in ops {
+                let Some(t) = Tree::from_id(op.tree) else {
+                    return Err(format!("seq {seq}: unknown tree id {}", op.tree));
+                };
+                let b = batches[t.index()].get_or_insert_with(sled::Batch::default);
+                match op.value {
+                    Some(v) => b.insert(op.key, v),
+                    None => b.remove(op.key),
+                }
+            }
+            for (i, b) in batches.into_iter().enumerate() {
+                if let Some(b) = b {
+                    self.trees[i]
+                        .apply_batch(b)
+                        .map_err(|e| format!("apply seq {seq} to sled: {e}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn request_checkpoint(&self) {
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            let _ = tx.send(Msg::Checkpoint);
+        }
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        let _only_one = lock(&self.checkpoint_lock);
+        // 1. Make everything written durable and applied, and start a new
+        //    segment, so the old ones hold only seqs <= covered.
+        let mut st = lock(&self.state);
+        while st.syncing {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.written_seq > st.synced_seq {
+            st = self.lead(st);
+        }
+        if let Some(r) = &st.poisoned {
+            return Err(JournalError::Poisoned { reason: r.clone() });
+        }
+        let covered = st.synced_seq;
+        let header_only = st.file.is_some()
+            && wal::segment_path(&self.wal_dir, covered + 1) == st.file_path;
+        if !header_only {
+            let (file, len) = wal::create_segment(&self.wal_dir, covered + 1)?;
+            st.file = Some(Arc::new(file));
+            st.file_path = wal::segment_path(&self.wal_dir, covered + 1);
+            st.file_len = len;
+        }
+        st.bytes_since_checkpoint = 0;
+        st.checkpoint_requested = false;
+        drop(st);
+
+        // 2. Make sled durable: flush (sync_file_range) is not enough, so
+        //    fsync every file and directory under it.
+        self.db
+            .flush()
+            .map_err(|e| JournalError::sled("flush", e))?;
+        durable::sync_tree(&self.sled_dir)?;
+
+        // 3. Only now claim the checkpoint, then drop what it covers.
+        write_checkpoint(&self.dir, covered)?;
+        self.checkpoint_seq.store(covered, Ordering::Relaxed);
+        let mut removed = false;
+        for seg in wal::list_segments(&self.wal_dir)? {
+            if seg.first_seq <= covered {
+                fs::remove_file(&seg.path)
+                    .map_err(|e| JournalError::io("remove segment", &seg.path, e))?;
+                removed = true;
+            }
+        }
+        if removed {
+            durable::sync_dir(&self.wal_dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn checkpointer(inner: Arc<Inner>, rx: mpsc::Receiver<Msg>) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            Msg::Stop => break,
+            Msg::Checkpoint => {
+                // Coalesce a burst of requests into one checkpoint.
+                let mut stop = false;
+                while let Ok(m) = rx.try_recv() {
+                    if matches!(m, Msg::Stop) {
+                        stop = true;
+                    }
+                }
+                if let Err(e) = inner.checkpoint() {
+                    tracing::error!(error = %e, "journal checkpoint failed");
+                    lock(&inner.state).checkpoint_requested = false;
+                }
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.stop_checkpointer();
+        if !self.abandoned.load(Ordering::Relaxed) && !self.inner.opts.read_only {
+            if let Err(e) = self.inner.checkpoint() {
+                tracing::warn!(error = %e, "final journal checkpoint failed; the next open replays the WAL");
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch, for `created_unix` fields.
+pub fn now_unix() -> u64 {
+    unix_now()
+}

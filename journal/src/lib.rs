@@ -1,0 +1,85 @@
+//! coil-journal: the node's crash-safe write-ahead journal.
+//!
+//! Every fact a node must not forget (its block leases, its pod attachments,
+//! the addresses they hold, and the intents announcing effects on etcd and
+//! the kernel) is committed here before anything acts on it.
+//!
+//! * **Durable means durable.** [`Journal::commit`] returns only after the
+//!   batch's WAL frame has been `fdatasync`ed. Concurrent committers share one
+//!   sync (group commit). sled holds the materialized state and is made
+//!   durable by checkpoints that `fsync` its files, never by its own `flush`
+//!   alone (sled issue #1452). See docs/journal.md.
+//! * **Nothing is misread.** Every stored value and every WAL frame sits in a
+//!   versioned, checksummed [`envelope`]; a value that fails the check is a
+//!   [`JournalError::Corrupt`] naming its key, never a panic or a wrong value.
+//! * **Persisted types are not domain types.** [`model`] is the public
+//!   vocabulary; `codec` owns the on-disk structs and validates on decode.
+//!
+//! Only this crate knows sled and bincode.
+
+pub mod envelope;
+pub mod model;
+
+mod codec;
+mod durable;
+mod error;
+mod journal;
+mod wal;
+
+pub use error::{JournalError, Result};
+pub use journal::{
+    now_unix, Batch, CommitInfo, CorruptRecord, Dump, Journal, JournalOptions, JournalStats,
+    OpenReport, RecoveryMode, TornTail, VerifyReport,
+};
+pub use model::*;
+
+/// The sled trees the journal keeps, one per record kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tree {
+    Meta,
+    Leases,
+    Attachments,
+    Intents,
+    Addresses,
+}
+
+impl Tree {
+    /// Every tree, in id order.
+    pub const ALL: [Tree; 5] = [
+        Tree::Meta,
+        Tree::Leases,
+        Tree::Attachments,
+        Tree::Intents,
+        Tree::Addresses,
+    ];
+
+    /// The tree's id in WAL frames.
+    pub fn id(self) -> u8 {
+        self.index() as u8 + 1
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Tree::Meta => 0,
+            Tree::Leases => 1,
+            Tree::Attachments => 2,
+            Tree::Intents => 3,
+            Tree::Addresses => 4,
+        }
+    }
+
+    pub(crate) fn from_id(id: u8) -> Option<Tree> {
+        Tree::ALL.get(usize::from(id).checked_sub(1)?).copied()
+    }
+
+    /// The tree's name (also its sled tree name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Meta => "meta",
+            Tree::Leases => "leases",
+            Tree::Attachments => "attachments",
+            Tree::Intents => "intents",
+            Tree::Addresses => "addresses",
+        }
+    }
+}
