@@ -41,6 +41,11 @@ const META_NODE: &[u8] = b"node";
 const META_INTENT_HWM: &[u8] = b"intent_hwm";
 const CHECKPOINT_FILE: &str = "CHECKPOINT";
 
+/// More valid frames than this after a damaged one cannot be the unsynced
+/// tail of one group commit (a group is one frame per concurrent committer):
+/// that is damage in the middle of the log, and opening refuses it.
+pub const MAX_UNSYNCED_FRAMES: usize = 128;
+
 /// What to do with a damaged WAL when opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RecoveryMode {
@@ -113,6 +118,11 @@ pub struct OpenReport {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JournalStats {
     pub last_seq: u64,
+    /// WAL fdatasyncs since open. With concurrent committers this grows
+    /// slower than the number of commits (group commit).
+    pub syncs: u64,
+    /// Commits since open.
+    pub commits: u64,
     pub checkpoint_seq: u64,
     pub wal_segments: usize,
     pub wal_bytes: u64,
@@ -315,6 +325,8 @@ struct Inner {
     opts: JournalOptions,
     checkpoint_lock: Mutex<()>,
     checkpoint_seq: AtomicU64,
+    syncs: AtomicU64,
+    commits: AtomicU64,
     intent_next: AtomicU64,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     _lock: File,
@@ -441,7 +453,8 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
     durable::sync_dir(dir)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch, for `created_unix` fields.
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -525,7 +538,10 @@ impl Journal {
             let scan = wal::scan_segment(&seg.path)?;
             if let Some(bad) = &scan.bad {
                 let key = format!("{}@{}", seg.path.display(), bad.offset);
-                if !newest || opts.recovery == RecoveryMode::Strict {
+                if !newest
+                    || opts.recovery == RecoveryMode::Strict
+                    || bad.later_valid_frames > MAX_UNSYNCED_FRAMES
+                {
                     return Err(JournalError::Corrupt {
                         key,
                         reason: format!(
@@ -653,6 +669,8 @@ impl Journal {
             opts,
             checkpoint_lock: Mutex::new(()),
             checkpoint_seq: AtomicU64::new(checkpoint_seq),
+            syncs: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
             intent_next: AtomicU64::new(intent_hwm + 1),
             tx: Mutex::new(if read_only { None } else { Some(tx) }),
             _lock: lock_file,
@@ -771,6 +789,7 @@ impl Journal {
                     st.checkpoint_requested = true;
                 }
                 drop(st);
+                inner.commits.fetch_add(1, Ordering::Relaxed);
                 if want_checkpoint {
                     inner.request_checkpoint();
                 }
@@ -830,6 +849,8 @@ impl Journal {
         let mut s = JournalStats {
             last_seq,
             checkpoint_seq: self.inner.checkpoint_seq.load(Ordering::Relaxed),
+            syncs: self.inner.syncs.load(Ordering::Relaxed),
+            commits: self.inner.commits.load(Ordering::Relaxed),
             ..Default::default()
         };
         if let Ok(segs) = wal::list_segments(&self.inner.wal_dir) {
@@ -1124,6 +1145,9 @@ impl Inner {
         let res = match file {
             Some(f) => f
                 .sync_data()
+                .inspect(|()| {
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                })
                 .map_err(|e| format!("fdatasync {}: {e}", path.display()))
                 .and_then(|()| self.apply(pending)),
             None => Err("no open segment".to_string()),
@@ -1256,9 +1280,4 @@ impl Drop for Journal {
             }
         }
     }
-}
-
-/// Seconds since the epoch, for `created_unix` fields.
-pub fn now_unix() -> u64 {
-    unix_now()
 }
