@@ -25,4 +25,10 @@ pub mod exit {
 }
 
 /// The programs coil ships; `hypercoil` dispatches to them by name.
-pub const PROGRAMS: [&str; 5] = ["coil", "coild", "coilctl", "coil-controller", "coil-installer"];
+pub const PROGRAMS: [&str; 5] = [
+    "coil",
+    "coild",
+    "coilctl",
+    "coil-controller",
+    "coil-installer",
+];

@@ -1,1 +1,92 @@
+//! coil's programs, as thin layers over the library crates.
+//!
+//! Every binary in `src/bin/` is one line that calls [`run`] with its own
+//! name; `hypercoil` picks the name from argv[0] or its first argument, so
+//! one file can be installed under every name (symlinks) or called as
+//! `hypercoil coilctl ...`.
 
+use std::ffi::OsString;
+use std::path::Path;
+
+pub mod coilctl;
+mod output;
+
+use coil::exit;
+
+/// Runs `program` with `args` (args[0] is the program name as invoked) and
+/// returns the process exit code.
+pub fn run(program: &str, args: Vec<OsString>) -> i32 {
+    match program {
+        "coilctl" => coilctl::main(args),
+        "coil" => cni_not_implemented(),
+        "coild" => not_implemented("coild", "the coild and CNI plugin issue (#4)"),
+        "coil-controller" => not_implemented("coil-controller", "the controller issue (#6)"),
+        "coil-installer" => {
+            not_implemented("coil-installer", "the controller and installer issue (#6)")
+        }
+        other => {
+            eprintln!("hypercoil: unknown program {other:?}");
+            hypercoil_usage();
+            exit::USAGE
+        }
+    }
+}
+
+/// The multi-call entry point: dispatches on the basename of argv[0], or on
+/// argv[1] when invoked as `hypercoil`.
+pub fn hypercoil(mut args: Vec<OsString>) -> i32 {
+    let name = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name != "hypercoil" && coil::PROGRAMS.contains(&name.as_str()) {
+        return run(&name, args);
+    }
+    if args.len() < 2 {
+        hypercoil_usage();
+        return exit::USAGE;
+    }
+    args.remove(0);
+    let name = args[0].to_string_lossy().into_owned();
+    match name.as_str() {
+        "-h" | "--help" | "help" => {
+            hypercoil_usage();
+            exit::OK
+        }
+        "-V" | "--version" => {
+            println!("hypercoil {}", env!("CARGO_PKG_VERSION"));
+            exit::OK
+        }
+        _ => run(&name, args),
+    }
+}
+
+fn hypercoil_usage() {
+    eprintln!(
+        "usage: hypercoil PROGRAM [ARGS...]   (or install it under a program's name)\n\
+         programs: {}",
+        coil::PROGRAMS.join(", ")
+    );
+}
+
+fn not_implemented(program: &str, issue: &str) -> i32 {
+    eprintln!("{program}: not implemented yet; it arrives with {issue}");
+    exit::NOT_IMPLEMENTED
+}
+
+/// The CNI plugin's stdout is protocol only, so even "not implemented" is a
+/// CNI error object there (code 100: coil-specific), with the exit status
+/// non-zero.
+fn cni_not_implemented() -> i32 {
+    println!(
+        "{}",
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "code": 100,
+            "msg": "coil CNI plugin not implemented yet",
+            "details": "the plugin arrives with the coild and CNI plugin issue (#4)"
+        })
+    );
+    exit::NOT_IMPLEMENTED
+}

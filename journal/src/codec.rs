@@ -538,9 +538,7 @@ pub(crate) fn net_key(n: IpNet) -> Vec<u8> {
 }
 
 pub(crate) fn net_from_key(k: &[u8]) -> Result<IpNet, DecodeError> {
-    let (prefix, addr) = k
-        .split_last()
-        .ok_or_else(|| bad("empty block key"))?;
+    let (prefix, addr) = k.split_last().ok_or_else(|| bad("empty block key"))?;
     let addr = addr_from_key(addr)?;
     IpNet::new(addr, *prefix).map_err(|_| bad(format!("block key prefix {prefix}")))
 }
@@ -663,9 +661,7 @@ mod tests {
             for state in [
                 IntentState::Pending,
                 IntentState::Done,
-                IntentState::Aborted {
-                    reason: "r".into(),
-                },
+                IntentState::Aborted { reason: "r".into() },
             ] {
                 let i = Intent {
                     id: 42,

@@ -108,7 +108,10 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::BadMagic(m) => write!(f, "bad magic {m:02x?}"),
             DecodeError::Checksum { stored, computed } => {
-                write!(f, "checksum mismatch: stored {stored:08x}, computed {computed:08x}")
+                write!(
+                    f,
+                    "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+                )
             }
             DecodeError::TrailingBytes(n) => write!(f, "{n} trailing bytes after the payload"),
             DecodeError::TooLarge(n) => write!(f, "payload length {n} exceeds the limit"),
@@ -262,7 +265,10 @@ mod tests {
     fn every_truncation_is_detected() {
         let sealed = seal(Kind::Intent, b"0123456789");
         for n in 0..sealed.len() {
-            assert!(open(&sealed[..n]).is_err(), "truncation to {n} went unnoticed");
+            assert!(
+                open(&sealed[..n]).is_err(),
+                "truncation to {n} went unnoticed"
+            );
         }
     }
 
@@ -281,7 +287,10 @@ mod tests {
         newer[4..6].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let sum = crc(&newer[..12], &newer[16..]);
         newer[12..16].copy_from_slice(&sum.to_le_bytes());
-        assert_eq!(open(&newer), Err(DecodeError::NewerVersion(FORMAT_VERSION + 1)));
+        assert_eq!(
+            open(&newer),
+            Err(DecodeError::NewerVersion(FORMAT_VERSION + 1))
+        );
     }
 
     #[test]

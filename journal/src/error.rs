@@ -12,6 +12,10 @@ pub enum JournalError {
     #[error("journal {dir}: cannot open: {reason}; if the journal is damaged, rebuild it with `coilctl node repair --rebuild`")]
     Open { dir: PathBuf, reason: String },
 
+    /// A read-only open found no journal in the directory.
+    #[error("journal {dir}: no journal here")]
+    NotFound { dir: PathBuf },
+
     /// Another process holds the journal's lock.
     #[error("journal {dir}: locked by another process (is coild running? stop it, or ask it through its socket)")]
     Locked { dir: PathBuf },

@@ -447,7 +447,8 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
         let f = File::create(&tmp).map_err(|e| JournalError::io("create", &tmp, e))?;
         wal::write_all_at(&f, &codec::encode_checkpoint(seq), 0)
             .map_err(|e| JournalError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| JournalError::io("fsync", &tmp, e))?;
+        f.sync_all()
+            .map_err(|e| JournalError::io("fsync", &tmp, e))?;
     }
     fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename", &path, e))?;
     durable::sync_dir(dir)
@@ -475,10 +476,7 @@ impl Journal {
         let dir = dir.as_ref().to_path_buf();
         if opts.read_only {
             if !dir.join(CHECKPOINT_FILE).exists() && !dir.join("sled").exists() {
-                return Err(JournalError::Open {
-                    dir,
-                    reason: "no journal here".into(),
-                });
+                return Err(JournalError::NotFound { dir });
             }
         } else {
             fs::create_dir_all(&dir).map_err(|e| JournalError::io("create dir", &dir, e))?;
@@ -516,10 +514,7 @@ impl Journal {
                     });
                 }
                 if opts.read_only {
-                    return Err(JournalError::Open {
-                        dir,
-                        reason: "no journal here".into(),
-                    });
+                    return Err(JournalError::NotFound { dir });
                 }
                 write_checkpoint(&dir, 0)?;
                 durable::sync_tree(&sled_dir)?;
@@ -531,7 +526,9 @@ impl Journal {
 
         // Replay the WAL after the checkpoint.
         let mut expected = checkpoint_seq + 1;
-        let mut batches: Vec<sled::Batch> = (0..Tree::ALL.len()).map(|_| sled::Batch::default()).collect();
+        let mut batches: Vec<sled::Batch> = (0..Tree::ALL.len())
+            .map(|_| sled::Batch::default())
+            .collect();
         let mut covered = Vec::new();
         for (i, seg) in segments.iter().enumerate() {
             let newest = i + 1 == segments.len();
@@ -620,8 +617,9 @@ impl Journal {
             .get(META_INTENT_HWM)
             .map_err(|e| JournalError::sled("read", e))?
         {
-            Some(v) => codec::decode_counter(&v)
-                .map_err(|e| corrupt(Tree::Meta, META_INTENT_HWM, e))?,
+            Some(v) => {
+                codec::decode_counter(&v).map_err(|e| corrupt(Tree::Meta, META_INTENT_HWM, e))?
+            }
             None => 0,
         };
 
@@ -959,7 +957,11 @@ impl Journal {
     }
 
     pub fn address(&self, addr: IpAddr) -> Result<Option<AddressEntry>> {
-        self.get(Tree::Addresses, &codec::addr_key(addr), codec::decode_address)
+        self.get(
+            Tree::Addresses,
+            &codec::addr_key(addr),
+            codec::decode_address,
+        )
     }
 
     /// Addresses assigned inside `block`, in address order: an O(log n + k)
@@ -1010,9 +1012,7 @@ impl Journal {
                         Tree::Meta => match &*k {
                             META_NODE => d.node = Some(codec::decode_node_meta(&v)?),
                             META_INTENT_HWM => d.intent_hwm = codec::decode_counter(&v)?,
-                            _ => {
-                                return Err(DecodeError::Payload("unknown meta key".into()))
-                            }
+                            _ => return Err(DecodeError::Payload("unknown meta key".into())),
                         },
                         Tree::Leases => {
                             let l = codec::decode_lease(&v)?;
@@ -1167,7 +1167,8 @@ impl Inner {
 
     fn apply(&self, pending: Vec<(u64, Vec<WalOpV1>)>) -> Result<(), String> {
         for (seq, ops) in pending {
-            let mut batches: Vec<Option<sled::Batch>> = (0..Tree::ALL.len()).map(|_| None).collect();
+            let mut batches: Vec<Option<sled::Batch>> =
+                (0..Tree::ALL.len()).map(|_| None).collect();
             for op in ops {
                 let Some(t) = Tree::from_id(op.tree) else {
                     return Err(format!("seq {seq}: unknown tree id {}", op.tree));
@@ -1210,8 +1211,8 @@ impl Inner {
             return Err(JournalError::Poisoned { reason: r.clone() });
         }
         let covered = st.synced_seq;
-        let header_only = st.file.is_some()
-            && wal::segment_path(&self.wal_dir, covered + 1) == st.file_path;
+        let header_only =
+            st.file.is_some() && wal::segment_path(&self.wal_dir, covered + 1) == st.file_path;
         if !header_only {
             let (file, len) = wal::create_segment(&self.wal_dir, covered + 1)?;
             st.file = Some(Arc::new(file));

@@ -74,7 +74,8 @@ pub(crate) fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, u64)> 
             first_seq,
         },
     );
-    write_all_at(&file, &header, 0).map_err(|e| JournalError::io("write segment header", &path, e))?;
+    write_all_at(&file, &header, 0)
+        .map_err(|e| JournalError::io("write segment header", &path, e))?;
     file.sync_all()
         .map_err(|e| JournalError::io("fsync segment", &path, e))?;
     durable::sync_dir(dir)?;

@@ -139,10 +139,14 @@ fn truncated_and_misplaced_values_are_corrupt() {
     let (_, lv) = leases.iter().next().expect("a lease").expect("read");
     atts.insert(att_key_bytes(&key(2)), lv).expect("insert");
     // Store attachment 4's value under attachment 5's key.
-    let v4 = atts.get(att_key_bytes(&key(4))).expect("get").expect("present");
+    let v4 = atts
+        .get(att_key_bytes(&key(4)))
+        .expect("get")
+        .expect("present");
     atts.insert(att_key_bytes(&key(5)), v4).expect("insert");
     // A value that is not an envelope at all.
-    atts.insert(att_key_bytes(&key(3)), b"garbage".as_slice()).expect("insert");
+    atts.insert(att_key_bytes(&key(3)), b"garbage".as_slice())
+        .expect("insert");
     db.flush().expect("flush");
     drop((atts, leases, db));
 
@@ -150,14 +154,28 @@ fn truncated_and_misplaced_values_are_corrupt() {
     let v = j.verify();
     let mut keys: Vec<_> = v.corrupt.iter().map(|c| c.key.clone()).collect();
     keys.sort();
-    let mut want: Vec<_> = [1, 2, 3, 5].iter().map(|i| format!("attachments/{}", key(*i))).collect();
+    let mut want: Vec<_> = [1, 2, 3, 5]
+        .iter()
+        .map(|i| format!("attachments/{}", key(*i)))
+        .collect();
     want.sort();
     assert_eq!(keys, want, "{:?}", v.corrupt);
     let reasons: Vec<_> = v.corrupt.iter().map(|c| c.reason.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.contains("truncated")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("truncated")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("Lease")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("key it is stored under")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("magic") || r.contains("truncated")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("key it is stored under")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("magic") || r.contains("truncated")),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -181,7 +199,10 @@ fn torn_last_frame_is_cut_off_and_reported_but_strict_mode_refuses() {
         ..Default::default()
     };
     let err = Journal::open_with(dir.path(), strict).expect_err("strict refuses a torn tail");
-    assert!(matches!(err, JournalError::Corrupt { ref key, .. } if key.contains(".wal@")), "{err}");
+    assert!(
+        matches!(err, JournalError::Corrupt { ref key, .. } if key.contains(".wal@")),
+        "{err}"
+    );
     let mut now = tree_snapshot(dir.path());
     now.retain(|p, _| p.starts_with(dir.path().join("wal")));
     let mut was = before.clone();
@@ -194,7 +215,10 @@ fn torn_last_frame_is_cut_off_and_reported_but_strict_mode_refuses() {
     assert_eq!(r.torn_tails.len(), 1);
     assert_eq!(r.torn_tails[0].offset, off as u64);
     assert_eq!(r.torn_tails[0].dropped_bytes, (len / 2) as u64);
-    assert_eq!(r.last_seq, 20, "the torn frame is gone, the 20 before it are not");
+    assert_eq!(
+        r.last_seq, 20,
+        "the torn frame is gone, the 20 before it are not"
+    );
     assert_eq!(j.attachments().expect("read").len(), 20);
     // Appending continues after the cut and survives another crash.
     let mut b = Batch::new();
@@ -291,7 +315,14 @@ fn newer_format_is_refused_and_nothing_changes() {
     let before = tree_snapshot(dir.path());
     let err = Journal::open(dir.path()).expect_err("newer format refused");
     assert!(
-        matches!(err, JournalError::NewerFormat { found: 9, supported: 1, .. }),
+        matches!(
+            err,
+            JournalError::NewerFormat {
+                found: 9,
+                supported: 1,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("newer"), "{err}");
@@ -310,7 +341,10 @@ fn corrupt_or_missing_checkpoint_is_refused() {
     let path = dir.path().join("CHECKPOINT");
     flip(&path, 17);
     let err = Journal::open(dir.path()).expect_err("corrupt checkpoint");
-    assert!(matches!(&err, JournalError::Corrupt { key, .. } if key == "CHECKPOINT"), "{err}");
+    assert!(
+        matches!(&err, JournalError::Corrupt { key, .. } if key == "CHECKPOINT"),
+        "{err}"
+    );
     assert!(err.to_string().contains("CHECKPOINT"));
     fs::remove_file(&path).expect("rm");
     let err = Journal::open(dir.path()).expect_err("missing checkpoint with data");
@@ -360,7 +394,11 @@ fn group_commit_shares_syncs_and_sequential_commits_each_sync() {
         j.commit(b).expect("commit");
     }
     let s = j.stats();
-    assert_eq!((s.commits, s.syncs), (20, 20), "each lone commit waits for its own fdatasync");
+    assert_eq!(
+        (s.commits, s.syncs),
+        (20, 20),
+        "each lone commit waits for its own fdatasync"
+    );
     let hs: Vec<_> = (0..8u32)
         .map(|t| {
             let j = j.clone();

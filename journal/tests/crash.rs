@@ -33,7 +33,9 @@ fn key(run: u32, t: u32, i: u32) -> AttachmentKey {
 
 fn record(run: u32, t: u32, i: u32) -> Attachment {
     let block: ipnet::IpNet = "10.128.0.0/16".parse().expect("net");
-    let addr = std::net::IpAddr::V4((u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i % 65536)).into());
+    let addr = std::net::IpAddr::V4(
+        (u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i % 65536)).into(),
+    );
     Attachment {
         key: key(run, t, i),
         netns: format!("/run/netns/{run}-{t}-{i}"),
@@ -118,7 +120,13 @@ struct Expect {
 fn run_child(dir: &Path, run: u32, kill_after: Duration, before_ready: bool) -> Vec<(u32, u32)> {
     let exe = std::env::current_exe().expect("current exe");
     let mut child = Command::new(exe)
-        .args(["--exact", "kill9_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "kill9_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir)
         .env("COIL_CRASH_RUN", run.to_string())
         .stdout(Stdio::piped())
@@ -259,7 +267,11 @@ fn kill9_supervisor() {
             "seed {seed} run {run}: records present that were never acknowledged"
         );
         let v = j.verify();
-        assert!(v.corrupt.is_empty(), "seed {seed} run {run}: {:?}", v.corrupt);
+        assert!(
+            v.corrupt.is_empty(),
+            "seed {seed} run {run}: {:?}",
+            v.corrupt
+        );
         // Alternate clean and crash-like closes of the supervisor's own open.
         if run % 2 == 0 {
             j.close().expect("close");
@@ -272,7 +284,10 @@ fn kill9_supervisor() {
          {in_flight_landed} unacknowledged batches landed whole, {torn} torn tails cut",
         expect.live.len()
     );
-    assert!(acked_total > kills as usize, "the children committed too little to test anything");
+    assert!(
+        acked_total > kills as usize,
+        "the children committed too little to test anything"
+    );
 }
 
 fn parse(k: &AttachmentKey) -> (u32, u32, u32) {

@@ -275,7 +275,10 @@ fn invalid_records_are_refused_and_change_nothing() {
     b.put_lease(&lease(2, 1)).put_attachment(&a);
     let err = j.commit(b).expect_err("invalid key refused");
     assert!(matches!(err, JournalError::Invalid(_)), "{err}");
-    assert!(j.leases().expect("read").is_empty(), "the valid part must not land either");
+    assert!(
+        j.leases().expect("read").is_empty(),
+        "the valid part must not land either"
+    );
 
     let mut a = attachment(1, 1);
     a.addresses[0].addr = "192.168.0.1".parse().expect("addr");

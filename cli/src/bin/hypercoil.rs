@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    std::process::exit(coil_cli::hypercoil(std::env::args_os().collect()));
+}

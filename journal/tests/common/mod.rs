@@ -63,7 +63,9 @@ pub fn lease(i: u32, epoch: u64) -> BlockLease {
 pub fn intent(id: u64, done: bool) -> Intent {
     Intent {
         id,
-        op: IntentOp::Wire { key: key(id as u32) },
+        op: IntentOp::Wire {
+            key: key(id as u32),
+        },
         state: if done {
             IntentState::Done
         } else {

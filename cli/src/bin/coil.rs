@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(coil_cli::run("coil", std::env::args_os().collect()));
+}

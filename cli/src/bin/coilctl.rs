@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(coil_cli::run("coilctl", std::env::args_os().collect()));
+}

@@ -1,0 +1,430 @@
+//! `coilctl`: the administrator's command line.
+//!
+//! Today it carries the offline journal tools (`journal dump`, `journal
+//! verify`), which work on a node's journal directory with coild stopped.
+//! The pool, node, address and block commands arrive with the store issue.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use coil::exit;
+use coil::journal::{
+    AttachmentState, Dump, IntentOp, IntentState, Journal, JournalError, JournalOptions,
+    LeaseState, RecoveryMode, VerifyReport,
+};
+use serde_json::{json, Value};
+
+use crate::output::Table;
+
+/// Default location of a node's journal.
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/coil/journal";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coilctl",
+    version,
+    about = "Administer coil: pools, nodes, and node journals"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Inspect a node's write-ahead journal offline (coild stopped).
+    Journal {
+        #[command(subcommand)]
+        cmd: JournalCmd,
+    },
+    /// Address pools (arrives with the store issue).
+    Pool {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+    /// Nodes and `node repair` (arrive with the store and recovery issues).
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+    /// Address lookups (arrives with the store issue).
+    Address {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+    /// Block administration (arrives with the store issue).
+    Block {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JournalCmd {
+    /// Print every record of the journal.
+    Dump {
+        /// The journal directory.
+        #[arg(long, default_value = DEFAULT_JOURNAL_DIR)]
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every record and their cross-references; exit 1 on any problem.
+    Verify {
+        #[arg(long, default_value = DEFAULT_JOURNAL_DIR)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Treat a torn WAL tail as a problem too.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+/// Runs coilctl with `args` (args[0] is the program name).
+pub fn main(args: Vec<OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.cmd {
+        Cmd::Journal { cmd } => match cmd {
+            JournalCmd::Dump { dir, json } => journal_dump(dir, json),
+            JournalCmd::Verify { dir, json, strict } => journal_verify(dir, json, strict),
+        },
+        Cmd::Pool { .. } | Cmd::Node { .. } | Cmd::Address { .. } | Cmd::Block { .. } => {
+            eprintln!("coilctl: this command is not implemented yet; it arrives with the store issue (#3)");
+            exit::NOT_IMPLEMENTED
+        }
+    }
+}
+
+fn open_ro(dir: &PathBuf, strict: bool) -> Result<Journal, JournalError> {
+    Journal::open_with(
+        dir,
+        JournalOptions {
+            read_only: true,
+            recovery: if strict {
+                RecoveryMode::Strict
+            } else {
+                RecoveryMode::TolerateTornTail
+            },
+            ..Default::default()
+        },
+    )
+}
+
+/// Maps an open failure to an exit code: damage is a finding (1), a missing
+/// journal is bad input (2), a busy or unreadable one is "try again" (3).
+fn open_failure(e: &JournalError) -> i32 {
+    match e {
+        JournalError::NotFound { .. } => exit::USAGE,
+        JournalError::NewerFormat { .. } | JournalError::OlderFormat { .. } => exit::PROBLEMS,
+        e if e.is_corruption() => exit::PROBLEMS,
+        _ => exit::UNAVAILABLE,
+    }
+}
+
+fn journal_dump(dir: PathBuf, as_json: bool) -> i32 {
+    let j = match open_ro(&dir, false) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("coilctl journal dump: {e}");
+            return open_failure(&e);
+        }
+    };
+    let d = j.dump();
+    if as_json {
+        println!("{}", dump_json(&j, &d));
+    } else {
+        print!("{}", dump_text(&j, &d));
+    }
+    if d.corrupt.is_empty() {
+        exit::OK
+    } else {
+        exit::PROBLEMS
+    }
+}
+
+fn journal_verify(dir: PathBuf, as_json: bool, strict: bool) -> i32 {
+    let j = match open_ro(&dir, strict) {
+        Ok(j) => j,
+        Err(e) => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"dir": dir, "ok": false, "open_error": e.to_string()})
+                );
+            } else {
+                eprintln!("coilctl journal verify: {e}");
+            }
+            return open_failure(&e);
+        }
+    };
+    let r = j.verify();
+    if as_json {
+        println!("{}", verify_json(&j, &r));
+    } else {
+        print!("{}", verify_text(&j, &r));
+    }
+    if r.is_clean() {
+        exit::OK
+    } else {
+        exit::PROBLEMS
+    }
+}
+
+fn lease_state(s: LeaseState) -> &'static str {
+    match s {
+        LeaseState::Acquiring => "acquiring",
+        LeaseState::Leased => "leased",
+        LeaseState::Releasing => "releasing",
+        LeaseState::Quarantined => "quarantined",
+    }
+}
+
+fn att_state(s: AttachmentState) -> &'static str {
+    match s {
+        AttachmentState::Reserved => "reserved",
+        AttachmentState::Wired => "wired",
+        AttachmentState::Releasing => "releasing",
+    }
+}
+
+fn intent_state(s: &IntentState) -> String {
+    match s {
+        IntentState::Pending => "pending".into(),
+        IntentState::Done => "done".into(),
+        IntentState::Aborted { reason } => format!("aborted: {reason}"),
+    }
+}
+
+fn intent_op(op: &IntentOp) -> String {
+    match op {
+        IntentOp::AcquireBlock { pool, block } => match block {
+            Some(b) => format!("acquire-block pool={pool} block={b}"),
+            None => format!("acquire-block pool={pool}"),
+        },
+        IntentOp::ReleaseBlock { pool, block } => {
+            format!("release-block pool={pool} block={block}")
+        }
+        IntentOp::Wire { key } => format!("wire {key}"),
+        IntentOp::Unwire { key } => format!("unwire {key}"),
+        IntentOp::ExportBlock { block } => format!("export-block {block}"),
+        IntentOp::WithdrawBlock { block } => format!("withdraw-block {block}"),
+    }
+}
+
+fn header(j: &Journal, d: &Dump) -> String {
+    let s = &d.stats;
+    format!(
+        "journal {}\n  last seq {}, checkpoint seq {}, {} WAL segment(s), {} WAL bytes\n",
+        j.dir().display(),
+        s.last_seq,
+        s.checkpoint_seq,
+        s.wal_segments,
+        s.wal_bytes
+    )
+}
+
+fn dump_text(j: &Journal, d: &Dump) -> String {
+    let mut out = header(j, d);
+    match &d.node {
+        Some(n) => out.push_str(&format!(
+            "  node {} (boot {}, cluster {}, created {})\n",
+            n.node_name, n.boot_id, n.cluster_id, n.created_unix
+        )),
+        None => out.push_str("  node: not initialised\n"),
+    }
+    out.push_str(&format!("\nLEASES ({})\n", d.leases.len()));
+    let mut t = Table::new(&["POOL", "BLOCK", "EPOCH", "STATE", "CURSOR"]);
+    for l in &d.leases {
+        t.row(vec![
+            l.pool.clone(),
+            l.block.to_string(),
+            l.epoch.to_string(),
+            lease_state(l.state).into(),
+            l.alloc_cursor.to_string(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!("\nATTACHMENTS ({})\n", d.attachments.len()));
+    let mut t = Table::new(&[
+        "CONTAINER",
+        "IFNAME",
+        "POD",
+        "POOL",
+        "ADDRESSES",
+        "STATE",
+        "VETH",
+    ]);
+    for a in &d.attachments {
+        t.row(vec![
+            a.key.container_id.clone(),
+            a.key.ifname.clone(),
+            format!("{}/{}", a.pod_namespace, a.pod_name),
+            a.pool.clone(),
+            a.addresses
+                .iter()
+                .map(|x| x.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            att_state(a.state).into(),
+            a.host_veth.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!(
+        "\nINTENTS ({}, high-water mark {})\n",
+        d.intents.len(),
+        d.intent_hwm
+    ));
+    let mut t = Table::new(&["ID", "STATE", "OP"]);
+    for i in &d.intents {
+        t.row(vec![
+            i.id.to_string(),
+            intent_state(&i.state),
+            intent_op(&i.op),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!("\nADDRESSES ({})\n", d.addresses.len()));
+    let mut t = Table::new(&["ADDRESS", "BLOCK", "OWNER"]);
+    for (a, e) in &d.addresses {
+        t.row(vec![
+            a.to_string(),
+            e.block.to_string(),
+            e.attachment.to_string(),
+        ]);
+    }
+    out.push_str(&t.render());
+    if !d.corrupt.is_empty() {
+        out.push_str(&format!("\nCORRUPT ({})\n", d.corrupt.len()));
+        let mut t = Table::new(&["KEY", "REASON"]);
+        for c in &d.corrupt {
+            t.row(vec![c.key.clone(), c.reason.clone()]);
+        }
+        out.push_str(&t.render());
+    }
+    out
+}
+
+fn dump_json(j: &Journal, d: &Dump) -> Value {
+    json!({
+        "dir": j.dir(),
+        "stats": {
+            "last_seq": d.stats.last_seq,
+            "checkpoint_seq": d.stats.checkpoint_seq,
+            "wal_segments": d.stats.wal_segments,
+            "wal_bytes": d.stats.wal_bytes,
+        },
+        "node": d.node.as_ref().map(|n| json!({
+            "node_name": n.node_name,
+            "boot_id": n.boot_id,
+            "cluster_id": n.cluster_id,
+            "created_unix": n.created_unix,
+        })),
+        "intent_hwm": d.intent_hwm,
+        "leases": d.leases.iter().map(|l| json!({
+            "pool": l.pool,
+            "block": l.block.to_string(),
+            "epoch": l.epoch,
+            "state": lease_state(l.state),
+            "alloc_cursor": l.alloc_cursor,
+        })).collect::<Vec<_>>(),
+        "attachments": d.attachments.iter().map(|a| json!({
+            "container_id": a.key.container_id,
+            "ifname": a.key.ifname,
+            "netns": a.netns,
+            "pod_namespace": a.pod_namespace,
+            "pod_name": a.pod_name,
+            "pool": a.pool,
+            "addresses": a.addresses.iter().map(|x| json!({
+                "address": x.addr.to_string(),
+                "block": x.block.to_string(),
+            })).collect::<Vec<_>>(),
+            "host_veth": a.host_veth,
+            "state": att_state(a.state),
+            "boot_id": a.boot_id,
+            "created_unix": a.created_unix,
+        })).collect::<Vec<_>>(),
+        "intents": d.intents.iter().map(|i| json!({
+            "id": i.id,
+            "state": intent_state(&i.state),
+            "op": intent_op(&i.op),
+            "created_unix": i.created_unix,
+        })).collect::<Vec<_>>(),
+        "addresses": d.addresses.iter().map(|(a, e)| json!({
+            "address": a.to_string(),
+            "block": e.block.to_string(),
+            "container_id": e.attachment.container_id,
+            "ifname": e.attachment.ifname,
+        })).collect::<Vec<_>>(),
+        "corrupt": d.corrupt.iter().map(|c| json!({"key": c.key, "reason": c.reason})).collect::<Vec<_>>(),
+    })
+}
+
+fn verify_text(j: &Journal, r: &VerifyReport) -> String {
+    let mut out = format!(
+        "journal {}: {} records checked\n",
+        j.dir().display(),
+        r.records
+    );
+    for t in &r.torn_tails {
+        out.push_str(&format!(
+            "note: torn WAL tail at {}@{} ({} bytes, {}): a write in flight at a crash, never acknowledged; coild cuts it off when it opens the journal\n",
+            t.segment.display(),
+            t.offset,
+            t.dropped_bytes,
+            t.reason
+        ));
+    }
+    for c in &r.corrupt {
+        out.push_str(&format!("CORRUPT {}: {}\n", c.key, c.reason));
+    }
+    for i in &r.inconsistent {
+        out.push_str(&format!("INCONSISTENT {i}\n"));
+    }
+    if r.is_clean() {
+        out.push_str("ok: every record is intact and consistent\n");
+    } else {
+        out.push_str(&format!(
+            "FAILED: {} corrupt, {} inconsistent; repair with `coilctl node repair --rebuild`\n",
+            r.corrupt.len(),
+            r.inconsistent.len()
+        ));
+    }
+    out
+}
+
+fn verify_json(j: &Journal, r: &VerifyReport) -> Value {
+    json!({
+        "dir": j.dir(),
+        "ok": r.is_clean(),
+        "records": r.records,
+        "corrupt": r.corrupt.iter().map(|c| json!({"key": c.key, "reason": c.reason})).collect::<Vec<_>>(),
+        "inconsistent": r.inconsistent,
+        "torn_tails": r.torn_tails.iter().map(|t| json!({
+            "segment": t.segment,
+            "offset": t.offset,
+            "dropped_bytes": t.dropped_bytes,
+            "reason": t.reason,
+        })).collect::<Vec<_>>(),
+        "stats": {
+            "last_seq": r.stats.last_seq,
+            "checkpoint_seq": r.stats.checkpoint_seq,
+            "wal_segments": r.stats.wal_segments,
+            "wal_bytes": r.stats.wal_bytes,
+        },
+    })
+}

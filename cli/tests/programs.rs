@@ -1,0 +1,208 @@
+//! The binaries as a user runs them: hypercoil dispatch, the programs that
+//! are not there yet, and `coilctl journal dump/verify` on real journals.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use coil::journal::*;
+use serde_json::Value;
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).output().expect("run binary")
+}
+
+const HYPERCOIL: &str = env!("CARGO_BIN_EXE_hypercoil");
+const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
+
+#[test]
+fn hypercoil_dispatches_on_first_argument_and_on_argv0() {
+    let o = run(HYPERCOIL, &["coilctl", "--version"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("coilctl "));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("coilctl");
+    std::os::unix::fs::symlink(HYPERCOIL, &link).expect("symlink");
+    let o = Command::new(&link).arg("--version").output().expect("run");
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("coilctl "));
+
+    let o = run(HYPERCOIL, &["no-such-program"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown program"));
+    let o = run(HYPERCOIL, &[]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn programs_not_built_yet_say_so_and_fail() {
+    for p in ["coild", "coil-controller", "coil-installer"] {
+        let o = run(HYPERCOIL, &[p]);
+        assert_eq!(o.status.code(), Some(69), "{p}: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("not implemented yet"),
+            "{p}"
+        );
+        assert!(o.stdout.is_empty(), "{p} must not print on stdout");
+    }
+    // The CNI plugin's stdout is protocol: a CNI error object.
+    let o = run(HYPERCOIL, &["coil"]);
+    assert_ne!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("CNI error JSON on stdout");
+    assert_eq!(v["code"], 100);
+    assert!(v["msg"]
+        .as_str()
+        .is_some_and(|m| m.contains("not implemented")));
+    let o = run(COILCTL, &["pool", "list"]);
+    assert_eq!(o.status.code(), Some(69));
+}
+
+fn make_journal(dir: &Path) {
+    let j = Journal::open(dir).expect("open");
+    let block: ipnet::IpNet = "10.0.1.0/28".parse().expect("net");
+    let key = AttachmentKey::new("c0ffee", "eth0");
+    let addr: std::net::IpAddr = "10.0.1.3".parse().expect("addr");
+    let mut b = Batch::new();
+    b.put_node_meta(&NodeMeta {
+        node_name: "node-1".into(),
+        boot_id: "boot".into(),
+        cluster_id: "cluster".into(),
+        created_unix: 1,
+    })
+    .put_lease(&BlockLease {
+        pool: "default".into(),
+        block,
+        epoch: 3,
+        state: LeaseState::Leased,
+        alloc_cursor: 4,
+    })
+    .put_attachment(&Attachment {
+        key: key.clone(),
+        netns: "/run/netns/p".into(),
+        pod_namespace: "default".into(),
+        pod_name: "p".into(),
+        pool: "default".into(),
+        addresses: vec![AssignedAddress { addr, block }],
+        host_veth: "veth0123".into(),
+        state: AttachmentState::Wired,
+        boot_id: "boot".into(),
+        created_unix: 2,
+    })
+    .put_address(
+        addr,
+        &AddressEntry {
+            attachment: key,
+            block,
+        },
+    )
+    .put_intent(&Intent {
+        id: j.next_intent_id(),
+        op: IntentOp::AcquireBlock {
+            pool: "default".into(),
+            block: Some(block),
+        },
+        state: IntentState::Done,
+        created_unix: 1,
+    });
+    j.commit(b).expect("commit");
+    // Crash-like close: dump/verify must replay the WAL.
+    j.abandon();
+}
+
+#[test]
+fn journal_dump_and_verify_on_a_healthy_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_journal(dir.path());
+    let d = dir.path().to_str().expect("utf-8");
+
+    let o = run(COILCTL, &["journal", "dump", "--dir", d, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["node"]["node_name"], "node-1");
+    assert_eq!(v["leases"][0]["block"], "10.0.1.0/28");
+    assert_eq!(v["leases"][0]["epoch"], 3);
+    assert_eq!(v["attachments"][0]["addresses"][0]["address"], "10.0.1.3");
+    assert_eq!(v["addresses"][0]["container_id"], "c0ffee");
+    assert_eq!(
+        v["intents"][0]["op"],
+        "acquire-block pool=default block=10.0.1.0/28"
+    );
+    assert_eq!(v["corrupt"].as_array().map(Vec::len), Some(0));
+
+    let o = run(COILCTL, &["journal", "dump", "--dir", d]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("LEASES (1)") && text.contains("10.0.1.0/28"),
+        "{text}"
+    );
+    assert!(text.contains("default/p"), "{text}");
+
+    let o = run(COILCTL, &["journal", "verify", "--dir", d]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok: every record is intact"));
+    let o = run(COILCTL, &["journal", "verify", "--dir", d, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["records"], 5);
+}
+
+#[test]
+fn journal_verify_names_the_corrupt_record_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_journal(dir.path());
+    // Open and close cleanly so the state is checkpointed into sled, then
+    // damage a stored value behind the journal's back.
+    Journal::open(dir.path())
+        .expect("open")
+        .close()
+        .expect("close");
+    {
+        let db = sled::open(dir.path().join("sled")).expect("sled");
+        let t = db.open_tree("leases").expect("tree");
+        let (k, v) = t.iter().next().expect("lease").expect("read");
+        let mut v = v.to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0xff;
+        t.insert(k, v).expect("insert");
+        db.flush().expect("flush");
+    }
+    let d = dir.path().to_str().expect("utf-8");
+    let o = run(COILCTL, &["journal", "verify", "--dir", d]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("CORRUPT leases/10.0.1.0/28"), "{text}");
+    // The address whose block record is unreadable is also flagged.
+    assert!(text.contains("INCONSISTENT address 10.0.1.3"), "{text}");
+    let o = run(COILCTL, &["journal", "verify", "--dir", d, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["corrupt"][0]["key"], "leases/10.0.1.0/28");
+    let o = run(COILCTL, &["journal", "dump", "--dir", d]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn journal_tools_refuse_missing_and_busy_journals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("none");
+    let m = missing.to_str().expect("utf-8");
+    let o = run(COILCTL, &["journal", "verify", "--dir", m]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no journal"));
+    assert!(!missing.exists());
+
+    let j = Journal::open(dir.path().join("busy")).expect("open");
+    let b = dir.path().join("busy");
+    let o = run(
+        COILCTL,
+        &["journal", "dump", "--dir", b.to_str().expect("utf-8")],
+    );
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is coild running"));
+    drop(j);
+
+    let o = run(COILCTL, &["journal", "dump", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+}
