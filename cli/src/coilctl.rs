@@ -85,6 +85,7 @@ enum JournalCmd {
 
 /// Runs coilctl with `args` (args[0] is the program name).
 pub fn main(args: Vec<OsString>) -> i32 {
+    init_logging();
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -427,4 +428,15 @@ fn verify_json(j: &Journal, r: &VerifyReport) -> Value {
             "wal_bytes": r.stats.wal_bytes,
         },
     })
+}
+
+/// Sends the libraries' diagnostics (for example a journal checkpoint that
+/// failed) to stderr; `COIL_LOG` sets the filter (default `warn`).
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
 }

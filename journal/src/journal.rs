@@ -11,19 +11,23 @@
 //!
 //! A commit appends one frame to the newest WAL segment, waits for a shared
 //! `fdatasync` (group commit: one leader syncs for everyone who appended
-//! before it started), applies the operations to sled, and only then returns.
-//! sled is never flushed on the commit path; a background checkpoint flushes
-//! it, fsyncs its files, records the checkpoint and deletes the WAL segments
-//! it covers. Opening replays every WAL frame after the checkpoint into sled.
+//! before it started), applies the operations to an in-memory table (the
+//! memtable), and only then returns. Reads look at the memtable first, then
+//! at sled. sled is never written on the commit path: a background
+//! checkpoint freezes the memtable, applies it to sled in one batch per tree,
+//! flushes sled and fsyncs its files, records the checkpoint and deletes the
+//! WAL segments it covers. Opening replays every WAL frame after the
+//! checkpoint into the memtable.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -61,7 +65,8 @@ pub enum RecoveryMode {
 /// How to open a journal.
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
-    /// WAL bytes after which a background checkpoint runs.
+    /// WAL bytes after which a background checkpoint runs. This also bounds
+    /// the memtable (what is durable in the WAL but not yet in sled).
     pub checkpoint_bytes: u64,
     pub recovery: RecoveryMode,
     /// Open without writing anything of ours: no torn-tail truncation, no new
@@ -75,7 +80,7 @@ pub struct JournalOptions {
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
-            checkpoint_bytes: 8 << 20,
+            checkpoint_bytes: 4 << 20,
             recovery: RecoveryMode::TolerateTornTail,
             read_only: false,
             cache_bytes: 8 << 20,
@@ -307,6 +312,20 @@ struct WalState {
     bytes_since_checkpoint: u64,
     checkpoint_requested: bool,
     intent_hwm_written: u64,
+    /// Frames the previous sync covered: a hint that others commit too.
+    last_group: usize,
+}
+
+/// Operations that are durable in the WAL but not yet in sled: per tree,
+/// key -> value, where `None` is a deletion that must hide sled's value.
+#[derive(Default)]
+struct Mem([BTreeMap<Vec<u8>, Option<Vec<u8>>>; 5]);
+
+/// The memtable being filled, and the one a checkpoint is writing to sled.
+/// Newer wins: `active` over `frozen` over sled.
+struct Tables {
+    active: Mem,
+    frozen: Option<Arc<Mem>>,
 }
 
 enum Msg {
@@ -320,6 +339,7 @@ struct Inner {
     sled_dir: PathBuf,
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    tables: RwLock<Tables>,
     state: Mutex<WalState>,
     cv: Condvar,
     opts: JournalOptions,
@@ -327,6 +347,8 @@ struct Inner {
     checkpoint_seq: AtomicU64,
     syncs: AtomicU64,
     commits: AtomicU64,
+    /// Set by `abandon`: the checkpointer must not run a queued checkpoint.
+    crashed: AtomicBool,
     intent_next: AtomicU64,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     _lock: File,
@@ -390,17 +412,35 @@ fn open_sled(dir: &Path, sled_dir: &Path, cache: u64) -> Result<sled::Db> {
         .cache_capacity(cache)
         .flush_every_ms(None)
         .mode(sled::Mode::LowSpace);
-    // sled 0.34 can panic on damaged files instead of returning an error.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open())) {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(JournalError::Open {
-            dir: dir.to_path_buf(),
-            reason: format!("sled: {e}"),
-        }),
-        Err(_) => Err(JournalError::Open {
-            dir: dir.to_path_buf(),
-            reason: "sled panicked while opening its files".into(),
-        }),
+    // We hold the journal's own flock, so a sled lock held by someone else
+    // can only be this process's previous handle whose sled threads are
+    // still winding down: wait for them, boundedly.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // sled 0.34 can panic on damaged files instead of returning an error.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open()));
+        match res {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(sled::Error::Io(e)))
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(Err(e)) => {
+                return Err(JournalError::Open {
+                    dir: dir.to_path_buf(),
+                    reason: format!("sled: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(JournalError::Open {
+                    dir: dir.to_path_buf(),
+                    reason: "sled panicked while opening its files".into(),
+                })
+            }
+        }
     }
 }
 
@@ -526,9 +566,7 @@ impl Journal {
 
         // Replay the WAL after the checkpoint.
         let mut expected = checkpoint_seq + 1;
-        let mut batches: Vec<sled::Batch> = (0..Tree::ALL.len())
-            .map(|_| sled::Batch::default())
-            .collect();
+        let mut mem = Mem::default();
         let mut covered = Vec::new();
         for (i, seg) in segments.iter().enumerate() {
             let newest = i + 1 == segments.len();
@@ -585,10 +623,7 @@ impl Journal {
                             reason: format!("unknown tree id {}", op.tree),
                         });
                     };
-                    match op.value {
-                        Some(v) => batches[t.index()].insert(op.key, v),
-                        None => batches[t.index()].remove(op.key),
-                    }
+                    mem.0[t.index()].insert(op.key, op.value);
                 }
                 report.replayed_batches += 1;
                 expected += 1;
@@ -606,17 +641,16 @@ impl Journal {
                 }
             }
         }
-        for (t, b) in trees.iter().zip(batches) {
-            t.apply_batch(b)
-                .map_err(|e| JournalError::sled("replay", e))?;
-        }
         let last_seq = expected - 1;
         report.last_seq = last_seq;
 
-        let intent_hwm = match trees[Tree::Meta.index()]
-            .get(META_INTENT_HWM)
-            .map_err(|e| JournalError::sled("read", e))?
-        {
+        let hwm_bytes = match mem.0[Tree::Meta.index()].get(META_INTENT_HWM) {
+            Some(v) => v.clone().map(sled::IVec::from),
+            None => trees[Tree::Meta.index()]
+                .get(META_INTENT_HWM)
+                .map_err(|e| JournalError::sled("read", e))?,
+        };
+        let intent_hwm = match hwm_bytes {
             Some(v) => {
                 codec::decode_counter(&v).map_err(|e| corrupt(Tree::Meta, META_INTENT_HWM, e))?
             }
@@ -636,6 +670,7 @@ impl Journal {
             bytes_since_checkpoint: 0,
             checkpoint_requested: false,
             intent_hwm_written: intent_hwm,
+            last_group: 0,
         };
         if !opts.read_only {
             for p in &covered {
@@ -662,6 +697,10 @@ impl Journal {
             sled_dir,
             db,
             trees,
+            tables: RwLock::new(Tables {
+                active: mem,
+                frozen: None,
+            }),
             state: Mutex::new(state),
             cv: Condvar::new(),
             opts,
@@ -669,6 +708,7 @@ impl Journal {
             checkpoint_seq: AtomicU64::new(checkpoint_seq),
             syncs: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            crashed: AtomicBool::new(false),
             intent_next: AtomicU64::new(intent_hwm + 1),
             tx: Mutex::new(if read_only { None } else { Some(tx) }),
             _lock: lock_file,
@@ -829,6 +869,7 @@ impl Journal {
     /// open replays the WAL. For tests and benchmarks.
     pub fn abandon(mut self) {
         self.abandoned.store(true, Ordering::Relaxed);
+        self.inner.crashed.store(true, Ordering::Relaxed);
         self.stop_checkpointer();
     }
 
@@ -862,8 +903,43 @@ impl Journal {
         s
     }
 
-    fn tree(&self, t: Tree) -> &sled::Tree {
-        &self.inner.trees[t.index()]
+    /// Reads one raw value: memtable first, then sled.
+    fn raw_get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let tables = self.inner.tables.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = tables.active.0[t.index()].get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(f) = &tables.frozen {
+            if let Some(v) = f.0[t.index()].get(key) {
+                return Ok(v.clone());
+            }
+        }
+        Ok(self.inner.trees[t.index()]
+            .get(key)
+            .map_err(|e| JournalError::sled("read", e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Reads a key range of a tree, memtable merged over sled, in key order.
+    fn raw_range(
+        &self,
+        t: Tree,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let tables = self.inner.tables.read().unwrap_or_else(|e| e.into_inner());
+        let mut m: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for kv in self.inner.trees[t.index()].range((lo.clone(), hi.clone())) {
+            let (k, v) = kv.map_err(|e| JournalError::sled("scan", e))?;
+            m.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        let layers = tables.frozen.iter().map(|f| &f.0[t.index()]);
+        for layer in layers.chain(std::iter::once(&tables.active.0[t.index()])) {
+            for (k, v) in layer.range((lo.clone(), hi.clone())) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
     }
 
     fn get<T>(
@@ -872,11 +948,7 @@ impl Journal {
         key: &[u8],
         dec: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<Option<T>> {
-        match self
-            .tree(t)
-            .get(key)
-            .map_err(|e| JournalError::sled("read", e))?
-        {
+        match self.raw_get(t, key)? {
             Some(v) => dec(&v).map(Some).map_err(|e| corrupt(t, key, e)),
             None => Ok(None),
         }
@@ -885,15 +957,22 @@ impl Journal {
     fn scan<T>(
         &self,
         t: Tree,
-        range: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
         dec: fn(&[u8], &[u8]) -> Result<T, DecodeError>,
     ) -> Result<Vec<T>> {
-        let mut out = Vec::new();
-        for kv in range {
-            let (k, v) = kv.map_err(|e| JournalError::sled("scan", e))?;
-            out.push(dec(&k, &v).map_err(|e| corrupt(t, &k, e))?);
-        }
-        Ok(out)
+        self.raw_range(t, lo, hi)?
+            .into_iter()
+            .map(|(k, v)| dec(&k, &v).map_err(|e| corrupt(t, &k, e)))
+            .collect()
+    }
+
+    fn scan_all<T>(
+        &self,
+        t: Tree,
+        dec: fn(&[u8], &[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>> {
+        self.scan(t, Bound::Unbounded, Bound::Unbounded, dec)
     }
 
     pub fn node_meta(&self) -> Result<Option<NodeMeta>> {
@@ -906,7 +985,7 @@ impl Journal {
 
     /// All leases, ordered by block address.
     pub fn leases(&self) -> Result<Vec<BlockLease>> {
-        self.scan(Tree::Leases, self.tree(Tree::Leases).iter(), |k, v| {
+        self.scan_all(Tree::Leases, |k, v| {
             let l = codec::decode_lease(v)?;
             check_key(k, &codec::net_key(l.block))?;
             Ok(l)
@@ -923,15 +1002,11 @@ impl Journal {
 
     /// All attachments, ordered by (container id, ifname).
     pub fn attachments(&self) -> Result<Vec<Attachment>> {
-        self.scan(
-            Tree::Attachments,
-            self.tree(Tree::Attachments).iter(),
-            |k, v| {
-                let a = codec::decode_attachment(v)?;
-                check_key(k, &codec::attachment_key(&a.key))?;
-                Ok(a)
-            },
-        )
+        self.scan_all(Tree::Attachments, |k, v| {
+            let a = codec::decode_attachment(v)?;
+            check_key(k, &codec::attachment_key(&a.key))?;
+            Ok(a)
+        })
     }
 
     pub fn intent(&self, id: u64) -> Result<Option<Intent>> {
@@ -940,7 +1015,7 @@ impl Journal {
 
     /// All intents, oldest first.
     pub fn intents(&self) -> Result<Vec<Intent>> {
-        self.scan(Tree::Intents, self.tree(Tree::Intents).iter(), |k, v| {
+        self.scan_all(Tree::Intents, |k, v| {
             let i = codec::decode_intent(v)?;
             check_key(k, &i.id.to_be_bytes())?;
             Ok(i)
@@ -971,18 +1046,15 @@ impl Journal {
         let hi = codec::addr_key(block.broadcast());
         self.scan(
             Tree::Addresses,
-            self.tree(Tree::Addresses).range(lo..=hi),
+            Bound::Included(lo),
+            Bound::Included(hi),
             decode_address_kv,
         )
     }
 
     /// Every assigned address, in address order.
     pub fn addresses(&self) -> Result<Vec<(IpAddr, AddressEntry)>> {
-        self.scan(
-            Tree::Addresses,
-            self.tree(Tree::Addresses).iter(),
-            decode_address_kv,
-        )
+        self.scan_all(Tree::Addresses, decode_address_kv)
     }
 
     /// Decodes every record, collecting the ones that fail instead of
@@ -999,17 +1071,17 @@ impl Journal {
             })
         };
         for t in Tree::ALL {
-            for kv in self.tree(t).iter() {
-                let (k, v) = match kv {
-                    Ok(kv) => kv,
-                    Err(e) => {
-                        bad(t, b"", format!("sled scan: {e}"));
-                        break;
-                    }
-                };
+            let entries = match self.raw_range(t, Bound::Unbounded, Bound::Unbounded) {
+                Ok(e) => e,
+                Err(e) => {
+                    bad(t, b"", e.to_string());
+                    continue;
+                }
+            };
+            for (k, v) in entries {
                 let res: Result<(), DecodeError> = (|| {
                     match t {
-                        Tree::Meta => match &*k {
+                        Tree::Meta => match k.as_slice() {
                             META_NODE => d.node = Some(codec::decode_node_meta(&v)?),
                             META_INTENT_HWM => d.intent_hwm = codec::decode_counter(&v)?,
                             _ => return Err(DecodeError::Payload("unknown meta key".into())),
@@ -1137,6 +1209,23 @@ impl Inner {
     /// the lock held again.
     fn lead<'a>(&'a self, mut st: MutexGuard<'a, WalState>) -> MutexGuard<'a, WalState> {
         st.syncing = true;
+        if st.last_group > 1 {
+            // Others committed alongside us last time: they are probably
+            // about to append again. Let them run (a bounded number of
+            // yields) before the sync starts, so one fdatasync covers them
+            // too instead of the next one. Asking for one more frame than
+            // last time lets the group grow to the real concurrency.
+            let want = st.last_group + 1;
+            for _ in 0..8 {
+                if st.pending.len() >= want {
+                    break;
+                }
+                drop(st);
+                std::thread::yield_now();
+                st = lock(&self.state);
+            }
+        }
+        st.last_group = st.pending.len();
         let target = st.written_seq;
         let pending = std::mem::take(&mut st.pending);
         let file = st.file.clone();
@@ -1165,26 +1254,16 @@ impl Inner {
         st
     }
 
+    /// Applies synced batches to the memtable, in WAL order (only the sync
+    /// leader calls this, and leaders take turns).
     fn apply(&self, pending: Vec<(u64, Vec<WalOpV1>)>) -> Result<(), String> {
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
         for (seq, ops) in pending {
-            let mut batches: Vec<Option<sled::Batch>> =
-                (0..Tree::ALL.len()).map(|_| None).collect();
             for op in ops {
                 let Some(t) = Tree::from_id(op.tree) else {
                     return Err(format!("seq {seq}: unknown tree id {}", op.tree));
                 };
-                let b = batches[t.index()].get_or_insert_with(sled::Batch::default);
-                match op.value {
-                    Some(v) => b.insert(op.key, v),
-                    None => b.remove(op.key),
-                }
-            }
-            for (i, b) in batches.into_iter().enumerate() {
-                if let Some(b) = b {
-                    self.trees[i]
-                        .apply_batch(b)
-                        .map_err(|e| format!("apply seq {seq} to sled: {e}"))?;
-                }
+                tables.active.0[t.index()].insert(op.key, op.value);
             }
         }
         Ok(())
@@ -1201,14 +1280,21 @@ impl Inner {
         // 1. Make everything written durable and applied, and start a new
         //    segment, so the old ones hold only seqs <= covered.
         let mut st = lock(&self.state);
-        while st.syncing {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        if st.written_seq > st.synced_seq {
-            st = self.lead(st);
-        }
-        if let Some(r) = &st.poisoned {
-            return Err(JournalError::Poisoned { reason: r.clone() });
+        //    Frames appended while a leader's fdatasync runs land in the
+        //    current segment too, so loop until, with the lock held, nothing
+        //    is written that is not synced: only then does the current
+        //    segment end exactly at `covered`.
+        loop {
+            if let Some(r) = &st.poisoned {
+                return Err(JournalError::Poisoned { reason: r.clone() });
+            }
+            if st.syncing {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            } else if st.written_seq > st.synced_seq {
+                st = self.lead(st);
+            } else {
+                break;
+            }
         }
         let covered = st.synced_seq;
         let header_only =
@@ -1221,8 +1307,52 @@ impl Inner {
         }
         st.bytes_since_checkpoint = 0;
         st.checkpoint_requested = false;
+        // Freeze the memtable while no leader can apply (we hold the state
+        // lock and nobody is syncing): it holds exactly the seqs <= covered
+        // that are not yet in sled.
+        let frozen = {
+            let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+            let frozen = Arc::new(std::mem::take(&mut tables.active));
+            tables.frozen = Some(Arc::clone(&frozen));
+            frozen
+        };
         drop(st);
 
+        let res = self.write_to_sled(&frozen, covered);
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        if res.is_err() {
+            // Keep the frozen operations readable: fold them back under the
+            // newer ones; the WAL still holds them, so nothing is lost.
+            for (i, layer) in frozen.0.iter().enumerate() {
+                for (k, v) in layer {
+                    tables.active.0[i]
+                        .entry(k.clone())
+                        .or_insert_with(|| v.clone());
+                }
+            }
+        }
+        tables.frozen = None;
+        res
+    }
+
+    /// Writes a frozen memtable into sled, makes sled durable, and only then
+    /// records the checkpoint and removes the WAL segments it covers.
+    fn write_to_sled(&self, frozen: &Mem, covered: u64) -> Result<()> {
+        for (i, layer) in frozen.0.iter().enumerate() {
+            if layer.is_empty() {
+                continue;
+            }
+            let mut b = sled::Batch::default();
+            for (k, v) in layer {
+                match v {
+                    Some(v) => b.insert(k.as_slice(), v.as_slice()),
+                    None => b.remove(k.as_slice()),
+                }
+            }
+            self.trees[i]
+                .apply_batch(b)
+                .map_err(|e| JournalError::sled("checkpoint apply", e))?;
+        }
         // 2. Make sled durable: flush (sync_file_range) is not enough, so
         //    fsync every file and directory under it.
         self.db
@@ -1259,6 +1389,9 @@ fn checkpointer(inner: Arc<Inner>, rx: mpsc::Receiver<Msg>) {
                     if matches!(m, Msg::Stop) {
                         stop = true;
                     }
+                }
+                if inner.crashed.load(Ordering::Relaxed) {
+                    break;
                 }
                 if let Err(e) = inner.checkpoint() {
                     tracing::error!(error = %e, "journal checkpoint failed");

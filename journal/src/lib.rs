@@ -83,3 +83,11 @@ impl Tree {
         }
     }
 }
+
+/// Decodes `bytes` as an envelope and then as the record its kind names,
+/// the way the journal would read it. For fuzzing and tests: it must never
+/// panic, whatever the input.
+#[doc(hidden)]
+pub fn decode_any(bytes: &[u8]) -> std::result::Result<envelope::Kind, envelope::DecodeError> {
+    codec::decode_any(bytes)
+}
