@@ -1,0 +1,10 @@
+//! Fuzzes the envelope decoder and every record decoder behind it.
+//! Run: `cd journal/fuzz && cargo fuzz run envelope` (needs cargo-fuzz and a
+//! nightly compiler, or RUSTC_BOOTSTRAP=1).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = coil_journal::decode_any(data);
+});
