@@ -13,8 +13,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::envelope::{self, DecodeError, Kind};
 use crate::model::*;
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// bincode's standard configuration, with a decode limit equal to the
+/// envelope's payload limit, so no length prefix in a damaged payload can
+/// make the decoder allocate more than a payload could hold.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ envelope::MAX_PAYLOAD }>()
 }
 
 /// Encodes a persisted value into an envelope of `kind`.
@@ -675,6 +678,25 @@ mod tests {
     }
 }
 
+/// Seals `payload` with a valid checksum as the kind named by `kind`'s
+/// byte, then decodes it: reaches the payload decoders with arbitrary bytes,
+/// which a checksum-guarded input almost never does.
+pub(crate) fn decode_sealed(kind: u8, payload: &[u8]) -> Result<Kind, DecodeError> {
+    let kinds = [
+        Kind::Format,
+        Kind::NodeMeta,
+        Kind::Counter,
+        Kind::Lease,
+        Kind::Attachment,
+        Kind::Intent,
+        Kind::Address,
+        Kind::WalBatch,
+        Kind::WalSegmentHeader,
+    ];
+    let k = kinds[usize::from(kind) % kinds.len()];
+    decode_any(&envelope::seal(k, payload))
+}
+
 /// See [`crate::decode_any`].
 pub(crate) fn decode_any(b: &[u8]) -> Result<Kind, DecodeError> {
     let kind = envelope::open(b)?.kind;
@@ -703,6 +725,14 @@ mod fuzz_on_stable {
         #[test]
         fn decode_any_never_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_any(&data);
+        }
+
+        #[test]
+        fn sealed_garbage_payloads_never_panic(
+            kind in any::<u8>(),
+            data in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let _ = decode_sealed(kind, &data);
         }
 
         #[test]

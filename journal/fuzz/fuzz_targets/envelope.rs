@@ -6,5 +6,10 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // As stored: the checksum guards everything behind it.
     let _ = coil_journal::decode_any(data);
+    // Behind a valid checksum: the payload decoders see arbitrary bytes.
+    if let Some((kind, payload)) = data.split_first() {
+        let _ = coil_journal::decode_sealed(*kind, payload);
+    }
 });
