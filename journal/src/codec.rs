@@ -501,6 +501,44 @@ pub(crate) fn decode_address(b: &[u8]) -> Result<AddressEntry, DecodeError> {
     })
 }
 
+/// Longest key of the embedded cluster store.
+pub(crate) const MAX_STORE_KEY: usize = 1024;
+/// Largest value of the embedded cluster store (etcd's default request
+/// limit is 1.5 MiB; our values are a few hundred bytes).
+pub(crate) const MAX_STORE_VALUE: usize = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct StoreEntryV1 {
+    value: Vec<u8>,
+}
+
+pub(crate) fn validate_store_key(k: &[u8]) -> Result<(), String> {
+    if k.is_empty() || k.len() > MAX_STORE_KEY {
+        return Err(format!(
+            "store key of {} bytes (must be 1..={MAX_STORE_KEY})",
+            k.len()
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn encode_store(value: &[u8]) -> Vec<u8> {
+    encode(
+        Kind::StoreEntry,
+        &StoreEntryV1 {
+            value: value.to_vec(),
+        },
+    )
+}
+
+pub(crate) fn decode_store(b: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let v: StoreEntryV1 = decode(b, Kind::StoreEntry)?;
+    if v.value.len() > MAX_STORE_VALUE {
+        return Err(bad(format!("store value of {} bytes", v.value.len())));
+    }
+    Ok(v.value)
+}
+
 // ------------------------------------------------------------------- keys
 
 /// Sort-preserving key of an address: family byte, then the address bytes
@@ -582,6 +620,7 @@ pub(crate) fn show_key(tree: crate::Tree, k: &[u8]) -> String {
         Tree::Addresses => addr_from_key(k)
             .map(|a| a.to_string())
             .unwrap_or_else(|_| format!("{k:02x?}")),
+        Tree::Store => String::from_utf8_lossy(k).into_owned(),
     };
     format!("{}/{}", tree.name(), body)
 }
@@ -690,6 +729,7 @@ pub(crate) fn decode_sealed(kind: u8, payload: &[u8]) -> Result<Kind, DecodeErro
         Kind::Attachment,
         Kind::Intent,
         Kind::Address,
+        Kind::StoreEntry,
         Kind::WalBatch,
         Kind::WalSegmentHeader,
     ];
@@ -708,6 +748,7 @@ pub(crate) fn decode_any(b: &[u8]) -> Result<Kind, DecodeError> {
         Kind::Attachment => decode_attachment(b).map(|_| ()),
         Kind::Intent => decode_intent(b).map(|_| ()),
         Kind::Address => decode_address(b).map(|_| ()),
+        Kind::StoreEntry => decode_store(b).map(|_| ()),
         Kind::WalBatch => decode::<WalBatchV1>(b, Kind::WalBatch).map(|_| ()),
         Kind::WalSegmentHeader => decode::<SegmentHeaderV1>(b, Kind::WalSegmentHeader).map(|_| ()),
     }?;

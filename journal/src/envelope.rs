@@ -48,6 +48,8 @@ pub enum Kind {
     Intent = 6,
     /// An address assignment (addresses tree).
     Address = 7,
+    /// An opaque entry of the embedded cluster store (store tree).
+    StoreEntry = 8,
     /// A batch of operations in the write-ahead log.
     WalBatch = 16,
     /// The header frame that opens every WAL segment.
@@ -65,6 +67,7 @@ impl Kind {
             5 => Kind::Attachment,
             6 => Kind::Intent,
             7 => Kind::Address,
+            8 => Kind::StoreEntry,
             16 => Kind::WalBatch,
             17 => Kind::WalSegmentHeader,
             _ => return None,

@@ -250,6 +250,28 @@ impl Batch {
     pub fn delete_address(&mut self, addr: IpAddr) -> &mut Self {
         self.del(Tree::Addresses, codec::addr_key(addr))
     }
+
+    /// Puts an opaque entry of the embedded cluster store. The journal
+    /// checksums and versions it like every record but does not interpret
+    /// the value.
+    pub fn put_store(&mut self, key: &[u8], value: &[u8]) -> &mut Self {
+        if let Err(why) = codec::validate_store_key(key) {
+            return self.refuse(why);
+        }
+        if value.len() > codec::MAX_STORE_VALUE {
+            return self.refuse(format!(
+                "store value for {} is {} bytes, over the {} byte limit",
+                String::from_utf8_lossy(key),
+                value.len(),
+                codec::MAX_STORE_VALUE
+            ));
+        }
+        self.put(Tree::Store, key.to_vec(), codec::encode_store(value))
+    }
+
+    pub fn delete_store(&mut self, key: &[u8]) -> &mut Self {
+        self.del(Tree::Store, key.to_vec())
+    }
 }
 
 /// What a commit produced.
@@ -275,6 +297,8 @@ pub struct Dump {
     pub attachments: Vec<Attachment>,
     pub intents: Vec<Intent>,
     pub addresses: Vec<(IpAddr, AddressEntry)>,
+    /// Embedded cluster store entries: key and value length.
+    pub store: Vec<(String, usize)>,
     pub corrupt: Vec<CorruptRecord>,
     pub stats: JournalStats,
 }
@@ -319,7 +343,7 @@ struct WalState {
 /// Operations that are durable in the WAL but not yet in sled: per tree,
 /// key -> value, where `None` is a deletion that must hide sled's value.
 #[derive(Default)]
-struct Mem([BTreeMap<Vec<u8>, Option<Vec<u8>>>; 5]);
+struct Mem([BTreeMap<Vec<u8>, Option<Vec<u8>>>; 6]);
 
 /// The memtable being filled, and the one a checkpoint is writing to sled.
 /// Newer wins: `active` over `frozen` over sled.
@@ -1057,6 +1081,24 @@ impl Journal {
         self.scan_all(Tree::Addresses, decode_address_kv)
     }
 
+    /// One entry of the embedded cluster store.
+    pub fn store_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get(Tree::Store, key, codec::decode_store)
+    }
+
+    /// Entries of the embedded cluster store with keys in `[lo, hi)` (an
+    /// empty `hi` means no upper bound), in key order.
+    pub fn store_range(&self, lo: &[u8], hi: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let upper = if hi.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(hi.to_vec())
+        };
+        self.scan(Tree::Store, Bound::Included(lo.to_vec()), upper, |k, v| {
+            Ok((k.to_vec(), codec::decode_store(v)?))
+        })
+    }
+
     /// Decodes every record, collecting the ones that fail instead of
     /// stopping at the first.
     pub fn dump(&self) -> Dump {
@@ -1102,6 +1144,11 @@ impl Journal {
                             d.intents.push(i)
                         }
                         Tree::Addresses => d.addresses.push(decode_address_kv(&k, &v)?),
+                        Tree::Store => {
+                            let v = codec::decode_store(&v)?;
+                            d.store
+                                .push((String::from_utf8_lossy(&k).into_owned(), v.len()))
+                        }
                     }
                     Ok(())
                 })();
@@ -1121,6 +1168,7 @@ impl Journal {
                 + d.attachments.len()
                 + d.intents.len()
                 + d.addresses.len()
+                + d.store.len()
                 + usize::from(d.node.is_some())) as u64,
             stats: d.stats,
             torn_tails: self.report.torn_tails.clone(),

@@ -41,16 +41,20 @@ pub enum Tree {
     Attachments,
     Intents,
     Addresses,
+    /// The embedded cluster store's key/value pairs (opaque to the
+    /// journal; see coil's `store::embedded`).
+    Store,
 }
 
 impl Tree {
     /// Every tree, in id order.
-    pub const ALL: [Tree; 5] = [
+    pub const ALL: [Tree; 6] = [
         Tree::Meta,
         Tree::Leases,
         Tree::Attachments,
         Tree::Intents,
         Tree::Addresses,
+        Tree::Store,
     ];
 
     /// The tree's id in WAL frames.
@@ -65,6 +69,7 @@ impl Tree {
             Tree::Attachments => 2,
             Tree::Intents => 3,
             Tree::Addresses => 4,
+            Tree::Store => 5,
         }
     }
 
@@ -80,6 +85,7 @@ impl Tree {
             Tree::Attachments => "attachments",
             Tree::Intents => "intents",
             Tree::Addresses => "addresses",
+            Tree::Store => "store",
         }
     }
 }
