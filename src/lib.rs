@@ -3,10 +3,16 @@
 //!
 //! This crate will hold the pure parts of coil (the allocator, the per-node
 //! state machine, CNI protocol types) and the etcd and kernel adapters in
-//! their own modules. Today it holds what the journal issue needs: the
-//! program names and the error-code table every binary shares.
+//! their own modules. Today it holds the cluster store ([`store`]: pools,
+//! subnets, fenced block leases, node liveness, the address index, over etcd
+//! or the embedded journal-backed backend), the program names and the
+//! exit-code table every binary shares.
 
 pub use coil_journal as journal;
+
+pub mod store;
+#[doc(hidden)]
+pub mod testkit;
 
 /// Exit codes shared by coil's command-line programs.
 pub mod exit {

@@ -1,0 +1,305 @@
+//! The store seam: a small transactional key/value interface with etcd's
+//! semantics (revisions, compare-and-swap transactions, leases).
+//!
+//! Two adapters implement it: [`super::etcd::EtcdBackend`] (a real etcd
+//! cluster) and [`super::embedded::EmbeddedBackend`] (the node's own journal,
+//! for single-node use). Everything coil knows about pools, blocks and nodes
+//! is written once, in [`super::Store`], on top of this trait, so both
+//! backends behave the same by construction and one contract suite tests
+//! them both.
+
+use std::fmt;
+use std::future::Future;
+
+/// One key/value pair with its etcd-style metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// Revision of the transaction that created the key (its incarnation).
+    pub create_revision: i64,
+    /// Revision of the transaction that last wrote the key.
+    pub mod_revision: i64,
+    /// Lease the key is bound to, 0 for none.
+    pub lease: i64,
+}
+
+impl KeyValue {
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
+}
+
+/// Comparison operators of a transaction guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Equal,
+    NotEqual,
+    Less,
+    Greater,
+}
+
+impl CmpOp {
+    pub(crate) fn holds(self, have: i64, want: i64) -> bool {
+        match self {
+            CmpOp::Equal => have == want,
+            CmpOp::NotEqual => have != want,
+            CmpOp::Less => have < want,
+            CmpOp::Greater => have > want,
+        }
+    }
+}
+
+/// A transaction guard. A missing key has create/mod revision 0.
+#[derive(Debug, Clone)]
+pub enum Cmp {
+    CreateRevision {
+        key: Vec<u8>,
+        op: CmpOp,
+        rev: i64,
+    },
+    ModRevision {
+        key: Vec<u8>,
+        op: CmpOp,
+        rev: i64,
+    },
+    /// The key exists and its value equals `value` byte for byte.
+    ValueEquals {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Every key in `[start, end)` was last written before `rev` (holds for
+    /// an empty range). This is how a transaction fences "nothing in this
+    /// range changed since I read it at revision rev-1".
+    RangeUnchangedBefore {
+        start: Vec<u8>,
+        end: Vec<u8>,
+        rev: i64,
+    },
+}
+
+/// An operation inside a transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Put a value, bound to `lease` unless it is 0.
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    DeleteRange {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
+    /// Read the keys in `[start, end)` (or exactly `start` when `end` is
+    /// empty), at most `limit` of them (0 = no limit).
+    Range {
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: i64,
+        keys_only: bool,
+    },
+}
+
+impl Op {
+    pub fn get(key: impl Into<Vec<u8>>) -> Op {
+        Op::Range {
+            start: key.into(),
+            end: Vec::new(),
+            limit: 0,
+            keys_only: false,
+        }
+    }
+
+    pub fn range(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Op {
+        Op::Range {
+            start: start.into(),
+            end: end.into(),
+            limit: 0,
+            keys_only: false,
+        }
+    }
+
+    pub fn prefix(prefix: &str) -> Op {
+        Op::range(prefix.as_bytes().to_vec(), prefix_end(prefix.as_bytes()))
+    }
+
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+        }
+    }
+
+    /// Is this a write?
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Op::Range { .. })
+    }
+}
+
+/// What one operation returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    Put,
+    Deleted(u64),
+    Range(Vec<KeyValue>),
+}
+
+impl OpResult {
+    /// The key/values of a read; empty for writes.
+    pub fn into_kvs(self) -> Vec<KeyValue> {
+        match self {
+            OpResult::Range(kvs) => kvs,
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A compare-and-swap transaction: if every guard holds, `then` runs,
+/// otherwise `otherwise` runs, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct Txn {
+    pub when: Vec<Cmp>,
+    pub then: Vec<Op>,
+    pub otherwise: Vec<Op>,
+}
+
+impl Txn {
+    /// A read-only snapshot: every op runs at one revision.
+    pub fn read(ops: Vec<Op>) -> Txn {
+        Txn {
+            when: Vec::new(),
+            then: ops,
+            otherwise: Vec::new(),
+        }
+    }
+}
+
+/// The outcome of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    /// The store revision after the transaction (the revision of its writes
+    /// when it wrote anything).
+    pub revision: i64,
+    pub results: Vec<OpResult>,
+}
+
+impl TxnResult {
+    /// The key/values of the `i`th operation (empty if it was not a read).
+    pub fn kvs(&mut self, i: usize) -> Vec<KeyValue> {
+        match self.results.get_mut(i) {
+            Some(r) => std::mem::replace(r, OpResult::Put).into_kvs(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// How a backend call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// The store could not be reached or did not answer in time; a retry
+    /// later can succeed.
+    Unavailable,
+    /// The store answered and refused the request (permissions, limits).
+    Rejected,
+    /// A stored entry could not be decoded.
+    Corrupt,
+}
+
+/// A failed backend call, naming the operation, the key and the endpoint.
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    pub kind: BackendErrorKind,
+    /// What coil was doing ("acquire block", "list pools").
+    pub op: String,
+    /// The first key the request touched.
+    pub key: String,
+    /// Where the store lives (etcd endpoints or the embedded store's dir).
+    pub endpoint: String,
+    pub message: String,
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            BackendErrorKind::Unavailable => "store unavailable",
+            BackendErrorKind::Rejected => "store refused the request",
+            BackendErrorKind::Corrupt => "corrupt store entry",
+        };
+        write!(
+            f,
+            "{what}: {} (key {}) at {}: {}",
+            self.op, self.key, self.endpoint, self.message
+        )
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// The store seam. Implementations must be linearizable: a transaction
+/// sees every transaction that completed before it started.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs one transaction. `op` names what coil is doing, for errors.
+    fn txn(
+        &self,
+        op: &str,
+        txn: Txn,
+    ) -> impl Future<Output = Result<TxnResult, BackendError>> + Send;
+
+    /// Grants a lease that expires `ttl_secs` after its last keep-alive.
+    fn lease_grant(&self, ttl_secs: i64) -> impl Future<Output = Result<i64, BackendError>> + Send;
+
+    /// Renews a lease; returns the remaining TTL in seconds, or 0 or less
+    /// when the lease has expired (its keys are gone).
+    fn lease_keep_alive(&self, id: i64) -> impl Future<Output = Result<i64, BackendError>> + Send;
+
+    /// Revokes a lease, deleting its keys. Revoking an unknown lease is not
+    /// an error.
+    fn lease_revoke(&self, id: i64) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Where this backend's data lives, for messages.
+    fn describe(&self) -> String;
+
+    /// Requests sent so far (every txn, lease call and keep-alive counts
+    /// one), for the benchmark's requests-per-acquisition figure.
+    fn requests(&self) -> u64;
+}
+
+/// The smallest key greater than every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: no upper bound; etcd spells that "\0".
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/coil/"), b"/coil0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn cmp_ops() {
+        assert!(CmpOp::Equal.holds(3, 3));
+        assert!(!CmpOp::Equal.holds(3, 4));
+        assert!(CmpOp::Less.holds(3, 4));
+        assert!(CmpOp::Greater.holds(5, 4));
+        assert!(CmpOp::NotEqual.holds(5, 4));
+    }
+}

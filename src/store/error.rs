@@ -1,0 +1,111 @@
+use ipnet::IpNet;
+
+use super::backend::{BackendError, BackendErrorKind};
+
+/// Why a store operation failed. Every variant names what it was about
+/// (pool, block, node, key) so the message alone tells an operator what to
+/// look at.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Bad input: a name, subnet or size that can never be valid.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("pool {0} already exists")]
+    PoolExists(String),
+    #[error("pool {0} not found")]
+    PoolNotFound(String),
+    #[error("subnet {subnet} overlaps {existing} of pool {pool}")]
+    SubnetOverlap {
+        subnet: IpNet,
+        existing: IpNet,
+        pool: String,
+    },
+    #[error("pool {pool} still has {blocks} leased block(s) on {nodes}; release them first, or use --force if they are empty")]
+    PoolInUse {
+        pool: String,
+        blocks: usize,
+        nodes: String,
+    },
+    #[error("pool {pool} still has {addresses} address(es) in use; it cannot be removed even with --force")]
+    PoolNotEmpty { pool: String, addresses: usize },
+    /// Every block of the pool is leased.
+    #[error("pool {pool} is exhausted: all {blocks} blocks are leased")]
+    Exhausted { pool: String, blocks: u64 },
+    #[error("block {block} is not leased")]
+    NotLeased { block: IpNet },
+    #[error("block {block} is leased by {owner}, not {node}")]
+    NotOwner {
+        block: IpNet,
+        owner: String,
+        node: String,
+    },
+    #[error(
+        "block {block} of {node} was released and leased again (epoch {current}, not {epoch})"
+    )]
+    StaleEpoch {
+        block: IpNet,
+        node: String,
+        epoch: i64,
+        current: i64,
+    },
+    #[error("block {block} is not in any pool")]
+    UnknownBlock { block: IpNet },
+    #[error("node {node} is alive (its liveness lease is current); use --force to release its block anyway")]
+    NodeAlive { node: String },
+    /// Optimistic concurrency gave up; retrying later can succeed.
+    #[error("{op} on {key}: still conflicting after {attempts} attempts; try again")]
+    Conflict {
+        op: String,
+        key: String,
+        attempts: u32,
+    },
+    #[error("the store at {endpoint} has schema version {found}; this coil understands up to {supported}: upgrade coil")]
+    SchemaTooNew {
+        endpoint: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("corrupt store entry {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl StoreError {
+    /// Can the same call succeed if retried later?
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Conflict { .. } => true,
+            StoreError::Backend(e) => e.kind == BackendErrorKind::Unavailable,
+            _ => false,
+        }
+    }
+
+    /// Is the store unreachable (as opposed to refusing the request)?
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Backend(e) if e.kind == BackendErrorKind::Unavailable)
+    }
+
+    /// Was the caller's input at fault (nothing in the store is wrong)?
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, StoreError::Invalid(_))
+    }
+
+    /// The exit code coilctl uses for this error (see [`crate::exit`]).
+    pub fn exit_code(&self) -> i32 {
+        if self.is_bad_input() {
+            crate::exit::USAGE
+        } else if self.is_retryable() {
+            crate::exit::UNAVAILABLE
+        } else {
+            crate::exit::PROBLEMS
+        }
+    }
+
+    pub(crate) fn corrupt(key: &str, reason: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}

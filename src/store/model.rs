@@ -1,0 +1,632 @@
+//! Pure parts of the cluster store: validation, the key layout, block
+//! arithmetic and overlap detection. No I/O; everything here is unit
+//! tested without a store.
+//!
+//! The layout is documented for operators in docs/etcd-schema.md; keep the
+//! two in step.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Most subnets one pool may hold (bounded so that every pool operation
+/// fits in one etcd transaction under etcd's default 128-op limit).
+pub const MAX_SUBNETS_PER_POOL: usize = 64;
+/// Most blocks one subnet may be carved into.
+pub const MAX_BLOCKS_PER_SUBNET_LOG2: u8 = 16;
+/// Largest block size (log2 of the addresses per block) for IPv4 pools.
+pub const MAX_BLOCK_SIZE_V4: u8 = 24;
+/// Largest block size for IPv6 pools. Blocks are leased whole and each pod
+/// takes one address, so a block of 2^32 addresses is already far beyond
+/// what a node can use.
+pub const MAX_BLOCK_SIZE_V6: u8 = 32;
+
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::Ipv4,
+            IpNet::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn of_addr(a: &IpAddr) -> Family {
+        match a {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::Ipv4 => 32,
+            Family::Ipv6 => 128,
+        }
+    }
+
+    pub fn max_block_size(self) -> u8 {
+        match self {
+            Family::Ipv4 => MAX_BLOCK_SIZE_V4,
+            Family::Ipv6 => MAX_BLOCK_SIZE_V6,
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "4",
+            Family::Ipv6 => "6",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        })
+    }
+}
+
+/// An address pool as stored (`pools/<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub name: String,
+    pub family: Family,
+    /// log2 of the number of addresses in one block.
+    pub block_size: u8,
+    /// Subnets in address order.
+    pub subnets: Vec<IpNet>,
+    pub created_unix: u64,
+    /// The store revision of this version of the pool (not stored in the
+    /// value; filled in on read). Writes that depend on the pool's shape are
+    /// fenced on it.
+    #[serde(skip)]
+    pub revision: i64,
+}
+
+impl Pool {
+    /// Blocks in one subnet.
+    pub fn blocks_in(&self, subnet: &IpNet) -> u64 {
+        1u64 << (subnet.max_prefix_len() - subnet.prefix_len() - self.block_size)
+    }
+
+    /// Blocks in the whole pool.
+    pub fn total_blocks(&self) -> u64 {
+        self.subnets.iter().map(|s| self.blocks_in(s)).sum()
+    }
+
+    /// Addresses in one block.
+    pub fn addresses_per_block(&self) -> u128 {
+        1u128 << self.block_size
+    }
+
+    /// Prefix length of this pool's blocks.
+    pub fn block_prefix(&self) -> u8 {
+        self.family.bits() - self.block_size
+    }
+
+    /// The `index`th block of the pool (subnets in address order), with the
+    /// subnet it lies in.
+    pub fn block_at(&self, index: u64) -> Option<(IpNet, IpNet)> {
+        let mut rest = index;
+        for s in &self.subnets {
+            let n = self.blocks_in(s);
+            if rest < n {
+                let start = addr_to_u128(s.network()) + (u128::from(rest) << self.block_size);
+                let net = net_from_u128(self.family, start, self.block_prefix())?;
+                return Some((net, *s));
+            }
+            rest -= n;
+        }
+        None
+    }
+
+    /// The first and last pool index of the subnet that holds `index`.
+    pub fn subnet_span(&self, index: u64) -> Option<(u64, u64)> {
+        let mut base = 0u64;
+        for s in &self.subnets {
+            let n = self.blocks_in(s);
+            if index < base + n {
+                return Some((base, base + n - 1));
+            }
+            base += n;
+        }
+        None
+    }
+
+    /// The pool index of `block`, if it is one of this pool's blocks.
+    pub fn index_of(&self, block: &IpNet) -> Option<u64> {
+        if block.prefix_len() != self.block_prefix() || Family::of(block) != self.family {
+            return None;
+        }
+        let mut base = 0u64;
+        for s in &self.subnets {
+            if s.contains(block) {
+                let off =
+                    (addr_to_u128(block.network()) - addr_to_u128(s.network())) >> self.block_size;
+                return Some(base + off as u64);
+            }
+            base += self.blocks_in(s);
+        }
+        None
+    }
+
+    /// The block of this pool that holds `addr`.
+    pub fn block_of(&self, addr: IpAddr) -> Option<IpNet> {
+        if !self.subnets.iter().any(|s| s.contains(&addr)) {
+            return None;
+        }
+        let start = (addr_to_u128(addr) >> self.block_size) << self.block_size;
+        net_from_u128(self.family, start, self.block_prefix())
+    }
+}
+
+/// What an administrator asks for when creating a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: String,
+    pub subnets: Vec<IpNet>,
+    pub block_size: u8,
+}
+
+/// A block lease as stored (`blocks/<pool>/<hex>`). Present only while the
+/// block is leased; its create revision is the lease's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLease {
+    pub pool: String,
+    pub block: IpNet,
+    pub node: String,
+    pub acquired_unix: u64,
+    /// The lease's epoch: the store revision that created it. Unique per
+    /// incarnation, so a release can never free a later lease of the same
+    /// block. Not stored in the value; filled in on read.
+    #[serde(skip)]
+    pub epoch: i64,
+}
+
+/// A node's liveness record (`nodes/<node>`), bound to a store lease that
+/// the node keeps alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    pub boot_id: String,
+    pub started_unix: u64,
+    pub version: String,
+}
+
+/// A node as `coilctl node list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    /// True while its liveness key exists (its lease is kept alive).
+    pub alive: bool,
+    pub boot_id: Option<String>,
+    pub started_unix: Option<u64>,
+    pub blocks: usize,
+}
+
+/// An entry of the address index (`addresses/<family>/<hex>`), mirrored
+/// asynchronously by coild from its journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressRecord {
+    pub address: IpAddr,
+    pub pool: String,
+    pub block: IpNet,
+    pub node: String,
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default)]
+    pub pod_namespace: String,
+    #[serde(default)]
+    pub pod_name: String,
+}
+
+/// The schema marker (`schema`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaRecord {
+    pub version: u32,
+}
+
+/// The byte-exact value of the schema key this build writes; every
+/// mutation compares it, so a future schema fences old writers out.
+pub fn schema_value() -> Vec<u8> {
+    format!("{{\"version\":{SCHEMA_VERSION}}}").into_bytes()
+}
+
+// ------------------------------------------------------------------ keys
+
+/// Key builder under a configurable prefix (default `/coil/`).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Result<Keys, StoreError> {
+        if prefix.is_empty() || !prefix.starts_with('/') || !prefix.ends_with('/') {
+            return Err(StoreError::Invalid(format!(
+                "etcd prefix {prefix:?} must start and end with '/' (like /coil/)"
+            )));
+        }
+        if prefix.len() > 128 || prefix.chars().any(|c| c.is_control()) {
+            return Err(StoreError::Invalid(format!(
+                "etcd prefix {prefix:?} is too long or has control characters"
+            )));
+        }
+        Ok(Keys {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn schema(&self) -> String {
+        format!("{}schema", self.prefix)
+    }
+
+    pub fn pools(&self) -> String {
+        format!("{}pools/", self.prefix)
+    }
+
+    pub fn pool(&self, name: &str) -> String {
+        format!("{}pools/{name}", self.prefix)
+    }
+
+    pub fn subnets(&self) -> String {
+        format!("{}subnets/", self.prefix)
+    }
+
+    pub fn subnet(&self, s: &IpNet) -> String {
+        format!(
+            "{}subnets/{}/{}/{:03}",
+            self.prefix,
+            Family::of(s).tag(),
+            hex(s.network()),
+            s.prefix_len()
+        )
+    }
+
+    pub fn blocks(&self) -> String {
+        format!("{}blocks/", self.prefix)
+    }
+
+    pub fn pool_blocks(&self, pool: &str) -> String {
+        format!("{}blocks/{pool}/", self.prefix)
+    }
+
+    pub fn block(&self, pool: &str, block: &IpNet) -> String {
+        format!("{}blocks/{pool}/{}", self.prefix, hex(block.network()))
+    }
+
+    /// The key range `[start, end)` of the blocks of `pool` inside `net`.
+    pub fn block_range(&self, pool: &str, net: &IpNet) -> (String, String) {
+        let start = self.block(pool, net);
+        let end = format!("{}blocks/{pool}/{}~", self.prefix, hex(net.broadcast()));
+        (start, end)
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+
+    pub fn addresses(&self) -> String {
+        format!("{}addresses/", self.prefix)
+    }
+
+    pub fn address(&self, a: IpAddr) -> String {
+        format!(
+            "{}addresses/{}/{}",
+            self.prefix,
+            Family::of_addr(&a).tag(),
+            hex(a)
+        )
+    }
+
+    /// The key range `[start, end)` of the address index inside `net`.
+    pub fn address_range(&self, net: &IpNet) -> (String, String) {
+        let start = self.address(net.network());
+        let end = format!("{}~", self.address(net.broadcast()));
+        (start, end)
+    }
+}
+
+/// Fixed-width lowercase hex of an address, so keys sort like addresses.
+pub fn hex(a: IpAddr) -> String {
+    match a {
+        IpAddr::V4(v4) => format!("{:08x}", u32::from(v4)),
+        IpAddr::V6(v6) => format!("{:032x}", u128::from(v6)),
+    }
+}
+
+/// Parses [`hex`] back.
+pub fn unhex(family: Family, s: &str) -> Option<IpAddr> {
+    match family {
+        Family::Ipv4 if s.len() == 8 => u32::from_str_radix(s, 16)
+            .ok()
+            .map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+        Family::Ipv6 if s.len() == 32 => u128::from_str_radix(s, 16)
+            .ok()
+            .map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+        _ => None,
+    }
+}
+
+pub fn addr_to_u128(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+pub fn net_from_u128(family: Family, start: u128, prefix: u8) -> Option<IpNet> {
+    match family {
+        Family::Ipv4 => {
+            let v = u32::try_from(start).ok()?;
+            Ipv4Net::new(Ipv4Addr::from(v), prefix).ok().map(IpNet::V4)
+        }
+        Family::Ipv6 => Ipv6Net::new(Ipv6Addr::from(start), prefix)
+            .ok()
+            .map(IpNet::V6),
+    }
+}
+
+// ------------------------------------------------------------ validation
+
+/// Pool names are DNS-1123 labels, because a pool serves the namespace of
+/// the same name.
+pub fn validate_pool_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "bad pool name {name:?}: use 1-63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit (a Kubernetes namespace name)"
+        )))
+    }
+}
+
+/// Node names are Kubernetes node names (DNS-1123 subdomains) or
+/// addresses.
+pub fn validate_node_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':' || b == b'_')
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "bad node name {name:?}: use 1-253 letters, digits, '-', '.', '_' or ':'"
+        )))
+    }
+}
+
+/// Parses a subnet the way coilctl takes it: CIDR with no host bits set.
+pub fn parse_subnet(s: &str) -> Result<IpNet, StoreError> {
+    let net: IpNet = s.trim().parse().map_err(|_| {
+        StoreError::Invalid(format!(
+            "malformed subnet {s:?}: expected CIDR like 10.64.0.0/16 or fd00:10::/96"
+        ))
+    })?;
+    if net != net.trunc() {
+        return Err(StoreError::Invalid(format!(
+            "subnet {s} has host bits set; did you mean {}?",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+/// Checks a subnet against a pool's family and block size.
+pub fn validate_subnet(subnet: &IpNet, family: Family, block_size: u8) -> Result<(), StoreError> {
+    if Family::of(subnet) != family {
+        return Err(StoreError::Invalid(format!(
+            "subnet {subnet} is {}, but the pool is {family}",
+            Family::of(subnet)
+        )));
+    }
+    let host_bits = subnet.max_prefix_len() - subnet.prefix_len();
+    if block_size > host_bits {
+        return Err(StoreError::Invalid(format!(
+            "block size {block_size} (2^{block_size} addresses) does not fit in subnet {subnet}"
+        )));
+    }
+    if host_bits - block_size > MAX_BLOCKS_PER_SUBNET_LOG2 {
+        return Err(StoreError::Invalid(format!(
+            "subnet {subnet} would hold 2^{} blocks of size {block_size}; at most 2^{} per subnet \
+             (use a larger block size or a smaller subnet)",
+            host_bits - block_size,
+            MAX_BLOCKS_PER_SUBNET_LOG2
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a whole pool spec and returns its family.
+pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
+    validate_pool_name(&spec.name)?;
+    let first = spec
+        .subnets
+        .first()
+        .ok_or_else(|| StoreError::Invalid(format!("pool {} needs a subnet", spec.name)))?;
+    let family = Family::of(first);
+    if spec.block_size > family.max_block_size() {
+        return Err(StoreError::Invalid(format!(
+            "block size {} is out of range for {family}: 0..={}",
+            spec.block_size,
+            family.max_block_size()
+        )));
+    }
+    if spec.subnets.len() > MAX_SUBNETS_PER_POOL {
+        return Err(StoreError::Invalid(format!(
+            "{} subnets: a pool holds at most {MAX_SUBNETS_PER_POOL}",
+            spec.subnets.len()
+        )));
+    }
+    for (i, s) in spec.subnets.iter().enumerate() {
+        validate_subnet(s, family, spec.block_size)?;
+        if let Some(o) = spec.subnets[..i].iter().find(|o| overlaps(o, s)) {
+            return Err(StoreError::Invalid(format!(
+                "subnets {o} and {s} overlap each other"
+            )));
+        }
+    }
+    Ok(family)
+}
+
+/// Do two networks share any address? (Same network, or containment in
+/// either direction: CIDRs never partially overlap.)
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// A registered subnet (`subnets/...` value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetRecord {
+    pub subnet: IpNet,
+    pub pool: String,
+}
+
+/// The first registered subnet that overlaps `s`.
+pub fn find_overlap<'a>(s: &IpNet, existing: &'a [SubnetRecord]) -> Option<&'a SubnetRecord> {
+    existing.iter().find(|r| overlaps(&r.subnet, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn pool(subnets: &[&str], bs: u8) -> Pool {
+        let subnets: Vec<IpNet> = subnets.iter().map(|s| net(s)).collect();
+        Pool {
+            name: "p".into(),
+            family: Family::of(&subnets[0]),
+            block_size: bs,
+            subnets,
+            created_unix: 0,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn overlap_covers_every_shape() {
+        assert!(overlaps(&net("10.0.0.0/16"), &net("10.0.0.0/16")));
+        assert!(overlaps(&net("10.0.0.0/16"), &net("10.0.1.0/24")));
+        assert!(overlaps(&net("10.0.1.0/24"), &net("10.0.0.0/16")));
+        assert!(overlaps(&net("10.0.0.0/24"), &net("10.0.0.0/16")));
+        assert!(!overlaps(&net("10.0.0.0/24"), &net("10.0.1.0/24")));
+        assert!(overlaps(&net("fd00::/64"), &net("fd00::1:0/112")));
+        assert!(!overlaps(&net("fd00::/64"), &net("fd01::/64")));
+        assert!(!overlaps(&net("10.0.0.0/8"), &net("::/0")));
+    }
+
+    #[test]
+    fn block_index_round_trips_across_subnets() {
+        let p = pool(&["10.0.0.0/24", "10.9.0.0/26"], 4);
+        assert_eq!(p.total_blocks(), 16 + 4);
+        assert_eq!(p.block_at(0).map(|b| b.0), Some(net("10.0.0.0/28")));
+        assert_eq!(p.block_at(15).map(|b| b.0), Some(net("10.0.0.240/28")));
+        assert_eq!(p.block_at(16).map(|b| b.0), Some(net("10.9.0.0/28")));
+        assert_eq!(p.block_at(19).map(|b| b.0), Some(net("10.9.0.48/28")));
+        assert_eq!(p.block_at(20), None);
+        for i in 0..20 {
+            let (b, _) = p.block_at(i).expect("block");
+            assert_eq!(p.index_of(&b), Some(i));
+        }
+        assert_eq!(p.index_of(&net("10.0.0.0/27")), None);
+        assert_eq!(p.index_of(&net("10.1.0.0/28")), None);
+        assert_eq!(
+            p.block_of("10.9.0.37".parse().expect("ip")),
+            Some(net("10.9.0.32/28"))
+        );
+        assert_eq!(p.block_of("10.1.0.1".parse().expect("ip")), None);
+    }
+
+    #[test]
+    fn ipv6_blocks_are_real_ipv6() {
+        let p = pool(&["fd00:10::/112"], 8);
+        assert_eq!(p.total_blocks(), 256);
+        assert_eq!(p.block_at(1).map(|b| b.0), Some(net("fd00:10::100/120")));
+        assert_eq!(p.block_at(255).map(|b| b.0), Some(net("fd00:10::ff00/120")));
+        assert_eq!(p.index_of(&net("fd00:10::ff00/120")), Some(255));
+    }
+
+    #[test]
+    fn keys_sort_like_addresses() {
+        let k = Keys::new("/coil/").expect("keys");
+        let a = k.block("p", &net("10.0.2.0/24"));
+        let b = k.block("p", &net("10.0.10.0/24"));
+        assert!(a < b, "{a} < {b}");
+        let (s, e) = k.block_range("p", &net("10.0.0.0/16"));
+        assert!(s <= a && a < e && b < e);
+        assert!(k.block("p", &net("10.1.0.0/24")) > e);
+        assert_eq!(
+            unhex(Family::Ipv6, &hex("fd00::1".parse().expect("ip"))),
+            Some("fd00::1".parse().expect("ip"))
+        );
+        assert!(Keys::new("coil").is_err());
+    }
+
+    #[test]
+    fn validation_refuses_bad_specs() {
+        let spec = |name: &str, subnets: &[&str], bs: u8| PoolSpec {
+            name: name.into(),
+            subnets: subnets.iter().map(|s| net(s)).collect(),
+            block_size: bs,
+        };
+        assert!(validate_spec(&spec("default", &["10.0.0.0/16"], 5)).is_ok());
+        assert!(validate_spec(&spec("Default", &["10.0.0.0/16"], 5)).is_err());
+        assert!(validate_spec(&spec("a_b", &["10.0.0.0/16"], 5)).is_err());
+        assert!(validate_spec(&spec("-a", &["10.0.0.0/16"], 5)).is_err());
+        assert!(validate_spec(&spec("ok", &[], 5)).is_err());
+        assert!(validate_spec(&spec("ok", &["10.0.0.0/16"], 25)).is_err());
+        assert!(validate_spec(&spec("ok", &["10.0.0.0/24"], 9)).is_err());
+        // 2^20 blocks in one subnet
+        assert!(validate_spec(&spec("ok", &["10.0.0.0/8"], 4)).is_err());
+        assert!(validate_spec(&spec("ok", &["10.0.0.0/16", "fd00::/112"], 5)).is_err());
+        assert!(validate_spec(&spec("ok", &["10.0.0.0/16", "10.0.4.0/24"], 5)).is_err());
+        assert!(validate_spec(&spec("v6", &["fd00::/104"], 8)).is_ok());
+        assert!(validate_spec(&spec("v6", &["fd00::/64"], 33)).is_err());
+        assert!(parse_subnet("10.0.0.1/24").is_err());
+        assert!(parse_subnet("10.0.0.0/33").is_err());
+        assert!(parse_subnet("nonsense").is_err());
+    }
+
+    #[test]
+    fn schema_value_parses_as_the_record() {
+        let r: SchemaRecord = serde_json::from_slice(&schema_value()).expect("json");
+        assert_eq!(r.version, SCHEMA_VERSION);
+    }
+}

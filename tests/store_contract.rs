@@ -1,0 +1,594 @@
+//! The store contract: every test runs against the etcd adapter (a real
+//! etcd server on a private loopback port) and against the embedded
+//! adapter (a journal in a temp dir), and both must behave the same.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coil::journal::Journal;
+use coil::store::backend::{Op, Txn};
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::etcd::{EtcdBackend, EtcdOptions};
+use coil::store::{AddressRecord, Backend, BlockLease, NodeRecord, PoolSpec, Store, StoreError};
+use coil::testkit;
+use ipnet::IpNet;
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("net")
+}
+
+fn spec(name: &str, subnets: &[&str], bs: u8) -> PoolSpec {
+    PoolSpec {
+        name: name.into(),
+        subnets: subnets.iter().map(|s| net(s)).collect(),
+        block_size: bs,
+    }
+}
+
+async fn etcd_store(tag: &str) -> Store<EtcdBackend> {
+    let ep = testkit::shared_etcd().expect("etcd for tests");
+    let b = EtcdBackend::connect(&EtcdOptions {
+        endpoints: vec![ep],
+        ..Default::default()
+    })
+    .await
+    .expect("connect");
+    Store::open(b, &testkit::unique_prefix(tag))
+        .await
+        .expect("open")
+}
+
+struct Embedded {
+    store: Store<EmbeddedBackend>,
+    _dir: tempfile::TempDir,
+}
+
+async fn embedded_store(_tag: &str) -> Embedded {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let j = Journal::open(dir.path()).expect("journal");
+    let b = EmbeddedBackend::open(Arc::new(j)).expect("embedded");
+    Embedded {
+        store: Store::open(b, "/coil/").await.expect("open"),
+        _dir: dir,
+    }
+}
+
+/// Runs `$body` (an async fn taking `&Store<B>`) against both adapters.
+macro_rules! contract {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn etcd() {
+                let s = super::etcd_store(stringify!($name)).await;
+                super::$name(&s).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                let e = super::embedded_store(stringify!($name)).await;
+                super::$name(&e.store).await;
+            }
+        }
+    };
+}
+
+/// A snapshot of everything under the store's prefix, to prove that a
+/// refused operation changed nothing.
+async fn snapshot<B: Backend>(s: &Store<B>) -> Vec<(String, Vec<u8>, i64)> {
+    let mut r = s
+        .backend()
+        .txn("snapshot", Txn::read(vec![Op::prefix(s.keys().prefix())]))
+        .await
+        .expect("snapshot");
+    r.kvs(0)
+        .into_iter()
+        .map(|kv| (kv.key_str(), kv.value, kv.mod_revision))
+        .collect()
+}
+
+async fn pool_lifecycle<B: Backend>(s: &Store<B>) {
+    let p = s
+        .create_pool(&spec("default", &["10.0.0.0/24"], 4))
+        .await
+        .expect("create");
+    assert_eq!(p.total_blocks(), 16);
+    assert!(matches!(
+        s.create_pool(&spec("default", &["10.9.0.0/24"], 4)).await,
+        Err(StoreError::PoolExists(_))
+    ));
+    let p2 = s
+        .add_subnet("default", net("10.0.1.0/26"))
+        .await
+        .expect("add subnet");
+    assert_eq!(p2.subnets, vec![net("10.0.0.0/24"), net("10.0.1.0/26")]);
+    assert_eq!(p2.total_blocks(), 20);
+    assert!(matches!(
+        s.add_subnet("nope", net("10.5.0.0/24")).await,
+        Err(StoreError::PoolNotFound(_))
+    ));
+    let got = s.get_pool("default").await.expect("get").expect("exists");
+    assert_eq!(got.subnets, p2.subnets);
+    s.create_pool(&spec("team-a", &["10.2.0.0/24"], 5))
+        .await
+        .expect("create team-a");
+    let names: Vec<String> = s
+        .list_pools()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["default".to_string(), "team-a".to_string()]);
+    let removed = s.remove_pool("team-a", false).await.expect("remove");
+    assert_eq!(removed.blocks_released, 0);
+    assert!(s.get_pool("team-a").await.expect("get").is_none());
+    assert!(matches!(
+        s.remove_pool("team-a", false).await,
+        Err(StoreError::PoolNotFound(_))
+    ));
+    // Its subnet is free again.
+    s.create_pool(&spec("team-b", &["10.2.0.0/24"], 5))
+        .await
+        .expect("subnet reusable after remove");
+}
+contract!(pool_lifecycle);
+
+async fn overlap_is_refused_and_changes_nothing<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.0.0.0/16"], 5))
+        .await
+        .expect("create");
+    s.create_pool(&spec("v6", &["fd00:10::/104"], 8))
+        .await
+        .expect("create v6");
+    let before = snapshot(s).await;
+    for (subnet, existing, bs) in [
+        ("10.0.0.0/16", "10.0.0.0/16", 5),
+        ("10.0.1.0/24", "10.0.0.0/16", 5),
+        ("10.0.0.0/8", "10.0.0.0/16", 12),
+        ("10.0.255.0/24", "10.0.0.0/16", 5),
+        ("fd00:10::/104", "fd00:10::/104", 8),
+        ("fd00:10::10:0/112", "fd00:10::/104", 8),
+        ("fd00:10::/96", "fd00:10::/104", 16),
+    ] {
+        match s.create_pool(&spec("other", &[subnet], bs)).await {
+            Err(StoreError::SubnetOverlap {
+                subnet: got,
+                existing: e,
+                ..
+            }) => {
+                assert_eq!(got, net(subnet));
+                assert_eq!(e, net(existing));
+            }
+            other => panic!("create with {subnet}: expected overlap, got {other:?}"),
+        }
+        match s.add_subnet("v6", net(subnet)).await {
+            Err(StoreError::SubnetOverlap { .. }) | Err(StoreError::Invalid(_)) => {}
+            other => panic!("add-subnet {subnet}: expected refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(snapshot(s).await, before, "refusals changed the store");
+    // Neighbours that do not overlap are fine.
+    s.create_pool(&spec("other", &["10.1.0.0/16"], 5))
+        .await
+        .expect("adjacent subnet");
+    s.add_subnet("v6", net("fd00:11::/104"))
+        .await
+        .expect("adjacent v6 subnet");
+}
+contract!(overlap_is_refused_and_changes_nothing);
+
+async fn bad_input_changes_nothing<B: Backend>(s: &Store<B>) {
+    let before = snapshot(s).await;
+    let cases = [
+        spec("Default", &["10.0.0.0/24"], 4),
+        spec("a_b", &["10.0.0.0/24"], 4),
+        spec("", &["10.0.0.0/24"], 4),
+        spec("ok", &[], 4),
+        spec("ok", &["10.0.0.0/24"], 25),
+        spec("ok", &["10.0.0.0/24"], 9),
+        spec("ok", &["10.0.0.0/8"], 2),
+        spec("ok", &["10.0.0.0/24", "fd00::/120"], 4),
+        spec("ok", &["10.0.0.0/24", "10.0.0.128/25"], 4),
+        spec("ok", &["fd00::/64"], 40),
+    ];
+    for c in &cases {
+        match s.create_pool(c).await {
+            Err(e) if e.is_bad_input() => {}
+            other => panic!("{c:?}: expected bad input, got {other:?}"),
+        }
+    }
+    assert!(s.acquire_block("Bad", "n1").await.is_err());
+    assert!(s.acquire_block("good", "bad/node").await.is_err());
+    assert_eq!(snapshot(s).await, before);
+    assert_eq!(s.schema().await.expect("schema"), None, "schema written");
+}
+contract!(bad_input_changes_nothing);
+
+async fn acquire_release_exhaust<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.8.0.0/26"], 2))
+        .await
+        .expect("create");
+    let mut got: Vec<BlockLease> = Vec::new();
+    for i in 0..16 {
+        let node = format!("node-{}", i % 3);
+        let l = s.acquire_block("default", &node).await.expect("acquire");
+        assert_eq!(l.block.prefix_len(), 30);
+        assert!(net("10.8.0.0/26").contains(&l.block));
+        assert_eq!(l.node, node);
+        got.push(l);
+    }
+    let blocks: HashSet<IpNet> = got.iter().map(|l| l.block).collect();
+    assert_eq!(blocks.len(), 16, "a block was leased twice");
+    match s.acquire_block("default", "node-0").await {
+        Err(StoreError::Exhausted { pool, blocks }) => {
+            assert_eq!(pool, "default");
+            assert_eq!(blocks, 16);
+        }
+        other => panic!("expected exhaustion, got {other:?}"),
+    }
+    let victim = got[0].clone();
+    // Fenced by owner.
+    let wrong = BlockLease {
+        node: "intruder".into(),
+        ..victim.clone()
+    };
+    assert!(matches!(
+        s.release_block(&wrong).await,
+        Err(StoreError::NotOwner { .. })
+    ));
+    // Fenced by epoch.
+    let stale = BlockLease {
+        epoch: victim.epoch - 1,
+        ..victim.clone()
+    };
+    assert!(matches!(
+        s.release_block(&stale).await,
+        Err(StoreError::StaleEpoch { .. })
+    ));
+    s.release_block(&victim).await.expect("release");
+    assert!(matches!(
+        s.release_block(&victim).await,
+        Err(StoreError::NotLeased { .. })
+    ));
+    let again = s
+        .acquire_block("default", "node-9")
+        .await
+        .expect("reacquire");
+    assert_eq!(again.block, victim.block, "the only free block");
+    assert!(again.epoch > victim.epoch, "epochs grow");
+    // The old incarnation can no longer release the new lease.
+    let old_owner_again = BlockLease {
+        node: "node-9".into(),
+        ..victim.clone()
+    };
+    assert!(matches!(
+        s.release_block(&old_owner_again).await,
+        Err(StoreError::StaleEpoch { .. })
+    ));
+    let usage = s.pool_usage("default").await.expect("usage");
+    assert_eq!(usage.leases.len(), 16);
+    let mine = s.node_blocks("node-9").await.expect("node blocks");
+    assert_eq!(mine.len(), 1);
+    assert!(matches!(
+        s.remove_pool("default", false).await,
+        Err(StoreError::PoolInUse { blocks: 16, .. })
+    ));
+    // An address in use blocks even a forced remove.
+    let rec = AddressRecord {
+        address: again.block.network(),
+        pool: "default".into(),
+        block: again.block,
+        node: "node-9".into(),
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+        pod_namespace: "default".into(),
+        pod_name: "p1".into(),
+    };
+    s.put_address(&rec).await.expect("index");
+    assert!(matches!(
+        s.remove_pool("default", true).await,
+        Err(StoreError::PoolNotEmpty { addresses: 1, .. })
+    ));
+    assert!(s.delete_address(&rec).await.expect("unindex"));
+    let r = s.remove_pool("default", true).await.expect("force remove");
+    assert_eq!(r.blocks_released, 16);
+    assert!(s.all_blocks().await.expect("blocks").is_empty());
+    assert!(matches!(
+        s.acquire_block("default", "node-0").await,
+        Err(StoreError::PoolNotFound(_))
+    ));
+}
+contract!(acquire_release_exhaust);
+
+/// 50 nodes acquire concurrently from one pool until it runs dry.
+async fn fifty_nodes_concurrently<B: Backend>(s: &Store<B>) {
+    // 128 blocks for 50 nodes.
+    s.create_pool(&spec("default", &["10.16.0.0/22"], 3))
+        .await
+        .expect("create");
+    let results = futures_join(s, 50).await;
+    let mut all = Vec::new();
+    for (node, leases, end) in results {
+        match end {
+            StoreError::Exhausted { blocks: 128, .. } => {}
+            other => panic!("{node} stopped with {other}, not exhaustion"),
+        }
+        all.extend(leases);
+    }
+    let blocks: HashSet<IpNet> = all.iter().map(|l| l.block).collect();
+    assert_eq!(all.len(), 128, "every block leased exactly once");
+    assert_eq!(blocks.len(), 128, "no block leased twice");
+    let stored = s.all_blocks().await.expect("blocks");
+    assert_eq!(stored.len(), 128);
+    for l in &all {
+        let st = stored
+            .iter()
+            .find(|x| x.block == l.block)
+            .expect("lease stored");
+        assert_eq!(st.node, l.node);
+        assert_eq!(st.epoch, l.epoch);
+    }
+    // Releases are fenced by owner: nobody frees another node's block.
+    let a = &all[0];
+    let other = all.iter().find(|l| l.node != a.node).expect("two nodes");
+    let forged = BlockLease {
+        node: other.node.clone(),
+        ..a.clone()
+    };
+    assert!(matches!(
+        s.release_block(&forged).await,
+        Err(StoreError::NotOwner { .. })
+    ));
+    for l in &all {
+        s.release_block(l).await.expect("owner release");
+    }
+    assert!(s.all_blocks().await.expect("blocks").is_empty());
+}
+contract!(fifty_nodes_concurrently);
+
+async fn futures_join<B: Backend>(
+    s: &Store<B>,
+    n: usize,
+) -> Vec<(String, Vec<BlockLease>, StoreError)> {
+    let tasks = (0..n).map(|i| async move {
+        let node = format!("node-{i:02}");
+        let mut mine = Vec::new();
+        loop {
+            match s.acquire_block("default", &node).await {
+                Ok(l) => mine.push(l),
+                Err(e) => return (node, mine, e),
+            }
+            // The embedded backend never yields on its own; interleave the
+            // nodes as a real cluster would.
+            tokio::task::yield_now().await;
+            if mine.len() > 200 {
+                return (node, mine, StoreError::Invalid("runaway".into()));
+            }
+        }
+    });
+    join_all(tasks).await
+}
+
+/// A minimal join_all (the tests do not need the futures crate).
+async fn join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = fs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pending.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("finished")).collect()
+}
+
+async fn liveness_expires<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.20.0.0/24"], 4))
+        .await
+        .expect("create");
+    let rec = |n: &str| NodeRecord {
+        node: n.into(),
+        boot_id: format!("boot-{n}"),
+        started_unix: 1,
+        version: "test".into(),
+    };
+    let short = s.register_node(&rec("short"), 2).await.expect("register");
+    let long = s.register_node(&rec("long"), 60).await.expect("register");
+    let b = s.acquire_block("default", "short").await.expect("acquire");
+    s.acquire_block("default", "ghost").await.expect("acquire");
+    let nodes = s.nodes().await.expect("nodes");
+    let find = |ns: &[coil::store::NodeStatus], n: &str| {
+        ns.iter().find(|x| x.node == n).cloned().expect("listed")
+    };
+    assert!(find(&nodes, "short").alive);
+    assert_eq!(find(&nodes, "short").blocks, 1);
+    assert!(find(&nodes, "long").alive);
+    assert!(!find(&nodes, "ghost").alive, "no liveness key: dead");
+    assert!(s.keep_alive(short).await.expect("keepalive"));
+    // Refused while alive.
+    assert!(matches!(
+        s.admin_release("short", b.block, false).await,
+        Err(StoreError::NodeAlive { .. })
+    ));
+    // Stop heartbeating "short"; it must show as dead within a bound.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ns = s.nodes().await.expect("nodes");
+        if !find(&ns, "short").alive {
+            assert_eq!(find(&ns, "short").blocks, 1, "blocks outlive liveness");
+            assert!(find(&ns, "long").alive);
+            break;
+        }
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(!s.keep_alive(short).await.expect("keepalive"), "expired");
+    let released = s
+        .admin_release("short", b.block, false)
+        .await
+        .expect("dead node's block");
+    assert_eq!(released.block, b.block);
+    s.deregister_node(long).await.expect("deregister");
+    assert!(s.node("long").await.expect("node").is_none());
+}
+contract!(liveness_expires);
+
+async fn address_index<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("v6", &["fd00:20::/112"], 8))
+        .await
+        .expect("create");
+    let l = s.acquire_block("v6", "n1").await.expect("acquire");
+    assert_eq!(l.block.prefix_len(), 120);
+    let addr: IpAddr = match l.block {
+        IpNet::V6(n) => IpAddr::V6(n.hosts().nth(5).expect("host")),
+        IpNet::V4(_) => panic!("v6 pool gave a v4 block"),
+    };
+    let rec = AddressRecord {
+        address: addr,
+        pool: "v6".into(),
+        block: l.block,
+        node: "n1".into(),
+        container_id: "abc".into(),
+        ifname: "eth0".into(),
+        pod_namespace: "v6".into(),
+        pod_name: "web".into(),
+    };
+    s.put_address(&rec).await.expect("index");
+    let info = s.address_info(addr).await.expect("info");
+    assert_eq!(info.pool.as_deref(), Some("v6"));
+    assert_eq!(info.block, Some(l.block));
+    assert_eq!(info.lease.as_ref().map(|x| x.node.as_str()), Some("n1"));
+    assert_eq!(info.record.as_ref(), Some(&rec));
+    assert_eq!(s.addresses_in(&l.block).await.expect("in").len(), 1);
+    // A delete for an older assignment leaves the newer one alone.
+    let older = AddressRecord {
+        container_id: "old".into(),
+        ..rec.clone()
+    };
+    assert!(!s.delete_address(&older).await.expect("fenced"));
+    assert!(s.address_info(addr).await.expect("info").record.is_some());
+    // Releasing the block drops its index entries.
+    s.release_block(&l).await.expect("release");
+    assert!(s.address_info(addr).await.expect("info").record.is_none());
+    let outside = s
+        .address_info("192.0.2.1".parse().expect("ip"))
+        .await
+        .expect("info");
+    assert!(outside.pool.is_none() && outside.record.is_none());
+    let bad = AddressRecord {
+        address: "fd00:99::1".parse().expect("ip"),
+        ..rec
+    };
+    assert!(s.put_address(&bad).await.is_err());
+}
+contract!(address_index);
+
+async fn newer_schema_is_refused<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.30.0.0/24"], 4))
+        .await
+        .expect("create");
+    assert_eq!(s.schema().await.expect("schema"), Some(1));
+    s.backend()
+        .txn(
+            "test",
+            Txn::read(vec![Op::put(
+                s.keys().schema(),
+                br#"{"version":2}"#.to_vec(),
+            )]),
+        )
+        .await
+        .expect("write");
+    assert!(matches!(
+        s.schema().await,
+        Err(StoreError::SchemaTooNew { found: 2, .. })
+    ));
+    // Writers are fenced on the exact schema value.
+    assert!(s.acquire_block("default", "n1").await.is_err());
+    assert!(s.all_blocks().await.expect("blocks").is_empty());
+}
+contract!(newer_schema_is_refused);
+
+async fn corrupt_entries_are_named<B: Backend>(s: &Store<B>) {
+    let key = s.keys().pool("broken");
+    s.backend()
+        .txn(
+            "test",
+            Txn::read(vec![Op::put(key.clone(), b"{not json".to_vec())]),
+        )
+        .await
+        .expect("write");
+    match s.list_pools().await {
+        Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
+        other => panic!("expected corrupt, got {other:?}"),
+    }
+}
+contract!(corrupt_entries_are_named);
+
+#[tokio::test]
+async fn unreachable_etcd_names_the_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let ep = format!("http://127.0.0.1:{port}");
+    let opts = EtcdOptions {
+        endpoints: vec![ep.clone()],
+        timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let res = match EtcdBackend::connect(&opts).await {
+        Err(e) => Err(StoreError::from(e)),
+        Ok(b) => Store::open(b, "/coil/").await.map(|_| ()),
+    };
+    let e = res.expect_err("no etcd there");
+    assert!(e.is_unavailable(), "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains(&ep), "{e}");
+    assert_eq!(e.exit_code(), coil::exit::UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn embedded_store_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = {
+        let j = Arc::new(Journal::open(dir.path()).expect("journal"));
+        let s = Store::open(EmbeddedBackend::open(j.clone()).expect("b"), "/coil/")
+            .await
+            .expect("open");
+        s.create_pool(&spec("default", &["10.40.0.0/28"], 2))
+            .await
+            .expect("create");
+        let l = s.acquire_block("default", "n1").await.expect("acquire");
+        drop(s);
+        Arc::try_unwrap(j)
+            .expect("sole owner")
+            .close()
+            .expect("close");
+        l
+    };
+    let j = Arc::new(Journal::open(dir.path()).expect("reopen"));
+    let s = Store::open(EmbeddedBackend::open(j).expect("b"), "/coil/")
+        .await
+        .expect("open");
+    let blocks = s.all_blocks().await.expect("blocks");
+    assert_eq!(blocks, vec![first.clone()]);
+    let second = s.acquire_block("default", "n1").await.expect("acquire");
+    assert!(
+        second.epoch > first.epoch,
+        "revisions continue after reopen"
+    );
+    assert_ne!(second.block, first.block);
+}
