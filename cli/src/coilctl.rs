@@ -1,13 +1,13 @@
 //! `coilctl`: the administrator's command line.
 //!
-//! Today it carries the offline journal tools (`journal dump`, `journal
-//! verify`), which work on a node's journal directory with coild stopped.
-//! The pool, node, address and block commands arrive with the store issue.
+//! Pool, node, address and block commands talk to the cluster store (etcd,
+//! or the embedded store in a node's journal); `journal dump` and `journal
+//! verify` work offline on a node's journal directory with coild stopped.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use coil::exit;
 use coil::journal::{
     AttachmentState, Dump, IntentOp, IntentState, Journal, JournalError, JournalOptions,
@@ -15,6 +15,8 @@ use coil::journal::{
 };
 use serde_json::{json, Value};
 
+use crate::ctl_config::StoreArgs;
+use crate::ctl_store::{self, StoreCmd};
 use crate::output::Table;
 
 /// Default location of a node's journal.
@@ -24,39 +26,114 @@ pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/coil/journal";
 #[command(
     name = "coilctl",
     version,
-    about = "Administer coil: pools, nodes, and node journals"
+    about = "Administer coil: pools, nodes, blocks, addresses and node journals",
+    after_help = "Store configuration: flags, then COILCTL_* environment, then the YAML \
+                  file given by --config (default ~/.coilctl.yml), then defaults.\n\
+                  Exit codes: 0 ok, 1 the command failed or found problems, 2 bad input, \
+                  3 store unreachable or busy (retry later)."
 )]
 struct Cli {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Address pools and their subnets.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Nodes: liveness and leased blocks.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Look up addresses.
+    Address {
+        #[command(subcommand)]
+        cmd: AddressCmd,
+    },
+    /// Administer block leases.
+    Block {
+        #[command(subcommand)]
+        cmd: BlockCmd,
+    },
     /// Inspect a node's write-ahead journal offline (coild stopped).
     Journal {
         #[command(subcommand)]
         cmd: JournalCmd,
     },
-    /// Address pools (arrives with the store issue).
-    Pool {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCmd {
+    /// Create a pool: `pool create NAME SUBNET... --block-size N` (or v1's
+    /// `pool create NAME SUBNET SIZE`). A pool named like a namespace serves
+    /// that namespace; `default` serves the rest.
+    Create {
+        name: String,
+        /// Subnets (CIDR), all of one family; v1's trailing SIZE is accepted.
+        #[arg(required = true, value_name = "SUBNET")]
+        args: Vec<String>,
+        /// log2 of the addresses per block (5 = 32 addresses).
+        #[arg(long, short = 's')]
+        block_size: Option<u8>,
+    },
+    /// Add a subnet to a pool.
+    AddSubnet { name: String, subnet: String },
+    /// Remove a pool (refused while blocks are leased).
+    Remove {
+        name: String,
+        /// Also release its leased blocks, if no address in them is in use.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show a pool: subnets, leased and free blocks, by node.
+    Show { name: String },
+    /// List pools.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List nodes with their liveness and block counts.
+    List,
+    /// List the blocks a node leases.
+    Blocks { node: String },
+    /// Reconcile a node's journal with the store and the kernel (arrives
+    /// with the recovery issue).
+    Repair {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         rest: Vec<String>,
     },
-    /// Nodes and `node repair` (arrive with the store and recovery issues).
-    Node {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
-    },
-    /// Address lookups (arrives with the store issue).
-    Address {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
-    },
-    /// Block administration (arrives with the store issue).
-    Block {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AddressCmd {
+    /// Which pool, block, node and container an address belongs to.
+    Info { address: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BlockCmd {
+    /// Release a block leased by NODE (refused while NODE is alive).
+    Release {
+        /// The node that holds the lease.
+        #[arg(long)]
+        node: String,
+        /// The block, like 10.64.0.32/27.
+        block: String,
+        /// Release even though the node is alive.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -67,16 +144,11 @@ enum JournalCmd {
         /// The journal directory.
         #[arg(long, default_value = DEFAULT_JOURNAL_DIR)]
         dir: PathBuf,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
     /// Check every record and their cross-references; exit 1 on any problem.
     Verify {
         #[arg(long, default_value = DEFAULT_JOURNAL_DIR)]
         dir: PathBuf,
-        #[arg(long)]
-        json: bool,
         /// Treat a torn WAL tail as a problem too.
         #[arg(long)]
         strict: bool,
@@ -98,14 +170,71 @@ pub fn main(args: Vec<OsString>) -> i32 {
             return code;
         }
     };
-    match cli.cmd {
-        Cmd::Journal { cmd } => match cmd {
-            JournalCmd::Dump { dir, json } => journal_dump(dir, json),
-            JournalCmd::Verify { dir, json, strict } => journal_verify(dir, json, strict),
+    let json = cli.json;
+    let parsed: Result<StoreCmd, String> = match cli.cmd {
+        Cmd::Journal { cmd } => {
+            return match cmd {
+                JournalCmd::Dump { dir } => journal_dump(dir, json),
+                JournalCmd::Verify { dir, strict } => journal_verify(dir, json, strict),
+            }
+        }
+        Cmd::Completion { shell } => {
+            let mut c = Cli::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut c, "coilctl", &mut buf);
+            use std::io::Write;
+            return match std::io::stdout().write_all(&buf) {
+                Ok(()) => exit::OK,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
+                Err(e) => {
+                    eprintln!("coilctl: writing completions: {e}");
+                    exit::PROBLEMS
+                }
+            };
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Repair { .. },
+        } => {
+            eprintln!("coilctl: node repair is not implemented yet; it arrives with the recovery issue (#5)");
+            return exit::NOT_IMPLEMENTED;
+        }
+        Cmd::Pool { cmd } => match cmd {
+            PoolCmd::Create {
+                name,
+                args,
+                block_size,
+            } => ctl_store::parse_create(&name, &args, block_size),
+            PoolCmd::AddSubnet { name, subnet } => ctl_store::parse_pool_name(&name)
+                .and_then(|n| Ok(StoreCmd::AddSubnet(n, ctl_store::parse_block(&subnet)?))),
+            PoolCmd::Remove { name, force } => {
+                ctl_store::parse_pool_name(&name).map(|n| StoreCmd::RemovePool(n, force))
+            }
+            PoolCmd::Show { name } => ctl_store::parse_pool_name(&name).map(StoreCmd::ShowPool),
+            PoolCmd::List => Ok(StoreCmd::ListPools),
         },
-        Cmd::Pool { .. } | Cmd::Node { .. } | Cmd::Address { .. } | Cmd::Block { .. } => {
-            eprintln!("coilctl: this command is not implemented yet; it arrives with the store issue (#3)");
-            exit::NOT_IMPLEMENTED
+        Cmd::Node { cmd } => match cmd {
+            NodeCmd::List => Ok(StoreCmd::ListNodes),
+            NodeCmd::Blocks { node } => ctl_store::parse_node_name(&node).map(StoreCmd::NodeBlocks),
+            NodeCmd::Repair { .. } => Err("unreachable".into()),
+        },
+        Cmd::Address {
+            cmd: AddressCmd::Info { address },
+        } => ctl_store::parse_address(&address).map(StoreCmd::AddressInfo),
+        Cmd::Block {
+            cmd: BlockCmd::Release { node, block, force },
+        } => ctl_store::parse_node_name(&node).and_then(|node| {
+            Ok(StoreCmd::ReleaseBlock {
+                node,
+                block: ctl_store::parse_block(&block)?,
+                force,
+            })
+        }),
+    };
+    match parsed {
+        Ok(cmd) => ctl_store::run(&cli.store, json, cmd),
+        Err(e) => {
+            eprintln!("coilctl: {e}");
+            exit::USAGE
         }
     }
 }

@@ -9,6 +9,8 @@ use std::ffi::OsString;
 use std::path::Path;
 
 pub mod coilctl;
+mod ctl_config;
+mod ctl_store;
 mod output;
 
 use coil::exit;

@@ -53,7 +53,7 @@ fn programs_not_built_yet_say_so_and_fail() {
     assert!(v["msg"]
         .as_str()
         .is_some_and(|m| m.contains("not implemented")));
-    let o = run(COILCTL, &["pool", "list"]);
+    let o = run(COILCTL, &["node", "repair"]);
     assert_eq!(o.status.code(), Some(69));
 }
 

@@ -1,6 +1,5 @@
 //! The etcd adapter: the only module that knows etcd-client.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ pub struct EtcdOptions {
     pub timeout: Duration,
     pub username: Option<String>,
     pub password: Option<String>,
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<TlsPem>,
 }
 
 impl Default for EtcdOptions {
@@ -38,12 +37,22 @@ impl Default for EtcdOptions {
 }
 
 /// PEM material for TLS: a CA to verify etcd, and optionally a client
-/// certificate and key.
-#[derive(Debug, Clone, Default)]
-pub struct TlsFiles {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+/// certificate and key (read from files or given inline by the caller).
+#[derive(Clone, Default)]
+pub struct TlsPem {
+    pub ca: Option<Vec<u8>>,
+    pub cert: Option<Vec<u8>>,
+    pub key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsPem")
+            .field("ca", &self.ca.is_some())
+            .field("cert", &self.cert.is_some())
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A store backend on a real etcd cluster. Cheap to clone; clones share
@@ -91,26 +100,17 @@ impl EtcdBackend {
             co = co.with_user(u.clone(), p.clone());
         }
         if let Some(t) = &opts.tls {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| {
-                    fail(
-                        BackendErrorKind::Rejected,
-                        format!("reading TLS file {}: {e}", p.display()),
-                    )
-                })
-            };
             let mut tls = TlsOptions::new();
             if let Some(ca) = &t.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+                tls = tls.ca_certificate(Certificate::from_pem(ca.clone()));
             }
             match (&t.cert, &t.key) {
-                (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+                (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(c.clone(), k.clone())),
                 (None, None) => {}
                 _ => {
                     return Err(fail(
                         BackendErrorKind::Rejected,
-                        "a TLS client certificate needs both --etcd-tls-cert and --etcd-tls-key"
-                            .into(),
+                        "a TLS client certificate needs both a certificate and a key".into(),
                     ))
                 }
             }
@@ -119,7 +119,7 @@ impl EtcdBackend {
         let connect = Client::connect(opts.endpoints.clone(), Some(co));
         let client = match tokio::time::timeout(opts.timeout, connect).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(fail(classify(&e), e.to_string())),
+            Ok(Err(e)) => return Err(fail(classify(&e), describe(&e))),
             Err(_) => {
                 return Err(fail(
                     BackendErrorKind::Unavailable,
@@ -141,7 +141,7 @@ impl EtcdBackend {
             op: op.to_string(),
             key: key.to_string(),
             endpoint: self.endpoints.clone(),
-            message: e.to_string(),
+            message: describe(&e),
         }
     }
 
@@ -165,6 +165,32 @@ impl EtcdBackend {
             Ok(Err(e)) => Err(self.err(op, key, e)),
             Err(_) => Err(self.timeout_err(op, key)),
         }
+    }
+}
+
+/// A one-line description: the gRPC status and the innermost cause (for
+/// example "connection refused"), without tonic's debug dumps.
+fn describe(e: &etcd_client::Error) -> String {
+    let mut root: Option<String> = None;
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        root = Some(s.to_string());
+        src = s.source();
+    }
+    let head = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            if m.is_empty() {
+                format!("{:?}", s.code())
+            } else {
+                format!("{:?}: {m}", s.code())
+            }
+        }
+        other => other.to_string(),
+    };
+    match root {
+        Some(r) if !head.contains(&r) => format!("{head}: {r}"),
+        _ => head,
     }
 }
 

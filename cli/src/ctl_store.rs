@@ -1,0 +1,528 @@
+//! coilctl's store commands: pools, nodes, addresses, blocks.
+//!
+//! Every argument is parsed and validated before anything connects, so bad
+//! input exits 2 without touching the store; store errors map to exit codes
+//! in one place ([`coil::store::StoreError::exit_code`]).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use coil::exit;
+use coil::journal::{Journal, JournalError};
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::etcd::EtcdBackend;
+use coil::store::model::{self, parse_subnet};
+use coil::store::{Backend, BlockLease, PoolSpec, Store, StoreError};
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+use crate::ctl_config::{StoreArgs, StoreConfig, StoreKind};
+use crate::output::Table;
+
+/// A store command with its arguments parsed.
+#[derive(Debug, Clone)]
+pub enum StoreCmd {
+    CreatePool(PoolSpec),
+    AddSubnet(String, IpNet),
+    RemovePool(String, bool),
+    ShowPool(String),
+    ListPools,
+    ListNodes,
+    NodeBlocks(String),
+    AddressInfo(IpAddr),
+    ReleaseBlock {
+        node: String,
+        block: IpNet,
+        force: bool,
+    },
+}
+
+fn bad(e: StoreError) -> String {
+    e.to_string()
+}
+
+/// Parses `pool create NAME SUBNET... [--block-size N]`, also accepting
+/// v1's `pool create NAME SUBNET SIZE`.
+pub fn parse_create(
+    name: &str,
+    args: &[String],
+    block_size: Option<u8>,
+) -> Result<StoreCmd, String> {
+    let (subnets, bs) = match block_size {
+        Some(bs) => (args, bs),
+        None => match args.split_last() {
+            Some((last, rest)) if !rest.is_empty() && !last.contains('/') => {
+                let bs = last
+                    .parse::<u8>()
+                    .map_err(|_| format!("invalid block size {last:?}: expected 0..=32"))?;
+                (rest, bs)
+            }
+            _ => {
+                return Err(
+                    "missing block size: use --block-size N (addresses per block = 2^N), \
+                     or v1's form: pool create NAME SUBNET SIZE"
+                        .into(),
+                )
+            }
+        },
+    };
+    if subnets.is_empty() {
+        return Err("pool create needs at least one SUBNET".into());
+    }
+    let spec = PoolSpec {
+        name: name.to_string(),
+        subnets: subnets
+            .iter()
+            .map(|s| parse_subnet(s))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?,
+        block_size: bs,
+    };
+    model::validate_spec(&spec).map_err(bad)?;
+    Ok(StoreCmd::CreatePool(spec))
+}
+
+pub fn parse_pool_name(name: &str) -> Result<String, String> {
+    model::validate_pool_name(name).map_err(bad)?;
+    Ok(name.to_string())
+}
+
+pub fn parse_node_name(name: &str) -> Result<String, String> {
+    model::validate_node_name(name).map_err(bad)?;
+    Ok(name.to_string())
+}
+
+pub fn parse_address(s: &str) -> Result<IpAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("malformed address {s:?}: expected an IPv4 or IPv6 address"))
+}
+
+pub fn parse_block(s: &str) -> Result<IpNet, String> {
+    parse_subnet(s).map_err(bad)
+}
+
+/// Runs a parsed store command; returns the exit code.
+pub fn run(args: &StoreArgs, json: bool, cmd: StoreCmd) -> i32 {
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coilctl: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coilctl: starting the async runtime: {e}");
+            return exit::PROBLEMS;
+        }
+    };
+    let res = rt.block_on(dispatch(&cfg, json, cmd));
+    match res {
+        Ok(code) => code,
+        Err(Failure::Store(e)) => {
+            eprintln!("coilctl: {e}");
+            e.exit_code()
+        }
+        Err(Failure::Other(msg, code)) => {
+            eprintln!("coilctl: {msg}");
+            code
+        }
+    }
+}
+
+enum Failure {
+    Store(StoreError),
+    Other(String, i32),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+async fn dispatch(cfg: &StoreConfig, json: bool, cmd: StoreCmd) -> Result<i32, Failure> {
+    match cfg.kind {
+        StoreKind::Etcd => {
+            let b = EtcdBackend::connect(&cfg.etcd)
+                .await
+                .map_err(StoreError::from)?;
+            let s = Store::open(b, &cfg.prefix).await?;
+            exec(&s, json, cmd).await
+        }
+        StoreKind::Embedded => {
+            let j = match Journal::open(&cfg.journal_dir) {
+                Ok(j) => Arc::new(j),
+                Err(e @ JournalError::Locked { .. }) => {
+                    return Err(Failure::Other(
+                        format!(
+                            "{e}: coild owns the embedded store while it runs; stop coild \
+                             to administer the store offline"
+                        ),
+                        exit::UNAVAILABLE,
+                    ))
+                }
+                Err(e) => {
+                    return Err(Failure::Other(
+                        format!("opening the embedded store: {e}"),
+                        if e.is_corruption() {
+                            exit::PROBLEMS
+                        } else {
+                            exit::UNAVAILABLE
+                        },
+                    ))
+                }
+            };
+            let b = EmbeddedBackend::open(j.clone()).map_err(StoreError::from)?;
+            let s = Store::open(b, &cfg.prefix).await?;
+            let r = exec(&s, json, cmd).await;
+            drop(s);
+            if let Ok(j) = Arc::try_unwrap(j) {
+                if let Err(e) = j.close() {
+                    eprintln!("coilctl: closing the journal: {e}");
+                }
+            }
+            r
+        }
+    }
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn unix(t: u64) -> String {
+    if t == 0 {
+        return "-".into();
+    }
+    // RFC 3339 in UTC without pulling in a date crate.
+    let days = t / 86_400;
+    let secs = t % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn lease_json(l: &BlockLease) -> Value {
+    json!({
+        "pool": l.pool,
+        "block": l.block.to_string(),
+        "node": l.node,
+        "epoch": l.epoch,
+        "acquired_unix": l.acquired_unix,
+    })
+}
+
+async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32, Failure> {
+    match cmd {
+        StoreCmd::CreatePool(spec) => {
+            let p = s.create_pool(&spec).await?;
+            if json {
+                print_json(
+                    &json!({"pool": p.name, "family": p.family, "block_size": p.block_size,
+                    "subnets": p.subnets, "blocks": p.total_blocks()}),
+                );
+            } else {
+                println!(
+                    "created pool {} ({}, {} blocks of {} addresses)",
+                    p.name,
+                    p.family,
+                    p.total_blocks(),
+                    p.addresses_per_block()
+                );
+            }
+        }
+        StoreCmd::AddSubnet(name, subnet) => {
+            let p = s.add_subnet(&name, subnet).await?;
+            if json {
+                print_json(
+                    &json!({"pool": p.name, "subnets": p.subnets, "blocks": p.total_blocks()}),
+                );
+            } else {
+                println!(
+                    "added {subnet} to pool {} (now {} blocks)",
+                    p.name,
+                    p.total_blocks()
+                );
+            }
+        }
+        StoreCmd::RemovePool(name, force) => {
+            let r = s.remove_pool(&name, force).await?;
+            if json {
+                print_json(&json!({"pool": r.pool, "blocks_released": r.blocks_released}));
+            } else if r.blocks_released > 0 {
+                println!(
+                    "removed pool {} and released {} empty block(s)",
+                    r.pool, r.blocks_released
+                );
+            } else {
+                println!("removed pool {}", r.pool);
+            }
+        }
+        StoreCmd::ShowPool(name) => {
+            let u = s.pool_usage(&name).await?;
+            let p = &u.pool;
+            let mut by_node: BTreeMap<&str, usize> = BTreeMap::new();
+            for l in &u.leases {
+                *by_node.entry(l.node.as_str()).or_default() += 1;
+            }
+            let per_subnet: Vec<(IpNet, u64, usize)> = p
+                .subnets
+                .iter()
+                .map(|sn| {
+                    let leased = u.leases.iter().filter(|l| sn.contains(&l.block)).count();
+                    (*sn, p.blocks_in(sn), leased)
+                })
+                .collect();
+            let total = p.total_blocks();
+            if json {
+                print_json(&json!({
+                    "pool": p.name,
+                    "family": p.family,
+                    "block_size": p.block_size,
+                    "addresses_per_block": p.addresses_per_block().to_string(),
+                    "blocks": total,
+                    "leased": u.leases.len(),
+                    "free": total - u.leases.len() as u64,
+                    "subnets": per_subnet.iter().map(|(sn, n, l)| json!({
+                        "subnet": sn.to_string(), "blocks": n, "leased": l, "free": n - *l as u64,
+                    })).collect::<Vec<_>>(),
+                    "nodes": by_node,
+                    "leases": u.leases.iter().map(lease_json).collect::<Vec<_>>(),
+                }));
+                return Ok(exit::OK);
+            }
+            println!("pool:        {}", p.name);
+            println!("family:      {}", p.family);
+            println!(
+                "block size:  {} ({} addresses, /{})",
+                p.block_size,
+                p.addresses_per_block(),
+                p.block_prefix()
+            );
+            println!(
+                "blocks:      {} leased, {} free, {} total",
+                u.leases.len(),
+                total - u.leases.len() as u64,
+                total
+            );
+            println!("created:     {}", unix(p.created_unix));
+            println!();
+            let mut t = Table::new(&["SUBNET", "BLOCKS", "LEASED", "FREE"]);
+            for (sn, n, l) in &per_subnet {
+                t.row(vec![
+                    sn.to_string(),
+                    n.to_string(),
+                    l.to_string(),
+                    (n - *l as u64).to_string(),
+                ]);
+            }
+            print!("{}", t.render());
+            if !by_node.is_empty() {
+                println!();
+                let mut t = Table::new(&["NODE", "BLOCKS"]);
+                for (n, c) in &by_node {
+                    t.row(vec![n.to_string(), c.to_string()]);
+                }
+                print!("{}", t.render());
+                println!();
+                let mut t = Table::new(&["BLOCK", "NODE", "EPOCH", "ACQUIRED"]);
+                for l in &u.leases {
+                    t.row(vec![
+                        l.block.to_string(),
+                        l.node.clone(),
+                        l.epoch.to_string(),
+                        unix(l.acquired_unix),
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+        }
+        StoreCmd::ListPools => {
+            let pools = s.list_pools().await?;
+            let blocks = s.all_blocks().await?;
+            let leased = |name: &str| blocks.iter().filter(|l| l.pool == name).count();
+            if json {
+                print_json(&Value::Array(
+                    pools
+                        .iter()
+                        .map(|p| {
+                            json!({"pool": p.name, "family": p.family, "block_size": p.block_size,
+                            "subnets": p.subnets, "blocks": p.total_blocks(), "leased": leased(&p.name)})
+                        })
+                        .collect(),
+                ));
+                return Ok(exit::OK);
+            }
+            let mut t = Table::new(&[
+                "NAME",
+                "FAMILY",
+                "BLOCK-SIZE",
+                "BLOCKS",
+                "LEASED",
+                "SUBNETS",
+            ]);
+            for p in &pools {
+                t.row(vec![
+                    p.name.clone(),
+                    p.family.to_string(),
+                    p.block_size.to_string(),
+                    p.total_blocks().to_string(),
+                    leased(&p.name).to_string(),
+                    p.subnets
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        StoreCmd::ListNodes => {
+            let nodes = s.nodes().await?;
+            if json {
+                print_json(&serde_json::to_value(&nodes).unwrap_or(Value::Null));
+                return Ok(exit::OK);
+            }
+            let mut t = Table::new(&["NODE", "STATUS", "BLOCKS", "BOOT-ID", "STARTED"]);
+            for n in &nodes {
+                t.row(vec![
+                    n.node.clone(),
+                    if n.alive { "alive" } else { "dead" }.into(),
+                    n.blocks.to_string(),
+                    n.boot_id.clone().unwrap_or_else(|| "-".into()),
+                    n.started_unix.map_or("-".into(), unix),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        StoreCmd::NodeBlocks(node) => {
+            let blocks = s.node_blocks(&node).await?;
+            if json {
+                print_json(&Value::Array(blocks.iter().map(lease_json).collect()));
+                return Ok(exit::OK);
+            }
+            let mut t = Table::new(&["POOL", "BLOCK", "EPOCH", "ACQUIRED"]);
+            for l in &blocks {
+                t.row(vec![
+                    l.pool.clone(),
+                    l.block.to_string(),
+                    l.epoch.to_string(),
+                    unix(l.acquired_unix),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        StoreCmd::AddressInfo(addr) => {
+            let i = s.address_info(addr).await?;
+            if json {
+                print_json(&json!({
+                    "address": addr.to_string(),
+                    "pool": i.pool,
+                    "block": i.block.map(|b| b.to_string()),
+                    "lease": i.lease.as_ref().map(lease_json),
+                    "assignment": i.record,
+                }));
+            } else {
+                let dash = || "-".to_string();
+                println!("address:     {addr}");
+                println!("pool:        {}", i.pool.clone().unwrap_or_else(dash));
+                println!(
+                    "block:       {}",
+                    i.block.map(|b| b.to_string()).unwrap_or_else(dash)
+                );
+                match &i.lease {
+                    Some(l) => println!("leased by:   {} (epoch {})", l.node, l.epoch),
+                    None => println!("leased by:   - (block not leased)"),
+                }
+                match &i.record {
+                    Some(r) => {
+                        println!("container:   {} ({})", r.container_id, r.ifname);
+                        if !r.pod_name.is_empty() {
+                            println!("pod:         {}/{}", r.pod_namespace, r.pod_name);
+                        }
+                        println!("node:        {}", r.node);
+                    }
+                    None => println!("assigned:    no (per the address index)"),
+                }
+            }
+            if i.pool.is_none() {
+                eprintln!("coilctl: address {addr} is not in any pool");
+                return Ok(exit::PROBLEMS);
+            }
+        }
+        StoreCmd::ReleaseBlock { node, block, force } => {
+            let l = s.admin_release(&node, block, force).await?;
+            if json {
+                print_json(&json!({"released": lease_json(&l)}));
+            } else {
+                println!(
+                    "released block {} of pool {} from {} (epoch {})",
+                    l.block, l.pool, l.node, l.epoch
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(xs: &[&str]) -> Vec<String> {
+        xs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn create_forms() {
+        match parse_create("default", &v(&["10.0.0.0/16", "5"]), None) {
+            Ok(StoreCmd::CreatePool(s)) => {
+                assert_eq!(s.block_size, 5);
+                assert_eq!(s.subnets.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_create("default", &v(&["10.0.0.0/16", "10.1.0.0/16"]), Some(4)) {
+            Ok(StoreCmd::CreatePool(s)) => assert_eq!(s.subnets.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_create("default", &v(&["10.0.0.0/16"]), None).is_err());
+        assert!(parse_create("default", &v(&["10.0.0.0/16", "x"]), None).is_err());
+        assert!(parse_create("Bad", &v(&["10.0.0.0/16"]), Some(5)).is_err());
+        assert!(parse_create("ok", &v(&[]), Some(5)).is_err());
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(unix(0), "-");
+        assert_eq!(unix(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
