@@ -270,6 +270,38 @@ pub trait Backend: Send + Sync + 'static {
     fn requests(&self) -> u64;
 }
 
+/// A shared backend is a backend (one embedded store serving many callers,
+/// or many Stores on one connection).
+impl<B: Backend> Backend for std::sync::Arc<B> {
+    fn txn(
+        &self,
+        op: &str,
+        txn: Txn,
+    ) -> impl Future<Output = Result<TxnResult, BackendError>> + Send {
+        (**self).txn(op, txn)
+    }
+
+    fn lease_grant(&self, ttl_secs: i64) -> impl Future<Output = Result<i64, BackendError>> + Send {
+        (**self).lease_grant(ttl_secs)
+    }
+
+    fn lease_keep_alive(&self, id: i64) -> impl Future<Output = Result<i64, BackendError>> + Send {
+        (**self).lease_keep_alive(id)
+    }
+
+    fn lease_revoke(&self, id: i64) -> impl Future<Output = Result<(), BackendError>> + Send {
+        (**self).lease_revoke(id)
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+
+    fn requests(&self) -> u64 {
+        (**self).requests()
+    }
+}
+
 /// The smallest key greater than every key that starts with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
