@@ -126,12 +126,11 @@ impl<B: Backend> Store<B> {
 
     /// The stored schema version, if any; refuses a newer one.
     pub async fn schema(&self) -> Result<Option<u32>> {
-        let key = self.keys.schema();
-        let mut r = self
-            .backend
-            .txn("read schema", Txn::read(vec![Op::get(key.clone())]))
-            .await?;
-        match r.kvs(0).first() {
+        match self
+            .read_one("read schema", self.keys.schema())
+            .await?
+            .as_ref()
+        {
             None => Ok(None),
             Some(kv) => {
                 let rec: SchemaRecord = decode(kv)?;
@@ -145,6 +144,21 @@ impl<B: Backend> Store<B> {
                 Ok(Some(rec.version))
             }
         }
+    }
+
+    /// Reads one key.
+    async fn read_one(&self, op: &str, key: String) -> Result<Option<KeyValue>> {
+        let mut r = self.backend.txn(op, Txn::read(vec![Op::get(key)])).await?;
+        Ok(r.kvs(0).into_iter().next())
+    }
+
+    /// Reads every key under `prefix`, in key order.
+    async fn read_prefix(&self, op: &str, prefix: &str) -> Result<Vec<KeyValue>> {
+        let mut r = self
+            .backend
+            .txn(op, Txn::read(vec![Op::prefix(prefix)]))
+            .await?;
+        Ok(r.kvs(0))
     }
 
     fn schema_guard(&self) -> Cmp {
@@ -378,23 +392,20 @@ impl<B: Backend> Store<B> {
 
     pub async fn get_pool(&self, name: &str) -> Result<Option<Pool>> {
         model::validate_pool_name(name)?;
-        let mut r = self
-            .backend
-            .txn("get pool", Txn::read(vec![Op::get(self.keys.pool(name))]))
-            .await?;
-        r.kvs(0).first().map(decode_pool).transpose()
+        self.read_one("get pool", self.keys.pool(name))
+            .await?
+            .as_ref()
+            .map(decode_pool)
+            .transpose()
     }
 
     /// Every pool, by name.
     pub async fn list_pools(&self) -> Result<Vec<Pool>> {
-        let mut r = self
-            .backend
-            .txn(
-                "list pools",
-                Txn::read(vec![Op::prefix(&self.keys.pools())]),
-            )
-            .await?;
-        r.kvs(0).iter().map(decode_pool).collect()
+        self.read_prefix("list pools", &self.keys.pools())
+            .await?
+            .iter()
+            .map(decode_pool)
+            .collect()
     }
 
     /// A pool and its leased blocks, read at one revision.
@@ -815,27 +826,22 @@ impl<B: Backend> Store<B> {
             .into_iter()
             .find(|p| p.index_of(&block).is_some())
             .ok_or(StoreError::UnknownBlock { block })?;
-        let mut r = self
-            .backend
-            .txn(
-                "get block",
-                Txn::read(vec![Op::get(self.keys.block(&pool.name, &block))]),
-            )
-            .await?;
-        let lease = r.kvs(0).first().map(decode_lease).transpose()?;
+        let lease = self
+            .read_one("get block", self.keys.block(&pool.name, &block))
+            .await?
+            .as_ref()
+            .map(decode_lease)
+            .transpose()?;
         Ok((pool, lease))
     }
 
     /// Every leased block, in pool and address order.
     pub async fn all_blocks(&self) -> Result<Vec<BlockLease>> {
-        let mut r = self
-            .backend
-            .txn(
-                "list blocks",
-                Txn::read(vec![Op::prefix(&self.keys.blocks())]),
-            )
-            .await?;
-        r.kvs(0).iter().map(decode_lease).collect()
+        self.read_prefix("list blocks", &self.keys.blocks())
+            .await?
+            .iter()
+            .map(decode_lease)
+            .collect()
     }
 
     /// The blocks leased by `node`.
@@ -904,11 +910,11 @@ impl<B: Backend> Store<B> {
 
     /// The liveness record of `node`, if it is alive.
     pub async fn node(&self, node: &str) -> Result<Option<NodeRecord>> {
-        let mut r = self
-            .backend
-            .txn("get node", Txn::read(vec![Op::get(self.keys.node(node))]))
-            .await?;
-        r.kvs(0).first().map(decode).transpose()
+        self.read_one("get node", self.keys.node(node))
+            .await?
+            .as_ref()
+            .map(decode)
+            .transpose()
     }
 
     /// Every node that is alive or holds a block.
