@@ -10,6 +10,9 @@
 
 pub use coil_journal as journal;
 
+pub mod cni;
+pub mod kernel;
+pub mod node;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;

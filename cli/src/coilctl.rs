@@ -562,10 +562,20 @@ fn verify_json(j: &Journal, r: &VerifyReport) -> Value {
 /// Sends the libraries' diagnostics (for example a journal checkpoint that
 /// failed) to stderr; `COIL_LOG` sets the filter (default `warn`).
 pub(crate) fn init_logging() {
+    init_logging_with("warn");
+}
+
+/// Logs go to stderr (never stdout), filtered by `COIL_LOG`; `COIL_LOG_JSON=1`
+/// switches to JSON lines.
+pub(crate) fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .try_init();
+        .with_env_filter(filter);
+    let _ = if std::env::var("COIL_LOG_JSON").as_deref() == Ok("1") {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
 }

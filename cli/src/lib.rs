@@ -9,9 +9,11 @@ use std::ffi::OsString;
 use std::path::Path;
 
 pub mod coilctl;
+pub mod coild;
 mod ctl_config;
 mod ctl_store;
 mod output;
+pub mod plugin;
 
 use coil::exit;
 
@@ -20,8 +22,8 @@ use coil::exit;
 pub fn run(program: &str, args: Vec<OsString>) -> i32 {
     match program {
         "coilctl" => coilctl::main(args),
-        "coil" => cni_not_implemented(),
-        "coild" => not_implemented("coild", "the coild and CNI plugin issue (#4)"),
+        "coil" => plugin::main(),
+        "coild" => coild::main(args),
         "coil-controller" => not_implemented("coil-controller", "the controller issue (#6)"),
         "coil-installer" => {
             not_implemented("coil-installer", "the controller and installer issue (#6)")
@@ -74,21 +76,5 @@ fn hypercoil_usage() {
 
 fn not_implemented(program: &str, issue: &str) -> i32 {
     eprintln!("{program}: not implemented yet; it arrives with {issue}");
-    exit::NOT_IMPLEMENTED
-}
-
-/// The CNI plugin's stdout is protocol only, so even "not implemented" is a
-/// CNI error object there (code 100: coil-specific), with the exit status
-/// non-zero.
-fn cni_not_implemented() -> i32 {
-    println!(
-        "{}",
-        serde_json::json!({
-            "cniVersion": "1.1.0",
-            "code": 100,
-            "msg": "coil CNI plugin not implemented yet",
-            "details": "the plugin arrives with the coild and CNI plugin issue (#4)"
-        })
-    );
     exit::NOT_IMPLEMENTED
 }

@@ -36,7 +36,7 @@ fn hypercoil_dispatches_on_first_argument_and_on_argv0() {
 
 #[test]
 fn programs_not_built_yet_say_so_and_fail() {
-    for p in ["coild", "coil-controller", "coil-installer"] {
+    for p in ["coil-controller", "coil-installer"] {
         let o = run(HYPERCOIL, &[p]);
         assert_eq!(o.status.code(), Some(69), "{p}: {o:?}");
         assert!(
@@ -45,16 +45,44 @@ fn programs_not_built_yet_say_so_and_fail() {
         );
         assert!(o.stdout.is_empty(), "{p} must not print on stdout");
     }
-    // The CNI plugin's stdout is protocol: a CNI error object.
-    let o = run(HYPERCOIL, &["coil"]);
-    assert_ne!(o.status.code(), Some(0));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("CNI error JSON on stdout");
-    assert_eq!(v["code"], 100);
-    assert!(v["msg"]
-        .as_str()
-        .is_some_and(|m| m.contains("not implemented")));
     let o = run(COILCTL, &["node", "repair"]);
     assert_eq!(o.status.code(), Some(69));
+}
+
+#[test]
+fn coild_refuses_to_guess_its_store() {
+    let o = Command::new(HYPERCOIL)
+        .arg("coild")
+        .env_remove("COILD_STORE")
+        .env("COILD_CONFIG", "/nonexistent/coild.yml")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(o.stdout.is_empty());
+    let o = Command::new(HYPERCOIL)
+        .args(["coild", "--store", "embedded"])
+        .env("COILD_CONFIG", "/nonexistent/coild.yml")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "missing config file: {o:?}");
+    let o = run(HYPERCOIL, &["coild", "--store", "etcd"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--etcd-endpoints"));
+}
+
+#[test]
+fn plugin_without_environment_is_a_cni_error_on_stdout() {
+    // The CNI plugin's stdout is protocol: a CNI error object.
+    let o = Command::new(HYPERCOIL)
+        .arg("coil")
+        .env_remove("CNI_COMMAND")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("CNI error JSON on stdout");
+    assert_eq!(v["code"], 4);
+    assert!(o.stderr.is_empty(), "no logs: {o:?}");
 }
 
 fn make_journal(dir: &Path) {

@@ -111,6 +111,18 @@ impl<B: Backend> Store<B> {
         Ok(s)
     }
 
+    /// Builds the store without reading anything, for a daemon that must
+    /// start (and serve from its journal) while the store is unreachable.
+    /// Call [`Store::schema`] once it is reachable.
+    pub fn open_lazy(backend: B, prefix: &str) -> Result<Store<B>> {
+        Ok(Store {
+            backend,
+            keys: Keys::new(prefix)?,
+            retry: RetryPolicy::default(),
+            pool_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self

@@ -1,0 +1,884 @@
+//! coild's driver: turns CNI requests into journaled, idempotent effects.
+//!
+//! The order of every operation is fixed: the intent and the new records
+//! are made durable in the journal first, then the store or the kernel is
+//! changed (create-or-verify, so a replay is harmless), then the journal
+//! records the outcome. The in-memory [`NodeState`] is a cache of the
+//! journal, changed under a short std mutex that is never held across an
+//! await, an fsync, a netlink call or a store call.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coil::cni::{
+    self, code, AddResult, CniError, Command, Interface, IpConfig, Request, Response, Route,
+};
+use coil::journal::{
+    AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
+    Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
+};
+use coil::kernel::{gateway_for, Kernel, KernelError, WireSpec};
+use coil::node::{host_veth_name, veth_alias, NodeState};
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::etcd::{EtcdBackend, EtcdOptions};
+use coil::store::{AddressRecord, Backend, NodeRecord, Store, StoreError};
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+
+/// Which cluster store coild uses.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Etcd { opts: EtcdOptions, prefix: String },
+    Embedded,
+}
+
+/// coild's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub node_name: String,
+    pub store: StoreChoice,
+    pub table_id: u32,
+    pub protocol_id: u8,
+    pub mtu: u32,
+    pub socket: PathBuf,
+    pub journal_dir: PathBuf,
+    pub boot_id_file: PathBuf,
+    pub liveness_ttl: Duration,
+    pub pool_cache_ttl: Duration,
+}
+
+/// Why coild could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct FatalError {
+    pub msg: String,
+    pub code: i32,
+}
+
+impl FatalError {
+    pub fn exit_code(&self) -> i32 {
+        self.code
+    }
+
+    fn new(code: i32, msg: impl Into<String>) -> FatalError {
+        FatalError {
+            msg: msg.into(),
+            code,
+        }
+    }
+}
+
+/// Why a request failed; mapped to a CNI code in [`DaemonError::to_cni`],
+/// the one place coil errors become CNI codes.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Check(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl DaemonError {
+    pub fn to_cni(&self) -> CniError {
+        let c = match self {
+            DaemonError::Kernel(KernelError::NetnsMissing(_)) => code::NETNS_MISSING,
+            DaemonError::Kernel(KernelError::InterfaceExists { .. }) => code::INTERFACE_EXISTS,
+            DaemonError::Kernel(_) => code::KERNEL,
+            DaemonError::Store(StoreError::Exhausted { .. }) => code::POOL_EXHAUSTED,
+            DaemonError::Store(StoreError::PoolNotFound(_)) => code::NO_POOL,
+            DaemonError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
+            DaemonError::Store(_) => code::INTERNAL,
+            DaemonError::Journal(JournalError::Poisoned { .. }) => code::TRY_AGAIN_LATER,
+            DaemonError::Journal(_) => code::JOURNAL,
+            DaemonError::Busy(_) => code::TRY_AGAIN_LATER,
+            DaemonError::Check(_) => code::CHECK_FAILED,
+            DaemonError::Internal(_) => code::INTERNAL,
+        };
+        let msg = match self {
+            DaemonError::Store(StoreError::PoolNotFound(p)) => format!(
+                "pool {p} does not exist; create it with `coilctl pool create {p} SUBNET --block-size N`"
+            ),
+            other => other.to_string(),
+        };
+        CniError::new(c, msg)
+    }
+}
+
+type DResult<T> = Result<T, DaemonError>;
+
+/// Address index updates, applied asynchronously (the journal is the
+/// authority; the index is a mirror for coilctl and the controller).
+#[derive(Debug)]
+enum Mirror {
+    Put(AddressRecord),
+    Delete(AddressRecord),
+}
+
+/// The node daemon.
+pub struct Daemon<B: Backend> {
+    cfg: DaemonConfig,
+    journal: Arc<Journal>,
+    store: Store<B>,
+    kernel: Kernel,
+    boot_id: String,
+    state: Mutex<NodeState>,
+    pool_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pool_cache: Mutex<HashMap<String, (bool, Instant)>>,
+    mirror: mpsc::UnboundedSender<Mirror>,
+    store_ok: AtomicBool,
+}
+
+impl<B: Backend> std::fmt::Debug for Daemon<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("node", &self.cfg.node_name)
+            .finish()
+    }
+}
+
+fn read_boot_id(p: &PathBuf) -> Result<String, FatalError> {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| {
+            FatalError::new(
+                coil::exit::PROBLEMS,
+                format!("reading the boot id from {}: {e}", p.display()),
+            )
+        })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, JournalError> + Send + 'static,
+) -> DResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(DaemonError::Journal),
+        Err(e) => Err(DaemonError::Internal(format!("journal task failed: {e}"))),
+    }
+}
+
+/// Opens the journal and checks it; refuses an untrustworthy one.
+fn open_journal(dir: &PathBuf) -> Result<Journal, FatalError> {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Err(FatalError::new(
+            coil::exit::PROBLEMS,
+            format!("creating {}: {e}", dir.display()),
+        ));
+    }
+    let j = Journal::open(dir).map_err(|e| {
+        let code = if matches!(e, JournalError::Locked { .. }) {
+            coil::exit::UNAVAILABLE
+        } else {
+            coil::exit::PROBLEMS
+        };
+        FatalError::new(
+            code,
+            format!("refusing to start: journal {}: {e}", dir.display()),
+        )
+    })?;
+    let report = j.verify();
+    if !report.is_clean() {
+        let mut what: Vec<String> = report
+            .corrupt
+            .iter()
+            .map(|c| format!("{}: {}", c.key, c.reason))
+            .collect();
+        what.extend(report.inconsistent.iter().cloned());
+        return Err(FatalError::new(
+            coil::exit::PROBLEMS,
+            format!(
+                "refusing to start: journal {} has {} problem(s): {}; inspect with \
+                 `coilctl journal verify --dir {}`",
+                dir.display(),
+                what.len(),
+                what.join("; "),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(j)
+}
+
+/// Starts coild and serves until `shutdown` resolves.
+pub async fn run(
+    cfg: DaemonConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), FatalError> {
+    let journal = Arc::new(open_journal(&cfg.journal_dir)?);
+    match cfg.store.clone() {
+        StoreChoice::Embedded => {
+            let b = EmbeddedBackend::open(journal.clone()).map_err(|e| {
+                FatalError::new(coil::exit::PROBLEMS, format!("embedded store: {e}"))
+            })?;
+            let store = Store::open_lazy(Arc::new(b), "/coil/")
+                .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
+            let d = Daemon::start(cfg, journal.clone(), store).await?;
+            super::serve(d, shutdown).await?;
+        }
+        StoreChoice::Etcd { opts, prefix } => {
+            let b = EtcdBackend::connect(&opts)
+                .await
+                .map_err(|e| FatalError::new(coil::exit::UNAVAILABLE, format!("etcd: {e}")))?;
+            let store = Store::open_lazy(b, &prefix)
+                .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
+            let d = Daemon::start(cfg, journal.clone(), store).await?;
+            super::serve(d, shutdown).await?;
+        }
+    }
+    match Arc::try_unwrap(journal) {
+        Ok(j) => j
+            .close()
+            .map_err(|e| FatalError::new(coil::exit::PROBLEMS, format!("closing journal: {e}"))),
+        Err(_) => Ok(()),
+    }
+}
+
+impl<B: Backend> Daemon<B> {
+    /// Opens everything, settles what a previous run left half-done, and
+    /// republishes the node's blocks. The socket opens only after this.
+    pub async fn start(
+        cfg: DaemonConfig,
+        journal: Arc<Journal>,
+        store: Store<B>,
+    ) -> Result<Arc<Daemon<B>>, FatalError> {
+        let fatal = |e: String| FatalError::new(coil::exit::PROBLEMS, e);
+        let boot_id = read_boot_id(&cfg.boot_id_file)?;
+        let meta = journal.node_meta().map_err(|e| fatal(e.to_string()))?;
+        if let Some(m) = &meta {
+            if m.node_name != cfg.node_name {
+                return Err(fatal(format!(
+                    "journal {} belongs to node {}, not {}",
+                    cfg.journal_dir.display(),
+                    m.node_name,
+                    cfg.node_name
+                )));
+            }
+        }
+        let kernel = Kernel::new(cfg.table_id, cfg.protocol_id)
+            .map_err(|e| fatal(format!("netlink: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let d = Arc::new(Daemon {
+            cfg,
+            journal,
+            store,
+            kernel,
+            boot_id: boot_id.clone(),
+            state: Mutex::new(NodeState::default()),
+            pool_locks: tokio::sync::Mutex::new(HashMap::new()),
+            pool_cache: Mutex::new(HashMap::new()),
+            mirror: tx,
+            store_ok: AtomicBool::new(true),
+        });
+        let rebooted = meta.as_ref().is_some_and(|m| m.boot_id != boot_id);
+        d.settle(rebooted)
+            .await
+            .map_err(|e| fatal(format!("startup: {e}")))?;
+        let mut b = Batch::new();
+        b.put_node_meta(&NodeMeta {
+            node_name: d.cfg.node_name.clone(),
+            boot_id,
+            cluster_id: meta.map(|m| m.cluster_id).unwrap_or_default(),
+            created_unix: coil::journal::now_unix(),
+        });
+        d.journal.commit(b).map_err(|e| fatal(e.to_string()))?;
+        let leases = d.journal.leases().map_err(|e| fatal(e.to_string()))?;
+        let atts = d.journal.attachments().map_err(|e| fatal(e.to_string()))?;
+        *d.lock() = NodeState::from_records(leases, atts);
+        d.resync_blocks()
+            .await
+            .map_err(|e| fatal(format!("table {}: {e}", d.cfg.table_id)))?;
+        tokio::spawn(mirror_task(d.clone(), rx));
+        tokio::spawn(liveness_task(d.clone()));
+        Ok(d)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> &DaemonConfig {
+        &self.cfg
+    }
+
+    /// Settles what a crash left half-done: pending intents are rolled
+    /// forward or back, and after a reboot every previous attachment (whose
+    /// kernel state is gone) is reclaimed at once. The full three-way
+    /// reconciliation (store and kernel drift) is the recovery crate's.
+    async fn settle(&self, rebooted: bool) -> DResult<()> {
+        let j = &self.journal;
+        let mut b = Batch::new();
+        for i in j.pending_intents()? {
+            match &i.op {
+                IntentOp::Wire { key } | IntentOp::Unwire { key } => {
+                    // A half-wired or half-unwired attachment: tear its
+                    // kernel state down and free it (the runtime retries
+                    // the ADD; a DEL was going to free it anyway).
+                    if let Some(a) = j.attachment(key)? {
+                        self.kernel.unwire(&a.host_veth).await?;
+                        b.delete_attachment(key);
+                        for x in &a.addresses {
+                            b.delete_address(x.addr);
+                        }
+                    }
+                }
+                IntentOp::AcquireBlock { pool, .. } => {
+                    // The store may have granted a lease we never recorded:
+                    // adopt it (if the store is reachable now; otherwise
+                    // the recovery pass will).
+                    if let Ok(held) = self.store.node_blocks(&self.cfg.node_name).await {
+                        for l in held.into_iter().filter(|l| &l.pool == pool) {
+                            if j.lease(l.block)?.is_none() {
+                                b.put_lease(&journal_lease(&l));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            b.delete_intent(i.id);
+        }
+        if rebooted {
+            for a in j.attachments()? {
+                tracing::info!(attachment = %a.key, "reclaiming attachment of a previous boot");
+                b.delete_attachment(&a.key);
+                for x in &a.addresses {
+                    b.delete_address(x.addr);
+                }
+            }
+        }
+        if !b.is_empty() {
+            j.commit(b)?;
+        }
+        Ok(())
+    }
+
+    /// Makes table 119 equal to the leased blocks: exports every lease,
+    /// withdraws our routes for blocks we no longer lease.
+    pub async fn resync_blocks(&self) -> DResult<()> {
+        let leased: BTreeSet<IpNet> = self.lock().blocks().map(|b| b.lease.block).collect();
+        for b in &leased {
+            self.kernel.export_block(*b).await?;
+        }
+        for r in self.kernel.exported_blocks().await? {
+            if !leased.contains(&r) {
+                self.kernel.withdraw_block(r).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one request; never fails (errors become CNI error answers).
+    pub async fn handle(&self, req: Request) -> Response {
+        let version = req.conf.cni_version.clone();
+        let res = match req.command {
+            Command::Add => self
+                .add(&req)
+                .await
+                .map(|r| r.render_with_prev(&version, req.conf.prev_result.as_ref())),
+            Command::Del => self.del(&req).await.map(|_| serde_json::Value::Null),
+            Command::Check => self.check(&req).await.map(|_| serde_json::Value::Null),
+            Command::Gc => self.gc(&req).await.map(|_| serde_json::Value::Null),
+            Command::Status => self.status().await.map(|_| serde_json::Value::Null),
+            Command::Version => Ok(cni::version_result(b"")),
+        };
+        match res {
+            Ok(v) => Response::ok(v),
+            Err(e) => {
+                tracing::warn!(cmd = ?req.command, container = %req.container_id, "{e}");
+                let mut c = e.to_cni();
+                if req.command == Command::Status {
+                    c.code = code::NOT_AVAILABLE;
+                }
+                Response::err(&c, &version)
+            }
+        }
+    }
+
+    /// The pool for a pod: the pool named like its namespace if there is
+    /// one, else `default`. Answered from leased blocks or a short cache
+    /// when possible, so the hot path makes no store call.
+    async fn pool_for(&self, namespace: Option<&str>) -> DResult<String> {
+        let Some(ns) = namespace else {
+            return Ok("default".into());
+        };
+        if ns == "default" || coil::store::model::validate_pool_name(ns).is_err() {
+            return Ok("default".into());
+        }
+        if self.lock().has_pool(ns) {
+            return Ok(ns.to_string());
+        }
+        let cached = self
+            .pool_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ns)
+            .filter(|(_, t)| t.elapsed() < self.cfg.pool_cache_ttl)
+            .map(|(e, _)| *e);
+        let exists = match cached {
+            Some(e) => e,
+            None => {
+                let e = self.store.get_pool(ns).await?.is_some();
+                self.pool_cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ns.to_string(), (e, Instant::now()));
+                e
+            }
+        };
+        Ok(if exists {
+            ns.to_string()
+        } else {
+            "default".into()
+        })
+    }
+
+    async fn pool_lock(&self, pool: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.pool_locks
+            .lock()
+            .await
+            .entry(pool.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Leases one more block of `pool` (intent first), unless another ADD
+    /// did while we waited for the pool's lock.
+    async fn acquire_block(&self, pool: &str) -> DResult<()> {
+        let lock = self.pool_lock(pool).await;
+        let _g = lock.lock().await;
+        let has_room = self
+            .lock()
+            .blocks()
+            .any(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased && b.free() > 0);
+        if has_room {
+            return Ok(());
+        }
+        let id = self.journal.next_intent_id();
+        let mut b = Batch::new();
+        b.put_intent(&Intent {
+            id,
+            op: IntentOp::AcquireBlock {
+                pool: pool.to_string(),
+                block: None,
+            },
+            state: IntentState::Pending,
+            created_unix: coil::journal::now_unix(),
+        });
+        let j = self.journal.clone();
+        blocking(move || j.commit(b)).await?;
+        let got = self.store.acquire_block(pool, &self.cfg.node_name).await;
+        self.store_ok.store(
+            !matches!(&got, Err(e) if e.is_unavailable()),
+            Ordering::Relaxed,
+        );
+        let mut b = Batch::new();
+        b.delete_intent(id);
+        let lease = match got {
+            Ok(l) => {
+                let jl = journal_lease(&l);
+                b.put_lease(&jl);
+                Some(jl)
+            }
+            Err(e) => {
+                let j = self.journal.clone();
+                blocking(move || j.commit(b)).await?;
+                return Err(e.into());
+            }
+        };
+        let j = self.journal.clone();
+        blocking(move || j.commit(b)).await?;
+        if let Some(l) = lease {
+            tracing::info!(pool, block = %l.block, epoch = l.epoch, "leased a block");
+            let block = l.block;
+            self.lock().insert_lease(l);
+            if let Err(e) = self.kernel.export_block(block).await {
+                tracing::warn!(%block, "publishing the block in table {}: {e}", self.cfg.table_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn spec(&self, a: &Attachment) -> WireSpec {
+        WireSpec {
+            netns: a.netns.clone(),
+            ifname: a.key.ifname.clone(),
+            host_veth: a.host_veth.clone(),
+            alias: veth_alias(&a.key),
+            addresses: a.addresses.iter().map(|x| x.addr).collect(),
+            mtu: self.cfg.mtu,
+        }
+    }
+
+    fn result(&self, a: &Attachment, host_mac: String, pod_mac: String) -> AddResult {
+        let ips = a
+            .addresses
+            .iter()
+            .map(|x| IpConfig {
+                address: IpNet::new(x.addr, if x.addr.is_ipv4() { 32 } else { 128 })
+                    .unwrap_or_else(|_| IpNet::from(x.addr)),
+                gateway: gateway_for(&x.addr),
+                interface: 1,
+            })
+            .collect();
+        let mut routes = Vec::new();
+        for fam_v4 in [true, false] {
+            if let Some(x) = a.addresses.iter().find(|x| x.addr.is_ipv4() == fam_v4) {
+                let dst: IpNet = if fam_v4 {
+                    IpNet::V4(ipnet::Ipv4Net::default())
+                } else {
+                    IpNet::V6(ipnet::Ipv6Net::default())
+                };
+                routes.push(Route {
+                    dst,
+                    gw: gateway_for(&x.addr),
+                });
+            }
+        }
+        AddResult {
+            interfaces: vec![
+                Interface {
+                    name: a.host_veth.clone(),
+                    mac: host_mac,
+                    sandbox: None,
+                },
+                Interface {
+                    name: a.key.ifname.clone(),
+                    mac: pod_mac,
+                    sandbox: Some(a.netns.clone()),
+                },
+            ],
+            ips,
+            routes,
+        }
+    }
+
+    async fn add(&self, req: &Request) -> DResult<AddResult> {
+        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let netns = req.netns.clone().unwrap_or_default();
+        let existing = self.lock().attachment(&key).cloned();
+        let (att, intent) = match existing {
+            Some(a) if a.state == AttachmentState::Wired => {
+                // A repeated ADD: the same answer, nothing changed.
+                let w = self.kernel.wire_info(&self.spec(&a)).await?;
+                return Ok(self.result(&a, w.host_mac, w.pod_mac));
+            }
+            Some(a) if a.state == AttachmentState::Releasing => {
+                return Err(DaemonError::Busy(format!(
+                    "attachment {key} is being deleted; retry the ADD"
+                )))
+            }
+            Some(a) => {
+                // Reserved but never wired (an earlier ADD failed after its
+                // journal write): wire it now with the same address.
+                let id = self.journal.next_intent_id();
+                (a, id)
+            }
+            None => {
+                if !std::path::Path::new(&netns).exists() {
+                    return Err(KernelError::NetnsMissing(netns).into());
+                }
+                let pool = self.pool_for(req.pod.namespace.as_deref()).await?;
+                let resv = loop {
+                    if let Some(r) = self.lock().reserve(&pool) {
+                        break r;
+                    }
+                    self.acquire_block(&pool).await?;
+                };
+                let att = Attachment {
+                    key: key.clone(),
+                    netns: netns.clone(),
+                    pod_namespace: req.pod.namespace.clone().unwrap_or_default(),
+                    pod_name: req.pod.name.clone().unwrap_or_default(),
+                    pool: pool.clone(),
+                    addresses: vec![AssignedAddress {
+                        addr: resv.addr,
+                        block: resv.block,
+                    }],
+                    host_veth: host_veth_name(&key),
+                    state: AttachmentState::Reserved,
+                    boot_id: self.boot_id.clone(),
+                    created_unix: coil::journal::now_unix(),
+                };
+                let id = self.journal.next_intent_id();
+                let mut b = Batch::new();
+                b.put_intent(&Intent {
+                    id,
+                    op: IntentOp::Wire { key: key.clone() },
+                    state: IntentState::Pending,
+                    created_unix: att.created_unix,
+                })
+                .put_attachment(&att)
+                .put_address(
+                    resv.addr,
+                    &AddressEntry {
+                        attachment: key.clone(),
+                        block: resv.block,
+                    },
+                )
+                .put_lease(&resv.lease);
+                let j = self.journal.clone();
+                if let Err(e) = blocking(move || j.commit(b)).await {
+                    self.lock().unreserve(&resv);
+                    return Err(e);
+                }
+                self.lock().insert_attachment(att.clone());
+                (att, id)
+            }
+        };
+        let spec = self.spec(&att);
+        let wired = match self.kernel.wire(&spec).await {
+            Ok(w) => w,
+            Err(e) => {
+                // Undo: the kernel left nothing (wire cleans up after
+                // itself); free the reservation in the journal, then here.
+                let mut b = Batch::new();
+                b.delete_attachment(&key).delete_intent(intent);
+                for x in &att.addresses {
+                    b.delete_address(x.addr);
+                }
+                let j = self.journal.clone();
+                blocking(move || j.commit(b)).await?;
+                self.lock().remove_attachment(&key);
+                return Err(e.into());
+            }
+        };
+        let done = Attachment {
+            state: AttachmentState::Wired,
+            ..att
+        };
+        let mut b = Batch::new();
+        b.put_attachment(&done).delete_intent(intent);
+        let j = self.journal.clone();
+        blocking(move || j.commit(b)).await?;
+        self.lock().insert_attachment(done.clone());
+        for x in &done.addresses {
+            let _ = self.mirror.send(Mirror::Put(self.record(&done, x)));
+        }
+        Ok(self.result(&done, wired.host_mac, wired.pod_mac))
+    }
+
+    fn record(&self, a: &Attachment, x: &AssignedAddress) -> AddressRecord {
+        AddressRecord {
+            address: x.addr,
+            pool: a.pool.clone(),
+            block: x.block,
+            node: self.cfg.node_name.clone(),
+            container_id: a.key.container_id.clone(),
+            ifname: a.key.ifname.clone(),
+            pod_namespace: a.pod_namespace.clone(),
+            pod_name: a.pod_name.clone(),
+        }
+    }
+
+    /// Releases one attachment: intent, kernel teardown, then the records.
+    /// The addresses stay taken until the kernel state is gone.
+    async fn release(&self, key: &AttachmentKey) -> DResult<()> {
+        let Some(a) = self.lock().attachment(key).cloned() else {
+            return Ok(());
+        };
+        let id = self.journal.next_intent_id();
+        let releasing = Attachment {
+            state: AttachmentState::Releasing,
+            ..a.clone()
+        };
+        let mut b = Batch::new();
+        b.put_intent(&Intent {
+            id,
+            op: IntentOp::Unwire { key: key.clone() },
+            state: IntentState::Pending,
+            created_unix: coil::journal::now_unix(),
+        })
+        .put_attachment(&releasing);
+        let j = self.journal.clone();
+        blocking(move || j.commit(b)).await?;
+        self.lock().insert_attachment(releasing);
+        self.kernel.unwire(&a.host_veth).await?;
+        let mut b = Batch::new();
+        b.delete_attachment(key).delete_intent(id);
+        for x in &a.addresses {
+            b.delete_address(x.addr);
+        }
+        let j = self.journal.clone();
+        blocking(move || j.commit(b)).await?;
+        self.lock().remove_attachment(key);
+        for x in &a.addresses {
+            let _ = self.mirror.send(Mirror::Delete(self.record(&a, x)));
+        }
+        Ok(())
+    }
+
+    async fn del(&self, req: &Request) -> DResult<()> {
+        self.release(&AttachmentKey::new(&req.container_id, &req.ifname))
+            .await
+    }
+
+    async fn check(&self, req: &Request) -> DResult<()> {
+        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let a = self
+            .lock()
+            .attachment(&key)
+            .cloned()
+            .ok_or_else(|| DaemonError::Check(format!("coil holds no attachment for {key}")))?;
+        if a.state != AttachmentState::Wired {
+            return Err(DaemonError::Check(format!(
+                "attachment {key} is {:?}, not wired",
+                a.state
+            )));
+        }
+        let mut diffs = self.kernel.check(&self.spec(&a)).await?;
+        if let Some(prev) = &req.conf.prev_result {
+            let listed: Vec<String> = prev
+                .get("ips")
+                .and_then(|v| v.as_array())
+                .map(|ips| {
+                    ips.iter()
+                        .filter_map(|ip| ip.get("address").and_then(|x| x.as_str()))
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for x in &a.addresses {
+                let want = IpNet::from(x.addr).to_string();
+                if !listed.iter().any(|l| l == &want) {
+                    diffs.push(format!("prevResult does not list {want}"));
+                }
+            }
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::Check(format!(
+                "attachment {key} differs from the journal: {}",
+                diffs.join("; ")
+            )))
+        }
+    }
+
+    async fn gc(&self, req: &Request) -> DResult<()> {
+        let valid: BTreeSet<AttachmentKey> = req
+            .conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .map(|v| AttachmentKey::new(&v.container_id, &v.ifname))
+            .collect();
+        let stale: Vec<AttachmentKey> = self
+            .lock()
+            .attachments()
+            .filter(|a| !valid.contains(&a.key))
+            .map(|a| a.key.clone())
+            .collect();
+        let mut errors = Vec::new();
+        for k in &stale {
+            if let Err(e) = self.release(k).await {
+                errors.push(format!("{k}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::Internal(format!(
+                "GC released {} of {} stale attachment(s); failed: {}",
+                stale.len() - errors.len(),
+                stale.len(),
+                errors.join("; ")
+            )))
+        }
+    }
+
+    /// Ready when a leased block has room, or the store is reachable to
+    /// lease one.
+    async fn status(&self) -> DResult<()> {
+        if self.lock().free_addresses() > 0 {
+            return Ok(());
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.store.list_pools()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(DaemonError::Busy(format!(
+                "no free address on this node and the store is unreachable: {e}"
+            ))),
+            Err(_) => Err(DaemonError::Busy(
+                "no free address on this node and the store does not answer".into(),
+            )),
+        }
+    }
+
+    /// Addresses currently assigned on this node (for tests and metrics).
+    pub fn assigned(&self) -> Vec<IpAddr> {
+        self.lock()
+            .attachments()
+            .flat_map(|a| a.addresses.iter().map(|x| x.addr))
+            .collect()
+    }
+}
+
+fn journal_lease(l: &coil::store::BlockLease) -> BlockLease {
+    BlockLease {
+        pool: l.pool.clone(),
+        block: l.block,
+        epoch: u64::try_from(l.epoch).unwrap_or(0),
+        state: LeaseState::Leased,
+        alloc_cursor: 0,
+    }
+}
+
+/// Applies address index updates in the background; retries with backoff
+/// while the store is unreachable (bounded queue of retries).
+async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::UnboundedReceiver<Mirror>) {
+    while let Some(m) = rx.recv().await {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..20 {
+            let r = match &m {
+                Mirror::Put(rec) => d.store.put_address(rec).await.map(|_| ()),
+                Mirror::Delete(rec) => d.store.delete_address(rec).await.map(|_| ()),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    tracing::warn!("address index: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the node's liveness key alive; re-registers after expiry or an
+/// outage.
+async fn liveness_task<B: Backend>(d: Arc<Daemon<B>>) {
+    let ttl = d.cfg.liveness_ttl.as_secs().max(2) as i64;
+    let period = Duration::from_secs((ttl as u64 / 3).max(1));
+    let rec = NodeRecord {
+        node: d.cfg.node_name.clone(),
+        boot_id: d.boot_id.clone(),
+        started_unix: coil::journal::now_unix(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut lease: Option<i64> = None;
+    loop {
+        let ok = match lease {
+            Some(id) => d.store.keep_alive(id).await.unwrap_or(false),
+            None => false,
+        };
+        if !ok {
+            lease = d.store.register_node(&rec, ttl).await.ok();
+        }
+        d.store_ok.store(lease.is_some(), Ordering::Relaxed);
+        tokio::time::sleep(period).await;
+    }
+}

@@ -1,0 +1,278 @@
+//! `coild`, the node daemon: the journal, the allocator, kernel wiring,
+//! block leases in the store, and the socket the `coil` plugin talks to.
+//!
+//! Configuration: flags, then `COILD_*` environment, then a YAML file
+//! (`--config`, default /etc/coil/coild.yml when it exists), then defaults.
+
+mod daemon;
+mod server;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use coil::exit;
+use coil::store::etcd::{EtcdOptions, TlsPem};
+use serde::Deserialize;
+
+pub use daemon::{Daemon, DaemonConfig, StoreChoice};
+pub use server::serve;
+
+#[derive(Parser, Debug, Default)]
+#[command(name = "coild", version, about = "coil's node daemon")]
+struct Args {
+    /// YAML config file [default: /etc/coil/coild.yml if it exists].
+    #[arg(long, env = "COILD_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name [default: the hostname].
+    #[arg(long, env = "COILD_NODE_NAME")]
+    node_name: Option<String>,
+    /// Cluster store: etcd (a cluster) or embedded (one host, no etcd).
+    /// Required: a node that silently used its own store would hand out
+    /// addresses other nodes also hand out.
+    #[arg(long, env = "COILD_STORE", value_parser = ["etcd", "embedded"])]
+    store: Option<String>,
+    /// Comma-separated etcd endpoints.
+    #[arg(long, env = "COILD_ETCD_ENDPOINTS")]
+    etcd_endpoints: Option<String>,
+    #[arg(long, env = "COILD_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// Deadline of each etcd request, like 2s or 500ms.
+    #[arg(long, env = "COILD_ETCD_TIMEOUT")]
+    etcd_timeout: Option<String>,
+    #[arg(long, env = "COILD_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    #[arg(long, env = "COILD_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    #[arg(long, env = "COILD_ETCD_TLS_CA")]
+    etcd_tls_ca: Option<PathBuf>,
+    #[arg(long, env = "COILD_ETCD_TLS_CERT")]
+    etcd_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "COILD_ETCD_TLS_KEY")]
+    etcd_tls_key: Option<PathBuf>,
+    /// Routing table the node's blocks are published in [default: 119].
+    #[arg(long, env = "COILD_TABLE_ID")]
+    table_id: Option<u32>,
+    /// Route protocol id marking coil's routes [default: 30].
+    #[arg(long, env = "COILD_PROTOCOL_ID")]
+    protocol_id: Option<u8>,
+    /// MTU of pod veths [default: 1500].
+    #[arg(long, env = "COILD_MTU")]
+    mtu: Option<u32>,
+    /// The plugin's socket [default: /run/coild.sock].
+    #[arg(long, env = "COILD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// State directory; the journal lives in <dir>/journal [default: /var/lib/coil].
+    #[arg(long, env = "COILD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where the kernel boot id is read [default: /proc/sys/kernel/random/boot_id].
+    #[arg(long, env = "COILD_BOOT_ID_FILE")]
+    boot_id_file: Option<PathBuf>,
+    /// TTL of the node's liveness lease, like 10s [default: 10s].
+    #[arg(long, env = "COILD_LIVENESS_TTL")]
+    liveness_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    node_name: Option<String>,
+    store: Option<String>,
+    etcd_endpoints: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+    etcd_timeout: Option<String>,
+    etcd_username: Option<String>,
+    etcd_password: Option<String>,
+    etcd_tls_ca: Option<PathBuf>,
+    etcd_tls_cert: Option<PathBuf>,
+    etcd_tls_key: Option<PathBuf>,
+    table_id: Option<u32>,
+    protocol_id: Option<u8>,
+    mtu: Option<u32>,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    boot_id_file: Option<PathBuf>,
+    liveness_ttl: Option<String>,
+}
+
+fn hostname() -> String {
+    nix_hostname().unwrap_or_else(|| "localhost".into())
+}
+
+fn nix_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn read_pem(p: &Option<PathBuf>, what: &str) -> Result<Option<Vec<u8>>, String> {
+    match p {
+        None => Ok(None),
+        Some(p) => std::fs::read(p)
+            .map(Some)
+            .map_err(|e| format!("reading {what} {}: {e}", p.display())),
+    }
+}
+
+impl Args {
+    fn resolve(self) -> Result<DaemonConfig, String> {
+        let file: FileConfig = match &self.config {
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| format!("reading config {}: {e}", p.display()))?;
+                serde_yaml_ng::from_str(&t).map_err(|e| format!("config {}: {e}", p.display()))?
+            }
+            None => match std::fs::read_to_string("/etc/coil/coild.yml") {
+                Ok(t) => serde_yaml_ng::from_str(&t)
+                    .map_err(|e| format!("config /etc/coil/coild.yml: {e}"))?,
+                Err(_) => FileConfig::default(),
+            },
+        };
+        let store = match self.store.or(file.store).as_deref() {
+            Some("etcd") => {
+                let endpoints: Vec<String> = match self.etcd_endpoints {
+                    Some(s) => s
+                        .split(',')
+                        .map(|x| x.trim().to_string())
+                        .filter(|x| !x.is_empty())
+                        .collect(),
+                    None => file.etcd_endpoints.unwrap_or_default(),
+                };
+                if endpoints.is_empty() {
+                    return Err("--store etcd needs --etcd-endpoints".into());
+                }
+                let timeout = match self.etcd_timeout.or(file.etcd_timeout) {
+                    Some(t) => crate::ctl_config::parse_duration(&t)?,
+                    None => Duration::from_secs(2),
+                };
+                let ca = read_pem(&self.etcd_tls_ca.or(file.etcd_tls_ca), "TLS CA")?;
+                let cert = read_pem(
+                    &self.etcd_tls_cert.or(file.etcd_tls_cert),
+                    "TLS certificate",
+                )?;
+                let key = read_pem(&self.etcd_tls_key.or(file.etcd_tls_key), "TLS key")?;
+                if cert.is_some() != key.is_some() {
+                    return Err(
+                        "a TLS client certificate needs both a certificate and a key".into(),
+                    );
+                }
+                StoreChoice::Etcd {
+                    opts: EtcdOptions {
+                        endpoints,
+                        timeout,
+                        username: self.etcd_username.or(file.etcd_username),
+                        password: self.etcd_password.or(file.etcd_password),
+                        tls: (ca.is_some() || cert.is_some()).then_some(TlsPem { ca, cert, key }),
+                    },
+                    prefix: self
+                        .etcd_prefix
+                        .or(file.etcd_prefix)
+                        .unwrap_or_else(|| "/coil/".into()),
+                }
+            }
+            Some("embedded") => StoreChoice::Embedded,
+            Some(other) => return Err(format!("unknown store {other:?}: use etcd or embedded")),
+            None => {
+                return Err(
+                    "choose a store: --store etcd --etcd-endpoints URLS (a cluster) or \
+                     --store embedded (a single host)"
+                        .into(),
+                )
+            }
+        };
+        let node_name = self.node_name.or(file.node_name).unwrap_or_else(hostname);
+        coil::store::model::validate_node_name(&node_name).map_err(|e| e.to_string())?;
+        let ttl = match self.liveness_ttl.or(file.liveness_ttl) {
+            Some(t) => crate::ctl_config::parse_duration(&t)?,
+            None => Duration::from_secs(10),
+        };
+        let mtu = self.mtu.or(file.mtu).unwrap_or(1500);
+        if !(576..=65535).contains(&mtu) {
+            return Err(format!("MTU {mtu} out of range 576..=65535"));
+        }
+        let table_id = self.table_id.or(file.table_id).unwrap_or(119);
+        if table_id == 0 || table_id == 253 || table_id == 254 || table_id == 255 {
+            return Err(format!("table id {table_id} is reserved by the kernel"));
+        }
+        let state_dir = self
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/coil"));
+        Ok(DaemonConfig {
+            node_name,
+            store,
+            table_id,
+            protocol_id: self.protocol_id.or(file.protocol_id).unwrap_or(30),
+            mtu,
+            socket: self
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(crate::plugin::DEFAULT_SOCKET)),
+            journal_dir: state_dir.join("journal"),
+            boot_id_file: self
+                .boot_id_file
+                .or(file.boot_id_file)
+                .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id")),
+            liveness_ttl: ttl,
+            pool_cache_ttl: Duration::from_secs(10),
+        })
+    }
+}
+
+/// Runs coild with `args`; returns the exit code.
+pub fn main(args: Vec<OsString>) -> i32 {
+    crate::coilctl::init_logging_with("info");
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coild: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coild: starting the runtime: {e}");
+            return exit::PROBLEMS;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        match daemon::run(cfg, shutdown).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("coild: {e}");
+                e.exit_code()
+            }
+        }
+    })
+}

@@ -1,0 +1,657 @@
+//! The kernel adapter: veths, addresses and routes over rtnetlink. The only
+//! module that knows rtnetlink.
+//!
+//! *Invariants:* every effect is idempotent (create-or-verify, delete
+//! tolerates absence); coil only touches links it named and routes carrying
+//! its protocol id; `setns` happens only on a short-lived dedicated thread
+//! (never on a runtime thread), and the pod end of a veth is created
+//! directly inside the pod's netns (moving a link costs ~20 ms).
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use nix::sched::CloneFlags;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The link-local gateway every pod routes through (v1's choice: it
+/// survives kube-proxy's arp_ignore=1).
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 equivalent, on the host end of every veth.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The gateway for a pod address of this family.
+pub fn gateway_for(a: &IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V4(_) => IpAddr::V4(GATEWAY_V4),
+        IpAddr::V6(_) => IpAddr::V6(GATEWAY_V6),
+    }
+}
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+
+/// Why a kernel change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("network namespace {0} does not exist")]
+    NetnsMissing(String),
+    #[error("interface {ifname} already exists in {netns}")]
+    InterfaceExists { ifname: String, netns: String },
+    #[error("{op} {what}: {msg}")]
+    Netlink {
+        op: &'static str,
+        what: String,
+        msg: String,
+        errno: i32,
+    },
+    #[error("{0}")]
+    Io(String),
+}
+
+type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+fn errno(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.raw_code().abs(),
+        _ => 0,
+    }
+}
+
+fn nl(op: &'static str, what: impl Into<String>, e: rtnetlink::Error) -> KernelError {
+    KernelError::Netlink {
+        op,
+        what: what.into(),
+        errno: errno(&e),
+        msg: e.to_string(),
+    }
+}
+
+/// What one pod attachment looks like in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireSpec {
+    /// Path of the pod's network namespace.
+    pub netns: String,
+    /// Interface name inside the pod (CNI_IFNAME).
+    pub ifname: String,
+    /// Host end of the veth (derived from container id and ifname).
+    pub host_veth: String,
+    /// IFLA_IFALIAS of the host end, identifying the attachment.
+    pub alias: String,
+    /// The pod's addresses (one /32 or /128 each).
+    pub addresses: Vec<IpAddr>,
+    pub mtu: u32,
+}
+
+/// MAC addresses of a wired veth.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Wired {
+    pub host_mac: String,
+    pub pod_mac: String,
+}
+
+/// A netlink client of coild's own network namespace.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    host: Handle,
+    strict: Handle,
+    table: u32,
+    protocol: u8,
+}
+
+fn mac(msg: &LinkMessage) -> String {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(b) => Some(
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn alias_of(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+fn name_of(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+async fn get_link(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(m) => Ok(m),
+        Err(e) if errno(&e) == ENODEV => Ok(None),
+        Err(e) => Err(nl("look up link", name, e)),
+    }
+}
+
+/// Opens a netlink connection inside the network namespace `ns`, from a
+/// dedicated thread that enters it and exits (so no runtime thread ever
+/// changes namespace). The connection task runs on the current runtime.
+fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
+    let rt = tokio::runtime::Handle::current();
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<_> {
+            nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            let _g = rt.enter();
+            rtnetlink::new_connection()
+        })
+        .join()
+    });
+    let (conn, handle, _) = match made {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(KernelError::Io(format!("entering netns {path}: {e}"))),
+        Err(_) => {
+            return Err(KernelError::Io(format!(
+                "entering netns {path}: thread panicked"
+            )))
+        }
+    };
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn open_netns(path: &str) -> Result<File> {
+    File::open(Path::new(path)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => KernelError::NetnsMissing(path.to_string()),
+        _ => KernelError::Io(format!("opening netns {path}: {e}")),
+    })
+}
+
+fn host_prefix(a: &IpAddr) -> u8 {
+    if a.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+impl Kernel {
+    /// Connects to the kernel of the current network namespace. Must run
+    /// inside a tokio runtime.
+    pub fn new(table: u32, protocol: u8) -> Result<Kernel> {
+        let (c1, host, _) =
+            rtnetlink::new_connection().map_err(|e| KernelError::Io(format!("netlink: {e}")))?;
+        tokio::spawn(c1);
+        let (c2, strict, _) = rtnetlink::new_connection_with_strict_check()
+            .map_err(|e| KernelError::Io(format!("netlink: {e}")))?;
+        tokio::spawn(c2);
+        Ok(Kernel {
+            host,
+            strict,
+            table,
+            protocol,
+        })
+    }
+
+    pub fn table(&self) -> u32 {
+        self.table
+    }
+
+    fn proto(&self) -> RouteProtocol {
+        RouteProtocol::from(self.protocol)
+    }
+
+    /// Creates the pod's veth and its addresses and routes. A host veth of
+    /// the same name (a half-done earlier attempt of this attachment) is
+    /// replaced; an interface of the pod's name already in the netns is an
+    /// error.
+    pub async fn wire(&self, w: &WireSpec) -> Result<Wired> {
+        let ns = open_netns(&w.netns)?;
+        if let Some(old) = get_link(&self.host, &w.host_veth).await? {
+            self.del_link(old.header.index, &w.host_veth).await?;
+        }
+        let nsh = netns_handle(&ns, &w.netns)?;
+        if get_link(&nsh, &w.ifname).await?.is_some() {
+            return Err(KernelError::InterfaceExists {
+                ifname: w.ifname.clone(),
+                netns: w.netns.clone(),
+            });
+        }
+        let peer = LinkUnspec::new_with_name(&w.ifname)
+            .setns_by_fd(ns.as_raw_fd())
+            .mtu(w.mtu)
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(w.host_veth.clone())
+            .mtu(w.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        if let Err(e) = self.host.link().add(msg).execute().await {
+            return Err(if errno(&e) == EEXIST {
+                KernelError::InterfaceExists {
+                    ifname: w.ifname.clone(),
+                    netns: w.netns.clone(),
+                }
+            } else {
+                nl("create veth", &w.host_veth, e)
+            });
+        }
+        let result = self.finish_wire(w, &nsh).await;
+        if result.is_err() {
+            // Leave nothing half-built behind: the peer dies with the host end.
+            if let Ok(Some(l)) = get_link(&self.host, &w.host_veth).await {
+                let _ = self.del_link(l.header.index, &w.host_veth).await;
+            }
+        }
+        result
+    }
+
+    async fn finish_wire(&self, w: &WireSpec, nsh: &Handle) -> Result<Wired> {
+        let host = get_link(&self.host, &w.host_veth)
+            .await?
+            .ok_or_else(|| KernelError::Io(format!("veth {} vanished", w.host_veth)))?;
+        let hidx = host.header.index;
+        self.host
+            .link()
+            .set(
+                LinkUnspec::new_with_index(hidx)
+                    .alias(w.alias.clone())
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| nl("bring up", &w.host_veth, e))?;
+        let pod = get_link(nsh, &w.ifname)
+            .await?
+            .ok_or_else(|| KernelError::Io(format!("{} missing in {}", w.ifname, w.netns)))?;
+        let pidx = pod.header.index;
+        let mut v4 = false;
+        let mut v6 = false;
+        for a in &w.addresses {
+            let mut req = nsh.address().add(pidx, *a, host_prefix(a));
+            if a.is_ipv6() {
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                v6 = true;
+            } else {
+                v4 = true;
+            }
+            match req.execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == EEXIST => {}
+                Err(e) => return Err(nl("add address", format!("{a} on {}", w.ifname), e)),
+            }
+        }
+        nsh.link()
+            .set(LinkUnspec::new_with_index(pidx).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl("bring up", &w.ifname, e))?;
+        if v4 {
+            let mut req = self.host.address().add(hidx, IpAddr::V4(GATEWAY_V4), 32);
+            let _ = &mut req;
+            ignore_exists(req.execute().await, "add gateway", &w.host_veth)?;
+            let link_route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(GATEWAY_V4, 32)
+                .output_interface(pidx)
+                .scope(RouteScope::Link)
+                .build();
+            ignore_exists(
+                nsh.route().add(link_route).execute().await,
+                "add gateway route",
+                &w.ifname,
+            )?;
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .gateway(GATEWAY_V4)
+                .output_interface(pidx)
+                .build();
+            ignore_exists(
+                nsh.route().add(default).execute().await,
+                "add default route",
+                &w.ifname,
+            )?;
+        }
+        if v6 {
+            let mut req = self.host.address().add(hidx, IpAddr::V6(GATEWAY_V6), 64);
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            ignore_exists(req.execute().await, "add gateway", &w.host_veth)?;
+            let default = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .gateway(GATEWAY_V6)
+                .output_interface(pidx)
+                .build();
+            ignore_exists(
+                nsh.route().add(default).execute().await,
+                "add default route",
+                &w.ifname,
+            )?;
+        }
+        for a in &w.addresses {
+            let msg = self.host_route(a, hidx)?;
+            ignore_exists(
+                self.host.route().add(msg).replace().execute().await,
+                "add host route",
+                &a.to_string(),
+            )?;
+        }
+        Ok(Wired {
+            host_mac: mac(&host),
+            pod_mac: mac(&pod),
+        })
+    }
+
+    fn host_route(&self, a: &IpAddr, oif: u32) -> Result<RouteMessage> {
+        let b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(*a, host_prefix(a))
+            .map_err(|e| KernelError::Io(format!("route to {a}: {e}")))?;
+        Ok(b.output_interface(oif)
+            .scope(RouteScope::Link)
+            .protocol(self.proto())
+            .build())
+    }
+
+    async fn del_link(&self, index: u32, name: &str) -> Result<bool> {
+        match self.host.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == ENODEV => Ok(false),
+            Err(e) => Err(nl("delete link", name, e)),
+        }
+    }
+
+    /// The MAC addresses of a wired attachment (for repeating an ADD's
+    /// answer).
+    pub async fn wire_info(&self, w: &WireSpec) -> Result<Wired> {
+        let host = get_link(&self.host, &w.host_veth)
+            .await?
+            .ok_or_else(|| KernelError::Io(format!("host veth {} is missing", w.host_veth)))?;
+        let ns = open_netns(&w.netns)?;
+        let nsh = netns_handle(&ns, &w.netns)?;
+        let pod = get_link(&nsh, &w.ifname)
+            .await?
+            .ok_or_else(|| KernelError::Io(format!("{} is missing in {}", w.ifname, w.netns)))?;
+        Ok(Wired {
+            host_mac: mac(&host),
+            pod_mac: mac(&pod),
+        })
+    }
+
+    /// Deletes the pod's veth (the pod end and both ends' routes go with
+    /// it). Absence is success; returns whether it existed.
+    pub async fn unwire(&self, host_veth: &str) -> Result<bool> {
+        match get_link(&self.host, host_veth).await? {
+            Some(l) => self.del_link(l.header.index, host_veth).await,
+            None => Ok(false),
+        }
+    }
+
+    /// The alias of host veth `name`, if the link exists.
+    pub async fn host_link(&self, name: &str) -> Result<Option<(String, Option<String>, bool)>> {
+        Ok(get_link(&self.host, name).await?.map(|l| {
+            let up = l.header.flags.contains(LinkFlags::Up);
+            (name_of(&l).unwrap_or_default(), alias_of(&l), up)
+        }))
+    }
+
+    fn block_route(&self, block: &IpNet, lo: u32) -> Result<RouteMessage> {
+        let b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(block.network(), block.prefix_len())
+            .map_err(|e| KernelError::Io(format!("route to {block}: {e}")))?;
+        Ok(b.output_interface(lo)
+            .table_id(self.table)
+            .protocol(self.proto())
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unicast)
+            .build())
+    }
+
+    async fn lo(&self) -> Result<u32> {
+        get_link(&self.host, "lo")
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| KernelError::Io("no loopback interface".into()))
+    }
+
+    /// Publishes a leased block: `BLOCK dev lo proto P table T` (replace, so
+    /// it is idempotent).
+    pub async fn export_block(&self, block: IpNet) -> Result<()> {
+        let msg = self.block_route(&block, self.lo().await?)?;
+        self.host
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| nl("export block", block.to_string(), e))
+    }
+
+    /// Withdraws a block route; absence is success.
+    pub async fn withdraw_block(&self, block: IpNet) -> Result<()> {
+        let msg = self.block_route(&block, self.lo().await?)?;
+        match self.host.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), ESRCH | ENOENT) => Ok(()),
+            Err(e) => Err(nl("withdraw block", block.to_string(), e)),
+        }
+    }
+
+    /// Routes of `table` carrying our protocol id.
+    async fn our_routes(&self, table: u32, v6: bool) -> Result<Vec<RouteMessage>> {
+        let mut filter = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        if table < 256 {
+            filter.header.table = table as u8;
+        } else {
+            filter.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            filter.attributes.push(RouteAttribute::Table(table));
+        }
+        filter.header.protocol = RouteProtocol::Unspec;
+        filter.header.scope = RouteScope::Universe;
+        filter.header.kind = RouteType::Unspec;
+        let routes: Vec<RouteMessage> = self
+            .strict
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl("list routes of table", table.to_string(), e))?;
+        Ok(routes
+            .into_iter()
+            .filter(|r| r.header.protocol == self.proto() && route_table(r) == table)
+            .collect())
+    }
+
+    /// Blocks currently published in our table, by us.
+    pub async fn exported_blocks(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            for r in self.our_routes(self.table, v6).await? {
+                if let Some(n) = route_dst(&r) {
+                    out.push(n);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Host routes to pods (main table, our protocol), with their output
+    /// interface index.
+    pub async fn host_routes(&self) -> Result<Vec<(IpNet, u32)>> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            for r in self
+                .our_routes(u32::from(RouteHeader::RT_TABLE_MAIN), v6)
+                .await?
+            {
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                if let (Some(n), Some(i)) = (route_dst(&r), oif) {
+                    out.push((n, i));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compares an attachment's kernel state with `w`; returns what differs
+    /// (empty when all is in place).
+    pub async fn check(&self, w: &WireSpec) -> Result<Vec<String>> {
+        let mut diffs = Vec::new();
+        let Some(host) = get_link(&self.host, &w.host_veth).await? else {
+            diffs.push(format!("host veth {} is missing", w.host_veth));
+            return Ok(diffs);
+        };
+        if alias_of(&host).as_deref() != Some(w.alias.as_str()) {
+            diffs.push(format!("host veth {} lacks alias {}", w.host_veth, w.alias));
+        }
+        if !host.header.flags.contains(LinkFlags::Up) {
+            diffs.push(format!("host veth {} is down", w.host_veth));
+        }
+        let routes = self.host_routes().await?;
+        for a in &w.addresses {
+            let want =
+                IpNet::new(*a, host_prefix(a)).map_err(|e| KernelError::Io(e.to_string()))?;
+            if !routes
+                .iter()
+                .any(|(n, i)| *n == want && *i == host.header.index)
+            {
+                diffs.push(format!(
+                    "host route to {want} via {} is missing",
+                    w.host_veth
+                ));
+            }
+        }
+        let ns = match open_netns(&w.netns) {
+            Ok(ns) => ns,
+            Err(KernelError::NetnsMissing(p)) => {
+                diffs.push(format!("netns {p} is gone"));
+                return Ok(diffs);
+            }
+            Err(e) => return Err(e),
+        };
+        let nsh = netns_handle(&ns, &w.netns)?;
+        let Some(pod) = get_link(&nsh, &w.ifname).await? else {
+            diffs.push(format!("{} is missing in {}", w.ifname, w.netns));
+            return Ok(diffs);
+        };
+        let addrs: Vec<IpAddr> = nsh
+            .address()
+            .get()
+            .set_link_index_filter(pod.header.index)
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| nl("list addresses of", &w.ifname, e))?
+            .into_iter()
+            .filter_map(|m| {
+                m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(ip),
+                    _ => None,
+                })
+            })
+            .collect();
+        for a in &w.addresses {
+            if !addrs.contains(a) {
+                diffs.push(format!("{a} is missing on {} in {}", w.ifname, w.netns));
+            }
+        }
+        for v6 in [false, true] {
+            if !w.addresses.iter().any(|a| a.is_ipv6() == v6) {
+                continue;
+            }
+            let mut filter = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().build()
+            };
+            filter.header.protocol = RouteProtocol::Unspec;
+            filter.header.kind = RouteType::Unspec;
+            let routes: Vec<RouteMessage> = nsh
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl("list routes in", &w.netns, e))?;
+            let has_default = routes.iter().any(|r| {
+                r.header.destination_prefix_length == 0
+                    && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+            });
+            if !has_default {
+                diffs.push(format!(
+                    "default route via {} is missing in {}",
+                    if v6 { "fe80::1" } else { "169.254.1.1" },
+                    w.netns
+                ));
+            }
+        }
+        Ok(diffs)
+    }
+}
+
+fn ignore_exists(
+    r: std::result::Result<(), rtnetlink::Error>,
+    op: &'static str,
+    what: &str,
+) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == EEXIST => Ok(()),
+        Err(e) => Err(nl(op, what, e)),
+    }
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn route_dst(r: &RouteMessage) -> Option<IpNet> {
+    let len = r.header.destination_prefix_length;
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
+            IpNet::new(IpAddr::V4(*v4), len).ok()
+        }
+        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
+            IpNet::new(IpAddr::V6(*v6), len).ok()
+        }
+        _ => None,
+    })
+}

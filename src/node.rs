@@ -1,0 +1,313 @@
+//! The per-node allocation state, pure: which blocks the node leases, which
+//! addresses are taken, and which attachment owns them. coild keeps one in
+//! memory, rebuilt from the journal at start and changed only after the
+//! journal has the change (or, for a reservation, rolled back if the
+//! journal refuses it). No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::journal::{Attachment, AttachmentKey, BlockLease, LeaseState};
+use crate::store::model::{addr_to_u128, net_from_u128, Family};
+
+/// Host end of a pod's veth: `coil` + 11 hex digits of a 64-bit FNV-1a
+/// hash of "container id/ifname" (15 characters, the kernel's limit), so
+/// the name is stable across restarts and the journal can be rebuilt from
+/// the kernel.
+pub fn host_veth_name(key: &AttachmentKey) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key
+        .container_id
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(key.ifname.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("coil{:011x}", h >> 20)
+}
+
+/// IFLA_IFALIAS of the host veth: identifies the attachment (at most 255
+/// bytes; container ids are validated to `[A-Za-z0-9_.-]`).
+pub fn veth_alias(key: &AttachmentKey) -> String {
+    let cid: String = key.container_id.chars().take(200).collect();
+    format!("coil:{}:{cid}", key.ifname)
+}
+
+/// Parses [`veth_alias`] back (ifname, container id prefix).
+pub fn parse_alias(alias: &str) -> Option<(String, String)> {
+    let rest = alias.strip_prefix("coil:")?;
+    let (ifname, cid) = rest.split_once(':')?;
+    Some((ifname.to_string(), cid.to_string()))
+}
+
+/// The address at `offset` inside `block`.
+pub fn address_at(block: &IpNet, offset: u64) -> Option<IpAddr> {
+    let fam = Family::of(block);
+    let start = addr_to_u128(block.network()) + u128::from(offset);
+    net_from_u128(fam, start, fam.bits()).map(|n| n.addr())
+}
+
+/// Addresses in a block.
+pub fn block_len(block: &IpNet) -> u64 {
+    1u64 << (block.max_prefix_len() - block.prefix_len()).min(63)
+}
+
+/// Picks the first free address of `block` at or after offset `cursor`,
+/// wrapping around, so that a freed address is not handed out again until
+/// the rest of the block has been used (no immediate reuse). Returns the
+/// address and the new cursor (the offset after it).
+pub fn next_free(block: &IpNet, cursor: u64, used: &BTreeSet<IpAddr>) -> Option<(IpAddr, u64)> {
+    let n = block_len(block);
+    let start = cursor % n;
+    for step in 0..n {
+        let off = (start + step) % n;
+        let a = address_at(block, off)?;
+        if !used.contains(&a) {
+            return Some((a, (off + 1) % n));
+        }
+    }
+    None
+}
+
+/// One leased block as the allocator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedBlock {
+    pub lease: BlockLease,
+    /// Addresses of this block that are reserved or assigned.
+    pub used: BTreeSet<IpAddr>,
+}
+
+impl LeasedBlock {
+    pub fn free(&self) -> u64 {
+        block_len(&self.lease.block) - self.used.len() as u64
+    }
+}
+
+/// A reservation made by [`NodeState::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub block: IpNet,
+    pub addr: IpAddr,
+    /// The lease with its cursor advanced (to persist with the attachment).
+    pub lease: BlockLease,
+}
+
+/// The node's allocation state.
+#[derive(Debug, Default, Clone)]
+pub struct NodeState {
+    blocks: BTreeMap<IpNet, LeasedBlock>,
+    attachments: BTreeMap<AttachmentKey, Attachment>,
+}
+
+impl NodeState {
+    /// Rebuilds the state from the journal's records.
+    pub fn from_records(leases: Vec<BlockLease>, attachments: Vec<Attachment>) -> NodeState {
+        let mut s = NodeState::default();
+        for l in leases {
+            s.blocks.insert(
+                l.block,
+                LeasedBlock {
+                    lease: l,
+                    used: BTreeSet::new(),
+                },
+            );
+        }
+        for a in attachments {
+            s.insert_attachment(a);
+        }
+        s
+    }
+
+    pub fn attachment(&self, key: &AttachmentKey) -> Option<&Attachment> {
+        self.attachments.get(key)
+    }
+
+    pub fn attachments(&self) -> impl Iterator<Item = &Attachment> {
+        self.attachments.values()
+    }
+
+    pub fn blocks(&self) -> impl Iterator<Item = &LeasedBlock> {
+        self.blocks.values()
+    }
+
+    /// Records an attachment and marks its addresses used.
+    pub fn insert_attachment(&mut self, a: Attachment) {
+        for x in &a.addresses {
+            if let Some(b) = self.blocks.get_mut(&x.block) {
+                b.used.insert(x.addr);
+            }
+        }
+        self.attachments.insert(a.key.clone(), a);
+    }
+
+    /// Forgets an attachment and frees its addresses. Call only after the
+    /// journal no longer holds it (and its kernel state is gone).
+    pub fn remove_attachment(&mut self, key: &AttachmentKey) -> Option<Attachment> {
+        let a = self.attachments.remove(key)?;
+        for x in &a.addresses {
+            if let Some(b) = self.blocks.get_mut(&x.block) {
+                b.used.remove(&x.addr);
+            }
+        }
+        Some(a)
+    }
+
+    /// Adds a newly leased block.
+    pub fn insert_lease(&mut self, l: BlockLease) {
+        self.blocks.entry(l.block).or_insert(LeasedBlock {
+            lease: l,
+            used: BTreeSet::new(),
+        });
+    }
+
+    /// Removes a block (released or lost). Its attachments stay recorded.
+    pub fn remove_lease(&mut self, block: &IpNet) -> Option<LeasedBlock> {
+        self.blocks.remove(block)
+    }
+
+    /// Reserves an address from a usable block of `pool` (the fullest one
+    /// with room, to keep blocks releasable), marking it used at once so a
+    /// concurrent ADD cannot take it. None when no leased block has room.
+    pub fn reserve(&mut self, pool: &str) -> Option<Reservation> {
+        let block = self
+            .blocks
+            .values()
+            .filter(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased && b.free() > 0)
+            .min_by_key(|b| (b.free(), b.lease.block))
+            .map(|b| b.lease.block)?;
+        let b = self.blocks.get_mut(&block)?;
+        let (addr, cursor) = next_free(&block, u64::from(b.lease.alloc_cursor), &b.used)?;
+        b.used.insert(addr);
+        b.lease.alloc_cursor = u32::try_from(cursor).unwrap_or(0);
+        Some(Reservation {
+            block,
+            addr,
+            lease: b.lease.clone(),
+        })
+    }
+
+    /// Undoes a reservation the journal refused.
+    pub fn unreserve(&mut self, r: &Reservation) {
+        if let Some(b) = self.blocks.get_mut(&r.block) {
+            b.used.remove(&r.addr);
+        }
+    }
+
+    /// Free addresses in usable blocks of any pool.
+    pub fn free_addresses(&self) -> u64 {
+        self.blocks
+            .values()
+            .filter(|b| b.lease.state == LeaseState::Leased)
+            .map(LeasedBlock::free)
+            .sum()
+    }
+
+    /// Does the node lease a usable block of `pool`?
+    pub fn has_pool(&self, pool: &str) -> bool {
+        self.blocks
+            .values()
+            .any(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{AssignedAddress, AttachmentState};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn lease(block: &str) -> BlockLease {
+        BlockLease {
+            pool: "default".into(),
+            block: net(block),
+            epoch: 1,
+            state: LeaseState::Leased,
+            alloc_cursor: 0,
+        }
+    }
+
+    #[test]
+    fn veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name(&AttachmentKey::new("abc", "eth0"));
+        assert_eq!(a, host_veth_name(&AttachmentKey::new("abc", "eth0")));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("coil"));
+        assert_ne!(a, host_veth_name(&AttachmentKey::new("abc", "eth1")));
+        assert_ne!(a, host_veth_name(&AttachmentKey::new("abd", "eth0")));
+        let al = veth_alias(&AttachmentKey::new("abc", "eth0"));
+        assert_eq!(parse_alias(&al), Some(("eth0".into(), "abc".into())));
+    }
+
+    #[test]
+    fn no_immediate_reuse() {
+        let b = net("10.0.0.0/30");
+        let mut used = BTreeSet::new();
+        let (a0, c) = next_free(&b, 0, &used).expect("free");
+        assert_eq!(a0.to_string(), "10.0.0.0");
+        used.insert(a0);
+        let (a1, c) = next_free(&b, c, &used).expect("free");
+        assert_eq!(a1.to_string(), "10.0.0.1");
+        used.remove(&a0); // freed, but the cursor moves on
+        used.insert(a1);
+        let (a2, c) = next_free(&b, c, &used).expect("free");
+        assert_eq!(a2.to_string(), "10.0.0.2");
+        used.insert(a2);
+        let (a3, c) = next_free(&b, c, &used).expect("free");
+        assert_eq!(a3.to_string(), "10.0.0.3");
+        used.insert(a3);
+        let (again, _) = next_free(&b, c, &used).expect("wraps");
+        assert_eq!(again, a0);
+        used.insert(again);
+        assert_eq!(next_free(&b, 0, &used), None);
+    }
+
+    #[test]
+    fn ipv6_offsets() {
+        let b = net("fd00::100/120");
+        assert_eq!(
+            address_at(&b, 255).map(|a| a.to_string()),
+            Some("fd00::1ff".into())
+        );
+        assert_eq!(block_len(&b), 256);
+    }
+
+    #[test]
+    fn reserve_fills_the_fullest_block_and_unreserves() {
+        let mut s =
+            NodeState::from_records(vec![lease("10.0.0.0/30"), lease("10.0.0.4/30")], vec![]);
+        s.insert_attachment(Attachment {
+            key: AttachmentKey::new("c", "eth0"),
+            netns: "/x".into(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            pool: "default".into(),
+            addresses: vec![AssignedAddress {
+                addr: "10.0.0.4".parse().expect("ip"),
+                block: net("10.0.0.4/30"),
+            }],
+            host_veth: "v".into(),
+            state: AttachmentState::Wired,
+            boot_id: "b".into(),
+            created_unix: 0,
+        });
+        let r = s.reserve("default").expect("room");
+        assert_eq!(r.block, net("10.0.0.4/30"), "fullest block first");
+        assert_eq!(s.free_addresses(), 8 - 2);
+        s.unreserve(&r);
+        assert_eq!(s.free_addresses(), 8 - 1);
+        assert!(s.reserve("other").is_none());
+        for _ in 0..7 {
+            assert!(s.reserve("default").is_some());
+        }
+        assert!(s.reserve("default").is_none(), "all 8 used");
+        s.remove_attachment(&AttachmentKey::new("c", "eth0"));
+        assert_eq!(s.free_addresses(), 1);
+    }
+}
