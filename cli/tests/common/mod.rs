@@ -1,0 +1,397 @@
+//! A node for tests: coild (the real binary) running in a fresh network
+//! namespace, pods as network namespaces, and the real `coil` plugin called
+//! with CNI environment and netconf, as a runtime would. Everything is
+//! created under unique names and removed on drop. Needs root.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const COIL: &str = env!("CARGO_BIN_EXE_coil");
+pub const COILD: &str = env!("CARGO_BIN_EXE_coild");
+pub const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(tag: &str) -> String {
+    // netns names: short, unique per process and call.
+    format!(
+        "ct{}{}{}",
+        std::process::id() % 100_000,
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let o = sh(args);
+    assert!(o.status.success(), "{args:?}: {o:?}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Which store the node's coild uses.
+pub enum StoreMode {
+    Embedded,
+    Etcd { endpoint: String, prefix: String },
+}
+
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub mode: StoreMode,
+    coild: Option<Child>,
+    etcd: Option<Child>,
+    pods: Vec<String>,
+}
+
+impl Node {
+    /// A node netns with forwarding on, and (for the embedded store) the
+    /// pools created before coild starts.
+    pub fn new(mode: StoreMode, pools: &[&[&str]]) -> Node {
+        let netns = unique("n");
+        ok(&["ip", "netns", "add", &netns]);
+        ok(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("coild.sock");
+        let mut n = Node {
+            name: format!("node-{netns}"),
+            netns,
+            socket,
+            dir,
+            mode,
+            coild: None,
+            etcd: None,
+            pods: Vec::new(),
+        };
+        if let StoreMode::Etcd { endpoint, .. } = &mut n.mode {
+            if endpoint.is_empty() {
+                *endpoint = "http://127.0.0.1:2379".into();
+                n.etcd = Some(start_etcd_in(&n.netns, n.dir.path()));
+            }
+        }
+        for p in pools {
+            let o = n.coilctl(p);
+            assert!(o.status.success(), "pool {p:?}: {o:?}");
+        }
+        n.start();
+        n
+    }
+
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
+    /// Runs coilctl inside the node's netns (where its etcd is).
+    pub fn coilctl(&self, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, COILCTL]);
+        c.env_clear().env("HOME", self.dir.path());
+        match &self.mode {
+            StoreMode::Embedded => {
+                c.args(["--store", "embedded", "--journal-dir"])
+                    .arg(self.journal_dir());
+            }
+            StoreMode::Etcd { endpoint, prefix } => {
+                c.args(["--etcd-endpoints", endpoint, "--etcd-prefix", prefix]);
+            }
+        }
+        c.args(args).output().expect("run coilctl")
+    }
+
+    pub fn start(&mut self) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, COILD])
+            .args(["--node-name", &self.name])
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--liveness-ttl", "5s"]);
+        match &self.mode {
+            StoreMode::Embedded => {
+                c.args(["--store", "embedded"]);
+            }
+            StoreMode::Etcd { endpoint, prefix } => {
+                c.args([
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    endpoint,
+                    "--etcd-prefix",
+                    prefix,
+                    "--etcd-timeout",
+                    "1s",
+                ]);
+            }
+        }
+        let log = std::fs::File::create(self.dir.path().join("coild.log")).expect("log");
+        c.env("COIL_LOG", "info").stdout(Stdio::null()).stderr(log);
+        self.coild = Some(c.spawn().expect("start coild"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(ch) = self.coild.as_mut() {
+                if let Ok(Some(st)) = ch.try_wait() {
+                    panic!("coild exited {st}: {}", self.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "coild not ready: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coild.log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.coild.take() {
+            // `ip netns exec` execs coild, so this is coild's pid.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.coild.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A new pod netns (removed on drop).
+    pub fn pod(&mut self) -> String {
+        let p = unique("p");
+        ok(&["ip", "netns", "add", &p]);
+        ok(&["ip", "-n", &p, "link", "set", "lo", "up"]);
+        self.pods.push(p.clone());
+        p
+    }
+
+    pub fn conf(&self, version: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"{version}","name":"k8s-pod-network","type":"coil","socket":"{}"}}"#,
+            self.socket.display()
+        )
+    }
+
+    /// Links of the node netns whose name starts with "coil".
+    pub fn coil_links(&self) -> Vec<String> {
+        ok(&["ip", "-n", &self.netns, "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|s| s.starts_with("coil"))
+            .collect()
+    }
+
+    pub fn table119(&self) -> String {
+        ok(&["ip", "-n", &self.netns, "route", "show", "table", "119"])
+    }
+}
+
+/// Starts a private etcd inside `netns` (loopback 2379/2380 there) and
+/// waits until it answers. The child is returned and reaped by `Node`'s drop.
+#[allow(clippy::zombie_processes)]
+fn start_etcd_in(netns: &str, dir: &std::path::Path) -> Child {
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "etcd", "--name", "t", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            "http://127.0.0.1:2379",
+            "--advertise-client-urls",
+            "http://127.0.0.1:2379",
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "t=http://127.0.0.1:2380",
+            "--log-level",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start etcd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/127.0.0.1/2379",
+        ])
+        .status
+        .success();
+        if up {
+            std::thread::sleep(Duration::from_millis(200));
+            return child;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("etcd in {netns} not ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(mut e) = self.etcd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+        for p in &self.pods {
+            let _ = sh(&["ip", "netns", "del", p]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.netns]);
+    }
+}
+
+/// The result of one plugin call.
+#[derive(Debug)]
+pub struct Cni {
+    pub code: i32,
+    pub out: Value,
+    pub raw: String,
+    pub stderr: String,
+}
+
+impl Cni {
+    /// The CNI error code, if the call failed with one.
+    pub fn err(&self) -> Option<u64> {
+        if self.code == 0 {
+            None
+        } else {
+            self.out.get("code").and_then(Value::as_u64)
+        }
+    }
+
+    pub fn ip(&self) -> String {
+        self.out["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Calls the plugin. `env` entries with an empty value are left unset.
+pub fn cni(env: &[(&str, &str)], stdin: &[u8]) -> Cni {
+    let mut c = Command::new(COIL);
+    c.env_clear();
+    for (k, v) in env {
+        if !v.is_empty() {
+            c.env(k, v);
+        }
+    }
+    let mut ch = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run coil");
+    if let Some(mut i) = ch.stdin.take() {
+        let _ = i.write_all(stdin);
+    }
+    let o = ch.wait_with_output().expect("coil");
+    let raw = String::from_utf8_lossy(&o.stdout).into_owned();
+    Cni {
+        code: o.status.code().unwrap_or(-1),
+        out: if raw.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&raw).unwrap_or(Value::String(raw.clone()))
+        },
+        raw,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+impl Node {
+    /// ADD/DEL/CHECK for a pod netns (by name), container id and ifname.
+    pub fn call(
+        &self,
+        cmd: &str,
+        version: &str,
+        pod: &str,
+        cid: &str,
+        ifname: &str,
+        args: &str,
+    ) -> Cni {
+        let netns = if pod.is_empty() {
+            String::new()
+        } else {
+            format!("/run/netns/{pod}")
+        };
+        cni(
+            &[
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", cid),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", ifname),
+                ("CNI_ARGS", args),
+                ("CNI_PATH", "/opt/cni/bin"),
+            ],
+            self.conf(version).as_bytes(),
+        )
+    }
+
+    pub fn add(&self, pod: &str, cid: &str) -> Cni {
+        self.call("ADD", "1.0.0", pod, cid, "eth0", "")
+    }
+
+    pub fn del(&self, pod: &str, cid: &str) -> Cni {
+        self.call("DEL", "1.0.0", pod, cid, "eth0", "")
+    }
+}
+
+/// Can `from` (a netns) ping `to`?
+pub fn ping(from: &str, to: &str) -> bool {
+    sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W2", to])
+        .status
+        .success()
+}
