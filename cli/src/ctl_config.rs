@@ -65,6 +65,10 @@ pub struct StoreArgs {
     /// Journal directory of the embedded store [default: /var/lib/coil/journal].
     #[arg(long, global = true, env = "COILCTL_JOURNAL_DIR", value_name = "DIR")]
     pub journal_dir: Option<PathBuf>,
+    /// coild's socket, used for the embedded store while coild runs
+    /// [default: /run/coild.sock].
+    #[arg(long, global = true, env = "COILCTL_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The config file (v1's keys, plus `store` and `journal-dir`).
@@ -85,6 +89,7 @@ struct FileConfig {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     journal_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +106,7 @@ pub struct StoreConfig {
     pub etcd: EtcdOptions,
     pub prefix: String,
     pub journal_dir: PathBuf,
+    pub socket: PathBuf,
 }
 
 /// Parses durations like `2s`, `500ms`, `1m`, or a bare number of seconds.
@@ -209,6 +215,11 @@ impl StoreArgs {
                 .clone()
                 .or(file.journal_dir)
                 .unwrap_or_else(|| PathBuf::from(crate::coilctl::DEFAULT_JOURNAL_DIR)),
+            socket: self
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(crate::plugin::DEFAULT_SOCKET)),
         })
     }
 

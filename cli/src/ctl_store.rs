@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use coil::exit;
 use coil::journal::{Journal, JournalError};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::EtcdBackend;
 use coil::store::model::{self, parse_subnet};
+use coil::store::remote::RemoteBackend;
 use coil::store::{Backend, BlockLease, PoolSpec, Store, StoreError};
 use ipnet::IpNet;
 use serde_json::{json, Value};
@@ -159,14 +161,26 @@ async fn dispatch(cfg: &StoreConfig, json: bool, cmd: StoreCmd) -> Result<i32, F
         StoreKind::Embedded => {
             let j = match Journal::open(&cfg.journal_dir) {
                 Ok(j) => Arc::new(j),
-                Err(e @ JournalError::Locked { .. }) => {
-                    return Err(Failure::Other(
-                        format!(
-                            "{e}: coild owns the embedded store while it runs; stop coild \
-                             to administer the store offline"
-                        ),
-                        exit::UNAVAILABLE,
-                    ))
+                Err(JournalError::Locked { .. }) => {
+                    // coild owns the store: go through its socket.
+                    let b = RemoteBackend::new(
+                        cfg.socket.clone(),
+                        cfg.etcd.timeout.max(Duration::from_secs(5)),
+                    );
+                    let s = Store::open(b, &cfg.prefix).await.map_err(|e| {
+                        if e.is_unavailable() {
+                            Failure::Other(
+                                format!(
+                                    "the journal {} is locked (coild runs) but coild's socket does not answer: {e}",
+                                    cfg.journal_dir.display()
+                                ),
+                                exit::UNAVAILABLE,
+                            )
+                        } else {
+                            Failure::Store(e)
+                        }
+                    })?;
+                    return exec(&s, json, cmd).await;
                 }
                 Err(e) => {
                     return Err(Failure::Other(

@@ -105,6 +105,13 @@ fn pods_reach_each_other_and_the_node_and_blocks_are_published() {
     let block = t.split_whitespace().next().unwrap_or_default().to_string();
     let net: ipnet::IpNet = block.parse().expect("block");
     assert!(net.contains(&ipb.parse::<std::net::IpAddr>().expect("ip")));
+    // coilctl reaches the embedded store through coild's socket.
+    let o = n.coilctl(&["pool", "show", "default", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["leased"], 1, "{v}");
+    assert_eq!(v["leases"][0]["block"], block.as_str());
+    assert_eq!(v["leases"][0]["node"], n.name.as_str());
     // Host veths carry the alias naming the attachment.
     let links = ok(&["ip", "-n", &n.netns, "-d", "link", "show"]);
     assert!(links.contains("alias coil:eth0:pa"), "{links}");

@@ -379,7 +379,7 @@ fn embedded_store_offline_and_locked() {
     // While another process (coild) holds the journal, coilctl says so.
     let j = Arc::new(coil::journal::Journal::open(&jdir).expect("hold journal"));
     let o = run(&["pool", "list"]);
-    one_line_error(&o, 3, "coild owns the embedded store");
+    one_line_error(&o, 3, "socket does not answer");
     drop(j);
     // The journal tools see the store's entries too.
     let o = Command::new(COILCTL)

@@ -11,8 +11,10 @@
 use std::fmt;
 use std::future::Future;
 
+use serde::{Deserialize, Serialize};
+
 /// One key/value pair with its etcd-style metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
@@ -31,7 +33,7 @@ impl KeyValue {
 }
 
 /// Comparison operators of a transaction guard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmpOp {
     Equal,
     NotEqual,
@@ -51,7 +53,7 @@ impl CmpOp {
 }
 
 /// A transaction guard. A missing key has create/mod revision 0.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Cmp {
     CreateRevision {
         key: Vec<u8>,
@@ -79,7 +81,7 @@ pub enum Cmp {
 }
 
 /// An operation inside a transaction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Op {
     /// Put a value, bound to `lease` unless it is 0.
     Put {
@@ -142,7 +144,7 @@ impl Op {
 }
 
 /// What one operation returned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
     Put,
     Deleted(u64),
@@ -161,7 +163,7 @@ impl OpResult {
 
 /// A compare-and-swap transaction: if every guard holds, `then` runs,
 /// otherwise `otherwise` runs, atomically.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Txn {
     pub when: Vec<Cmp>,
     pub then: Vec<Op>,
@@ -180,7 +182,7 @@ impl Txn {
 }
 
 /// The outcome of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnResult {
     pub succeeded: bool,
     /// The store revision after the transaction (the revision of its writes
@@ -200,7 +202,7 @@ impl TxnResult {
 }
 
 /// How a backend call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendErrorKind {
     /// The store could not be reached or did not answer in time; a retry
     /// later can succeed.
@@ -212,7 +214,7 @@ pub enum BackendErrorKind {
 }
 
 /// A failed backend call, naming the operation, the key and the endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendError {
     pub kind: BackendErrorKind,
     /// What coil was doing ("acquire block", "list pools").

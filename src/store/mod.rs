@@ -11,6 +11,7 @@ pub mod embedded;
 mod error;
 pub mod etcd;
 pub mod model;
+pub mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

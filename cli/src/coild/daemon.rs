@@ -311,6 +311,11 @@ impl<B: Backend> Daemon<B> {
         &self.cfg
     }
 
+    /// The store backend (served to coilctl over the socket).
+    pub fn store_backend(&self) -> &B {
+        self.store.backend()
+    }
+
     /// Settles what a crash left half-done: pending intents are rolled
     /// forward or back, and after a reboot every previous attachment (whose
     /// kernel state is gone) is reclaimed at once. The full three-way

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coil::cni::{code, CniError, Request, Response};
+use coil::store::remote::{serve_rpc, StoreCall};
 use coil::store::Backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -88,10 +89,19 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
         ),
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&buf) {
             Ok(req) => d.handle(req).await,
-            Err(e) => Response::err(
-                &CniError::new(code::DECODE, "malformed request").with_details(e.to_string()),
-                "1.1.0",
-            ),
+            Err(e) => match serde_json::from_slice::<StoreCall>(&buf) {
+                // coilctl reaching the embedded store through coild.
+                Ok(call) => {
+                    let reply = serve_rpc(d.store_backend(), call.store).await;
+                    let body = serde_json::to_vec(&reply).unwrap_or_default();
+                    s.write_all(&body).await?;
+                    return s.shutdown().await;
+                }
+                Err(_) => Response::err(
+                    &CniError::new(code::DECODE, "malformed request").with_details(e.to_string()),
+                    "1.1.0",
+                ),
+            },
         },
     };
     let body = serde_json::to_vec(&resp).unwrap_or_default();

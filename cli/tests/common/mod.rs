@@ -113,7 +113,9 @@ impl Node {
         match &self.mode {
             StoreMode::Embedded => {
                 c.args(["--store", "embedded", "--journal-dir"])
-                    .arg(self.journal_dir());
+                    .arg(self.journal_dir())
+                    .arg("--socket")
+                    .arg(&self.socket);
             }
             StoreMode::Etcd { endpoint, prefix } => {
                 c.args(["--etcd-endpoints", endpoint, "--etcd-prefix", prefix]);
