@@ -228,9 +228,6 @@ impl Kernel {
     /// error.
     pub async fn wire(&self, w: &WireSpec) -> Result<Wired> {
         let ns = open_netns(&w.netns)?;
-        if let Some(old) = get_link(&self.host, &w.host_veth).await? {
-            self.del_link(old.header.index, &w.host_veth).await?;
-        }
         let nsh = netns_handle(&ns, &w.netns)?;
         if get_link(&nsh, &w.ifname).await?.is_some() {
             return Err(KernelError::InterfaceExists {
@@ -247,15 +244,30 @@ impl Kernel {
             .mtu(w.mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
-        if let Err(e) = self.host.link().add(msg).execute().await {
-            return Err(if errno(&e) == EEXIST {
-                KernelError::InterfaceExists {
-                    ifname: w.ifname.clone(),
-                    netns: w.netns.clone(),
+        if let Err(e) = self.host.link().add(msg.clone()).execute().await {
+            if errno(&e) != EEXIST {
+                return Err(nl("create veth", &w.host_veth, e));
+            }
+            // A host veth of this name is a half-done earlier attempt of
+            // this very attachment (the name derives from it): replace it.
+            // (Checking first would cost every ADD a round trip.)
+            match get_link(&self.host, &w.host_veth).await? {
+                Some(old) => {
+                    self.del_link(old.header.index, &w.host_veth).await?;
+                    self.host
+                        .link()
+                        .add(msg)
+                        .execute()
+                        .await
+                        .map_err(|e| nl("create veth", &w.host_veth, e))?;
                 }
-            } else {
-                nl("create veth", &w.host_veth, e)
-            });
+                None => {
+                    return Err(KernelError::InterfaceExists {
+                        ifname: w.ifname.clone(),
+                        netns: w.netns.clone(),
+                    })
+                }
+            }
         }
         let result = self.finish_wire(w, &nsh).await;
         if result.is_err() {

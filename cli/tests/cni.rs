@@ -75,7 +75,7 @@ fn every_version_add_check_del() {
         let d2 = n.call("DEL", v, &pod, &cid, "eth0", "");
         assert_eq!(d2.code, 0, "second DEL: {d2:?}");
     }
-    assert!(n.coil_links().is_empty(), "{:?}", n.coil_links());
+    assert!(n.wait_links(0).is_empty(), "{:?}", n.coil_links());
     let v = cni(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"0.4.0"}"#);
     assert_eq!(v.code, 0);
     assert_eq!(v.out["cniVersion"], "0.4.0");
@@ -142,7 +142,7 @@ fn del_without_netns_and_after_the_netns_is_gone() {
     ok(&["ip", "netns", "del", &p2]);
     let d = n.del(&p2, "c2");
     assert_eq!(d.code, 0, "{d:?}");
-    assert!(n.coil_links().is_empty(), "{:?}", n.coil_links());
+    assert!(n.wait_links(0).is_empty(), "{:?}", n.coil_links());
     // Both addresses are free again: a pool of one block of 16 serves 16.
     for i in 0..16 {
         let p = n.pod();

@@ -73,6 +73,14 @@ pub async fn serve<B: Backend>(
     Ok(())
 }
 
+/// `{"stats":{}}`: coild's counters.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stats {
+    #[allow(dead_code)]
+    stats: serde_json::Value,
+}
+
 async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut limited = (&mut s).take(MAX_REQUEST + 1);
@@ -94,6 +102,11 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
                 Ok(call) => {
                     let reply = serve_rpc(d.store_backend(), call.store).await;
                     let body = serde_json::to_vec(&reply).unwrap_or_default();
+                    s.write_all(&body).await?;
+                    return s.shutdown().await;
+                }
+                Err(_) if serde_json::from_slice::<Stats>(&buf).is_ok() => {
+                    let body = serde_json::to_vec(&d.stats()).unwrap_or_default();
                     s.write_all(&body).await?;
                     return s.shutdown().await;
                 }

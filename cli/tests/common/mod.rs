@@ -223,6 +223,19 @@ impl Node {
             .collect()
     }
 
+    /// Waits (bounded) until no coil host veth is left: DEL finishes the
+    /// kernel teardown in the background.
+    pub fn wait_links(&self, want: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = self.coil_links();
+            if l.len() == want || Instant::now() > deadline {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn table119(&self) -> String {
         ok(&["ip", "-n", &self.netns, "route", "show", "table", "119"])
     }

@@ -1,0 +1,561 @@
+//! CNI latency and footprint: coil against Debian's ptp + host-local
+//! (containernetworking-plugins), driven the same way in the same run.
+//!
+//! Both plugins run as fresh processes per call with CNI environment and
+//! netconf on stdin, inside the same kind of node network namespace, on
+//! pod namespaces created beforehand (not timed). Needs root.
+//!
+//! Figures (merged into `COIL_BENCH_SUMMARY`):
+//! cni.add.p50_ms/p99_ms, cni.del.p50_ms/p99_ms and baseline.* (200 pods,
+//! sequential); cni.add.par8.p50_ms, baseline.add.par8.p50_ms (8 callers);
+//! cni.burst100.wall_ms (and baseline.burst100.wall_ms); cni.plugin.maxrss_kib
+//! (and baseline.plugin.maxrss_kib); coild.rss_kib.250pods;
+//! cni.add.etcd_requests (etcd mode, leased blocks with room).
+//!
+//! Knob: COIL_BENCH_PODS (default 200).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const COIL: &str = env!("CARGO_BIN_EXE_coil");
+const COILD: &str = env!("CARGO_BIN_EXE_coild");
+const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
+const CNI_PATH: &str = "/usr/lib/cni";
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run");
+    assert!(st.success(), "{args:?}");
+}
+
+fn summary_path() -> PathBuf {
+    std::env::var("COIL_BENCH_SUMMARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json")
+        })
+}
+
+fn write_summary(figs: &[(String, f64, &str)]) {
+    let path = summary_path();
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).expect("bench dir");
+    }
+    let mut all: BTreeMap<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (k, v, u) in figs {
+        all.insert(
+            k.clone(),
+            serde_json::json!({"value": (v * 1000.0).round() / 1000.0, "unit": u}),
+        );
+    }
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&all).expect("json") + "\n",
+    )
+    .expect("write summary");
+}
+
+/// One plugin call: wall time and the child's peak RSS.
+struct Call {
+    ms: f64,
+    maxrss_kib: i64,
+    ok: bool,
+}
+
+/// Runs `bin` inside the netns `node` (entered in the forked child before
+/// exec) with the CNI environment, and waits with wait4 for its rusage
+/// (wait4 reaps the child; std's wait cannot report rusage).
+#[allow(clippy::zombie_processes)]
+fn call(node: &File, bin: &str, env: &[(&str, String)], stdin: &[u8]) -> Call {
+    let fd = node.as_raw_fd();
+    let mut c = Command::new(bin);
+    c.env_clear();
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setns is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let start = Instant::now();
+    let mut child: Child = c.spawn().expect("spawn plugin");
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(stdin);
+    }
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child; status and ru are valid for writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    Call {
+        ms,
+        maxrss_kib: ru.ru_maxrss,
+        ok: r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// A plugin under test: how to call it.
+#[derive(Clone)]
+struct Plugin {
+    name: &'static str,
+    bin: String,
+    conf: String,
+}
+
+fn env(cmd: &str, pod: &str, with_netns: bool) -> Vec<(&'static str, String)> {
+    let mut e = vec![
+        ("CNI_COMMAND", cmd.to_string()),
+        ("CNI_CONTAINERID", pod.to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_PATH", CNI_PATH.to_string()),
+        // As kubelet passes them.
+        (
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={pod}"),
+        ),
+    ];
+    if with_netns {
+        e.push(("CNI_NETNS", format!("/run/netns/{pod}")));
+    }
+    e
+}
+
+struct Pods {
+    names: Vec<String>,
+}
+
+impl Pods {
+    fn new(prefix: &str, n: usize) -> Pods {
+        let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i:04}")).collect();
+        for p in &names {
+            let _ = Command::new("ip")
+                .args(["netns", "del", p])
+                .stderr(Stdio::null())
+                .status();
+            sh(&["ip", "netns", "add", p]);
+        }
+        Pods { names }
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for p in &self.names {
+            let _ = Command::new("ip")
+                .args(["netns", "del", p])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Sequential ADD then DEL of `n` pods; returns (add ms, del ms, max rss).
+fn sequential(node: &File, pl: &Plugin, n: usize) -> (Vec<f64>, Vec<f64>, i64) {
+    let pods = Pods::new(&format!("cb{}", &pl.name[..1]), n);
+    let mut add = Vec::new();
+    let mut del = Vec::new();
+    let mut rss = 0;
+    for p in &pods.names {
+        let c = call(node, &pl.bin, &env("ADD", p, true), pl.conf.as_bytes());
+        assert!(c.ok, "{} ADD {p} failed", pl.name);
+        add.push(c.ms);
+        rss = rss.max(c.maxrss_kib);
+    }
+    for p in &pods.names {
+        let c = call(node, &pl.bin, &env("DEL", p, true), pl.conf.as_bytes());
+        assert!(c.ok, "{} DEL {p} failed", pl.name);
+        del.push(c.ms);
+        rss = rss.max(c.maxrss_kib);
+    }
+    (add, del, rss)
+}
+
+/// `n` ADDs by `workers` parallel callers; returns (per-call ms, wall ms).
+fn parallel(node: &File, pl: &Plugin, n: usize, workers: usize, tag: &str) -> (Vec<f64>, f64) {
+    let pods = Pods::new(&format!("cq{tag}{}", &pl.name[..1]), n);
+    let queue = Arc::new(Mutex::new(pods.names.clone()));
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let q = queue.clone();
+            let t = times.clone();
+            s.spawn(move || loop {
+                let Some(p) = q.lock().expect("queue").pop() else {
+                    break;
+                };
+                let c = call(node, &pl.bin, &env("ADD", &p, true), pl.conf.as_bytes());
+                assert!(c.ok, "{} parallel ADD {p} failed", pl.name);
+                t.lock().expect("times").push(c.ms);
+            });
+        }
+    });
+    let wall = start.elapsed().as_secs_f64() * 1000.0;
+    for p in &pods.names {
+        let _ = call(node, &pl.bin, &env("DEL", p, true), pl.conf.as_bytes());
+    }
+    let t = times.lock().expect("times").clone();
+    (t, wall)
+}
+
+struct Coild {
+    child: Child,
+    socket: PathBuf,
+    etcd: Option<Child>,
+}
+
+impl Drop for Coild {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(e) = &mut self.etcd {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+    }
+}
+
+fn start_coild(netns: &str, dir: &Path, etcd: bool) -> Coild {
+    let socket = dir.join("coild.sock");
+    let mut etcd_child = None;
+    let mut store_args: Vec<String> = vec!["--store".into(), "embedded".into()];
+    if etcd {
+        let e = Command::new("ip")
+            .args(["netns", "exec", netns, "etcd", "--name", "b", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "b=http://127.0.0.1:2380",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd");
+        etcd_child = Some(e);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    netns,
+                    "bash",
+                    "-c",
+                    "exec 3<>/dev/tcp/127.0.0.1/2379",
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "etcd not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        store_args = vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            "http://127.0.0.1:2379".into(),
+        ];
+    }
+    let mut ctl = Command::new("ip");
+    ctl.args(["netns", "exec", netns, COILCTL]);
+    if etcd {
+        ctl.args(["--etcd-endpoints", "http://127.0.0.1:2379"]);
+    } else {
+        ctl.args(["--store", "embedded", "--journal-dir"])
+            .arg(dir.join("journal"));
+    }
+    let st = ctl
+        .args([
+            "pool",
+            "create",
+            "default",
+            "10.128.0.0/16",
+            "--block-size",
+            "5",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("coilctl");
+    assert!(st.success(), "pool create");
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, COILD])
+        .args(&store_args)
+        .args(["--node-name", "bench-node", "--state-dir"])
+        .arg(dir)
+        .arg("--socket")
+        .arg(&socket)
+        .env("COIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coild");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "coild not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Coild {
+        child,
+        socket,
+        etcd: etcd_child,
+    }
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// coild's counters, through its socket.
+fn coild_stats(socket: &Path) -> serde_json::Value {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect coild");
+    s.write_all(br#"{"stats":{}}"#).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    serde_json::from_str(&out).expect("json")
+}
+
+fn main() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the cni benchmark needs root (network namespaces)");
+        std::process::exit(2);
+    }
+    if !Path::new(CNI_PATH).join("ptp").exists() {
+        eprintln!("the baseline needs Debian's containernetworking-plugins ({CNI_PATH}/ptp)");
+        std::process::exit(2);
+    }
+    let n: usize = std::env::var("COIL_BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_ns = "cbnode";
+    let _ = Command::new("ip")
+        .args(["netns", "del", node_ns])
+        .stderr(Stdio::null())
+        .status();
+    sh(&["ip", "netns", "add", node_ns]);
+    sh(&["ip", "-n", node_ns, "link", "set", "lo", "up"]);
+    let node = File::open(format!("/run/netns/{node_ns}")).expect("node netns");
+
+    let baseline = Plugin {
+        name: "baseline",
+        bin: format!("{CNI_PATH}/ptp"),
+        conf: format!(
+            r#"{{"cniVersion":"1.0.0","name":"bench","type":"ptp","ipMasq":false,"mtu":1500,
+            "ipam":{{"type":"host-local","dataDir":"{}","ranges":[[{{"subnet":"10.123.0.0/16"}}]],
+            "routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+            dir.path().join("host-local").display()
+        ),
+    };
+    let coild_dir = dir.path().join("coild");
+    std::fs::create_dir_all(&coild_dir).expect("dir");
+    let coild = start_coild(node_ns, &coild_dir, false);
+    let coil = Plugin {
+        name: "cni",
+        bin: COIL.to_string(),
+        conf: format!(
+            r#"{{"cniVersion":"1.0.0","name":"bench","type":"coil","socket":"{}"}}"#,
+            coild.socket.display()
+        ),
+    };
+
+    let mut figs: Vec<(String, f64, &str)> = Vec::new();
+    println!(
+        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10}",
+        "plugin", "add p50", "add p99", "del p50", "del p99", "par8 p50", "burst100", "maxrss"
+    );
+    let mut rows = BTreeMap::new();
+    // coild finishes DEL's veth teardown in the background; let each phase
+    // start on a quiet kernel (ptp's DELs are synchronous).
+    let quiesce = |pl: &Plugin| {
+        if pl.name != "cni" {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while coild_stats(&coild.socket)["attachments"].as_u64() != Some(0) {
+            assert!(Instant::now() < deadline, "coild never finished releasing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for pl in [&baseline, &coil] {
+        let (mut add, mut del, rss_seq) = sequential(&node, pl, n);
+        quiesce(pl);
+        let (mut par, _) = parallel(&node, pl, n, 8, "p");
+        quiesce(pl);
+        let (_, burst) = parallel(&node, pl, 100, 8, "b");
+        quiesce(pl);
+        let row = (
+            pct(&mut add, 0.5),
+            pct(&mut add, 0.99),
+            pct(&mut del, 0.5),
+            pct(&mut del, 0.99),
+            pct(&mut par, 0.5),
+            burst,
+            rss_seq,
+        );
+        println!(
+            "{:<9} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9.2}ms {:>9.1}ms {:>7}KiB",
+            pl.name, row.0, row.1, row.2, row.3, row.4, row.5, row.6
+        );
+        let p = pl.name;
+        figs.push((format!("{p}.add.p50_ms"), row.0, "ms"));
+        figs.push((format!("{p}.add.p99_ms"), row.1, "ms"));
+        figs.push((format!("{p}.del.p50_ms"), row.2, "ms"));
+        figs.push((format!("{p}.del.p99_ms"), row.3, "ms"));
+        figs.push((format!("{p}.add.par8.p50_ms"), row.4, "ms"));
+        figs.push((format!("{p}.burst100.wall_ms"), row.5, "ms"));
+        figs.push((format!("{p}.plugin.maxrss_kib"), row.6 as f64, "KiB"));
+        rows.insert(p, row);
+    }
+    // coild's memory with 250 pods.
+    let pods = Pods::new("cr", 250);
+    for p in &pods.names {
+        let c = call(&node, &coil.bin, &env("ADD", p, true), coil.conf.as_bytes());
+        assert!(c.ok, "ADD {p}");
+    }
+    let rss = rss_kib(coild.child.id());
+    println!("coild RSS with 250 pods: {rss:.0} KiB");
+    figs.push(("coild.rss_kib.250pods".into(), rss, "KiB"));
+    for p in &pods.names {
+        let _ = call(&node, &coil.bin, &env("DEL", p, true), coil.conf.as_bytes());
+    }
+    drop(pods);
+    drop(coild);
+
+    // etcd mode: requests per ADD once a block has room (the first ADD
+    // leases it).
+    let etcd_dir = dir.path().join("coild-etcd");
+    std::fs::create_dir_all(&etcd_dir).expect("dir");
+    let ce = start_coild(node_ns, &etcd_dir, true);
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"bench","type":"coil","socket":"{}"}}"#,
+        ce.socket.display()
+    );
+    let pods = Pods::new("ce", 21);
+    let first = call(
+        &node,
+        COIL,
+        &env("ADD", &pods.names[0], true),
+        conf.as_bytes(),
+    );
+    assert!(first.ok, "first ADD in etcd mode");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = coild_stats(&ce.socket);
+    for p in &pods.names[1..] {
+        let c = call(&node, COIL, &env("ADD", p, true), conf.as_bytes());
+        assert!(c.ok, "ADD {p} (etcd mode)");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = coild_stats(&ce.socket);
+    let adds = (pods.names.len() - 1) as f64;
+    let delta =
+        |k: &str| after[k].as_f64().unwrap_or(f64::NAN) - before[k].as_f64().unwrap_or(f64::NAN);
+    let hot = delta("add_path_store_calls") / adds;
+    let all = delta("store_requests") / adds;
+    println!("etcd requests per ADD with room: {hot:.2} on the ADD path (target 0); {all:.2} in all, with the asynchronous address index mirror and heartbeats");
+    figs.push((
+        "cni.add.etcd_requests".into(),
+        hot,
+        "requests/ADD on the ADD path",
+    ));
+    figs.push((
+        "cni.add.etcd_requests_async".into(),
+        all,
+        "requests/ADD incl. async index mirror",
+    ));
+    for p in &pods.names {
+        let _ = call(&node, COIL, &env("DEL", p, true), conf.as_bytes());
+    }
+    drop(pods);
+    drop(ce);
+    let _ = Command::new("ip").args(["netns", "del", node_ns]).status();
+
+    let b = rows["baseline"];
+    let c = rows["cni"];
+    println!();
+    println!("ratios (coil / ptp+host-local):");
+    let check = |name: &str, r: f64, target: f64| {
+        println!(
+            "  {name:<12} {r:>6.3}  (target <= {target}) {}",
+            if r <= target { "met" } else { "MISSED" }
+        );
+    };
+    check("add p50", c.0 / b.0, 0.15);
+    check("add p99", c.1 / b.1, 0.25);
+    check("del p50", c.2 / b.2, 0.6);
+    println!(
+        "  burst of 100 pods, 8 callers: {:.0} ms (target < 1000) {}",
+        c.5,
+        if c.5 < 1000.0 { "met" } else { "MISSED" }
+    );
+    figs.push(("cni.add.p50.ratio".into(), c.0 / b.0, "x baseline"));
+    figs.push(("cni.add.p99.ratio".into(), c.1 / b.1, "x baseline"));
+    figs.push(("cni.del.p50.ratio".into(), c.2 / b.2, "x baseline"));
+    write_summary(&figs);
+}
