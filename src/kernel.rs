@@ -422,6 +422,39 @@ impl Kernel {
         }
     }
 
+    /// Every link of coild's netns: index, name, alias.
+    pub async fn links(&self) -> Result<Vec<(u32, String, Option<String>)>> {
+        let msgs: Vec<LinkMessage> = self
+            .host
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl("list links", "all", e))?;
+        Ok(msgs
+            .iter()
+            .map(|m| (m.header.index, name_of(m).unwrap_or_default(), alias_of(m)))
+            .collect())
+    }
+
+    /// Deletes one of coil's host routes (absence is success).
+    pub async fn del_host_route(&self, dst: IpNet, oif: u32) -> Result<()> {
+        let b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| KernelError::Io(format!("route to {dst}: {e}")))?;
+        let msg = b
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .protocol(self.proto())
+            .build();
+        match self.host.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), ESRCH | ENOENT) => Ok(()),
+            Err(e) => Err(nl("delete host route", dst.to_string(), e)),
+        }
+    }
+
     /// The alias of host veth `name`, if the link exists.
     pub async fn host_link(&self, name: &str) -> Result<Option<(String, Option<String>, bool)>> {
         Ok(get_link(&self.host, name).await?.map(|l| {

@@ -1,8 +1,370 @@
 //! coil-recovery: brings a node's journal, the cluster store and the kernel
 //! back into agreement after a crash, an outage or a reboot.
 //!
-//! The crate follows observe -> diff -> plan -> apply: the diff and the plan
-//! are pure functions over plain data, table-tested without root; apply
-//! performs each step as a journaled, idempotent effect. It arrives with the
-//! recovery issue; until then it holds no code, so nothing pretends to
-//! recover.
+//! observe -> diff/plan (pure, [`plan`]) -> apply. Every applied step is
+//! journaled (intent first) and idempotent, so an interrupted apply
+//! converges when it runs again.
+
+pub mod plan;
+pub mod rebuild;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use coil::journal::{
+    Attachment, AttachmentKey, AttachmentState, Batch, BlockLease, Intent, IntentOp, IntentState,
+    Journal, JournalError, LeaseState,
+};
+use coil::kernel::{Kernel, KernelError, WireSpec};
+use coil::node::veth_alias;
+use coil::store::{Backend, Store, StoreError};
+use ipnet::IpNet;
+use serde::Serialize;
+
+pub use plan::{plan, Action, HostLink, KernelView, Observation, StoreLease};
+
+/// Why observing or applying failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] KernelError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T, E = RecoveryError> = std::result::Result<T, E>;
+
+/// What recovery works on. The journal is shared with coild.
+#[derive(Debug)]
+pub struct Context<'a, B: Backend> {
+    pub journal: &'a Arc<Journal>,
+    pub store: &'a Store<B>,
+    pub kernel: &'a Kernel,
+    pub node: &'a str,
+    pub boot_id: &'a str,
+    pub mtu: u32,
+}
+
+/// Reads journal, store (None if unreachable) and kernel.
+pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
+    let j = cx.journal;
+    let leases = j.leases()?;
+    let attachments = j.attachments()?;
+    let intents = j.intents()?;
+    let journal_boot_id = j.node_meta()?.map(|m| m.boot_id);
+    let blocks: BTreeSet<IpNet> = leases.iter().map(|l| l.block).collect();
+    let store = match cx.store.all_blocks().await {
+        Ok(all) => Some(
+            all.into_iter()
+                .filter(|l| l.node == cx.node || blocks.contains(&l.block))
+                .map(|l| StoreLease {
+                    pool: l.pool,
+                    block: l.block,
+                    node: l.node,
+                    epoch: l.epoch,
+                    acquired_unix: l.acquired_unix,
+                })
+                .collect(),
+        ),
+        Err(e) if e.is_unavailable() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let links = cx.kernel.links().await?;
+    let name_of = |idx: u32| {
+        links
+            .iter()
+            .find(|l| l.0 == idx)
+            .map(|l| l.1.clone())
+            .unwrap_or_default()
+    };
+    let host_routes = cx
+        .kernel
+        .host_routes()
+        .await?
+        .into_iter()
+        .map(|(d, i)| (d, name_of(i)))
+        .collect();
+    let kernel = KernelView {
+        links: links
+            .iter()
+            .filter(|l| l.1.starts_with("coil"))
+            .map(|l| HostLink {
+                name: l.1.clone(),
+                alias: l.2.clone(),
+            })
+            .collect(),
+        host_routes,
+        exported: cx.kernel.exported_blocks().await?,
+    };
+    let live_netns = attachments
+        .iter()
+        .map(|a| a.netns.clone())
+        .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
+        .collect();
+    Ok(Observation {
+        node: cx.node.to_string(),
+        boot_id: cx.boot_id.to_string(),
+        journal_boot_id,
+        leases,
+        attachments,
+        intents,
+        store,
+        kernel,
+        live_netns,
+    })
+}
+
+/// The outcome of one applied step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub action: Action,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+fn commit(j: &Journal, b: Batch) -> Result<()> {
+    if !b.is_empty() {
+        j.commit(b)?;
+    }
+    Ok(())
+}
+
+fn new_intent(j: &Journal, op: IntentOp) -> Intent {
+    Intent {
+        id: j.next_intent_id(),
+        op,
+        state: IntentState::Pending,
+        created_unix: coil::journal::now_unix(),
+    }
+}
+
+fn wire_spec(a: &Attachment, mtu: u32) -> WireSpec {
+    WireSpec {
+        netns: a.netns.clone(),
+        ifname: a.key.ifname.clone(),
+        host_veth: a.host_veth.clone(),
+        alias: veth_alias(&a.key),
+        addresses: a.addresses.iter().map(|x| x.addr).collect(),
+        mtu: a_mtu(mtu),
+    }
+}
+
+fn a_mtu(mtu: u32) -> u32 {
+    if mtu == 0 {
+        1500
+    } else {
+        mtu
+    }
+}
+
+/// Releases an attachment: Releasing + intent durable, kernel state
+/// removed, then its records. Idempotent.
+pub async fn release_attachment<B: Backend>(
+    cx: &Context<'_, B>,
+    key: &AttachmentKey,
+) -> Result<()> {
+    let j = cx.journal;
+    let Some(a) = j.attachment(key)? else {
+        return Ok(());
+    };
+    let intent = new_intent(j, IntentOp::Unwire { key: key.clone() });
+    let mut b = Batch::new();
+    b.put_intent(&intent).put_attachment(&Attachment {
+        state: AttachmentState::Releasing,
+        ..a.clone()
+    });
+    commit(j, b)?;
+    cx.kernel.unwire(&a.host_veth).await?;
+    let mut b = Batch::new();
+    b.delete_attachment(key).delete_intent(intent.id);
+    for x in &a.addresses {
+        b.delete_address(x.addr);
+    }
+    commit(j, b)
+}
+
+async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
+    let j = cx.journal;
+    match a {
+        Action::AdoptLease { lease } => {
+            let mut b = Batch::new();
+            b.put_lease(&BlockLease {
+                pool: lease.pool.clone(),
+                block: lease.block,
+                epoch: u64::try_from(lease.epoch).unwrap_or(0),
+                state: LeaseState::Leased,
+                alloc_cursor: 0,
+            });
+            commit(j, b)
+        }
+        Action::ReacquireLease { pool, block } => {
+            let intent = new_intent(
+                j,
+                IntentOp::AcquireBlock {
+                    pool: pool.clone(),
+                    block: Some(*block),
+                },
+            );
+            let mut b = Batch::new();
+            b.put_intent(&intent);
+            commit(j, b)?;
+            let got = cx.store.acquire_specific(pool, *block, cx.node).await;
+            let mut b = Batch::new();
+            b.delete_intent(intent.id);
+            let cur = j.lease(*block)?;
+            match got {
+                Ok(l) => {
+                    if let Some(mut jl) = cur {
+                        jl.epoch = u64::try_from(l.epoch).unwrap_or(0);
+                        jl.state = LeaseState::Leased;
+                        b.put_lease(&jl);
+                    }
+                    commit(j, b)
+                }
+                Err(StoreError::NotOwner { .. }) => {
+                    if let Some(mut jl) = cur {
+                        jl.state = LeaseState::Quarantined;
+                        b.put_lease(&jl);
+                    }
+                    commit(j, b)?;
+                    cx.kernel.withdraw_block(*block).await?;
+                    Ok(())
+                }
+                Err(e) => {
+                    commit(j, b)?;
+                    Err(e.into())
+                }
+            }
+        }
+        Action::QuarantineLease { block, .. } => {
+            if let Some(mut l) = j.lease(*block)? {
+                l.state = LeaseState::Quarantined;
+                let mut b = Batch::new();
+                b.put_lease(&l);
+                commit(j, b)?;
+            }
+            Ok(())
+        }
+        Action::Rewire { key } => {
+            let Some(att) = j.attachment(key)? else {
+                return Ok(());
+            };
+            let intent = new_intent(j, IntentOp::Wire { key: key.clone() });
+            let mut b = Batch::new();
+            b.put_intent(&intent);
+            commit(j, b)?;
+            cx.kernel.wire(&wire_spec(&att, cx.mtu)).await?;
+            let mut b = Batch::new();
+            b.put_attachment(&Attachment {
+                state: AttachmentState::Wired,
+                ..att
+            })
+            .delete_intent(intent.id);
+            commit(j, b)
+        }
+        Action::ExportBlock { block } => Ok(cx.kernel.export_block(*block).await?),
+        Action::WithdrawBlock { block } => Ok(cx.kernel.withdraw_block(*block).await?),
+        Action::ReleaseAttachment { key, .. } => release_attachment(cx, key).await,
+        Action::RemoveLink { name } => {
+            cx.kernel.unwire(name).await?;
+            Ok(())
+        }
+        Action::RemoveHostRoute { dst, dev } => {
+            let links = cx.kernel.links().await?;
+            if let Some((idx, _, _)) = links.iter().find(|l| &l.1 == dev) {
+                cx.kernel.del_host_route(*dst, *idx).await?;
+            }
+            Ok(())
+        }
+        Action::ReleaseStoreLease { lease } => {
+            let intent = new_intent(
+                j,
+                IntentOp::ReleaseBlock {
+                    pool: lease.pool.clone(),
+                    block: lease.block,
+                },
+            );
+            let mut b = Batch::new();
+            b.put_intent(&intent);
+            commit(j, b)?;
+            let r = cx
+                .store
+                .release_block(&coil::store::BlockLease {
+                    pool: lease.pool.clone(),
+                    block: lease.block,
+                    node: lease.node.clone(),
+                    acquired_unix: lease.acquired_unix,
+                    epoch: lease.epoch,
+                })
+                .await;
+            let mut b = Batch::new();
+            b.delete_intent(intent.id);
+            match r {
+                Ok(()) | Err(StoreError::NotLeased { .. }) => commit(j, b),
+                Err(e) => {
+                    commit(j, b)?;
+                    Err(e.into())
+                }
+            }
+        }
+        Action::DropIntent { id, .. } => {
+            let mut b = Batch::new();
+            b.delete_intent(*id);
+            commit(j, b)
+        }
+    }
+}
+
+/// Applies a plan in order, continuing past failures (each is reported).
+pub async fn apply<B: Backend>(cx: &Context<'_, B>, plan: &[Action]) -> Vec<Outcome> {
+    let mut out = Vec::with_capacity(plan.len());
+    for a in plan {
+        let r = apply_one(cx, a).await;
+        if let Err(e) = &r {
+            tracing::warn!(action = %a, "recovery step failed: {e}");
+        } else {
+            tracing::info!(action = %a, "recovery");
+        }
+        out.push(Outcome {
+            action: a.clone(),
+            ok: r.is_ok(),
+            error: r.err().map(|e| e.to_string()),
+        });
+    }
+    out
+}
+
+/// observe -> plan -> apply, once.
+pub async fn recover<B: Backend>(
+    cx: &Context<'_, B>,
+    dry_run: bool,
+) -> Result<(Observation, Vec<Outcome>)> {
+    let o = observe(cx).await?;
+    let p = plan(&o);
+    if dry_run {
+        let out = p
+            .into_iter()
+            .map(|a| Outcome {
+                action: a,
+                ok: true,
+                error: None,
+            })
+            .collect();
+        return Ok((o, out));
+    }
+    let out = apply(cx, &p).await;
+    Ok((o, out))
+}
+
+/// Blocks a journal holds that the current plan quarantines (for reports).
+pub fn quarantined(o: &Observation) -> Vec<IpNet> {
+    o.leases
+        .iter()
+        .filter(|l| l.state == LeaseState::Quarantined)
+        .map(|l| l.block)
+        .collect()
+}

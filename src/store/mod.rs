@@ -710,6 +710,66 @@ impl<B: Backend> Store<B> {
         Err(self.conflict("acquire block", &self.keys.pool_blocks(pool_name)))
     }
 
+    /// Leases one named block of `pool` to `node` if it is free (recovery
+    /// re-taking a block the store lost). Returns the lease, or
+    /// `NotOwner` naming the node that holds it.
+    pub async fn acquire_specific(
+        &self,
+        pool_name: &str,
+        block: IpNet,
+        node: &str,
+    ) -> Result<BlockLease> {
+        model::validate_node_name(node)?;
+        let pool = self
+            .get_pool(pool_name)
+            .await?
+            .ok_or_else(|| StoreError::PoolNotFound(pool_name.to_string()))?;
+        if pool.index_of(&block).is_none() {
+            return Err(StoreError::UnknownBlock { block });
+        }
+        let key = self.keys.block(pool_name, &block);
+        let lease = BlockLease {
+            pool: pool_name.to_string(),
+            block,
+            node: node.to_string(),
+            acquired_unix: now_unix(),
+            epoch: 0,
+        };
+        let txn = Txn {
+            when: vec![
+                Cmp::ModRevision {
+                    key: self.keys.pool(pool_name).into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: pool.revision,
+                },
+                self.schema_guard(),
+                Cmp::CreateRevision {
+                    key: key.clone().into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                },
+            ],
+            then: vec![Op::put(key.clone(), encode(&lease))],
+            otherwise: vec![Op::get(key.clone())],
+        };
+        let mut r = self.backend.txn("re-acquire block", txn).await?;
+        if r.succeeded {
+            return Ok(BlockLease {
+                epoch: r.revision,
+                ..lease
+            });
+        }
+        match r.kvs(0).first().map(decode_lease).transpose()? {
+            Some(cur) if cur.node == node => Ok(cur),
+            Some(cur) => Err(StoreError::NotOwner {
+                block,
+                owner: cur.node,
+                node: node.to_string(),
+            }),
+            None => Err(self.conflict("re-acquire block", &key)),
+        }
+    }
+
     /// Reads every leased key of the pool at one revision and picks a random
     /// free block, or proves the pool exhausted.
     async fn scan_for_free(&self, pool: &Pool) -> Result<Scan> {
