@@ -108,11 +108,30 @@ enum NodeCmd {
     List,
     /// List the blocks a node leases.
     Blocks { node: String },
-    /// Reconcile a node's journal with the store and the kernel (arrives
-    /// with the recovery issue).
+    /// Bring this node's journal, the store and the kernel back into
+    /// agreement (through coild when it runs; directly when it is stopped).
     Repair {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
+        /// The node (must be this one) [default: this node].
+        node: Option<String>,
+        /// Print the plan without applying it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rebuild a lost or corrupt journal from the store and the kernel
+        /// (coild stopped; the old journal is moved aside).
+        #[arg(long)]
+        rebuild: bool,
+        /// coild's routing table id.
+        #[arg(long, default_value_t = 119)]
+        table_id: u32,
+        /// coild's route protocol id.
+        #[arg(long, default_value_t = 30)]
+        protocol_id: u8,
+        /// Pod MTU used when re-wiring.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// Where the kernel boot id is read.
+        #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+        boot_id_file: PathBuf,
     },
 }
 
@@ -193,10 +212,36 @@ pub fn main(args: Vec<OsString>) -> i32 {
             };
         }
         Cmd::Node {
-            cmd: NodeCmd::Repair { .. },
+            cmd:
+                NodeCmd::Repair {
+                    node,
+                    dry_run,
+                    rebuild,
+                    table_id,
+                    protocol_id,
+                    mtu,
+                    boot_id_file,
+                },
         } => {
-            eprintln!("coilctl: node repair is not implemented yet; it arrives with the recovery issue (#5)");
-            return exit::NOT_IMPLEMENTED;
+            if let Some(n) = &node {
+                if let Err(e) = ctl_store::parse_node_name(n) {
+                    eprintln!("coilctl: {e}");
+                    return exit::USAGE;
+                }
+            }
+            return crate::ctl_repair::run(
+                &cli.store,
+                crate::ctl_repair::RepairOpts {
+                    node,
+                    dry_run,
+                    rebuild,
+                    json,
+                    table_id,
+                    protocol_id,
+                    mtu,
+                    boot_id_file,
+                },
+            );
         }
         Cmd::Pool { cmd } => match cmd {
             PoolCmd::Create {

@@ -11,6 +11,7 @@ use std::path::Path;
 pub mod coilctl;
 pub mod coild;
 mod ctl_config;
+pub(crate) mod ctl_repair;
 mod ctl_store;
 mod output;
 pub mod plugin;

@@ -45,8 +45,19 @@ fn programs_not_built_yet_say_so_and_fail() {
         );
         assert!(o.stdout.is_empty(), "{p} must not print on stdout");
     }
-    let o = run(COILCTL, &["node", "repair"]);
-    assert_eq!(o.status.code(), Some(69));
+    let o = run(
+        COILCTL,
+        &[
+            "node",
+            "repair",
+            "--journal-dir",
+            "/nonexistent/journal",
+            "--socket",
+            "/nonexistent/coild.sock",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no journal"));
 }
 
 #[test]

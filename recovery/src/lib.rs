@@ -257,6 +257,9 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
             let mut b = Batch::new();
             b.put_intent(&intent);
             commit(j, b)?;
+            // Whatever is left of the old wiring goes first (its pod end
+            // would hold the interface name).
+            cx.kernel.unwire(&att.host_veth).await?;
             cx.kernel.wire(&wire_spec(&att, cx.mtu)).await?;
             let mut b = Batch::new();
             b.put_attachment(&Attachment {
@@ -310,6 +313,11 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
                     Err(e.into())
                 }
             }
+        }
+        Action::ForgetLease { block } => {
+            let mut b = Batch::new();
+            b.delete_lease(*block);
+            commit(j, b)
         }
         Action::DropIntent { id, .. } => {
             let mut b = Batch::new();

@@ -120,6 +120,8 @@ pub enum Action {
     RemoveHostRoute { dst: IpNet, dev: String },
     /// Release a store lease nothing on this node uses.
     ReleaseStoreLease { lease: StoreLease },
+    /// Delete the journal's record of a lease that is released.
+    ForgetLease { block: IpNet },
     /// Forget a settled intent.
     DropIntent { id: u64, reason: String },
 }
@@ -141,7 +143,8 @@ impl Action {
             Action::RemoveLink { .. } | Action::RemoveHostRoute { .. } => 4,
             Action::WithdrawBlock { .. } => 5,
             Action::ReleaseStoreLease { .. } => 6,
-            Action::DropIntent { .. } => 7,
+            Action::ForgetLease { .. } => 7,
+            Action::DropIntent { .. } => 8,
         }
     }
 }
@@ -188,6 +191,7 @@ impl fmt::Display for Action {
                 "release unused store lease {} of pool {}",
                 lease.block, lease.pool
             ),
+            Action::ForgetLease { block } => write!(f, "forget released lease {block}"),
             Action::DropIntent { id, reason } => write!(f, "drop intent {id} ({reason})"),
         }
     }
@@ -265,11 +269,9 @@ pub fn plan(o: &Observation) -> Vec<Action> {
                     });
                 }
             }
-            IntentOp::ReleaseBlock { block, .. } => {
-                if let Some(store) = &o.store {
-                    if let Some(l) = store.iter().find(|l| l.block == *block && l.node == o.node) {
-                        out.push(Action::ReleaseStoreLease { lease: l.clone() });
-                    }
+            IntentOp::ReleaseBlock { .. } => {
+                // The lease's Releasing state carries the release (below).
+                if o.store.is_some() {
                     out.push(Action::DropIntent {
                         id: i.id,
                         reason: "release settled".into(),
@@ -338,6 +340,16 @@ pub fn plan(o: &Observation) -> Vec<Action> {
         let by_block: BTreeMap<IpNet, &StoreLease> = store.iter().map(|l| (l.block, l)).collect();
         for l in &o.leases {
             if l.state == LeaseState::Quarantined {
+                continue;
+            }
+            if l.state == LeaseState::Releasing {
+                // A release that was interrupted: finish it.
+                if let Some(s) = by_block.get(&l.block).filter(|s| s.node == o.node) {
+                    out.push(Action::ReleaseStoreLease {
+                        lease: (*s).clone(),
+                    });
+                }
+                out.push(Action::ForgetLease { block: l.block });
                 continue;
             }
             match by_block.get(&l.block) {
@@ -775,6 +787,41 @@ mod tests {
         let first_release = p.iter().position(|a| a.phase() >= 3).unwrap_or(p.len());
         assert!(p[..first_release].iter().all(|a| a.phase() < 3));
         assert!(p[first_release..].iter().all(|a| a.phase() >= 3), "{p:?}");
+    }
+
+    #[test]
+    fn an_interrupted_block_release_is_finished() {
+        let mut o = healthy();
+        o.attachments.clear();
+        o.kernel = KernelView::default();
+        o.leases[0].state = LeaseState::Releasing;
+        o.intents = vec![intent(
+            5,
+            IntentOp::ReleaseBlock {
+                pool: "default".into(),
+                block: net("10.0.0.0/28"),
+            },
+        )];
+        assert_eq!(
+            plan(&o),
+            vec![
+                Action::ReleaseStoreLease {
+                    lease: store_lease("10.0.0.0/28", "n1")
+                },
+                Action::ForgetLease {
+                    block: net("10.0.0.0/28")
+                },
+                Action::DropIntent {
+                    id: 5,
+                    reason: "release settled".into()
+                },
+            ]
+        );
+        // The store already let it go: only the journal record remains.
+        o.store = Some(vec![]);
+        let p = plan(&o);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(matches!(p[0], Action::ForgetLease { .. }));
     }
 
     #[test]

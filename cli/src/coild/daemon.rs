@@ -49,6 +49,10 @@ pub struct DaemonConfig {
     pub boot_id_file: PathBuf,
     pub liveness_ttl: Duration,
     pub pool_cache_ttl: Duration,
+    /// How often coild re-runs recovery (table 119, host routes, leases).
+    pub resync_interval: Duration,
+    /// Blocks a node keeps even when empty.
+    pub min_blocks: usize,
 }
 
 /// Why coild could not start or stopped.
@@ -141,6 +145,14 @@ pub struct Daemon<B: Backend> {
     /// Store calls made on the ADD path (pool lookups, block leases): the
     /// figure the "zero etcd requests per ADD" target is about.
     add_store_calls: AtomicU64,
+    /// Requests hold it shared; recovery holds it exclusively, so a plan
+    /// never races an ADD or a DEL in flight.
+    gate: tokio::sync::RwLock<()>,
+    /// Blocks seen empty, and how many resyncs in a row.
+    idle: Mutex<HashMap<IpNet, u32>>,
+    /// Counters for stats and metrics.
+    lease_losses: AtomicU64,
+    recovery_actions: AtomicU64,
 }
 
 impl<B: Backend> std::fmt::Debug for Daemon<B> {
@@ -283,11 +295,23 @@ impl<B: Backend> Daemon<B> {
             mirror: tx,
             store_ok: AtomicBool::new(true),
             add_store_calls: AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+            idle: Mutex::new(HashMap::new()),
+            lease_losses: AtomicU64::new(0),
+            recovery_actions: AtomicU64::new(0),
         });
-        let rebooted = meta.as_ref().is_some_and(|m| m.boot_id != boot_id);
-        d.settle(rebooted)
+        let outcomes = d
+            .recover(false)
             .await
-            .map_err(|e| fatal(format!("startup: {e}")))?;
+            .map_err(|e| fatal(format!("startup recovery: {e}")))?;
+        if let Some(bad) = outcomes.iter().find(|o| !o.ok) {
+            tracing::warn!(
+                "startup recovery left {} step(s) undone (first: {}: {}); they are retried at the next resync",
+                outcomes.iter().filter(|o| !o.ok).count(),
+                bad.action,
+                bad.error.as_deref().unwrap_or("")
+            );
+        }
         let mut b = Batch::new();
         b.put_node_meta(&NodeMeta {
             node_name: d.cfg.node_name.clone(),
@@ -296,15 +320,165 @@ impl<B: Backend> Daemon<B> {
             created_unix: coil::journal::now_unix(),
         });
         d.journal.commit(b).map_err(|e| fatal(e.to_string()))?;
-        let leases = d.journal.leases().map_err(|e| fatal(e.to_string()))?;
-        let atts = d.journal.attachments().map_err(|e| fatal(e.to_string()))?;
-        *d.lock() = NodeState::from_records(leases, atts);
-        d.resync_blocks()
-            .await
-            .map_err(|e| fatal(format!("table {}: {e}", d.cfg.table_id)))?;
+        d.reload().map_err(|e| fatal(e.to_string()))?;
         tokio::spawn(mirror_task(d.clone(), rx));
         tokio::spawn(liveness_task(d.clone()));
+        tokio::spawn(resync_task(d.clone()));
         Ok(d)
+    }
+
+    /// Rebuilds the in-memory state from the journal. Only while no request
+    /// is in flight (at start, or under the exclusive gate).
+    fn reload(&self) -> DResult<()> {
+        let leases = self.journal.leases()?;
+        let atts = self.journal.attachments()?;
+        *self.lock() = NodeState::from_records(leases, atts);
+        Ok(())
+    }
+
+    /// Runs recovery (observe, plan, apply unless `dry_run`) with every
+    /// request held off, then reloads the in-memory state.
+    pub async fn recover(&self, dry_run: bool) -> DResult<Vec<coil_recovery::Outcome>> {
+        let _g = self.gate.write().await;
+        let cx = coil_recovery::Context {
+            journal: &self.journal,
+            store: &self.store,
+            kernel: &self.kernel,
+            node: &self.cfg.node_name,
+            boot_id: &self.boot_id,
+            mtu: self.cfg.mtu,
+        };
+        let (_, out) = coil_recovery::recover(&cx, dry_run)
+            .await
+            .map_err(|e| DaemonError::Internal(format!("recovery: {e}")))?;
+        if !dry_run {
+            for o in &out {
+                if let coil_recovery::Action::QuarantineLease {
+                    block,
+                    owner,
+                    affected,
+                } = &o.action
+                {
+                    self.lease_losses.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%block, %owner, ?affected,
+                        "lost the lease of block {block} to {owner}: no new address is taken from it");
+                }
+            }
+            self.recovery_actions
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            self.reload()?;
+        }
+        Ok(out)
+    }
+
+    /// [`Daemon::release_idle_blocks`] under the exclusive gate.
+    async fn release_idle_blocks_gated(&self) {
+        let _g = self.gate.write().await;
+        self.release_idle_blocks().await;
+    }
+
+    /// Releases blocks that stayed empty for two resyncs in a row, keeping
+    /// `min_blocks`. Called under the exclusive gate.
+    async fn release_idle_blocks(&self) {
+        let (idle_now, leased) = {
+            let st = self.lock();
+            let leased = st
+                .blocks()
+                .filter(|b| b.lease.state == LeaseState::Leased)
+                .count();
+            let idle: Vec<BlockLease> = st
+                .blocks()
+                .filter(|b| b.lease.state == LeaseState::Leased && b.used.is_empty())
+                .map(|b| b.lease.clone())
+                .collect();
+            (idle, leased)
+        };
+        let ripe: Vec<BlockLease> = {
+            let mut seen = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let now: BTreeSet<IpNet> = idle_now.iter().map(|l| l.block).collect();
+            seen.retain(|b, _| now.contains(b));
+            let mut ripe = Vec::new();
+            for l in &idle_now {
+                let n = seen.entry(l.block).or_insert(0);
+                *n += 1;
+                if *n >= 2 {
+                    ripe.push(l.clone());
+                }
+            }
+            ripe
+        };
+        let mut keep = leased;
+        for l in ripe {
+            if keep <= self.cfg.min_blocks {
+                break;
+            }
+            match self.release_block(&l).await {
+                Ok(()) => {
+                    keep -= 1;
+                    self.idle
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&l.block);
+                    tracing::info!(block = %l.block, pool = %l.pool, "released an empty block");
+                }
+                Err(e) => tracing::warn!(block = %l.block, "releasing an empty block: {e}"),
+            }
+        }
+    }
+
+    /// Releases one empty block: Releasing + intent durable, route
+    /// withdrawn, store lease released (fenced by owner and epoch), then the
+    /// record dropped. If the store does not answer, the block goes back
+    /// to service and the release is retried later.
+    async fn release_block(&self, l: &BlockLease) -> DResult<()> {
+        let intent = Intent {
+            id: self.journal.next_intent_id(),
+            op: IntentOp::ReleaseBlock {
+                pool: l.pool.clone(),
+                block: l.block,
+            },
+            state: IntentState::Pending,
+            created_unix: coil::journal::now_unix(),
+        };
+        let releasing = BlockLease {
+            state: LeaseState::Releasing,
+            ..l.clone()
+        };
+        let mut b = Batch::new();
+        b.put_intent(&intent).put_lease(&releasing);
+        self.journal.commit(b)?;
+        self.lock().remove_lease(&l.block);
+        self.kernel.withdraw_block(l.block).await?;
+        let res = async {
+            let (_, cur) = self.store.block(l.block).await?;
+            match cur {
+                Some(c)
+                    if c.node == self.cfg.node_name
+                        && u64::try_from(c.epoch).ok() == Some(l.epoch) =>
+                {
+                    self.store.release_block(&c).await
+                }
+                // Already gone, or no longer ours: nothing to release.
+                _ => Ok(()),
+            }
+        }
+        .await;
+        let mut b = Batch::new();
+        b.delete_intent(intent.id);
+        match res {
+            Ok(()) => {
+                b.delete_lease(l.block);
+                self.journal.commit(b)?;
+                Ok(())
+            }
+            Err(e) => {
+                b.put_lease(l);
+                self.journal.commit(b)?;
+                self.lock().insert_lease(l.clone());
+                self.kernel.export_block(l.block).await?;
+                Err(e.into())
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
@@ -320,75 +494,9 @@ impl<B: Backend> Daemon<B> {
         self.store.backend()
     }
 
-    /// Settles what a crash left half-done: pending intents are rolled
-    /// forward or back, and after a reboot every previous attachment (whose
-    /// kernel state is gone) is reclaimed at once. The full three-way
-    /// reconciliation (store and kernel drift) is the recovery crate's.
-    async fn settle(&self, rebooted: bool) -> DResult<()> {
-        let j = &self.journal;
-        let mut b = Batch::new();
-        for i in j.pending_intents()? {
-            match &i.op {
-                IntentOp::Wire { key } | IntentOp::Unwire { key } => {
-                    // A half-wired or half-unwired attachment: tear its
-                    // kernel state down and free it (the runtime retries
-                    // the ADD; a DEL was going to free it anyway).
-                    if let Some(a) = j.attachment(key)? {
-                        self.kernel.unwire(&a.host_veth).await?;
-                        b.delete_attachment(key);
-                        for x in &a.addresses {
-                            b.delete_address(x.addr);
-                        }
-                    }
-                }
-                IntentOp::AcquireBlock { pool, .. } => {
-                    // The store may have granted a lease we never recorded:
-                    // adopt it (if the store is reachable now; otherwise
-                    // the recovery pass will).
-                    if let Ok(held) = self.store.node_blocks(&self.cfg.node_name).await {
-                        for l in held.into_iter().filter(|l| &l.pool == pool) {
-                            if j.lease(l.block)?.is_none() {
-                                b.put_lease(&journal_lease(&l));
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-            b.delete_intent(i.id);
-        }
-        if rebooted {
-            for a in j.attachments()? {
-                tracing::info!(attachment = %a.key, "reclaiming attachment of a previous boot");
-                b.delete_attachment(&a.key);
-                for x in &a.addresses {
-                    b.delete_address(x.addr);
-                }
-            }
-        }
-        if !b.is_empty() {
-            j.commit(b)?;
-        }
-        Ok(())
-    }
-
-    /// Makes table 119 equal to the leased blocks: exports every lease,
-    /// withdraws our routes for blocks we no longer lease.
-    pub async fn resync_blocks(&self) -> DResult<()> {
-        let leased: BTreeSet<IpNet> = self.lock().blocks().map(|b| b.lease.block).collect();
-        for b in &leased {
-            self.kernel.export_block(*b).await?;
-        }
-        for r in self.kernel.exported_blocks().await? {
-            if !leased.contains(&r) {
-                self.kernel.withdraw_block(r).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Handles one request; never fails (errors become CNI error answers).
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
+        let _g = self.gate.read().await;
         let version = req.conf.cni_version.clone();
         let res = match req.command {
             Command::Add => self
@@ -432,18 +540,27 @@ impl<B: Backend> Daemon<B> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(ns)
-            .filter(|(_, t)| t.elapsed() < self.cfg.pool_cache_ttl)
-            .map(|(e, _)| *e);
+            .copied();
         let exists = match cached {
-            Some(e) => e,
-            None => {
+            Some((e, t)) if t.elapsed() < self.cfg.pool_cache_ttl => e,
+            _ => {
                 self.add_store_calls.fetch_add(1, Ordering::Relaxed);
-                let e = self.store.get_pool(ns).await?.is_some();
-                self.pool_cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(ns.to_string(), (e, Instant::now()));
-                e
+                match self.store.get_pool(ns).await {
+                    Ok(p) => {
+                        let e = p.is_some();
+                        self.pool_cache
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(ns.to_string(), (e, Instant::now()));
+                        e
+                    }
+                    // During a store outage a stale answer beats none.
+                    Err(e) if e.is_unavailable() => match cached {
+                        Some((e, _)) => e,
+                        None => return Err(e.into()),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         Ok(if exists {
@@ -876,6 +993,9 @@ impl<B: Backend> Daemon<B> {
             "store_requests": self.store.backend().requests(),
             "add_path_store_calls": self.add_store_calls.load(Ordering::Relaxed),
             "store_reachable": self.store_ok.load(Ordering::Relaxed),
+            "lease_losses": self.lease_losses.load(Ordering::Relaxed),
+            "recovery_actions": self.recovery_actions.load(Ordering::Relaxed),
+            "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
         })
     }
 
@@ -898,27 +1018,61 @@ fn journal_lease(l: &coil::store::BlockLease) -> BlockLease {
     }
 }
 
-/// Applies address index updates in the background; retries with backoff
-/// while the store is unreachable (bounded queue of retries).
+/// Applies address index updates in the background. While the store does
+/// not answer they queue (bounded) and are retried in order, so the index
+/// catches up when the store is back.
 async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::UnboundedReceiver<Mirror>) {
-    while let Some(m) = rx.recv().await {
-        let mut delay = Duration::from_millis(100);
-        for _ in 0..20 {
-            let r = match &m {
+    const MAX_PENDING: usize = 100_000;
+    let mut pending: std::collections::VecDeque<Mirror> = std::collections::VecDeque::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => {
+                    if pending.len() >= MAX_PENDING {
+                        pending.pop_front();
+                        tracing::warn!("address index backlog full; dropping the oldest update");
+                    }
+                    pending.push_back(m);
+                }
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+        while let Some(m) = pending.front() {
+            let r = match m {
                 Mirror::Put(rec) => d.store.put_address(rec).await.map(|_| ()),
                 Mirror::Delete(rec) => d.store.delete_address(rec).await.map(|_| ()),
             };
             match r {
-                Ok(()) => break,
-                Err(e) if e.is_retryable() => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                Ok(()) => {
+                    pending.pop_front();
                 }
+                Err(e) if e.is_retryable() => break,
                 Err(e) => {
                     tracing::warn!("address index: {e}");
-                    break;
+                    pending.pop_front();
                 }
             }
+        }
+    }
+}
+
+/// Re-runs recovery every `resync_interval`: table 119, host routes and
+/// aliases, lease losses, pending releases, idle blocks.
+async fn resync_task<B: Backend>(d: Arc<Daemon<B>>) {
+    let mut tick = tokio::time::interval(d.cfg.resync_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match d.recover(false).await {
+            Ok(out) => {
+                for o in out.iter().filter(|o| !o.ok) {
+                    tracing::warn!(action = %o.action, "resync: {}", o.error.as_deref().unwrap_or(""));
+                }
+                d.release_idle_blocks_gated().await;
+            }
+            Err(e) => tracing::warn!("resync: {e}"),
         }
     }
 }

@@ -72,6 +72,12 @@ struct Args {
     /// TTL of the node's liveness lease, like 10s [default: 10s].
     #[arg(long, env = "COILD_LIVENESS_TTL")]
     liveness_ttl: Option<String>,
+    /// How often to resync table 119, host routes and leases [default: 30s].
+    #[arg(long, env = "COILD_RESYNC_INTERVAL")]
+    resync_interval: Option<String>,
+    /// Blocks to keep even when empty [default: 1].
+    #[arg(long, env = "COILD_MIN_BLOCKS")]
+    min_blocks: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +100,8 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     boot_id_file: Option<PathBuf>,
     liveness_ttl: Option<String>,
+    resync_interval: Option<String>,
+    min_blocks: Option<usize>,
 }
 
 fn hostname() -> String {
@@ -217,6 +225,11 @@ impl Args {
                 .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id")),
             liveness_ttl: ttl,
             pool_cache_ttl: Duration::from_secs(10),
+            resync_interval: match self.resync_interval.or(file.resync_interval) {
+                Some(t) => crate::ctl_config::parse_duration(&t)?,
+                None => Duration::from_secs(30),
+            },
+            min_blocks: self.min_blocks.or(file.min_blocks).unwrap_or(1),
         })
     }
 }

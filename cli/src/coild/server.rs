@@ -73,6 +73,20 @@ pub async fn serve<B: Backend>(
     Ok(())
 }
 
+/// `{"repair":{"dry_run":bool}}`: run recovery now (coilctl node repair).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Repair {
+    repair: RepairArgs,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairArgs {
+    #[serde(default)]
+    dry_run: bool,
+}
+
 /// `{"stats":{}}`: coild's counters.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +116,21 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
                 Ok(call) => {
                     let reply = serve_rpc(d.store_backend(), call.store).await;
                     let body = serde_json::to_vec(&reply).unwrap_or_default();
+                    s.write_all(&body).await?;
+                    return s.shutdown().await;
+                }
+                Err(_) if serde_json::from_slice::<Repair>(&buf).is_ok() => {
+                    let dry_run = serde_json::from_slice::<Repair>(&buf)
+                        .map(|r| r.repair.dry_run)
+                        .unwrap_or(true);
+                    let v = match d.recover(dry_run).await {
+                        Ok(out) => serde_json::json!({
+                            "node": d.config().node_name,
+                            "steps": out.into_iter().map(crate::ctl_repair::Step::from_outcome).collect::<Vec<_>>(),
+                        }),
+                        Err(e) => serde_json::json!({"error": e.to_string()}),
+                    };
+                    let body = serde_json::to_vec(&v).unwrap_or_default();
                     s.write_all(&body).await?;
                     return s.shutdown().await;
                 }

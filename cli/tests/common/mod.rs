@@ -57,6 +57,8 @@ pub struct Node {
     coild: Option<Child>,
     etcd: Option<Child>,
     pods: Vec<String>,
+    /// Extra coild flags (resync interval, min blocks...).
+    pub extra: Vec<String>,
 }
 
 impl Node {
@@ -86,7 +88,9 @@ impl Node {
             coild: None,
             etcd: None,
             pods: Vec::new(),
+            extra: Vec::new(),
         };
+        n.set_boot_id("boot-1");
         if let StoreMode::Etcd { endpoint, .. } = &mut n.mode {
             if endpoint.is_empty() {
                 *endpoint = "http://127.0.0.1:2379".into();
@@ -124,10 +128,21 @@ impl Node {
         c.args(args).output().expect("run coilctl")
     }
 
+    /// The boot id coild reads (tests simulate a reboot by changing it).
+    pub fn set_boot_id(&self, id: &str) {
+        std::fs::write(self.dir.path().join("boot_id"), format!("{id}\n")).expect("boot id");
+    }
+
     pub fn start(&mut self) {
+        // A killed coild leaves its socket file behind; readiness is the
+        // new coild binding it (after its startup recovery).
+        let _ = std::fs::remove_file(&self.socket);
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.netns, COILD])
             .args(["--node-name", &self.name])
+            .arg("--boot-id-file")
+            .arg(self.dir.path().join("boot_id"))
+            .args(&self.extra)
             .arg("--state-dir")
             .arg(self.dir.path())
             .arg("--socket")
@@ -187,6 +202,61 @@ impl Node {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    /// Starts coild with extra flags (replacing earlier ones).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.stop();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.start();
+    }
+
+    /// Stops the node's private etcd (kill -9; its data dir stays).
+    pub fn etcd_stop(&mut self) {
+        if let Some(mut e) = self.etcd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+    }
+
+    /// Starts the node's private etcd again on its old data dir.
+    pub fn etcd_start(&mut self) {
+        if self.etcd.is_none() {
+            self.etcd = Some(start_etcd_in(&self.netns, self.dir.path()));
+        }
+    }
+
+    /// coild's counters.
+    pub fn stats(&self) -> Value {
+        use std::io::Read;
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&self.socket) else {
+            return Value::Null;
+        };
+        let _ = s.write_all(br#"{"stats":{}}"#);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    }
+
+    /// Waits (bounded) until `f` holds.
+    pub fn wait_for(&self, what: &str, secs: u64, mut f: impl FnMut(&Node) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal (STOP, CONT, ...) to coild.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.coild {
+            ok(&["kill", &format!("-{sig}"), &c.id().to_string()]);
         }
     }
 
