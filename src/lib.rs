@@ -11,6 +11,7 @@
 pub use coil_journal as journal;
 
 pub mod cni;
+pub mod failpoint;
 pub mod kernel;
 pub mod node;
 pub mod store;

@@ -331,7 +331,11 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
 pub async fn apply<B: Backend>(cx: &Context<'_, B>, plan: &[Action]) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(plan.len());
     for a in plan {
+        coil::failpoint::hit("recovery.step");
         let r = apply_one(cx, a).await;
+        if r.is_ok() {
+            coil::failpoint::hit("recovery.applied");
+        }
         if let Err(e) = &r {
             tracing::warn!(action = %a, "recovery step failed: {e}");
         } else {

@@ -1058,22 +1058,35 @@ impl<B: Backend> Store<B> {
         Ok(())
     }
 
-    /// Removes an index entry, only if it still describes `rec` (a later
-    /// assignment of the same address is left alone). Returns whether it
-    /// deleted anything.
+    /// Removes an index entry, only if it still belongs to `rec`'s
+    /// attachment (container id and ifname): a late delete of an old
+    /// assignment never removes a newer one. Returns whether it deleted.
     pub async fn delete_address(&self, rec: &AddressRecord) -> Result<bool> {
         let key = self.keys.address(rec.address);
-        let txn = Txn {
-            when: vec![Cmp::ValueEquals {
-                key: key.clone().into_bytes(),
-                value: encode(rec),
-            }],
-            then: vec![Op::Delete {
-                key: key.into_bytes(),
-            }],
-            otherwise: vec![],
-        };
-        Ok(self.backend.txn("unindex address", txn).await?.succeeded)
+        for _ in 0..self.retry.attempts {
+            let Some(kv) = self.read_one("unindex address", key.clone()).await? else {
+                return Ok(false);
+            };
+            let cur: AddressRecord = decode(&kv)?;
+            if cur.container_id != rec.container_id || cur.ifname != rec.ifname {
+                return Ok(false);
+            }
+            let txn = Txn {
+                when: vec![Cmp::ModRevision {
+                    key: key.clone().into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: kv.mod_revision,
+                }],
+                then: vec![Op::Delete {
+                    key: key.clone().into_bytes(),
+                }],
+                otherwise: vec![],
+            };
+            if self.backend.txn("unindex address", txn).await?.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(self.conflict("unindex address", &key))
     }
 
     /// Index entries inside `net`, in address order.

@@ -282,6 +282,31 @@ impl<B: Backend> Daemon<B> {
         }
         let kernel = Kernel::new(cfg.table_id, cfg.protocol_id)
             .map_err(|e| fatal(format!("netlink: {e}")))?;
+        if meta.is_none() {
+            // A fresh journal on a node that has coil state means the
+            // journal was lost: starting would treat every pod as an orphan.
+            let links = kernel
+                .links()
+                .await
+                .map_err(|e| fatal(format!("netlink: {e}")))?
+                .into_iter()
+                .filter(|(_, n, a)| {
+                    n.starts_with("coil") && a.as_deref().is_some_and(|a| a.starts_with("coil:"))
+                })
+                .count();
+            let blocks = store
+                .node_blocks(&cfg.node_name)
+                .await
+                .map(|b| b.len())
+                .unwrap_or(0);
+            if links > 0 || blocks > 0 {
+                return Err(fatal(format!(
+                    "refusing to start: the journal {} is new, but this node has {links} coil                      veth(s) and {blocks} leased block(s); rebuild the journal with                      `coilctl node repair {} --rebuild`",
+                    cfg.journal_dir.display(),
+                    cfg.node_name
+                )));
+            }
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let d = Arc::new(Daemon {
             cfg,
@@ -447,6 +472,7 @@ impl<B: Backend> Daemon<B> {
         let mut b = Batch::new();
         b.put_intent(&intent).put_lease(&releasing);
         self.journal.commit(b)?;
+        coil::failpoint::hit("release.intent");
         self.lock().remove_lease(&l.block);
         self.kernel.withdraw_block(l.block).await?;
         let res = async {
@@ -463,6 +489,9 @@ impl<B: Backend> Daemon<B> {
             }
         }
         .await;
+        if res.is_ok() {
+            coil::failpoint::hit("release.released");
+        }
         let mut b = Batch::new();
         b.delete_intent(intent.id);
         match res {
@@ -604,12 +633,16 @@ impl<B: Backend> Daemon<B> {
         });
         let j = self.journal.clone();
         blocking(move || j.commit(b)).await?;
+        coil::failpoint::hit("acquire.intent");
         self.add_store_calls.fetch_add(1, Ordering::Relaxed);
         let got = self.store.acquire_block(pool, &self.cfg.node_name).await;
         self.store_ok.store(
             !matches!(&got, Err(e) if e.is_unavailable()),
             Ordering::Relaxed,
         );
+        if got.is_ok() {
+            coil::failpoint::hit("acquire.leased");
+        }
         let mut b = Batch::new();
         b.delete_intent(id);
         let lease = match got {
@@ -762,6 +795,7 @@ impl<B: Backend> Daemon<B> {
                     return Err(e);
                 }
                 self.lock().insert_attachment(att.clone());
+                coil::failpoint::hit("add.reserved");
                 (att, id)
             }
         };
@@ -789,6 +823,7 @@ impl<B: Backend> Daemon<B> {
         };
         let mut b = Batch::new();
         b.put_attachment(&done).delete_intent(intent);
+        coil::failpoint::hit("add.wired");
         let t2 = t0.elapsed();
         let j = self.journal.clone();
         blocking(move || j.commit(b)).await?;
@@ -800,6 +835,7 @@ impl<B: Backend> Daemon<B> {
             total_us = t0.elapsed().as_micros() as u64,
             "ADD"
         );
+        coil::failpoint::hit("add.recorded");
         for x in &done.addresses {
             let _ = self.mirror.send(Mirror::Put(self.record(&done, x)));
         }
@@ -849,6 +885,7 @@ impl<B: Backend> Daemon<B> {
         let j = self.journal.clone();
         blocking(move || j.commit(b)).await?;
         self.lock().insert_attachment(releasing);
+        coil::failpoint::hit("del.releasing");
         if wait {
             return self.finish_release(&a, id).await;
         }
@@ -872,6 +909,7 @@ impl<B: Backend> Daemon<B> {
 
     async fn finish_release(&self, a: &Attachment, intent: u64) -> DResult<()> {
         self.kernel.unwire(&a.host_veth).await?;
+        coil::failpoint::hit("del.unwired");
         let mut b = Batch::new();
         b.delete_attachment(&a.key).delete_intent(intent);
         for x in &a.addresses {
