@@ -17,11 +17,12 @@ use ipnet::IpNet;
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// The link-local gateway every pod routes through (v1's choice: it
@@ -109,6 +110,8 @@ pub struct Kernel {
     strict: Handle,
     table: u32,
     protocol: u8,
+    /// The netns of this process (so libc's ifindex/name calls apply).
+    local: bool,
 }
 
 fn mac(msg: &LinkMessage) -> String {
@@ -211,7 +214,69 @@ impl Kernel {
             strict,
             table,
             protocol,
+            local: true,
         })
+    }
+
+    /// Connects to the kernel of another network namespace (for tools and
+    /// benchmarks that run outside coild's netns). Must run inside a tokio
+    /// runtime.
+    pub fn in_netns(path: &str, table: u32, protocol: u8) -> Result<Kernel> {
+        let ns = open_netns(path)?;
+        let host = netns_handle(&ns, path)?;
+        let rt = tokio::runtime::Handle::current();
+        let made = std::thread::scope(|s| {
+            s.spawn(|| -> std::io::Result<_> {
+                nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                let _g = rt.enter();
+                rtnetlink::new_connection_with_strict_check()
+            })
+            .join()
+        });
+        let (conn, strict, _) = match made {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(KernelError::Io(format!("entering netns {path}: {e}"))),
+            Err(_) => {
+                return Err(KernelError::Io(format!(
+                    "entering netns {path}: thread panicked"
+                )))
+            }
+        };
+        tokio::spawn(conn);
+        Ok(Kernel {
+            host,
+            strict,
+            table,
+            protocol,
+            local: false,
+        })
+    }
+
+    /// Names of the links behind `indexes`, without a full link dump (a
+    /// dump costs the kernel ~50 µs per veth whose peer is in another
+    /// netns). Unknown indexes are left out.
+    pub async fn names_of(&self, indexes: &[u32]) -> Result<Vec<(u32, String)>> {
+        if !self.local {
+            let all = self.links().await?;
+            return Ok(all
+                .into_iter()
+                .filter(|l| indexes.contains(&l.0))
+                .map(|l| (l.0, l.1))
+                .collect());
+        }
+        let mut out = Vec::with_capacity(indexes.len());
+        for &i in indexes {
+            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname needs;
+            // on success it is NUL-terminated.
+            let p = unsafe { libc::if_indextoname(i, buf.as_mut_ptr()) };
+            if !p.is_null() {
+                // SAFETY: NUL-terminated by if_indextoname.
+                let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+                out.push((i, name.to_string_lossy().into_owned()));
+            }
+        }
+        Ok(out)
     }
 
     pub fn table(&self) -> u32 {
@@ -428,6 +493,7 @@ impl Kernel {
             .host
             .link()
             .get()
+            .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats])
             .execute()
             .try_collect()
             .await

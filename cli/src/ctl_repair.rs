@@ -367,6 +367,7 @@ async fn run_recovery<B: Backend>(
         node,
         boot_id,
         mtu: opts.mtu,
+        full_scan: true,
     };
     match coil_recovery::recover(&cx, opts.dry_run).await {
         Ok((_, out)) => {

@@ -84,13 +84,16 @@ fn kill9_then_restart_repairs_kernel_drift() {
         "name",
         "foreignpeer",
     ]);
+    // Startup recovery re-wires before the socket opens; orphans are found
+    // by the first full resync right after.
+    n.extra = vec!["--resync-interval".into(), "1s".into()];
     n.start();
     let links = n.coil_links();
     assert!(links.contains(&veth_a), "pod a re-wired: {links:?}");
-    assert!(
-        !links.iter().any(|l| l == "coilorphan0001"),
-        "orphan removed: {links:?}"
-    );
+    n.wait_for("the orphan link to be removed", 15, |n| {
+        !n.coil_links().iter().any(|l| l == "coilorphan0001")
+    });
+    let links = n.coil_links();
     assert!(
         links.iter().any(|l| l == "coilforeign001"),
         "foreign link kept: {links:?}"

@@ -47,15 +47,23 @@ pub struct Context<'a, B: Backend> {
     pub node: &'a str,
     pub boot_id: &'a str,
     pub mtu: u32,
+    /// List every link to find orphans (slow with thousands of pods: the
+    /// kernel pays per veth). Without it, links are learnt from coil's host
+    /// routes, which is all the attachment checks need; orphans wait for a
+    /// full pass.
+    pub full_scan: bool,
 }
 
 /// Reads journal, store (None if unreachable) and kernel.
 pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
+    let t = std::time::Instant::now();
+    let mut marks: Vec<(&str, u128)> = Vec::new();
     let j = cx.journal;
     let leases = j.leases()?;
     let attachments = j.attachments()?;
     let intents = j.intents()?;
     let journal_boot_id = j.node_meta()?.map(|m| m.boot_id);
+    marks.push(("journal", t.elapsed().as_micros()));
     let blocks: BTreeSet<IpNet> = leases.iter().map(|l| l.block).collect();
     let store = match cx.store.all_blocks().await {
         Ok(all) => Some(
@@ -73,21 +81,27 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         Err(e) if e.is_unavailable() => None,
         Err(e) => return Err(e.into()),
     };
-    let links = cx.kernel.links().await?;
-    let name_of = |idx: u32| {
-        links
-            .iter()
-            .find(|l| l.0 == idx)
-            .map(|l| l.1.clone())
-            .unwrap_or_default()
+    marks.push(("store", t.elapsed().as_micros()));
+    let routes = cx.kernel.host_routes().await?;
+    let links: Vec<(u32, String, Option<String>)> = if cx.full_scan {
+        cx.kernel.links().await?
+    } else {
+        let mut idx: Vec<u32> = routes.iter().map(|(_, i)| *i).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        cx.kernel
+            .names_of(&idx)
+            .await?
+            .into_iter()
+            .map(|(i, n)| (i, n, None))
+            .collect()
     };
-    let host_routes = cx
-        .kernel
-        .host_routes()
-        .await?
-        .into_iter()
-        .map(|(d, i)| (d, name_of(i)))
-        .collect();
+    marks.push(("links", t.elapsed().as_micros()));
+    let names: std::collections::HashMap<u32, &str> =
+        links.iter().map(|l| (l.0, l.1.as_str())).collect();
+    let name_of = |idx: u32| names.get(&idx).map(|n| n.to_string()).unwrap_or_default();
+    let host_routes = routes.into_iter().map(|(d, i)| (d, name_of(i))).collect();
+    marks.push(("routes", t.elapsed().as_micros()));
     let kernel = KernelView {
         links: links
             .iter()
@@ -100,11 +114,14 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         host_routes,
         exported: cx.kernel.exported_blocks().await?,
     };
+    marks.push(("exported", t.elapsed().as_micros()));
     let live_netns = attachments
         .iter()
         .map(|a| a.netns.clone())
         .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
         .collect();
+    marks.push(("netns", t.elapsed().as_micros()));
+    tracing::debug!(?marks, "observed (cumulative µs)");
     Ok(Observation {
         node: cx.node.to_string(),
         boot_id: cx.boot_id.to_string(),

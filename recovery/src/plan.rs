@@ -288,6 +288,12 @@ pub fn plan(o: &Observation) -> Vec<Action> {
     }
 
     // 3. Attachments against the kernel.
+    let routes: BTreeSet<(IpNet, &str)> = o
+        .kernel
+        .host_routes
+        .iter()
+        .map(|(d, dev)| (*d, dev.as_str()))
+        .collect();
     if !rebooted {
         for a in &o.attachments {
             if released.contains(&a.key) || rewired.contains(&a.key) {
@@ -306,12 +312,10 @@ pub fn plan(o: &Observation) -> Vec<Action> {
                 AttachmentState::Reserved => {}
                 AttachmentState::Wired => {
                     let link_ok = links.contains_key(a.host_veth.as_str());
-                    let routes_ok = a.addresses.iter().all(|x| {
-                        o.kernel
-                            .host_routes
-                            .iter()
-                            .any(|(d, dev)| *d == host_net(x.addr) && dev == &a.host_veth)
-                    });
+                    let routes_ok = a
+                        .addresses
+                        .iter()
+                        .all(|x| routes.contains(&(host_net(x.addr), a.host_veth.as_str())));
                     if !(link_ok && routes_ok) {
                         if o.live_netns.contains(&a.netns) {
                             out.push(Action::Rewire { key: a.key.clone() });

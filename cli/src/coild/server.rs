@@ -123,7 +123,7 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
                     let dry_run = serde_json::from_slice::<Repair>(&buf)
                         .map(|r| r.repair.dry_run)
                         .unwrap_or(true);
-                    let v = match d.recover(dry_run).await {
+                    let v = match d.recover(dry_run, true).await {
                         Ok(out) => serde_json::json!({
                             "node": d.config().node_name,
                             "steps": out.into_iter().map(crate::ctl_repair::Step::from_outcome).collect::<Vec<_>>(),

@@ -1,0 +1,450 @@
+//! Recovery figures (root):
+//! - recovery.ready_ms.{1k,10k,100k}: coild start to socket ready with that
+//!   many journal records (half attachments, half their address entries,
+//!   plus the block leases), in steady state: the kernel holds every
+//!   attachment's veth and host route, so startup recovery has to observe
+//!   and compare everything but change nothing. Target < 500 ms at 10k.
+//! - recovery.rewire_ms.250pods: 250 live pods wired by coild; their host
+//!   veths (and so their pod ends) and routes are wiped; time from
+//!   `coilctl node repair` (through coild) until all 250 are wired again.
+//!
+//! Knob: COIL_BENCH_RECOVERY_SIZES (default "1000,10000,100000").
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coil::journal::{
+    AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
+    Journal, LeaseState, NodeMeta,
+};
+use coil::node::{host_veth_name, veth_alias};
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::{PoolSpec, Store};
+use ipnet::IpNet;
+
+const COIL: &str = env!("CARGO_BIN_EXE_coil");
+const COILD: &str = env!("CARGO_BIN_EXE_coild");
+const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run")
+}
+
+fn quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn summary(figs: &[(String, f64, &str)]) {
+    let path = std::env::var("COIL_BENCH_SUMMARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json")
+        });
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).expect("dir");
+    }
+    let mut all: BTreeMap<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (k, v, u) in figs {
+        all.insert(
+            k.clone(),
+            serde_json::json!({"value": (v * 1000.0).round() / 1000.0, "unit": u}),
+        );
+    }
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&all).expect("json") + "\n",
+    )
+    .expect("write");
+}
+
+fn wait_socket(p: &Path, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if p.exists() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    None
+}
+
+/// Builds a node netns with `records` journal records in steady state and
+/// measures coild's time to ready.
+fn ready_ms(records: usize) -> Option<f64> {
+    let pods = records / 2;
+    let ns = format!("crb{records}");
+    quiet(&["ip", "netns", "del", &ns]);
+    sh(&["ip", "netns", "add", &ns]);
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jdir = dir.path().join("journal");
+    // Blocks of 256 addresses in 10.0.0.0/8 carry the pods.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let blocks_needed = pods.div_ceil(256).max(1);
+    let j = Arc::new(Journal::open(&jdir).expect("journal"));
+    let leases: Vec<coil::store::BlockLease> = rt.block_on(async {
+        let s = Store::open(EmbeddedBackend::open(j.clone()).expect("emb"), "/coil/")
+            .await
+            .expect("store");
+        let subnet: IpNet = "10.0.0.0/8".parse().expect("net");
+        s.create_pool(&PoolSpec {
+            name: "default".into(),
+            subnets: vec![subnet],
+            block_size: 8,
+        })
+        .await
+        .expect("pool");
+        let mut out = Vec::new();
+        for i in 0..blocks_needed {
+            let b: IpNet = IpNet::new(
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + (i as u32) * 256)),
+                24,
+            )
+            .expect("block");
+            out.push(
+                s.acquire_specific("default", b, "bench-node")
+                    .await
+                    .expect("lease"),
+            );
+        }
+        out
+    });
+    let mut b = Batch::new();
+    b.put_node_meta(&NodeMeta {
+        node_name: "bench-node".into(),
+        boot_id: "bench-boot".into(),
+        cluster_id: String::new(),
+        created_unix: 0,
+    });
+    for l in &leases {
+        b.put_lease(&BlockLease {
+            pool: "default".into(),
+            block: l.block,
+            epoch: l.epoch as u64,
+            state: LeaseState::Leased,
+            alloc_cursor: 0,
+        });
+    }
+    j.commit(b).expect("commit");
+    // Kernel state for every pod, through coil's own kernel adapter (one
+    // shared pod netns, one interface name per pod).
+    let made = Instant::now();
+    let mut b = Batch::new();
+    let mut atts = Vec::with_capacity(pods);
+    for i in 0..pods {
+        let key = AttachmentKey::new(format!("bench{i:07}"), "eth0");
+        let veth = host_veth_name(&key);
+        let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + i as u32));
+        let block = leases[i / 256].block;
+        let att = Attachment {
+            key: key.clone(),
+            netns: format!("/run/netns/crbp{i}"),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            pool: "default".into(),
+            addresses: vec![AssignedAddress { addr, block }],
+            host_veth: veth,
+            state: AttachmentState::Wired,
+            boot_id: "bench-boot".into(),
+            created_unix: 0,
+        };
+        b.put_attachment(&att).put_address(
+            addr,
+            &AddressEntry {
+                attachment: key,
+                block,
+            },
+        );
+        if b.len() >= 2000 {
+            j.commit(std::mem::take(&mut b)).expect("commit");
+        }
+        atts.push(att);
+    }
+    j.commit(b).expect("commit");
+    // One netns per pod, made in one `ip -batch` run.
+    let nsb = dir.path().join("netns-batch");
+    let lines: String = (0..pods).map(|i| format!("netns add crbp{i}\n")).collect();
+    std::fs::write(&nsb, lines).expect("batch");
+    sh(&["ip", "-force", "-batch", &nsb.display().to_string()]);
+    let wired = rt.block_on(async {
+        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30)?;
+        for a in &atts {
+            k.wire(&coil::kernel::WireSpec {
+                netns: a.netns.clone(),
+                ifname: a.key.ifname.clone(),
+                host_veth: a.host_veth.clone(),
+                alias: veth_alias(&a.key),
+                addresses: a.addresses.iter().map(|x| x.addr).collect(),
+                mtu: 1500,
+            })
+            .await?;
+        }
+        for l in &leases {
+            k.export_block(l.block).await?;
+        }
+        Ok::<_, coil::kernel::KernelError>(())
+    });
+    drop(rt);
+    Arc::try_unwrap(j)
+        .expect("sole owner")
+        .close()
+        .expect("close");
+    if let Err(e) = wired {
+        eprintln!("kernel setup for {records} records failed: {e}");
+        quiet(&["ip", "netns", "del", &ns]);
+        del_pod_netns(dir.path(), pods);
+        return None;
+    }
+    eprintln!(
+        "  {records} records: {pods} pods wired in {:?}",
+        made.elapsed()
+    );
+    std::fs::write(dir.path().join("boot_id"), "bench-boot\n").expect("boot");
+    let socket = dir.path().join("coild.sock");
+    let start = Instant::now();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            COILD,
+            "--store",
+            "embedded",
+            "--node-name",
+            "bench-node",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--boot-id-file")
+        .arg(dir.path().join("boot_id"))
+        .env(
+            "COIL_LOG",
+            std::env::var("COIL_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("coild");
+    let ready = wait_socket(&socket, Duration::from_secs(300));
+    let elapsed = start.elapsed();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().expect("coild");
+    if !out.stderr.is_empty() {
+        eprintln!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // Deleting the netns tears its veths down in the kernel's own time.
+    quiet(&["ip", "netns", "del", &ns]);
+    del_pod_netns(dir.path(), pods);
+    ready.map(|_| elapsed.as_secs_f64() * 1000.0)
+}
+
+fn del_pod_netns(dir: &Path, pods: usize) {
+    let f = dir.join("netns-del");
+    let lines: String = (0..pods).map(|i| format!("netns del crbp{i}\n")).collect();
+    let _ = std::fs::write(&f, lines);
+    quiet(&["ip", "-force", "-batch", &f.display().to_string()]);
+}
+
+fn cni_add(conf: &str, pod: &str) -> bool {
+    let mut c = Command::new(COIL)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("coil");
+    if let Some(mut i) = c.stdin.take() {
+        let _ = i.write_all(conf.as_bytes());
+    }
+    c.wait().is_ok_and(|s| s.success())
+}
+
+fn rewire_ms() -> f64 {
+    let ns = "crwnode";
+    quiet(&["ip", "netns", "del", ns]);
+    sh(&["ip", "netns", "add", ns]);
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = sh(&[
+        COILCTL,
+        "--store",
+        "embedded",
+        "--journal-dir",
+        &dir.path().join("journal").display().to_string(),
+        "pool",
+        "create",
+        "default",
+        "10.77.0.0/16",
+        "--block-size",
+        "6",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let socket = dir.path().join("coild.sock");
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            COILD,
+            "--store",
+            "embedded",
+            "--node-name",
+            "rw-node",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--resync-interval", "60m"])
+        .env("COIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coild");
+    wait_socket(&socket, Duration::from_secs(30)).expect("coild ready");
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"b","socket":"{}"}}"#,
+        socket.display()
+    );
+    let pods: Vec<String> = (0..250).map(|i| format!("crw{i:03}")).collect();
+    for p in &pods {
+        quiet(&["ip", "netns", "del", p]);
+        sh(&["ip", "netns", "add", p]);
+        assert!(cni_add(&conf, p), "ADD {p}");
+    }
+    // Wipe the kernel state: every host veth (and with it the pod end) and
+    // table 119.
+    let links =
+        String::from_utf8_lossy(&sh(&["ip", "-n", ns, "-o", "link", "show"]).stdout).to_string();
+    let mut batch = String::new();
+    for l in links.lines().filter_map(|l| l.split(':').nth(1)) {
+        let name = l.trim().split('@').next().unwrap_or("");
+        if name.starts_with("coil") {
+            batch.push_str(&format!("link del {name}\n"));
+        }
+    }
+    batch.push_str("route flush table 119\n");
+    let bf = dir.path().join("wipe");
+    std::fs::write(&bf, batch).expect("batch");
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "-force",
+        "-batch",
+        &bf.display().to_string(),
+    ]);
+    let start = Instant::now();
+    let o = sh(&[
+        COILCTL,
+        "--store",
+        "embedded",
+        "--socket",
+        &socket.display().to_string(),
+        "--journal-dir",
+        &dir.path().join("journal").display().to_string(),
+        "node",
+        "repair",
+        "--json",
+    ]);
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let rewired = v["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter(|x| x["action"]["action"] == "rewire" && x["ok"] == true)
+                .count()
+        })
+        .unwrap_or(0);
+    let wired = pods
+        .iter()
+        .filter(|p| {
+            sh(&["ip", "-n", p, "link", "show", "eth0"])
+                .status
+                .success()
+        })
+        .count();
+    eprintln!("  rewired {rewired} attachments; {wired}/250 pods have eth0 again");
+    assert_eq!(wired, 250, "every pod wired again");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    for p in &pods {
+        quiet(&["ip", "netns", "del", p]);
+    }
+    quiet(&["ip", "netns", "del", ns]);
+    ms
+}
+
+fn main() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the recovery benchmark needs root");
+        std::process::exit(2);
+    }
+    let sizes: Vec<usize> = std::env::var("COIL_BENCH_RECOVERY_SIZES")
+        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mut figs = Vec::new();
+    for n in sizes {
+        match ready_ms(n) {
+            Some(ms) => {
+                let tag = if n >= 1000 && n % 1000 == 0 {
+                    format!("{}k", n / 1000)
+                } else {
+                    n.to_string()
+                };
+                println!("recovery.ready_ms.{tag:<5} {ms:>9.1} ms  (coild start to socket ready, {n} journal records)");
+                figs.push((format!("recovery.ready_ms.{tag}"), ms, "ms"));
+            }
+            None => println!("recovery.ready_ms for {n} records: not measured (see above)"),
+        }
+    }
+    let ms = rewire_ms();
+    println!("recovery.rewire_ms.250pods {ms:>9.1} ms  (kernel state wiped, node repair until all 250 wired)");
+    figs.push(("recovery.rewire_ms.250pods".into(), ms, "ms"));
+    if let Some(t) = figs.iter().find(|f| f.0 == "recovery.ready_ms.10k") {
+        println!(
+            "ready at 10k records: {:.0} ms (target < 500 ms): {}",
+            t.1,
+            if t.1 < 500.0 { "met" } else { "MISSED" }
+        );
+    }
+    summary(&figs);
+}
