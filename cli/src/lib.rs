@@ -10,9 +10,12 @@ use std::path::Path;
 
 pub mod coilctl;
 pub mod coild;
+pub mod controller;
 mod ctl_config;
 pub(crate) mod ctl_repair;
 mod ctl_store;
+pub mod installer;
+pub mod metrics;
 mod output;
 pub mod plugin;
 
@@ -25,10 +28,8 @@ pub fn run(program: &str, args: Vec<OsString>) -> i32 {
         "coilctl" => coilctl::main(args),
         "coil" => plugin::main(),
         "coild" => coild::main(args),
-        "coil-controller" => not_implemented("coil-controller", "the controller issue (#6)"),
-        "coil-installer" => {
-            not_implemented("coil-installer", "the controller and installer issue (#6)")
-        }
+        "coil-controller" => controller::main(args),
+        "coil-installer" => installer::main(args),
         other => {
             eprintln!("hypercoil: unknown program {other:?}");
             hypercoil_usage();
@@ -73,9 +74,4 @@ fn hypercoil_usage() {
          programs: {}",
         coil::PROGRAMS.join(", ")
     );
-}
-
-fn not_implemented(program: &str, issue: &str) -> i32 {
-    eprintln!("{program}: not implemented yet; it arrives with {issue}");
-    exit::NOT_IMPLEMENTED
 }

@@ -1031,6 +1031,146 @@ impl<B: Backend> Store<B> {
         Ok(out.into_values().collect())
     }
 
+    // --------------------------------------------------------- controller
+
+    /// Tries to become the controller leader: the leader key is created
+    /// only if absent, bound to a fresh lease of `ttl_secs`. Returns the
+    /// lease to keep alive when elected, None when another replica leads.
+    pub async fn campaign(&self, identity: &str, ttl_secs: i64) -> Result<Option<i64>> {
+        let lease = self.backend.lease_grant(ttl_secs).await?;
+        let key = self.keys.leader();
+        let txn = Txn {
+            when: vec![Cmp::CreateRevision {
+                key: key.clone().into_bytes(),
+                op: CmpOp::Equal,
+                rev: 0,
+            }],
+            then: vec![Op::Put {
+                key: key.into_bytes(),
+                value: identity.as_bytes().to_vec(),
+                lease,
+            }],
+            otherwise: vec![],
+        };
+        if self.backend.txn("campaign", txn).await?.succeeded {
+            Ok(Some(lease))
+        } else {
+            self.backend.lease_revoke(lease).await?;
+            Ok(None)
+        }
+    }
+
+    /// The current leader's identity.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        Ok(self
+            .read_one("get leader", self.keys.leader())
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+
+    fn leader_guard(&self, identity: &str) -> Cmp {
+        Cmp::ValueEquals {
+            key: self.keys.leader().into_bytes(),
+            value: identity.as_bytes().to_vec(),
+        }
+    }
+
+    /// The controller's release of a dead node's block, fenced three ways
+    /// in one transaction: the lease is still that incarnation, the node's
+    /// liveness key is absent (it is not alive *now*), and `leader` still
+    /// leads. So a node that came back, or a deposed leader, frees nothing.
+    pub async fn release_dead_block(&self, lease: &BlockLease, leader: &str) -> Result<bool> {
+        let key = self.keys.block(&lease.pool, &lease.block);
+        let (a, b) = self.keys.address_range(&lease.block);
+        let stored = BlockLease {
+            epoch: 0,
+            ..lease.clone()
+        };
+        let txn = Txn {
+            when: vec![
+                Cmp::CreateRevision {
+                    key: key.clone().into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: lease.epoch,
+                },
+                Cmp::ValueEquals {
+                    key: key.clone().into_bytes(),
+                    value: encode(&stored),
+                },
+                Cmp::CreateRevision {
+                    key: self.keys.node(&lease.node).into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                },
+                self.leader_guard(leader),
+                self.schema_guard(),
+            ],
+            then: vec![
+                Op::Delete {
+                    key: key.into_bytes(),
+                },
+                Op::DeleteRange {
+                    start: a.into_bytes(),
+                    end: b.into_bytes(),
+                },
+            ],
+            otherwise: vec![],
+        };
+        Ok(self
+            .backend
+            .txn("release dead node's block", txn)
+            .await?
+            .succeeded)
+    }
+
+    /// Deletes address index entries whose block is not leased by the
+    /// entry's node (garbage of a crashed mirror or a released block),
+    /// fenced per entry and by leadership. Returns how many were deleted.
+    pub async fn gc_address_index(&self, leader: &str) -> Result<usize> {
+        let mut r = self
+            .backend
+            .txn(
+                "read index and blocks",
+                Txn::read(vec![
+                    Op::prefix(&self.keys.addresses()),
+                    Op::prefix(&self.keys.blocks()),
+                ]),
+            )
+            .await?;
+        let entries = r.kvs(0);
+        let leases: Vec<BlockLease> = r.kvs(1).iter().map(decode_lease).collect::<Result<_>>()?;
+        let mut deleted = 0;
+        for kv in entries {
+            let Ok(rec) = decode::<AddressRecord>(&kv) else {
+                continue;
+            };
+            let owned = leases
+                .iter()
+                .any(|l| l.block.contains(&rec.address) && l.node == rec.node);
+            if owned {
+                continue;
+            }
+            let txn = Txn {
+                when: vec![
+                    Cmp::ModRevision {
+                        key: kv.key.clone(),
+                        op: CmpOp::Equal,
+                        rev: kv.mod_revision,
+                    },
+                    self.leader_guard(leader),
+                ],
+                then: vec![Op::Delete {
+                    key: kv.key.clone(),
+                }],
+                otherwise: vec![],
+            };
+            if self.backend.txn("gc address index", txn).await?.succeeded {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     // -------------------------------------------------- address index
 
     /// Records an address assignment in the index (coild mirrors its

@@ -328,6 +328,11 @@ impl Keys {
         format!("{}nodes/{node}", self.prefix)
     }
 
+    /// The controller's leader key (bound to the leader's etcd lease).
+    pub fn leader(&self) -> String {
+        format!("{}controller/leader", self.prefix)
+    }
+
     pub fn addresses(&self) -> String {
         format!("{}addresses/", self.prefix)
     }

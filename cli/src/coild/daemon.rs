@@ -7,7 +7,7 @@
 //! journal, changed under a short std mutex that is never held across an
 //! await, an fsync, a netlink call or a store call.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub resync_interval: Duration,
     /// Blocks a node keeps even when empty.
     pub min_blocks: usize,
+    /// Serve Prometheus metrics here (opt-in).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why coild could not start or stopped.
@@ -122,6 +124,13 @@ impl DaemonError {
 
 type DResult<T> = Result<T, DaemonError>;
 
+#[derive(Debug, Default)]
+struct Latencies {
+    add: crate::metrics::Histogram,
+    del: crate::metrics::Histogram,
+    commit: crate::metrics::Histogram,
+}
+
 /// Address index updates, applied asynchronously (the journal is the
 /// authority; the index is a mirror for coilctl and the controller).
 #[derive(Debug)]
@@ -150,6 +159,8 @@ pub struct Daemon<B: Backend> {
     gate: tokio::sync::RwLock<()>,
     /// Blocks seen empty, and how many resyncs in a row.
     idle: Mutex<HashMap<IpNet, u32>>,
+    /// Latency histograms.
+    m: Latencies,
     /// Counters for stats and metrics.
     lease_losses: AtomicU64,
     recovery_actions: AtomicU64,
@@ -245,6 +256,7 @@ pub async fn run(
             let store = Store::open_lazy(Arc::new(b), "/coil/")
                 .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
             let d = Daemon::start(cfg, journal.clone(), store).await?;
+            start_metrics(&d).await?;
             super::serve(d, shutdown).await?;
         }
         StoreChoice::Etcd { opts, prefix } => {
@@ -254,6 +266,7 @@ pub async fn run(
             let store = Store::open_lazy(b, &prefix)
                 .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
             let d = Daemon::start(cfg, journal.clone(), store).await?;
+            start_metrics(&d).await?;
             super::serve(d, shutdown).await?;
         }
     }
@@ -263,6 +276,17 @@ pub async fn run(
             .map_err(|e| FatalError::new(coil::exit::PROBLEMS, format!("closing journal: {e}"))),
         Err(_) => Ok(()),
     }
+}
+
+async fn start_metrics<B: Backend>(d: &Arc<Daemon<B>>) -> Result<(), FatalError> {
+    if let Some(addr) = d.cfg.metrics_addr {
+        let dd = d.clone();
+        crate::metrics::serve(addr, move || dd.metrics_text())
+            .await
+            .map_err(|e| FatalError::new(coil::exit::USAGE, format!("metrics on {addr}: {e}")))?;
+        tracing::info!(%addr, "metrics");
+    }
+    Ok(())
 }
 
 impl<B: Backend> Daemon<B> {
@@ -330,6 +354,7 @@ impl<B: Backend> Daemon<B> {
             idle: Mutex::new(HashMap::new()),
             lease_losses: AtomicU64::new(0),
             recovery_actions: AtomicU64::new(0),
+            m: Latencies::default(),
         });
         let t0 = Instant::now();
         // Before serving, only what the attachments need; orphan links are
@@ -537,6 +562,86 @@ impl<B: Backend> Daemon<B> {
         &self.cfg
     }
 
+    /// A durable journal commit off the runtime's threads, timed.
+    async fn commit(&self, b: Batch) -> DResult<()> {
+        let j = self.journal.clone();
+        let t = Instant::now();
+        let r = blocking(move || j.commit(b)).await.map(|_| ());
+        self.m.commit.observe(t.elapsed());
+        r
+    }
+
+    /// Prometheus metrics.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let node = &self.cfg.node_name;
+        {
+            let st = self.lock();
+            let mut pools: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for b in st.blocks().filter(|b| b.lease.state == LeaseState::Leased) {
+                let e = pools.entry(b.lease.pool.clone()).or_default();
+                e.0 += b.used.len() as u64;
+                e.1 += b.free();
+            }
+            out.push_str("# HELP coil_addresses_in_use Addresses assigned on this node, per pool.\n# TYPE coil_addresses_in_use gauge\n");
+            for (p, (u, _)) in &pools {
+                let _ = writeln!(
+                    out,
+                    "coil_addresses_in_use{{node=\"{node}\",pool=\"{p}\"}} {u}"
+                );
+            }
+            out.push_str("# HELP coil_addresses_free Free addresses in this node's blocks, per pool.\n# TYPE coil_addresses_free gauge\n");
+            for (p, (_, f)) in &pools {
+                let _ = writeln!(
+                    out,
+                    "coil_addresses_free{{node=\"{node}\",pool=\"{p}\"}} {f}"
+                );
+            }
+            let leased = st
+                .blocks()
+                .filter(|b| b.lease.state == LeaseState::Leased)
+                .count();
+            let quarantined = st
+                .blocks()
+                .filter(|b| b.lease.state == LeaseState::Quarantined)
+                .count();
+            let _ = write!(
+                out,
+                "# HELP coil_blocks_leased Blocks this node leases.\n# TYPE coil_blocks_leased gauge\ncoil_blocks_leased{{node=\"{node}\"}} {leased}\n\
+                 # HELP coil_blocks_quarantined Blocks this node lost to another.\n# TYPE coil_blocks_quarantined gauge\ncoil_blocks_quarantined{{node=\"{node}\"}} {quarantined}\n\
+                 # HELP coil_attachments Pod attachments on this node.\n# TYPE coil_attachments gauge\ncoil_attachments{{node=\"{node}\"}} {}\n",
+                st.attachments().count()
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP coil_lease_losses_total Block leases found lost.\n# TYPE coil_lease_losses_total counter\ncoil_lease_losses_total{{node=\"{node}\"}} {}\n\
+             # HELP coil_recovery_actions_total Recovery steps applied.\n# TYPE coil_recovery_actions_total counter\ncoil_recovery_actions_total{{node=\"{node}\"}} {}\n\
+             # HELP coil_store_reachable 1 when the last store call succeeded.\n# TYPE coil_store_reachable gauge\ncoil_store_reachable{{node=\"{node}\"}} {}\n",
+            self.lease_losses.load(Ordering::Relaxed),
+            self.recovery_actions.load(Ordering::Relaxed),
+            u8::from(self.store_ok.load(Ordering::Relaxed)),
+        );
+        let lb = format!("node=\"{node}\"");
+        out.push_str(&self.m.add.render(
+            "coil_cni_add_duration_seconds",
+            "CNI ADD handling time in coild.",
+            &lb,
+        ));
+        out.push_str(&self.m.del.render(
+            "coil_cni_del_duration_seconds",
+            "CNI DEL handling time in coild (until the answer).",
+            &lb,
+        ));
+        out.push_str(&self.m.commit.render(
+            "coil_journal_commit_duration_seconds",
+            "Durable journal commits.",
+            &lb,
+        ));
+        out
+    }
+
     /// The store backend (served to coilctl over the socket).
     pub fn store_backend(&self) -> &B {
         self.store.backend()
@@ -545,6 +650,22 @@ impl<B: Backend> Daemon<B> {
     /// Handles one request; never fails (errors become CNI error answers).
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         let _g = self.gate.read().await;
+        self.handle_inner(req).await
+    }
+
+    async fn handle_inner(self: &Arc<Self>, req: Request) -> Response {
+        let t = Instant::now();
+        let cmd = req.command;
+        let resp = self.dispatch(req).await;
+        match cmd {
+            Command::Add => self.m.add.observe(t.elapsed()),
+            Command::Del => self.m.del.observe(t.elapsed()),
+            _ => {}
+        }
+        resp
+    }
+
+    async fn dispatch(self: &Arc<Self>, req: Request) -> Response {
         let version = req.conf.cni_version.clone();
         let res = match req.command {
             Command::Add => self
@@ -650,8 +771,7 @@ impl<B: Backend> Daemon<B> {
             state: IntentState::Pending,
             created_unix: coil::journal::now_unix(),
         });
-        let j = self.journal.clone();
-        blocking(move || j.commit(b)).await?;
+        self.commit(b).await?;
         coil::failpoint::hit("acquire.intent");
         self.add_store_calls.fetch_add(1, Ordering::Relaxed);
         let got = self.store.acquire_block(pool, &self.cfg.node_name).await;
@@ -671,13 +791,11 @@ impl<B: Backend> Daemon<B> {
                 Some(jl)
             }
             Err(e) => {
-                let j = self.journal.clone();
-                blocking(move || j.commit(b)).await?;
+                self.commit(b).await?;
                 return Err(e.into());
             }
         };
-        let j = self.journal.clone();
-        blocking(move || j.commit(b)).await?;
+        self.commit(b).await?;
         if let Some(l) = lease {
             tracing::info!(pool, block = %l.block, epoch = l.epoch, "leased a block");
             let block = l.block;
@@ -808,8 +926,7 @@ impl<B: Backend> Daemon<B> {
                     },
                 )
                 .put_lease(&resv.lease);
-                let j = self.journal.clone();
-                if let Err(e) = blocking(move || j.commit(b)).await {
+                if let Err(e) = self.commit(b).await {
                     self.lock().unreserve(&resv);
                     return Err(e);
                 }
@@ -830,8 +947,7 @@ impl<B: Backend> Daemon<B> {
                 for x in &att.addresses {
                     b.delete_address(x.addr);
                 }
-                let j = self.journal.clone();
-                blocking(move || j.commit(b)).await?;
+                self.commit(b).await?;
                 self.lock().remove_attachment(&key);
                 return Err(e.into());
             }
@@ -844,8 +960,7 @@ impl<B: Backend> Daemon<B> {
         b.put_attachment(&done).delete_intent(intent);
         coil::failpoint::hit("add.wired");
         let t2 = t0.elapsed();
-        let j = self.journal.clone();
-        blocking(move || j.commit(b)).await?;
+        self.commit(b).await?;
         self.lock().insert_attachment(done.clone());
         tracing::debug!(
             attachment = %key,
@@ -901,8 +1016,7 @@ impl<B: Backend> Daemon<B> {
             created_unix: coil::journal::now_unix(),
         })
         .put_attachment(&releasing);
-        let j = self.journal.clone();
-        blocking(move || j.commit(b)).await?;
+        self.commit(b).await?;
         self.lock().insert_attachment(releasing);
         coil::failpoint::hit("del.releasing");
         if wait {
@@ -934,8 +1048,7 @@ impl<B: Backend> Daemon<B> {
         for x in &a.addresses {
             b.delete_address(x.addr);
         }
-        let j = self.journal.clone();
-        blocking(move || j.commit(b)).await?;
+        self.commit(b).await?;
         self.lock().remove_attachment(&a.key);
         for x in &a.addresses {
             let _ = self.mirror.send(Mirror::Delete(self.record(a, x)));

@@ -78,6 +78,9 @@ struct Args {
     /// Blocks to keep even when empty [default: 1].
     #[arg(long, env = "COILD_MIN_BLOCKS")]
     min_blocks: Option<usize>,
+    /// Serve Prometheus metrics on this address (opt-in; keep it on loopback).
+    #[arg(long, env = "COILD_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +105,7 @@ struct FileConfig {
     liveness_ttl: Option<String>,
     resync_interval: Option<String>,
     min_blocks: Option<usize>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn hostname() -> String {
@@ -230,6 +234,7 @@ impl Args {
                 None => Duration::from_secs(30),
             },
             min_blocks: self.min_blocks.or(file.min_blocks).unwrap_or(1),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
         })
     }
 }

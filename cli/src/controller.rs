@@ -1,0 +1,383 @@
+//! `coil-controller`: the cluster janitor.
+//!
+//! One replica leads (an etcd key bound to its lease; every action is
+//! fenced on it, so a deposed leader frees nothing). The leader releases
+//! the blocks of nodes whose liveness key has been gone for longer than
+//! the grace period, each release fenced on the lease's epoch and on the
+//! node's liveness key still being absent (a node that came back keeps its
+//! blocks; one that comes back later finds them gone and quarantines
+//! them), and garbage-collects the address index against the leases.
+//!
+//! The store is polled every interval, so there is no watch to lose (v1's
+//! controller idled forever after its watch closed). Kubernetes Node
+//! deletions are a thin seam not wired here: there is no API server on
+//! this machine, and the liveness lease already covers a node that is gone.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use coil::exit;
+use coil::store::etcd::{EtcdBackend, EtcdOptions, TlsPem};
+use coil::store::{Backend, NodeStatus, Store};
+
+#[derive(Parser, Debug)]
+#[command(name = "coil-controller", version, about = "coil's cluster janitor")]
+struct Args {
+    /// Comma-separated etcd endpoints.
+    #[arg(
+        long,
+        env = "COIL_CONTROLLER_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: String,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_PREFIX", default_value = "/coil/")]
+    etcd_prefix: String,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_TIMEOUT", default_value = "2s")]
+    etcd_timeout: String,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_TLS_CA")]
+    etcd_tls_ca: Option<PathBuf>,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_TLS_CERT")]
+    etcd_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "COIL_CONTROLLER_ETCD_TLS_KEY")]
+    etcd_tls_key: Option<PathBuf>,
+    /// How long a node's liveness must be gone before its blocks are freed.
+    #[arg(long, env = "COIL_CONTROLLER_GRACE_PERIOD", default_value = "5m")]
+    grace_period: String,
+    /// How often the store is scanned.
+    #[arg(long, env = "COIL_CONTROLLER_INTERVAL", default_value = "10s")]
+    interval: String,
+    /// TTL of the leader lease.
+    #[arg(long, env = "COIL_CONTROLLER_ELECTION_TTL", default_value = "10s")]
+    election_ttl: String,
+    /// This replica's name in the election [default: hostname-pid].
+    #[arg(long, env = "COIL_CONTROLLER_IDENTITY")]
+    identity: Option<String>,
+    /// Serve Prometheus metrics on this address (loopback recommended).
+    #[arg(long, env = "COIL_CONTROLLER_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+fn pem(p: &Option<PathBuf>) -> Result<Option<Vec<u8>>, String> {
+    match p {
+        None => Ok(None),
+        Some(p) => std::fs::read(p)
+            .map(Some)
+            .map_err(|e| format!("reading {}: {e}", p.display())),
+    }
+}
+
+/// Counters the controller exports.
+#[derive(Debug, Default)]
+pub struct ControllerMetrics {
+    pub is_leader: std::sync::atomic::AtomicU64,
+    pub blocks_released: std::sync::atomic::AtomicU64,
+    pub index_entries_collected: std::sync::atomic::AtomicU64,
+    pub passes: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+/// Which dead nodes' blocks are due: pure, for tests.
+pub fn due_nodes(
+    nodes: &[NodeStatus],
+    dead_since: &mut HashMap<String, Instant>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    let mut due = Vec::new();
+    dead_since.retain(|n, _| nodes.iter().any(|x| &x.node == n && !x.alive));
+    for n in nodes {
+        if n.alive {
+            continue;
+        }
+        let since = *dead_since.entry(n.node.clone()).or_insert(now);
+        if n.blocks > 0 && now.duration_since(since) >= grace {
+            due.push(n.node.clone());
+        }
+    }
+    due
+}
+
+/// One pass as the leader: free due nodes' blocks, collect the index.
+pub async fn pass<B: Backend>(
+    store: &Store<B>,
+    identity: &str,
+    dead_since: &mut HashMap<String, Instant>,
+    grace: Duration,
+    m: &ControllerMetrics,
+) -> Result<(), coil::store::StoreError> {
+    use std::sync::atomic::Ordering;
+    let nodes = store.nodes().await?;
+    for node in due_nodes(&nodes, dead_since, Instant::now(), grace) {
+        for l in store.node_blocks(&node).await? {
+            match store.release_dead_block(&l, identity).await {
+                Ok(true) => {
+                    m.blocks_released.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(node = %node, block = %l.block, "released the block of a dead node");
+                }
+                Ok(false) => tracing::info!(node = %node, block = %l.block,
+                    "kept the block: the node is back, the lease changed, or leadership moved"),
+                Err(e) => {
+                    m.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(node = %node, block = %l.block, "release: {e}");
+                }
+            }
+        }
+    }
+    let n = store.gc_address_index(identity).await?;
+    if n > 0 {
+        tracing::info!(entries = n, "collected address index entries with no lease");
+    }
+    m.index_entries_collected
+        .fetch_add(n as u64, Ordering::Relaxed);
+    m.passes.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Runs the controller; returns the exit code.
+pub fn main(args: Vec<OsString>) -> i32 {
+    crate::coilctl::init_logging_with("info");
+    let a = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let parse = crate::ctl_config::parse_duration;
+    let (grace, interval, ttl, timeout) = match (
+        parse(&a.grace_period),
+        parse(&a.interval),
+        parse(&a.election_ttl),
+        parse(&a.etcd_timeout),
+    ) {
+        (Ok(g), Ok(i), Ok(t), Ok(o)) => (g, i, t, o),
+        (g, i, t, o) => {
+            for e in [g.err(), i.err(), t.err(), o.err()].into_iter().flatten() {
+                eprintln!("coil-controller: {e}");
+            }
+            return exit::USAGE;
+        }
+    };
+    let tls = match (
+        pem(&a.etcd_tls_ca),
+        pem(&a.etcd_tls_cert),
+        pem(&a.etcd_tls_key),
+    ) {
+        (Ok(ca), Ok(cert), Ok(key)) => {
+            (ca.is_some() || cert.is_some()).then_some(TlsPem { ca, cert, key })
+        }
+        (a1, b1, c1) => {
+            for e in [a1.err(), b1.err(), c1.err()].into_iter().flatten() {
+                eprintln!("coil-controller: {e}");
+            }
+            return exit::USAGE;
+        }
+    };
+    let opts = EtcdOptions {
+        endpoints: a
+            .etcd_endpoints
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        timeout,
+        username: a.etcd_username.clone(),
+        password: a.etcd_password.clone(),
+        tls,
+    };
+    let identity = a.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "controller".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coil-controller: runtime: {e}");
+            return exit::PROBLEMS;
+        }
+    };
+    rt.block_on(async move {
+        let b = match EtcdBackend::connect(&opts).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("coil-controller: {e}");
+                return exit::UNAVAILABLE;
+            }
+        };
+        let store = match Store::open_lazy(b, &a.etcd_prefix) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("coil-controller: {e}");
+                return exit::USAGE;
+            }
+        };
+        let metrics = std::sync::Arc::new(ControllerMetrics::default());
+        if let Some(addr) = a.metrics_addr {
+            let m = metrics.clone();
+            match crate::metrics::serve(addr, move || controller_metrics(&m)).await {
+                Ok(()) => tracing::info!(%addr, "metrics"),
+                Err(e) => {
+                    eprintln!("coil-controller: metrics on {addr}: {e}");
+                    return exit::USAGE;
+                }
+            }
+        }
+        run(&store, &identity, grace, interval, ttl, &metrics).await;
+        exit::OK
+    })
+}
+
+fn controller_metrics(m: &ControllerMetrics) -> String {
+    use std::sync::atomic::Ordering;
+    let mut out = String::new();
+    let mut g = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    };
+    g(
+        "coil_controller_leader",
+        "gauge",
+        "1 while this replica leads.",
+        m.is_leader.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_blocks_released_total",
+        "counter",
+        "Blocks of dead nodes released.",
+        m.blocks_released.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_index_entries_collected_total",
+        "counter",
+        "Address index entries without a lease deleted.",
+        m.index_entries_collected.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_passes_total",
+        "counter",
+        "Passes made as the leader.",
+        m.passes.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_errors_total",
+        "counter",
+        "Failed store operations.",
+        m.errors.load(Ordering::Relaxed),
+    );
+    out
+}
+
+/// The leader loop: campaign, keep the lease alive, act, repeat. Runs
+/// until SIGTERM/SIGINT.
+pub async fn run<B: Backend>(
+    store: &Store<B>,
+    identity: &str,
+    grace: Duration,
+    interval: Duration,
+    ttl: Duration,
+    m: &ControllerMetrics,
+) {
+    use std::sync::atomic::Ordering;
+    let mut lease: Option<i64> = None;
+    let mut dead_since: HashMap<String, Instant> = HashMap::new();
+    let ttl_secs = ttl.as_secs().max(2) as i64;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        let leading = match lease {
+            Some(id) => store.keep_alive(id).await.unwrap_or(false),
+            None => match store.campaign(identity, ttl_secs).await {
+                Ok(Some(id)) => {
+                    tracing::info!(identity, "elected leader");
+                    lease = Some(id);
+                    // Grace timers start afresh with each leadership.
+                    dead_since.clear();
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!("campaign: {e}");
+                    false
+                }
+            },
+        };
+        if !leading && lease.is_some() {
+            tracing::warn!(identity, "lost leadership");
+            lease = None;
+        }
+        m.is_leader.store(u64::from(leading), Ordering::Relaxed);
+        if leading {
+            if let Err(e) = pass(store, identity, &mut dead_since, grace, m).await {
+                m.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("pass: {e}");
+            }
+        }
+        let sleep = tokio::time::sleep(interval);
+        tokio::select! {
+            _ = sleep => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    if let Some(id) = lease {
+        let _ = store.deregister_node(id).await;
+        tracing::info!(identity, "stepped down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(node: &str, alive: bool, blocks: usize) -> NodeStatus {
+        NodeStatus {
+            node: node.into(),
+            alive,
+            boot_id: None,
+            started_unix: None,
+            blocks,
+        }
+    }
+
+    #[test]
+    fn only_nodes_dead_longer_than_the_grace_are_due() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(60);
+        let mut since = HashMap::new();
+        let nodes = vec![
+            st("alive", true, 3),
+            st("dead", false, 2),
+            st("empty", false, 0),
+        ];
+        assert!(due_nodes(&nodes, &mut since, t0, grace).is_empty());
+        assert!(due_nodes(&nodes, &mut since, t0 + Duration::from_secs(59), grace).is_empty());
+        assert_eq!(
+            due_nodes(&nodes, &mut since, t0 + Duration::from_secs(60), grace),
+            vec!["dead".to_string()]
+        );
+        // It comes back: its timer is forgotten.
+        let back = vec![st("dead", true, 2)];
+        assert!(due_nodes(&back, &mut since, t0 + Duration::from_secs(61), grace).is_empty());
+        assert!(since.is_empty());
+        // Dead again: the grace starts over.
+        assert!(due_nodes(&nodes, &mut since, t0 + Duration::from_secs(62), grace).is_empty());
+    }
+}

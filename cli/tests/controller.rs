@@ -1,0 +1,278 @@
+//! coil-controller and coil-installer against a real etcd and a throwaway
+//! netns.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coil::store::etcd::{EtcdBackend, EtcdOptions};
+use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
+use coil::testkit;
+use coil_cli::controller::{pass, ControllerMetrics};
+
+const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
+const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
+const HYPERCOIL: &str = env!("CARGO_BIN_EXE_hypercoil");
+
+async fn store(prefix: &str) -> (Store<EtcdBackend>, String) {
+    let ep = testkit::shared_etcd().expect("etcd");
+    let b = EtcdBackend::connect(&EtcdOptions {
+        endpoints: vec![ep.clone()],
+        ..Default::default()
+    })
+    .await
+    .expect("connect");
+    (Store::open(b, prefix).await.expect("open"), ep)
+}
+
+fn rec(n: &str) -> NodeRecord {
+    NodeRecord {
+        node: n.into(),
+        boot_id: "b".into(),
+        started_unix: 0,
+        version: "t".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_replica_leads_and_leadership_moves() {
+    let prefix = testkit::unique_prefix("leader");
+    let (s, _) = store(&prefix).await;
+    let a = s.campaign("replica-a", 5).await.expect("campaign");
+    assert!(a.is_some(), "first replica leads");
+    assert!(s
+        .campaign("replica-b", 5)
+        .await
+        .expect("campaign")
+        .is_none());
+    assert_eq!(
+        s.leader().await.expect("leader").as_deref(),
+        Some("replica-a")
+    );
+    s.deregister_node(a.expect("lease"))
+        .await
+        .expect("step down");
+    assert!(s
+        .campaign("replica-b", 5)
+        .await
+        .expect("campaign")
+        .is_some());
+    assert_eq!(
+        s.leader().await.expect("leader").as_deref(),
+        Some("replica-b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_nodes_lose_their_blocks_live_ones_never() {
+    let prefix = testkit::unique_prefix("janitor");
+    let (s, _) = store(&prefix).await;
+    s.create_pool(&PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.66.0.0/24".parse().expect("net")],
+        block_size: 4,
+    })
+    .await
+    .expect("pool");
+    s.register_node(&rec("alive"), 60).await.expect("register");
+    let short = s.register_node(&rec("dying"), 2).await.expect("register");
+    let kept = s.acquire_block("default", "alive").await.expect("acquire");
+    let d1 = s.acquire_block("default", "dying").await.expect("acquire");
+    let ghost = s.acquire_block("default", "ghost").await.expect("acquire");
+    // Garbage in the index: an entry whose node does not hold the block.
+    let stray = AddressRecord {
+        address: "10.66.0.250".parse().expect("ip"),
+        pool: "default".into(),
+        block: "10.66.0.240/28".parse().expect("net"),
+        node: "nobody".into(),
+        container_id: "x".into(),
+        ifname: "eth0".into(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+    };
+    s.put_address(&stray).await.expect("index");
+    let lease = s
+        .campaign("me", 30)
+        .await
+        .expect("campaign")
+        .expect("leader");
+    let m = ControllerMetrics::default();
+    let mut since = HashMap::new();
+    let grace = Duration::from_secs(2);
+    // First pass: "ghost" is seen dead now; nothing is due yet.
+    pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+    let blocks = s.all_blocks().await.expect("blocks");
+    assert_eq!(blocks.len(), 3, "nothing freed before the grace period");
+    assert!(
+        s.address_info(stray.address)
+            .await
+            .expect("info")
+            .record
+            .is_none(),
+        "index collected"
+    );
+    // A deposed leader frees nothing, even past the grace.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(!s
+        .release_dead_block(&ghost, "someone-else")
+        .await
+        .expect("fenced"));
+    pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+    let left: Vec<String> = s
+        .all_blocks()
+        .await
+        .expect("blocks")
+        .into_iter()
+        .map(|l| l.node)
+        .collect();
+    assert!(
+        left.contains(&"alive".to_string()),
+        "a live node keeps its block"
+    );
+    assert!(
+        !left.contains(&"ghost".to_string()),
+        "the dead node's block is freed: {left:?}"
+    );
+    // "dying" stops heartbeating: its key expires, then the grace runs.
+    let _ = short;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+        let nodes: Vec<String> = s
+            .all_blocks()
+            .await
+            .expect("blocks")
+            .into_iter()
+            .map(|l| l.node)
+            .collect();
+        if !nodes.contains(&"dying".to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired node's block was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A released block is free for others; the live node's is untouched.
+    assert!(s.block(d1.block).await.expect("block").1.is_none());
+    assert_eq!(
+        s.block(kept.block)
+            .await
+            .expect("block")
+            .1
+            .map(|l| l.node)
+            .as_deref(),
+        Some("alive")
+    );
+    assert!(m.blocks_released.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    s.deregister_node(lease).await.expect("step down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_binary_frees_a_dead_node_and_serves_metrics() {
+    let prefix = testkit::unique_prefix("ctlbin");
+    let (s, ep) = store(&prefix).await;
+    s.create_pool(&PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.67.0.0/24".parse().expect("net")],
+        block_size: 4,
+    })
+    .await
+    .expect("pool");
+    s.acquire_block("default", "gone").await.expect("acquire");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut c = Command::new(CONTROLLER)
+        .args([
+            "--etcd-endpoints",
+            &ep,
+            "--etcd-prefix",
+            &prefix,
+            "--grace-period",
+            "1s",
+            "--interval",
+            "200ms",
+            "--identity",
+            "test-controller",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("controller");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.all_blocks().await.expect("blocks").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "controller never freed the block"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).expect("read");
+    assert!(body.contains("coil_controller_leader 1"), "{body}");
+    assert!(
+        body.contains("coil_controller_blocks_released_total 1"),
+        "{body}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    let st = c.wait().expect("wait");
+    assert!(st.success(), "{st}");
+    assert!(
+        s.leader().await.expect("leader").is_none(),
+        "stepped down on SIGTERM"
+    );
+}
+
+#[test]
+fn installer_puts_plugin_and_conflist_in_place_and_enables_forwarding() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ns = format!("cinst{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let bin_dir = d.path().join("bin");
+    let etc_dir = d.path().join("net.d");
+    let conf = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"coil"},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+    let run = |conf: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, INSTALLER])
+            .env("CNI_BIN_DIR", &bin_dir)
+            .env("CNI_ETC_DIR", &etc_dir)
+            .env("CNI_NETCONF", conf)
+            .env(
+                "COIL_PATH",
+                std::path::Path::new(HYPERCOIL).parent().expect("dir"),
+            )
+            .output()
+            .expect("installer")
+    };
+    let o = run(conf);
+    assert!(o.status.success(), "{o:?}");
+    let installed = std::fs::read_to_string(etc_dir.join("10-coil.conflist")).expect("conflist");
+    assert_eq!(installed, conf);
+    let meta = std::fs::metadata(bin_dir.join("coil")).expect("plugin");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    let fwd = Command::new("ip")
+        .args(["netns", "exec", &ns, "cat", "/proc/sys/net/ipv4/ip_forward"])
+        .output()
+        .expect("cat");
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1");
+    // A conflist without coil is refused and nothing is replaced.
+    let o = run(r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"ptp"}]}"#);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert_eq!(
+        std::fs::read_to_string(etc_dir.join("10-coil.conflist")).expect("conflist"),
+        conf
+    );
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+}
