@@ -6,7 +6,7 @@
 # what the tests run against (etcd, iproute2, BIRD 2, ptp + host-local as
 # the benchmark's baseline), and jq for the scripts.
 PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server iproute2 bird2
-          containernetworking-plugins jq procps iputils-ping)
+          containernetworking-plugins jq procps iputils-ping python3 python3-yaml)
 
 install_deps() {
 missing=()
