@@ -62,6 +62,11 @@ struct Args {
     /// Serve Prometheus metrics on this address (loopback recommended).
     #[arg(long, env = "COIL_CONTROLLER_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Kubernetes API (plain HTTP, e.g. a `kubectl proxy` sidecar): a node
+    /// whose Node object is gone and whose liveness is gone has its blocks
+    /// freed without waiting for the grace period.
+    #[arg(long, env = "COIL_CONTROLLER_KUBE_API")]
+    kube_api: Option<String>,
 }
 
 fn pem(p: &Option<PathBuf>) -> Result<Option<Vec<u8>>, String> {
@@ -83,12 +88,15 @@ pub struct ControllerMetrics {
     pub errors: std::sync::atomic::AtomicU64,
 }
 
-/// Which dead nodes' blocks are due: pure, for tests.
+/// Which dead nodes' blocks are due: pure, for tests. `deleted` lists nodes
+/// the Kubernetes API no longer has (None when not asked): those are due as
+/// soon as their liveness is gone, without the grace period.
 pub fn due_nodes(
     nodes: &[NodeStatus],
     dead_since: &mut HashMap<String, Instant>,
     now: Instant,
     grace: Duration,
+    existing: Option<&std::collections::BTreeSet<String>>,
 ) -> Vec<String> {
     let mut due = Vec::new();
     dead_since.retain(|n, _| nodes.iter().any(|x| &x.node == n && !x.alive));
@@ -97,7 +105,8 @@ pub fn due_nodes(
             continue;
         }
         let since = *dead_since.entry(n.node.clone()).or_insert(now);
-        if n.blocks > 0 && now.duration_since(since) >= grace {
+        let deleted = existing.is_some_and(|e| !e.contains(&n.node));
+        if n.blocks > 0 && (deleted || now.duration_since(since) >= grace) {
             due.push(n.node.clone());
         }
     }
@@ -110,11 +119,23 @@ pub async fn pass<B: Backend>(
     identity: &str,
     dead_since: &mut HashMap<String, Instant>,
     grace: Duration,
+    kube: Option<&crate::kube::KubeApi>,
     m: &ControllerMetrics,
 ) -> Result<(), coil::store::StoreError> {
     use std::sync::atomic::Ordering;
     let nodes = store.nodes().await?;
-    for node in due_nodes(&nodes, dead_since, Instant::now(), grace) {
+    let existing = match kube {
+        Some(k) => match k.node_names().await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                // Liveness and the grace period still apply.
+                tracing::warn!("Kubernetes API: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    for node in due_nodes(&nodes, dead_since, Instant::now(), grace, existing.as_ref()) {
         for l in store.node_blocks(&node).await? {
             match store.release_dead_block(&l, identity).await {
                 Ok(true) => {
@@ -240,7 +261,28 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 }
             }
         }
-        run(&store, &identity, grace, interval, ttl, &metrics).await;
+        let kube = match a
+            .kube_api
+            .as_deref()
+            .map(crate::kube::KubeApi::new)
+            .transpose()
+        {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("coil-controller: {e}");
+                return exit::USAGE;
+            }
+        };
+        run(
+            &store,
+            &identity,
+            grace,
+            interval,
+            ttl,
+            kube.as_ref(),
+            &metrics,
+        )
+        .await;
         exit::OK
     })
 }
@@ -294,6 +336,7 @@ pub async fn run<B: Backend>(
     grace: Duration,
     interval: Duration,
     ttl: Duration,
+    kube: Option<&crate::kube::KubeApi>,
     m: &ControllerMetrics,
 ) {
     use std::sync::atomic::Ordering;
@@ -325,7 +368,7 @@ pub async fn run<B: Backend>(
         }
         m.is_leader.store(u64::from(leading), Ordering::Relaxed);
         if leading {
-            if let Err(e) = pass(store, identity, &mut dead_since, grace, m).await {
+            if let Err(e) = pass(store, identity, &mut dead_since, grace, kube, m).await {
                 m.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("pass: {e}");
             }
@@ -367,17 +410,45 @@ mod tests {
             st("dead", false, 2),
             st("empty", false, 0),
         ];
-        assert!(due_nodes(&nodes, &mut since, t0, grace).is_empty());
-        assert!(due_nodes(&nodes, &mut since, t0 + Duration::from_secs(59), grace).is_empty());
+        assert!(due_nodes(&nodes, &mut since, t0, grace, None).is_empty());
+        assert!(due_nodes(
+            &nodes,
+            &mut since,
+            t0 + Duration::from_secs(59),
+            grace,
+            None
+        )
+        .is_empty());
         assert_eq!(
-            due_nodes(&nodes, &mut since, t0 + Duration::from_secs(60), grace),
+            due_nodes(
+                &nodes,
+                &mut since,
+                t0 + Duration::from_secs(60),
+                grace,
+                None
+            ),
             vec!["dead".to_string()]
         );
         // It comes back: its timer is forgotten.
         let back = vec![st("dead", true, 2)];
-        assert!(due_nodes(&back, &mut since, t0 + Duration::from_secs(61), grace).is_empty());
+        assert!(due_nodes(&back, &mut since, t0 + Duration::from_secs(61), grace, None).is_empty());
         assert!(since.is_empty());
         // Dead again: the grace starts over.
-        assert!(due_nodes(&nodes, &mut since, t0 + Duration::from_secs(62), grace).is_empty());
+        let existing: std::collections::BTreeSet<String> = ["empty".to_string()].into();
+        // Its Node object is deleted: due at once. A live node never is,
+        // even when the API lost its Node (v1's B12).
+        let mut since2 = HashMap::new();
+        assert_eq!(
+            due_nodes(&nodes, &mut since2, t0, grace, Some(&existing)),
+            vec!["dead".to_string()]
+        );
+        assert!(due_nodes(
+            &nodes,
+            &mut since,
+            t0 + Duration::from_secs(62),
+            grace,
+            None
+        )
+        .is_empty());
     }
 }

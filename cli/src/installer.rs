@@ -11,12 +11,14 @@
 //!   (inline JSON, wins over the file): the conflist to install;
 //! - `COIL_PATH` (default: the directory of this program): where to find
 //!   the `coil` binary to copy (`coil`, else `hypercoil`);
-//! - `COIL_ENABLE_IPV6_FORWARDING=1` also turns on IPv6 forwarding.
+//! - `COIL_ENABLE_IPV6_FORWARDING=1` also turns on IPv6 forwarding;
+//! - `COIL_NODE_NAME`, `COIL_BOOT_TAINT` (comma-separated taint keys) and
+//!   `COIL_KUBE_API` (plain HTTP, e.g. a `kubectl proxy` sidecar): remove
+//!   the node's boot taints once the plugin is in place.
 //!
 //! Every file is written to a temporary name in the target directory,
 //! fsynced, renamed over the final name and the directory fsynced, so a
-//! runtime never sees a half-written plugin or configuration. Removing the
-//! node's boot taint needs the Kubernetes API, which is not wired here.
+//! runtime never sees a half-written plugin or configuration.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -145,6 +147,37 @@ fn run() -> Result<Vec<String>, (String, i32)> {
     if std::env::var("COIL_ENABLE_IPV6_FORWARDING").as_deref() == Ok("1") {
         sysctl("/proc/sys/net/ipv6/conf/all/forwarding").map_err(|e| (e, exit::PROBLEMS))?;
         msgs.push("enabled IPv6 forwarding".into());
+    }
+    let taints: Vec<String> = env_or("COIL_BOOT_TAINT", "")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !taints.is_empty() {
+        let node = env_or("COIL_NODE_NAME", "");
+        let api = env_or("COIL_KUBE_API", "");
+        if node.is_empty() || api.is_empty() {
+            return Err((
+                "COIL_BOOT_TAINT needs COIL_NODE_NAME and COIL_KUBE_API".into(),
+                exit::USAGE,
+            ));
+        }
+        let k = crate::kube::KubeApi::new(&api).map_err(|e| (e, exit::USAGE))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| (format!("runtime: {e}"), exit::PROBLEMS))?;
+        let changed = rt
+            .block_on(k.remove_taints(&node, &taints))
+            .map_err(|e| (e, exit::UNAVAILABLE))?;
+        msgs.push(if changed {
+            format!(
+                "removed boot taint(s) {} from node {node}",
+                taints.join(",")
+            )
+        } else {
+            format!("node {node} had no boot taint")
+        });
     }
     Ok(msgs)
 }

@@ -15,6 +15,7 @@ mod ctl_config;
 pub(crate) mod ctl_repair;
 mod ctl_store;
 pub mod installer;
+pub mod kube;
 pub mod metrics;
 mod output;
 pub mod plugin;

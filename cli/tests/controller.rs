@@ -101,7 +101,9 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
     let mut since = HashMap::new();
     let grace = Duration::from_secs(2);
     // First pass: "ghost" is seen dead now; nothing is due yet.
-    pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+    pass(&s, "me", &mut since, grace, None, &m)
+        .await
+        .expect("pass");
     let blocks = s.all_blocks().await.expect("blocks");
     assert_eq!(blocks.len(), 3, "nothing freed before the grace period");
     assert!(
@@ -118,7 +120,9 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
         .release_dead_block(&ghost, "someone-else")
         .await
         .expect("fenced"));
-    pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+    pass(&s, "me", &mut since, grace, None, &m)
+        .await
+        .expect("pass");
     let left: Vec<String> = s
         .all_blocks()
         .await
@@ -138,7 +142,9 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
     let _ = short;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        pass(&s, "me", &mut since, grace, &m).await.expect("pass");
+        pass(&s, "me", &mut since, grace, None, &m)
+            .await
+            .expect("pass");
         let nodes: Vec<String> = s
             .all_blocks()
             .await
@@ -275,4 +281,194 @@ fn installer_puts_plugin_and_conflist_in_place_and_enables_forwarding() {
         conf
     );
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+}
+
+/// Requests a fake API saw: method, path, body.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// A fake Kubernetes API: answers GET /api/v1/nodes and GET/PATCH of one
+/// node, records every request. Runs until the test ends.
+fn fake_api(
+    nodes: Vec<&'static str>,
+    taints: serde_json::Value,
+    netns: Option<&str>,
+) -> (u16, Seen) {
+    // Bound inside `netns` when given (from a thread that enters it), so a
+    // program run there reaches it on its loopback.
+    let path = netns.map(|n| format!("/run/netns/{n}"));
+    let l = std::thread::spawn(move || {
+        if let Some(p) = path {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(p).expect("netns");
+            // SAFETY: plain syscall on a valid fd, on this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        }
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind")
+    })
+    .join()
+    .expect("bind thread");
+    let port = l.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(64) {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            loop {
+                let n = c.read(&mut tmp).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let mut first = head.lines().next().unwrap_or("").split_whitespace();
+            let method = first.next().unwrap_or("").to_string();
+            let path = first.next().unwrap_or("").to_string();
+            s2.lock()
+                .expect("seen")
+                .push((method.clone(), path.clone(), body.to_string()));
+            let answer = if path == "/api/v1/nodes" {
+                serde_json::json!({"items": nodes.iter().map(|n| serde_json::json!({"metadata": {"name": n}})).collect::<Vec<_>>()})
+            } else {
+                serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints.clone()}})
+            };
+            let b = answer.to_string();
+            // Chunked, as kubectl proxy answers.
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                b.len()
+            );
+            let _ = c.write_all(resp.as_bytes());
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
+    let prefix = testkit::unique_prefix("kube");
+    let (s, _) = store(&prefix).await;
+    s.create_pool(&PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.68.0.0/24".parse().expect("net")],
+        block_size: 4,
+    })
+    .await
+    .expect("pool");
+    s.register_node(&rec("live-but-deleted"), 60)
+        .await
+        .expect("register");
+    s.acquire_block("default", "live-but-deleted")
+        .await
+        .expect("acquire");
+    s.acquire_block("default", "deleted")
+        .await
+        .expect("acquire");
+    s.acquire_block("default", "present")
+        .await
+        .expect("acquire");
+    let (port, seen) = fake_api(vec!["present"], serde_json::json!([]), None);
+    let kube = coil_cli::kube::KubeApi::new(&format!("http://127.0.0.1:{port}")).expect("api");
+    let lease = s
+        .campaign("me", 30)
+        .await
+        .expect("campaign")
+        .expect("leader");
+    let m = ControllerMetrics::default();
+    let mut since = HashMap::new();
+    // A grace of an hour: only the API's word can make "deleted" due now.
+    pass(
+        &s,
+        "me",
+        &mut since,
+        Duration::from_secs(3600),
+        Some(&kube),
+        &m,
+    )
+    .await
+    .expect("pass");
+    let owners: Vec<String> = s
+        .all_blocks()
+        .await
+        .expect("blocks")
+        .into_iter()
+        .map(|l| l.node)
+        .collect();
+    assert!(!owners.contains(&"deleted".to_string()), "{owners:?}");
+    assert!(
+        owners.contains(&"present".to_string()),
+        "dead but its Node exists: grace applies"
+    );
+    assert!(
+        owners.contains(&"live-but-deleted".to_string()),
+        "alive: never freed"
+    );
+    assert!(seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes"));
+    s.deregister_node(lease).await.expect("step down");
+}
+
+#[test]
+fn installer_removes_the_boot_taint_through_the_api() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ns = format!("ctaint{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status();
+    let (port, seen) = fake_api(
+        vec![],
+        serde_json::json!([
+            {"key": "coil.cybozu.com/bootstrap", "effect": "NoSchedule"},
+            {"key": "other", "effect": "NoSchedule"}
+        ]),
+        Some(&ns),
+    );
+    // The installer runs in the throwaway netns (its sysctl stays there).
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns, INSTALLER])
+        .env("CNI_BIN_DIR", d.path().join("bin"))
+        .env("CNI_ETC_DIR", d.path().join("net.d"))
+        .env(
+            "CNI_NETCONF",
+            r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#,
+        )
+        .env(
+            "COIL_PATH",
+            std::path::Path::new(HYPERCOIL).parent().expect("dir"),
+        )
+        .env("COIL_NODE_NAME", "n1")
+        .env("COIL_BOOT_TAINT", "coil.cybozu.com/bootstrap")
+        .env("COIL_KUBE_API", format!("http://127.0.0.1:{port}"))
+        .output()
+        .expect("installer");
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    assert!(o.status.success(), "{o:?}");
+    let seen = seen.lock().expect("seen").clone();
+    let patch = seen
+        .iter()
+        .find(|(m, p, _)| m == "PATCH" && p == "/api/v1/nodes/n1")
+        .expect("a PATCH of the node");
+    let body: serde_json::Value = serde_json::from_str(&patch.2).expect("json");
+    assert_eq!(
+        body["spec"]["taints"],
+        serde_json::json!([{"key": "other", "effect": "NoSchedule"}])
+    );
 }
