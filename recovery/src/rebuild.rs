@@ -46,7 +46,13 @@ pub async fn rebuild<B: Backend>(
     let leases: Vec<coil::store::BlockLease> = store.node_blocks(node).await?;
     let mut report = RebuildReport::default();
     if dir.exists() {
-        let aside = dir.with_extension(format!("broken-{}", coil::journal::now_unix()));
+        // A fresh name every time: two rebuilds in one second must not
+        // collide (the chaos tests did that), and nothing is overwritten.
+        let stamp = coil::journal::now_unix();
+        let aside = (0u32..)
+            .map(|n| dir.with_extension(format!("broken-{stamp}-{n}")))
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| dir.with_extension(format!("broken-{stamp}")));
         std::fs::rename(dir, &aside).map_err(|e| {
             RecoveryError::Other(format!(
                 "moving {} aside to {}: {e}",
