@@ -15,8 +15,7 @@
 //! Knob: `COIL_BENCH_ACQUIRE` (acquisitions per concurrency level, default
 //! 2000).
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,33 +24,6 @@ use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, PoolSpec, Store};
 use coil::testkit::{unique_prefix, TestEtcd};
-
-fn summary_path() -> PathBuf {
-    if let Ok(p) = std::env::var("COIL_BENCH_SUMMARY") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("bench")
-        .join("summary.json")
-}
-
-fn write_summary(figures: &[(String, f64, &str)]) {
-    let path = summary_path();
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).expect("create bench dir");
-    }
-    let mut all: BTreeMap<String, serde_json::Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    for (name, value, unit) in figures {
-        let v = (value * 1000.0).round() / 1000.0;
-        all.insert(name.clone(), serde_json::json!({"value": v, "unit": unit}));
-    }
-    let text = serde_json::to_string_pretty(&all).expect("json");
-    std::fs::write(&path, text + "\n").expect("write summary");
-}
 
 fn spec() -> PoolSpec {
     // 10.128.0.0/10 in blocks of 256 addresses: 2^14 = 16,384 blocks.
@@ -218,6 +190,6 @@ fn main() {
         "etcd requests per acquisition at 100 nodes: {reqs:.3} (target < 3): {}",
         if reqs < 3.0 { "met" } else { "MISSED" }
     );
-    write_summary(&figures);
+    coil::testkit::write_bench_summary(&figures).expect("summary");
     drop(etcd);
 }

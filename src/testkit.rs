@@ -175,3 +175,98 @@ pub fn unique_prefix(tag: &str) -> String {
         .unwrap_or(0);
     format!("/coil-test/{tag}-{}-{n}-{nanos:x}/", std::process::id())
 }
+
+/// Starts etcd inside the network namespace `netns` (client on
+/// 127.0.0.1:2379 there, plus `extra_client` such as "http://10.0.0.1:2379"
+/// for other namespaces), with its data in `dir`, and waits until it
+/// accepts connections. The caller owns (and must reap) the child.
+pub fn start_etcd_in_netns(
+    netns: &str,
+    dir: &std::path::Path,
+    extra_client: Option<&str>,
+) -> Result<Child, String> {
+    let etcd = which_etcd()?;
+    let mut listen = "http://127.0.0.1:2379".to_string();
+    if let Some(x) = extra_client {
+        listen.push(',');
+        listen.push_str(x);
+    }
+    let advertise = extra_client.unwrap_or("http://127.0.0.1:2379");
+    let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| format!("etcd log: {e}"))?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(&etcd)
+        .args(["--name", "coil-test", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &listen,
+            "--advertise-client-urls",
+            advertise,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "coil-test=http://127.0.0.1:2380",
+            "--log-level",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting etcd in {netns}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/2379",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if up {
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("etcd in {netns} not ready after 30s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Merges benchmark figures into `COIL_BENCH_SUMMARY` (default
+/// target/bench/summary.json at the workspace root) as
+/// `{"name": {"value": number, "unit": "..."}}`.
+pub fn write_bench_summary(figures: &[(String, f64, &str)]) -> Result<PathBuf, String> {
+    let path = std::env::var("COIL_BENCH_SUMMARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target")
+                .join("bench")
+                .join("summary.json")
+        });
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let mut all: std::collections::BTreeMap<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (name, value, unit) in figures {
+        let v = (value * 1000.0).round() / 1000.0;
+        all.insert(name.clone(), serde_json::json!({"value": v, "unit": unit}));
+    }
+    let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}

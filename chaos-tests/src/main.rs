@@ -23,19 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-const FAILPOINTS: [&str; 11] = [
-    "add.reserved",
-    "add.wired",
-    "add.recorded",
-    "del.releasing",
-    "del.unwired",
-    "acquire.intent",
-    "acquire.leased",
-    "release.intent",
-    "release.released",
-    "recovery.step",
-    "recovery.applied",
-];
+/// Every failpoint coild has, cycled through by the kills.
+use coil::failpoint::ALL as FAILPOINTS;
 
 struct Args {
     duration: Duration,
@@ -679,7 +668,7 @@ fn main() {
     // added in calm conditions are checked too, next to chaos survivors.
     let chaos_until = args.duration.mul_f64(0.85);
     while start.elapsed() < args.duration {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..900)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(80..700)));
         if start.elapsed() > chaos_until {
             if let Some(sig) = sh.node.reap() {
                 sh.violation(format!("coild died in the calm tail (signal {sig:?})"));
@@ -700,7 +689,7 @@ fn main() {
             ensure_coild(&sh);
         }
         let dice: f64 = rng.gen();
-        if dice < 0.72 {
+        if dice < 0.75 {
             // SIGKILL at a random moment, then restart, half the time with
             // the next failpoint armed.
             sh.node.kill_coild();
@@ -713,12 +702,12 @@ fn main() {
             if sh.node.start_coild(fp).is_err() {
                 ensure_coild(&sh);
             }
-        } else if dice < 0.82 {
+        } else if dice < 0.84 {
             sh.node.kill_etcd();
             sh.c.etcd_restarts.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(rng.gen_range(500..2500)));
             sh.node.start_etcd();
-        } else if dice < 0.90 {
+        } else if dice < 0.91 {
             reboot(&sh);
         } else if dice < 0.96 {
             corrupt(&sh, &mut rng);

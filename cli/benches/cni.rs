@@ -38,36 +38,6 @@ fn sh(args: &[&str]) {
     assert!(st.success(), "{args:?}");
 }
 
-fn summary_path() -> PathBuf {
-    std::env::var("COIL_BENCH_SUMMARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json")
-        })
-}
-
-fn write_summary(figs: &[(String, f64, &str)]) {
-    let path = summary_path();
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).expect("bench dir");
-    }
-    let mut all: BTreeMap<String, serde_json::Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    for (k, v, u) in figs {
-        all.insert(
-            k.clone(),
-            serde_json::json!({"value": (v * 1000.0).round() / 1000.0, "unit": u}),
-        );
-    }
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&all).expect("json") + "\n",
-    )
-    .expect("write summary");
-}
-
 /// One plugin call: wall time and the child's peak RSS.
 struct Call {
     ms: f64,
@@ -262,49 +232,7 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool) -> Coild {
     let mut etcd_child = None;
     let mut store_args: Vec<String> = vec!["--store".into(), "embedded".into()];
     if etcd {
-        let e = Command::new("ip")
-            .args(["netns", "exec", netns, "etcd", "--name", "b", "--data-dir"])
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                "http://127.0.0.1:2379",
-                "--advertise-client-urls",
-                "http://127.0.0.1:2379",
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "b=http://127.0.0.1:2380",
-                "--log-level",
-                "error",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd");
-        etcd_child = Some(e);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let up = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    netns,
-                    "bash",
-                    "-c",
-                    "exec 3<>/dev/tcp/127.0.0.1/2379",
-                ])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if up {
-                break;
-            }
-            assert!(Instant::now() < deadline, "etcd not ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        etcd_child = Some(coil::testkit::start_etcd_in_netns(netns, dir, None).expect("etcd"));
         store_args = vec![
             "--store".into(),
             "etcd".into(),
@@ -557,5 +485,5 @@ fn main() {
     figs.push(("cni.add.p50.ratio".into(), c.0 / b.0, "x baseline"));
     figs.push(("cni.add.p99.ratio".into(), c.1 / b.1, "x baseline"));
     figs.push(("cni.del.p50.ratio".into(), c.2 / b.2, "x baseline"));
-    write_summary(&figs);
+    coil::testkit::write_bench_summary(&figs).expect("summary");
 }

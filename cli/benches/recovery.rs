@@ -10,10 +10,9 @@
 //!
 //! Knob: COIL_BENCH_RECOVERY_SIZES (default "1000,10000,100000").
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,32 +43,6 @@ fn quiet(args: &[&str]) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-}
-
-fn summary(figs: &[(String, f64, &str)]) {
-    let path = std::env::var("COIL_BENCH_SUMMARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json")
-        });
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).expect("dir");
-    }
-    let mut all: BTreeMap<String, serde_json::Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    for (k, v, u) in figs {
-        all.insert(
-            k.clone(),
-            serde_json::json!({"value": (v * 1000.0).round() / 1000.0, "unit": u}),
-        );
-    }
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&all).expect("json") + "\n",
-    )
-    .expect("write");
 }
 
 fn wait_socket(p: &Path, limit: Duration) -> Option<Duration> {
@@ -446,5 +419,5 @@ fn main() {
             if t.1 < 500.0 { "met" } else { "MISSED" }
         );
     }
-    summary(&figs);
+    coil::testkit::write_bench_summary(&figs).expect("summary");
 }

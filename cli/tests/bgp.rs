@@ -250,38 +250,10 @@ fn two_nodes_route_pods_over_bgp() {
     ok(&["ip", "-n", &t.ns[1], "link", "set", &b, "up"]);
 
     // One etcd, on node 1, reachable from node 2 over the link.
-    let etcd_dir = t.dir.path().join("etcd");
-    let p = spawn(
-        &t.ns[0],
-        &[
-            "etcd",
-            "--name",
-            "e",
-            "--data-dir",
-            &etcd_dir.display().to_string(),
-            "--listen-client-urls",
-            "http://127.0.0.1:2379,http://10.251.0.1:2379",
-            "--advertise-client-urls",
-            "http://10.251.0.1:2379",
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "e=http://127.0.0.1:2380",
-            "--log-level",
-            "error",
-        ],
-        &t.dir.path().join("etcd.log"),
-    );
-    t.procs.push(p);
-    let ns0 = t.ns[0].clone();
-    wait("etcd", 30, || {
-        in_ns(&ns0, &["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/2379"])
-            .status
-            .success()
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let etcd =
+        coil::testkit::start_etcd_in_netns(&t.ns[0], t.dir.path(), Some("http://10.251.0.1:2379"))
+            .expect("etcd");
+    t.procs.push(Proc(Some(etcd)));
     let o = t.coilctl(&[
         "pool",
         "create",

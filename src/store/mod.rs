@@ -825,29 +825,32 @@ impl<B: Backend> Store<B> {
         })
     }
 
-    /// Releases a block lease, fenced by owner and epoch: it deletes the
-    /// lease (and the address index entries inside the block) only if the
-    /// key is still the incarnation `lease` describes.
-    pub async fn release_block(&self, lease: &BlockLease) -> Result<()> {
+    /// The transaction that deletes a lease and its block's address index
+    /// entries if the key is still the incarnation `lease` describes
+    /// (create revision = epoch, value = the owner's bytes), plus `extra`
+    /// guards; on failure it reads the key back.
+    fn release_txn(&self, lease: &BlockLease, extra: Vec<Cmp>) -> Txn {
         let key = self.keys.block(&lease.pool, &lease.block);
         let (a, b) = self.keys.address_range(&lease.block);
         let stored = BlockLease {
             epoch: 0,
             ..lease.clone()
         };
-        let txn = Txn {
-            when: vec![
-                Cmp::CreateRevision {
-                    key: key.clone().into_bytes(),
-                    op: CmpOp::Equal,
-                    rev: lease.epoch,
-                },
-                Cmp::ValueEquals {
-                    key: key.clone().into_bytes(),
-                    value: encode(&stored),
-                },
-                self.schema_guard(),
-            ],
+        let mut when = vec![
+            Cmp::CreateRevision {
+                key: key.clone().into_bytes(),
+                op: CmpOp::Equal,
+                rev: lease.epoch,
+            },
+            Cmp::ValueEquals {
+                key: key.clone().into_bytes(),
+                value: encode(&stored),
+            },
+            self.schema_guard(),
+        ];
+        when.extend(extra);
+        Txn {
+            when,
             then: vec![
                 Op::Delete {
                     key: key.clone().into_bytes(),
@@ -857,8 +860,16 @@ impl<B: Backend> Store<B> {
                     end: b.into_bytes(),
                 },
             ],
-            otherwise: vec![Op::get(key.clone())],
-        };
+            otherwise: vec![Op::get(key)],
+        }
+    }
+
+    /// Releases a block lease, fenced by owner and epoch: it deletes the
+    /// lease (and the address index entries inside the block) only if the
+    /// key is still the incarnation `lease` describes.
+    pub async fn release_block(&self, lease: &BlockLease) -> Result<()> {
+        let key = self.keys.block(&lease.pool, &lease.block);
+        let txn = self.release_txn(lease, vec![]);
         let mut r = self.backend.txn("release block", txn).await?;
         if r.succeeded {
             return Ok(());
@@ -1080,42 +1091,17 @@ impl<B: Backend> Store<B> {
     /// liveness key is absent (it is not alive *now*), and `leader` still
     /// leads. So a node that came back, or a deposed leader, frees nothing.
     pub async fn release_dead_block(&self, lease: &BlockLease, leader: &str) -> Result<bool> {
-        let key = self.keys.block(&lease.pool, &lease.block);
-        let (a, b) = self.keys.address_range(&lease.block);
-        let stored = BlockLease {
-            epoch: 0,
-            ..lease.clone()
-        };
-        let txn = Txn {
-            when: vec![
-                Cmp::CreateRevision {
-                    key: key.clone().into_bytes(),
-                    op: CmpOp::Equal,
-                    rev: lease.epoch,
-                },
-                Cmp::ValueEquals {
-                    key: key.clone().into_bytes(),
-                    value: encode(&stored),
-                },
+        let txn = self.release_txn(
+            lease,
+            vec![
                 Cmp::CreateRevision {
                     key: self.keys.node(&lease.node).into_bytes(),
                     op: CmpOp::Equal,
                     rev: 0,
                 },
                 self.leader_guard(leader),
-                self.schema_guard(),
             ],
-            then: vec![
-                Op::Delete {
-                    key: key.into_bytes(),
-                },
-                Op::DeleteRange {
-                    start: a.into_bytes(),
-                    end: b.into_bytes(),
-                },
-            ],
-            otherwise: vec![],
-        };
+        );
         Ok(self
             .backend
             .txn("release dead node's block", txn)

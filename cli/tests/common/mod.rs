@@ -311,56 +311,10 @@ impl Node {
     }
 }
 
-/// Starts a private etcd inside `netns` (loopback 2379/2380 there) and
-/// waits until it answers. The child is returned and reaped by `Node`'s drop.
-#[allow(clippy::zombie_processes)]
+/// Starts a private etcd inside `netns`. The child is returned and reaped
+/// by `Node`'s drop.
 fn start_etcd_in(netns: &str, dir: &std::path::Path) -> Child {
-    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "etcd", "--name", "t", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args([
-            "--listen-client-urls",
-            "http://127.0.0.1:2379",
-            "--advertise-client-urls",
-            "http://127.0.0.1:2379",
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "t=http://127.0.0.1:2380",
-            "--log-level",
-            "error",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start etcd");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let up = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            "bash",
-            "-c",
-            "exec 3<>/dev/tcp/127.0.0.1/2379",
-        ])
-        .status
-        .success();
-        if up {
-            std::thread::sleep(Duration::from_millis(200));
-            return child;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("etcd in {netns} not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    coil::testkit::start_etcd_in_netns(netns, dir, None).expect("etcd")
 }
 
 impl Drop for Node {
