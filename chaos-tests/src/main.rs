@@ -667,9 +667,22 @@ fn main() {
     // Faults stop for the last 15% of the run: the callers go on, so pods
     // added in calm conditions are checked too, next to chaos survivors.
     let chaos_until = args.duration.mul_f64(0.85);
+    let mut calm = false;
     while start.elapsed() < args.duration {
         std::thread::sleep(Duration::from_millis(rng.gen_range(80..700)));
         if start.elapsed() > chaos_until {
+            if !calm {
+                // The last restart may have armed a failpoint: the calm
+                // tail starts with a coild that has none.
+                calm = true;
+                if sh.node.reap() == Some(Some(libc::SIGABRT)) {
+                    sh.c.failpoint_kills.fetch_add(1, Ordering::Relaxed);
+                    sh.c.kills.fetch_add(1, Ordering::Relaxed);
+                }
+                sh.node.kill_coild();
+                ensure_coild(&sh);
+                continue;
+            }
             if let Some(sig) = sh.node.reap() {
                 sh.violation(format!("coild died in the calm tail (signal {sig:?})"));
                 ensure_coild(&sh);
