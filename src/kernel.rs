@@ -161,13 +161,18 @@ async fn get_link(h: &Handle, name: &str) -> Result<Option<LinkMessage>> {
 /// Opens a netlink connection inside the network namespace `ns`, from a
 /// dedicated thread that enters it and exits (so no runtime thread ever
 /// changes namespace). The connection task runs on the current runtime.
-fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
+/// `strict` asks for strict checking (needed to filter route dumps).
+fn netns_connection(ns: &File, path: &str, strict: bool) -> Result<Handle> {
     let rt = tokio::runtime::Handle::current();
     let made = std::thread::scope(|s| {
         s.spawn(|| -> std::io::Result<_> {
             nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
             let _g = rt.enter();
-            rtnetlink::new_connection()
+            if strict {
+                rtnetlink::new_connection_with_strict_check()
+            } else {
+                rtnetlink::new_connection()
+            }
         })
         .join()
     });
@@ -182,6 +187,10 @@ fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
     };
     tokio::spawn(conn);
     Ok(handle)
+}
+
+fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
+    netns_connection(ns, path, false)
 }
 
 fn open_netns(path: &str) -> Result<File> {
@@ -223,26 +232,8 @@ impl Kernel {
     /// runtime.
     pub fn in_netns(path: &str, table: u32, protocol: u8) -> Result<Kernel> {
         let ns = open_netns(path)?;
-        let host = netns_handle(&ns, path)?;
-        let rt = tokio::runtime::Handle::current();
-        let made = std::thread::scope(|s| {
-            s.spawn(|| -> std::io::Result<_> {
-                nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                let _g = rt.enter();
-                rtnetlink::new_connection_with_strict_check()
-            })
-            .join()
-        });
-        let (conn, strict, _) = match made {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(KernelError::Io(format!("entering netns {path}: {e}"))),
-            Err(_) => {
-                return Err(KernelError::Io(format!(
-                    "entering netns {path}: thread panicked"
-                )))
-            }
-        };
-        tokio::spawn(conn);
+        let host = netns_connection(&ns, path, false)?;
+        let strict = netns_connection(&ns, path, true)?;
         Ok(Kernel {
             host,
             strict,

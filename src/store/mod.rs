@@ -639,19 +639,7 @@ impl<B: Backend> Store<B> {
                 epoch: 0,
             };
             let txn = Txn {
-                when: vec![
-                    Cmp::ModRevision {
-                        key: self.keys.pool(pool_name).into_bytes(),
-                        op: CmpOp::Equal,
-                        rev: pool.revision,
-                    },
-                    self.schema_guard(),
-                    Cmp::CreateRevision {
-                        key: key.clone().into_bytes(),
-                        op: CmpOp::Equal,
-                        rev: 0,
-                    },
-                ],
+                when: self.lease_guards(&pool, &key),
                 then: vec![Op::put(key.clone(), encode(&lease))],
                 otherwise: vec![
                     Op::get(self.keys.pool(pool_name)),
@@ -736,19 +724,7 @@ impl<B: Backend> Store<B> {
             epoch: 0,
         };
         let txn = Txn {
-            when: vec![
-                Cmp::ModRevision {
-                    key: self.keys.pool(pool_name).into_bytes(),
-                    op: CmpOp::Equal,
-                    rev: pool.revision,
-                },
-                self.schema_guard(),
-                Cmp::CreateRevision {
-                    key: key.clone().into_bytes(),
-                    op: CmpOp::Equal,
-                    rev: 0,
-                },
-            ],
+            when: self.lease_guards(&pool, &key),
             then: vec![Op::put(key.clone(), encode(&lease))],
             otherwise: vec![Op::get(key.clone())],
         };
@@ -823,6 +799,24 @@ impl<B: Backend> Store<B> {
             pool: pool.name.clone(),
             blocks: total,
         })
+    }
+
+    /// Guards of a lease creation: the pool is the version the block was
+    /// chosen from, the schema is ours, and the block key is absent.
+    fn lease_guards(&self, pool: &Pool, key: &str) -> Vec<Cmp> {
+        vec![
+            Cmp::ModRevision {
+                key: self.keys.pool(&pool.name).into_bytes(),
+                op: CmpOp::Equal,
+                rev: pool.revision,
+            },
+            self.schema_guard(),
+            Cmp::CreateRevision {
+                key: key.as_bytes().to_vec(),
+                op: CmpOp::Equal,
+                rev: 0,
+            },
+        ]
     }
 
     /// The transaction that deletes a lease and its block's address index
