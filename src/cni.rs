@@ -6,7 +6,6 @@
 //! them in exactly one place ([`CniError`] constructors and
 //! `coild`'s `error_code`).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -512,9 +511,6 @@ impl Response {
         }
     }
 }
-
-/// Extra result details keyed by name (kept for CHECK reports).
-pub type Details = BTreeMap<String, String>;
 
 #[cfg(test)]
 mod tests {

@@ -512,14 +512,6 @@ impl Kernel {
         }
     }
 
-    /// The alias of host veth `name`, if the link exists.
-    pub async fn host_link(&self, name: &str) -> Result<Option<(String, Option<String>, bool)>> {
-        Ok(get_link(&self.host, name).await?.map(|l| {
-            let up = l.header.flags.contains(LinkFlags::Up);
-            (name_of(&l).unwrap_or_default(), alias_of(&l), up)
-        }))
-    }
-
     fn block_route(&self, block: &IpNet, lo: u32) -> Result<RouteMessage> {
         let b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(block.network(), block.prefix_len())

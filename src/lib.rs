@@ -1,12 +1,12 @@
 //! coil core: the vocabulary shared by coild, coilctl, the controller and the
 //! recovery planner.
 //!
-//! This crate will hold the pure parts of coil (the allocator, the per-node
-//! state machine, CNI protocol types) and the etcd and kernel adapters in
-//! their own modules. Today it holds the cluster store ([`store`]: pools,
-//! subnets, fenced block leases, node liveness, the address index, over etcd
-//! or the embedded journal-backed backend), the program names and the
-//! exit-code table every binary shares.
+//! The pure parts ([`cni`]: the CNI protocol; [`node`]: the allocation
+//! state; the store's rules in [`store`]) and the adapters, each the only
+//! code that knows its library: [`store::etcd`] (etcd-client),
+//! [`store::embedded`] (the journal's store tree) and [`kernel`]
+//! (rtnetlink). Also the failpoints of the chaos tests, the program names
+//! and the exit-code table every binary shares.
 
 pub use coil_journal as journal;
 
@@ -30,8 +30,6 @@ pub mod exit {
     /// A dependency is unreachable or busy (etcd down, journal locked): a
     /// retry later can succeed.
     pub const UNAVAILABLE: i32 = 3;
-    /// The program or subcommand exists but is not implemented yet.
-    pub const NOT_IMPLEMENTED: i32 = 69;
 }
 
 /// The programs coil ships; `hypercoil` dispatches to them by name.

@@ -177,17 +177,9 @@ enum JournalCmd {
 /// Runs coilctl with `args` (args[0] is the program name).
 pub fn main(args: Vec<OsString>) -> i32 {
     init_logging();
-    let cli = match Cli::try_parse_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            return code;
-        }
+    let cli: Cli = match crate::parse_args(args) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     let json = cli.json;
     let parsed: Result<StoreCmd, String> = match cli.cmd {

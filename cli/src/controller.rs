@@ -164,17 +164,9 @@ pub async fn pass<B: Backend>(
 /// Runs the controller; returns the exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
     crate::coilctl::init_logging_with("info");
-    let a = match Args::try_parse_from(args) {
+    let a: Args = match crate::parse_args(args) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
     let parse = crate::ctl_config::parse_duration;
     let (grace, interval, ttl, timeout) = match (
@@ -224,16 +216,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
             .unwrap_or_else(|_| "controller".into());
         format!("{host}-{}", std::process::id())
     });
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime("coil-controller", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("coil-controller: runtime: {e}");
-            return exit::PROBLEMS;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let b = match EtcdBackend::connect(&opts).await {

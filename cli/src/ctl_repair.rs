@@ -180,16 +180,9 @@ pub fn run(args: &StoreArgs, opts: RepairOpts) -> i32 {
             None => {}
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime("coilctl", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("coilctl: runtime: {e}");
-            return exit::PROBLEMS;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(offline(&cfg, &opts)) {
         Ok(code) => code,

@@ -114,15 +114,9 @@ pub fn run(args: &StoreArgs, json: bool, cmd: StoreCmd) -> i32 {
             return exit::USAGE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime("coilctl", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("coilctl: starting the async runtime: {e}");
-            return exit::PROBLEMS;
-        }
+        Err(code) => return code,
     };
     let res = rt.block_on(dispatch(&cfg, json, cmd));
     match res {

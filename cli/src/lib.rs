@@ -22,6 +22,36 @@ pub mod plugin;
 
 use coil::exit;
 
+/// Parses a program's arguments; on failure prints clap's message (help and
+/// version go to stdout) and returns the exit code.
+pub(crate) fn parse_args<P: clap::Parser>(args: Vec<OsString>) -> Result<P, i32> {
+    P::try_parse_from(args).map_err(|e| {
+        let code = if e.use_stderr() {
+            exit::USAGE
+        } else {
+            exit::OK
+        };
+        let _ = e.print();
+        code
+    })
+}
+
+/// The tokio runtime a program runs on (two workers, or the current
+/// thread for one-shot commands); on failure says so as `program`.
+pub(crate) fn runtime(program: &str, multi_thread: bool) -> Result<tokio::runtime::Runtime, i32> {
+    let mut b = if multi_thread {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().map_err(|e| {
+        eprintln!("{program}: starting the async runtime: {e}");
+        exit::PROBLEMS
+    })
+}
+
 /// Runs `program` with `args` (args[0] is the program name as invoked) and
 /// returns the process exit code.
 pub fn run(program: &str, args: Vec<OsString>) -> i32 {

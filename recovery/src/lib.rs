@@ -388,12 +388,3 @@ pub async fn recover<B: Backend>(
     let out = apply(cx, &p).await;
     Ok((o, out))
 }
-
-/// Blocks a journal holds that the current plan quarantines (for reports).
-pub fn quarantined(o: &Observation) -> Vec<IpNet> {
-    o.leases
-        .iter()
-        .filter(|l| l.state == LeaseState::Quarantined)
-        .map(|l| l.block)
-        .collect()
-}

@@ -589,8 +589,8 @@ impl<B: Backend> Store<B> {
     /// The candidate is a random block; the transaction creates its key only
     /// if absent (and only if the pool is unchanged), and when that fails it
     /// returns, in the same request, the pool and the next
-    /// [`PROBE_WINDOW`] leased keys, from which the next candidate is
-    /// chosen. After [`RANDOM_PROBES`] full windows it reads the pool's
+    /// `PROBE_WINDOW` leased keys, from which the next candidate is
+    /// chosen. After `RANDOM_PROBES` full windows it reads the pool's
     /// whole block range, which either yields a free block or proves
     /// exhaustion. Typically one request per acquisition.
     pub async fn acquire_block(&self, pool_name: &str, node: &str) -> Result<BlockLease> {

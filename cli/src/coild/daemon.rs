@@ -8,7 +8,6 @@
 //! await, an fsync, a netlink call or a store call.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -650,10 +649,6 @@ impl<B: Backend> Daemon<B> {
     /// Handles one request; never fails (errors become CNI error answers).
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         let _g = self.gate.read().await;
-        self.handle_inner(req).await
-    }
-
-    async fn handle_inner(self: &Arc<Self>, req: Request) -> Response {
         let t = Instant::now();
         let cmd = req.command;
         let resp = self.dispatch(req).await;
@@ -1167,14 +1162,6 @@ impl<B: Backend> Daemon<B> {
             "recovery_actions": self.recovery_actions.load(Ordering::Relaxed),
             "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
         })
-    }
-
-    /// Addresses currently assigned on this node (for tests and metrics).
-    pub fn assigned(&self) -> Vec<IpAddr> {
-        self.lock()
-            .attachments()
-            .flat_map(|a| a.addresses.iter().map(|x| x.addr))
-            .collect()
     }
 }
 

@@ -242,17 +242,9 @@ impl Args {
 /// Runs coild with `args`; returns the exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
     crate::coilctl::init_logging_with("info");
-    let args = match Args::try_parse_from(args) {
+    let args: Args = match crate::parse_args(args) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
     let cfg = match args.resolve() {
         Ok(c) => c,
@@ -261,16 +253,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
             return exit::USAGE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime("coild", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("coild: starting the runtime: {e}");
-            return exit::PROBLEMS;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let shutdown = async {
