@@ -174,7 +174,17 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         .with_details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))));
     }
     let name = match obj.get("name") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(s)) if crate::journal::valid_network_name(s) => s.clone(),
+        Some(Value::String(s)) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "network name {s:?} is not valid: 1-{} characters of [A-Za-z0-9_.-] \
+                     starting with a letter or digit (CNI spec)",
+                    crate::journal::MAX_NETWORK_NAME
+                ),
+            ))
+        }
         _ => {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
@@ -249,9 +259,11 @@ pub struct Request {
     pub conf: NetConf,
 }
 
+/// Container ids: `[A-Za-z0-9_.-]`, at most as long as the journal keeps
+/// (so an id is refused before anything is leased, not after).
 fn valid_container_id(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 1024
+        && s.len() <= crate::journal::MAX_CONTAINER_ID
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
@@ -288,10 +300,15 @@ pub fn parse_request(
     let container_id = match get("CNI_CONTAINERID") {
         Some(c) if valid_container_id(&c) => c,
         Some(c) => {
+            let shown: String = c.chars().take(80).collect();
             return Err(CniError::new(
                 code::INVALID_ENV,
-                format!("CNI_CONTAINERID {c:?} has characters outside [A-Za-z0-9_.-]"),
-            ))
+                format!(
+                    "CNI_CONTAINERID {shown:?}{} must be 1-{} characters of [A-Za-z0-9_.-]",
+                    if shown.len() < c.len() { "..." } else { "" },
+                    crate::journal::MAX_CONTAINER_ID
+                ),
+            ));
         }
         None if need_container => {
             return Err(CniError::new(
@@ -339,6 +356,17 @@ pub fn parse_request(
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
             format!("{cmd_s} needs cniVersion 1.1.0, not {}", conf.cni_version),
+        ));
+    }
+    if command == Command::Gc && conf.valid_attachments.is_none() {
+        // Without the list every attachment of the network would look
+        // stale: refuse rather than release pods that are in use.
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "GC of network {:?} needs cni.dev/valid-attachments; nothing was released",
+                conf.name
+            ),
         ));
     }
     let pod = parse_cni_args(&env("CNI_ARGS").unwrap_or_default())?;

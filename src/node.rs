@@ -13,14 +13,24 @@ use crate::journal::{Attachment, AttachmentKey, BlockLease, LeaseState};
 use crate::store::model::{addr_to_u128, net_from_u128, Family};
 
 /// Host end of a pod's veth: `coil` + 11 hex digits of a 64-bit FNV-1a
-/// hash of "container id/ifname" (15 characters, the kernel's limit), so
-/// the name is stable across restarts and the journal can be rebuilt from
-/// the kernel.
+/// hash of "network/container id/ifname" (15 characters, the kernel's
+/// limit), so the name is stable across restarts, the journal can be
+/// rebuilt from the kernel, and two networks' attachments of one container
+/// never share a host veth. A format-1 attachment (no network) keeps the
+/// name it was wired with: the hash of "container id/ifname".
 pub fn host_veth_name(key: &AttachmentKey) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key
-        .container_id
-        .bytes()
+    let network: &[u8] = if key.network.is_empty() {
+        &[]
+    } else {
+        key.network.as_bytes()
+    };
+    let sep: &[u8] = if key.network.is_empty() { &[] } else { b"/" };
+    for b in network
+        .iter()
+        .chain(sep)
+        .copied()
+        .chain(key.container_id.bytes())
         .chain(std::iter::once(b'/'))
         .chain(key.ifname.bytes())
     {
@@ -30,18 +40,39 @@ pub fn host_veth_name(key: &AttachmentKey) -> String {
     format!("coil{:011x}", h >> 20)
 }
 
-/// IFLA_IFALIAS of the host veth: identifies the attachment (at most 255
-/// bytes; container ids are validated to `[A-Za-z0-9_.-]`).
+/// Longest IFLA_IFALIAS the kernel keeps.
+const MAX_ALIAS: usize = 255;
+
+/// IFLA_IFALIAS of the host veth, identifying the attachment:
+/// `coil:IFNAME:NETWORK:CONTAINERID` (`coil:IFNAME:CONTAINERID` for a
+/// format-1 attachment). Network names and container ids are validated to
+/// `[A-Za-z0-9_.-]`, so ':' separates them unambiguously; the container id
+/// is cut to what fits in 255 bytes.
 pub fn veth_alias(key: &AttachmentKey) -> String {
-    let cid: String = key.container_id.chars().take(200).collect();
-    format!("coil:{}:{cid}", key.ifname)
+    let head = if key.network.is_empty() {
+        format!("coil:{}:", key.ifname)
+    } else {
+        format!("coil:{}:{}:", key.ifname, key.network)
+    };
+    let room = MAX_ALIAS.saturating_sub(head.len());
+    let cid: String = key.container_id.chars().take(room).collect();
+    format!("{head}{cid}")
 }
 
-/// Parses [`veth_alias`] back (ifname, container id prefix).
-pub fn parse_alias(alias: &str) -> Option<(String, String)> {
+/// Parses [`veth_alias`] back into a key (network empty for a format-1
+/// alias); the container id may be a prefix when it was too long.
+pub fn parse_alias(alias: &str) -> Option<AttachmentKey> {
     let rest = alias.strip_prefix("coil:")?;
-    let (ifname, cid) = rest.split_once(':')?;
-    Some((ifname.to_string(), cid.to_string()))
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (ifname, network, cid) = match parts.as_slice() {
+        [ifname, cid] => (*ifname, "", *cid),
+        [ifname, network, cid] if !network.is_empty() => (*ifname, *network, *cid),
+        _ => return None,
+    };
+    if ifname.is_empty() || cid.is_empty() {
+        return None;
+    }
+    Some(AttachmentKey::new(network, cid, ifname))
 }
 
 /// The address at `offset` inside `block`.
@@ -124,6 +155,19 @@ impl NodeState {
 
     pub fn attachment(&self, key: &AttachmentKey) -> Option<&Attachment> {
         self.attachments.get(key)
+    }
+
+    /// The attachment a request for `key` addresses: the one of its network,
+    /// else a format-1 attachment of the same container id and ifname (its
+    /// network is unknown; the container id and ifname are unique on the
+    /// node's pods, so it is the same attachment).
+    pub fn lookup(&self, key: &AttachmentKey) -> Option<&Attachment> {
+        self.attachments.get(key).or_else(|| {
+            if key.network.is_empty() {
+                return None;
+            }
+            self.attachments.get(&key.with_network(""))
+        })
     }
 
     pub fn attachments(&self) -> impl Iterator<Item = &Attachment> {
@@ -235,14 +279,34 @@ mod tests {
 
     #[test]
     fn veth_names_are_stable_short_and_distinct() {
-        let a = host_veth_name(&AttachmentKey::new("abc", "eth0"));
-        assert_eq!(a, host_veth_name(&AttachmentKey::new("abc", "eth0")));
+        let a = host_veth_name(&AttachmentKey::new("k8s", "abc", "eth0"));
+        assert_eq!(a, host_veth_name(&AttachmentKey::new("k8s", "abc", "eth0")));
         assert_eq!(a.len(), 15);
         assert!(a.starts_with("coil"));
-        assert_ne!(a, host_veth_name(&AttachmentKey::new("abc", "eth1")));
-        assert_ne!(a, host_veth_name(&AttachmentKey::new("abd", "eth0")));
-        let al = veth_alias(&AttachmentKey::new("abc", "eth0"));
-        assert_eq!(parse_alias(&al), Some(("eth0".into(), "abc".into())));
+        assert_ne!(a, host_veth_name(&AttachmentKey::new("k8s", "abc", "eth1")));
+        assert_ne!(a, host_veth_name(&AttachmentKey::new("k8s", "abd", "eth0")));
+        let k = AttachmentKey::new("k8s", "abc", "eth0");
+        let al = veth_alias(&k);
+        assert_eq!(al, "coil:eth0:k8s:abc");
+        assert_eq!(parse_alias(&al), Some(k));
+        // Networks keep their veths apart; a format-1 key keeps its old name.
+        assert_ne!(
+            a,
+            host_veth_name(&AttachmentKey::new("other", "abc", "eth0"))
+        );
+        // The name format 1 gave this attachment (tests/fixtures).
+        let legacy = AttachmentKey::new("", "fxcontainer1", "eth0");
+        assert_eq!(host_veth_name(&legacy), "coil7f6dec46473");
+        let legacy = AttachmentKey::new("", "abc", "eth0");
+        assert_eq!(parse_alias("coil:eth0:abc"), Some(legacy));
+        assert_eq!(parse_alias("coil:eth0::abc"), None);
+        assert_eq!(parse_alias("coil:eth0:a:b:c"), None);
+        let long = AttachmentKey::new("n".repeat(128), "c".repeat(256), "eth0");
+        let al = veth_alias(&long);
+        assert_eq!(al.len(), 255);
+        let back = parse_alias(&al).expect("parses");
+        assert_eq!(back.network, long.network);
+        assert!(long.container_id.starts_with(&back.container_id));
     }
 
     #[test]
@@ -283,7 +347,7 @@ mod tests {
         let mut s =
             NodeState::from_records(vec![lease("10.0.0.0/30"), lease("10.0.0.4/30")], vec![]);
         s.insert_attachment(Attachment {
-            key: AttachmentKey::new("c", "eth0"),
+            key: AttachmentKey::new("k8s", "c", "eth0"),
             netns: "/x".into(),
             pod_namespace: String::new(),
             pod_name: String::new(),
@@ -307,7 +371,7 @@ mod tests {
             assert!(s.reserve("default").is_some());
         }
         assert!(s.reserve("default").is_none(), "all 8 used");
-        s.remove_attachment(&AttachmentKey::new("c", "eth0"));
+        s.remove_attachment(&AttachmentKey::new("k8s", "c", "eth0"));
         assert_eq!(s.free_addresses(), 1);
     }
 }

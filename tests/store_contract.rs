@@ -277,6 +277,7 @@ async fn acquire_release_exhaust<B: Backend>(s: &Store<B>) {
     ));
     // An address in use blocks even a forced remove.
     let rec = AddressRecord {
+        network: "k8s".into(),
         address: again.block.network(),
         pool: "default".into(),
         block: again.block,
@@ -457,6 +458,7 @@ async fn address_index<B: Backend>(s: &Store<B>) {
         IpNet::V4(_) => panic!("v6 pool gave a v4 block"),
     };
     let rec = AddressRecord {
+        network: "k8s".into(),
         address: addr,
         pool: "v6".into(),
         block: l.block,

@@ -124,7 +124,7 @@ fn ready_ms(records: usize) -> Option<f64> {
     let mut b = Batch::new();
     let mut atts = Vec::with_capacity(pods);
     for i in 0..pods {
-        let key = AttachmentKey::new(format!("bench{i:07}"), "eth0");
+        let key = AttachmentKey::new("k8s", format!("bench{i:07}"), "eth0");
         let veth = host_veth_name(&key);
         let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + i as u32));
         let block = leases[i / 256].block;

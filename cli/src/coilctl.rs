@@ -427,6 +427,7 @@ fn dump_text(j: &Journal, d: &Dump) -> String {
     out.push_str(&t.render());
     out.push_str(&format!("\nATTACHMENTS ({})\n", d.attachments.len()));
     let mut t = Table::new(&[
+        "NETWORK",
         "CONTAINER",
         "IFNAME",
         "POD",
@@ -437,6 +438,11 @@ fn dump_text(j: &Journal, d: &Dump) -> String {
     ]);
     for a in &d.attachments {
         t.row(vec![
+            if a.key.is_legacy() {
+                "(format 1)".into()
+            } else {
+                a.key.network.clone()
+            },
             a.key.container_id.clone(),
             a.key.ifname.clone(),
             format!("{}/{}", a.pod_namespace, a.pod_name),

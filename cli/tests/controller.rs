@@ -82,6 +82,7 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
     let ghost = s.acquire_block("default", "ghost").await.expect("acquire");
     // Garbage in the index: an entry whose node does not hold the block.
     let stray = AddressRecord {
+        network: "k8s".into(),
         address: "10.66.0.250".parse().expect("ip"),
         pool: "default".into(),
         block: "10.66.0.240/28".parse().expect("net"),

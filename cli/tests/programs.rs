@@ -110,7 +110,7 @@ fn plugin_without_environment_is_a_cni_error_on_stdout() {
 fn make_journal(dir: &Path) {
     let j = Journal::open(dir).expect("open");
     let block: ipnet::IpNet = "10.0.1.0/28".parse().expect("net");
-    let key = AttachmentKey::new("c0ffee", "eth0");
+    let key = AttachmentKey::new("k8s", "c0ffee", "eth0");
     let addr: std::net::IpAddr = "10.0.1.3".parse().expect("addr");
     let mut b = Batch::new();
     b.put_node_meta(&NodeMeta {

@@ -30,7 +30,7 @@ fn attachment(i: u32) -> Attachment {
     let block: IpNet = "10.64.0.0/10".parse().expect("net");
     let addr = IpAddr::V4((u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i).into());
     Attachment {
-        key: AttachmentKey::new(format!("{i:064x}"), "eth0"),
+        key: AttachmentKey::new("k8s", format!("{i:064x}"), "eth0"),
         netns: format!("/var/run/netns/cni-{i:08x}-0000-0000-0000-000000000000"),
         pod_namespace: "default".into(),
         pod_name: format!("bench-pod-{i}"),

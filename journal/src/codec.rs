@@ -31,6 +31,27 @@ pub(crate) fn encode<T: Serialize>(kind: Kind, value: &T) -> Vec<u8> {
 /// Decodes an envelope of `kind` into a persisted value, refusing trailing bytes.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], kind: Kind) -> Result<T, DecodeError> {
     let env = envelope::open_kind(bytes, kind)?;
+    decode_payload(&env)
+}
+
+/// Decodes a record whose layout changed in format 2 (the attachment key
+/// gained the network name): format-1 envelopes decode as `Old` and are
+/// converted, newer ones as `New`.
+fn decode_keyed<Old: DeserializeOwned, New: DeserializeOwned, R>(
+    bytes: &[u8],
+    kind: Kind,
+    old: impl FnOnce(Old) -> Result<R, DecodeError>,
+    new: impl FnOnce(New) -> Result<R, DecodeError>,
+) -> Result<R, DecodeError> {
+    let env = envelope::open_kind(bytes, kind)?;
+    if env.version < 2 {
+        old(decode_payload(&env)?)
+    } else {
+        new(decode_payload(&env)?)
+    }
+}
+
+fn decode_payload<T: DeserializeOwned>(env: &envelope::Envelope<'_>) -> Result<T, DecodeError> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(env.payload, config())
         .map_err(|e| DecodeError::Payload(e.to_string()))?;
     if used != env.payload.len() {
@@ -77,10 +98,48 @@ pub(crate) struct LeaseV1 {
     alloc_cursor: u32,
 }
 
+/// The attachment key of format 1: no network name.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KeyV1 {
     container_id: String,
     ifname: String,
+}
+
+/// The attachment key of format 2: the CNI triple.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyV2 {
+    network: String,
+    container_id: String,
+    ifname: String,
+}
+
+/// A persisted attachment key of either format.
+pub(crate) trait PersistedKey: Serialize + DeserializeOwned {
+    fn to_model(&self) -> Result<AttachmentKey, DecodeError>;
+}
+
+impl PersistedKey for KeyV1 {
+    fn to_model(&self) -> Result<AttachmentKey, DecodeError> {
+        validate_key("", &self.container_id, &self.ifname).map_err(bad)?;
+        Ok(AttachmentKey::new(
+            "",
+            self.container_id.clone(),
+            self.ifname.clone(),
+        ))
+    }
+}
+
+impl PersistedKey for KeyV2 {
+    fn to_model(&self) -> Result<AttachmentKey, DecodeError> {
+        // An empty network is a format-1 attachment rewritten by this
+        // build (a DEL marking it Releasing): it stays legacy.
+        validate_key(&self.network, &self.container_id, &self.ifname).map_err(bad)?;
+        Ok(AttachmentKey::new(
+            self.network.clone(),
+            self.container_id.clone(),
+            self.ifname.clone(),
+        ))
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -90,8 +149,8 @@ pub(crate) struct AssignedV1 {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AttachmentV1 {
-    key: KeyV1,
+pub(crate) struct AttachmentV1<K> {
+    key: K,
     netns: String,
     pod_namespace: String,
     pod_name: String,
@@ -104,11 +163,11 @@ pub(crate) struct AttachmentV1 {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) enum IntentOpV1 {
+pub(crate) enum IntentOpV1<K> {
     AcquireBlock { pool: String, block: Option<NetV1> },
     ReleaseBlock { pool: String, block: NetV1 },
-    Wire { key: KeyV1 },
-    Unwire { key: KeyV1 },
+    Wire { key: K },
+    Unwire { key: K },
     ExportBlock { block: NetV1 },
     WithdrawBlock { block: NetV1 },
 }
@@ -121,16 +180,16 @@ pub(crate) enum IntentStateV1 {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IntentV1 {
+pub(crate) struct IntentV1<K> {
     id: u64,
-    op: IntentOpV1,
+    op: IntentOpV1<K>,
     state: IntentStateV1,
     created_unix: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AddressV1 {
-    attachment: KeyV1,
+pub(crate) struct AddressV1<K> {
+    attachment: K,
     block: NetV1,
 }
 
@@ -204,24 +263,47 @@ fn net_from_v1(n: &NetV1) -> Result<IpNet, DecodeError> {
     }
 }
 
-fn key_to_v1(k: &AttachmentKey) -> KeyV1 {
-    KeyV1 {
+fn key_to_v2(k: &AttachmentKey) -> KeyV2 {
+    KeyV2 {
+        network: k.network.clone(),
         container_id: k.container_id.clone(),
         ifname: k.ifname.clone(),
     }
 }
 
-fn key_from_v1(k: &KeyV1) -> Result<AttachmentKey, DecodeError> {
-    validate_key(&k.container_id, &k.ifname).map_err(bad)?;
-    Ok(AttachmentKey::new(k.container_id.clone(), k.ifname.clone()))
+/// Longest network name (the CNI configuration's `name`) in a key.
+pub const MAX_NETWORK_NAME: usize = 128;
+/// Longest container id in a key.
+pub const MAX_CONTAINER_ID: usize = 256;
+
+/// Is `s` a network name as the CNI spec defines it (an alphanumeric
+/// character, then alphanumerics, '_', '.' or '-'), at most
+/// [`MAX_NETWORK_NAME`] bytes?
+pub fn valid_network_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NETWORK_NAME
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
-/// Checks the parts of an attachment key: non-empty, no NUL (the key
-/// encoding uses NUL as the separator), bounded length.
-pub(crate) fn validate_key(container_id: &str, ifname: &str) -> Result<(), String> {
-    if container_id.is_empty() || container_id.len() > 256 || container_id.contains('\0') {
+/// Checks the parts of an attachment key: a valid network name (or empty,
+/// for a format-1 record), a container id and an interface name that are
+/// non-empty, bounded and free of NUL (the key encoding's separator).
+pub(crate) fn validate_key(network: &str, container_id: &str, ifname: &str) -> Result<(), String> {
+    if !network.is_empty() && !valid_network_name(network) {
         return Err(format!(
-            "container id must be 1-256 bytes without NUL, got {container_id:?}"
+            "network name must be 1-{MAX_NETWORK_NAME} bytes of [A-Za-z0-9_.-] starting \
+             with a letter or digit, got {network:?}"
+        ));
+    }
+    if container_id.is_empty()
+        || container_id.len() > MAX_CONTAINER_ID
+        || container_id.contains('\0')
+    {
+        return Err(format!(
+            "container id must be 1-{MAX_CONTAINER_ID} bytes without NUL, got {container_id:?}"
         ));
     }
     if ifname.is_empty() || ifname.len() > 15 || ifname.contains('\0') || ifname.contains('/') {
@@ -361,7 +443,7 @@ pub(crate) fn encode_attachment(a: &Attachment) -> Vec<u8> {
     encode(
         Kind::Attachment,
         &AttachmentV1 {
-            key: key_to_v1(&a.key),
+            key: key_to_v2(&a.key),
             netns: a.netns.clone(),
             pod_namespace: a.pod_namespace.clone(),
             pod_name: a.pod_name.clone(),
@@ -383,7 +465,15 @@ pub(crate) fn encode_attachment(a: &Attachment) -> Vec<u8> {
 }
 
 pub(crate) fn decode_attachment(b: &[u8]) -> Result<Attachment, DecodeError> {
-    let v: AttachmentV1 = decode(b, Kind::Attachment)?;
+    decode_keyed(
+        b,
+        Kind::Attachment,
+        |v: AttachmentV1<KeyV1>| attachment_from(v),
+        |v: AttachmentV1<KeyV2>| attachment_from(v),
+    )
+}
+
+fn attachment_from<K: PersistedKey>(v: AttachmentV1<K>) -> Result<Attachment, DecodeError> {
     let mut addresses = Vec::with_capacity(v.addresses.len());
     for x in &v.addresses {
         let addr = addr_from_v1(&x.addr)?;
@@ -394,7 +484,7 @@ pub(crate) fn decode_attachment(b: &[u8]) -> Result<Attachment, DecodeError> {
         addresses.push(AssignedAddress { addr, block });
     }
     Ok(Attachment {
-        key: key_from_v1(&v.key)?,
+        key: v.key.to_model()?,
         netns: v.netns,
         pod_namespace: v.pod_namespace,
         pod_name: v.pod_name,
@@ -418,10 +508,10 @@ pub(crate) fn encode_intent(i: &Intent) -> Vec<u8> {
             block: net_to_v1(*block),
         },
         IntentOp::Wire { key } => IntentOpV1::Wire {
-            key: key_to_v1(key),
+            key: key_to_v2(key),
         },
         IntentOp::Unwire { key } => IntentOpV1::Unwire {
-            key: key_to_v1(key),
+            key: key_to_v2(key),
         },
         IntentOp::ExportBlock { block } => IntentOpV1::ExportBlock {
             block: net_to_v1(*block),
@@ -447,7 +537,15 @@ pub(crate) fn encode_intent(i: &Intent) -> Vec<u8> {
 }
 
 pub(crate) fn decode_intent(b: &[u8]) -> Result<Intent, DecodeError> {
-    let v: IntentV1 = decode(b, Kind::Intent)?;
+    decode_keyed(
+        b,
+        Kind::Intent,
+        |v: IntentV1<KeyV1>| intent_from(v),
+        |v: IntentV1<KeyV2>| intent_from(v),
+    )
+}
+
+fn intent_from<K: PersistedKey>(v: IntentV1<K>) -> Result<Intent, DecodeError> {
     let op = match &v.op {
         IntentOpV1::AcquireBlock { pool, block } => IntentOp::AcquireBlock {
             pool: pool.clone(),
@@ -458,10 +556,10 @@ pub(crate) fn decode_intent(b: &[u8]) -> Result<Intent, DecodeError> {
             block: net_from_v1(block)?,
         },
         IntentOpV1::Wire { key } => IntentOp::Wire {
-            key: key_from_v1(key)?,
+            key: key.to_model()?,
         },
         IntentOpV1::Unwire { key } => IntentOp::Unwire {
-            key: key_from_v1(key)?,
+            key: key.to_model()?,
         },
         IntentOpV1::ExportBlock { block } => IntentOp::ExportBlock {
             block: net_from_v1(block)?,
@@ -487,18 +585,25 @@ pub(crate) fn encode_address(e: &AddressEntry) -> Vec<u8> {
     encode(
         Kind::Address,
         &AddressV1 {
-            attachment: key_to_v1(&e.attachment),
+            attachment: key_to_v2(&e.attachment),
             block: net_to_v1(e.block),
         },
     )
 }
 
 pub(crate) fn decode_address(b: &[u8]) -> Result<AddressEntry, DecodeError> {
-    let v: AddressV1 = decode(b, Kind::Address)?;
-    Ok(AddressEntry {
-        attachment: key_from_v1(&v.attachment)?,
-        block: net_from_v1(&v.block)?,
-    })
+    fn from<K: PersistedKey>(v: AddressV1<K>) -> Result<AddressEntry, DecodeError> {
+        Ok(AddressEntry {
+            attachment: v.attachment.to_model()?,
+            block: net_from_v1(&v.block)?,
+        })
+    }
+    decode_keyed(
+        b,
+        Kind::Address,
+        |v: AddressV1<KeyV1>| from(v),
+        |v: AddressV1<KeyV2>| from(v),
+    )
 }
 
 /// Longest key of the embedded cluster store.
@@ -584,23 +689,44 @@ pub(crate) fn net_from_key(k: &[u8]) -> Result<IpNet, DecodeError> {
     IpNet::new(addr, *prefix).map_err(|_| bad(format!("block key prefix {prefix}")))
 }
 
+/// The attachments tree's key: `container id NUL ifname` for a format-1
+/// record (no network), `container id NUL ifname NUL network` since
+/// format 2. A legacy record keeps its key until it is adopted by a
+/// network, so no key is ever rewritten behind a caller's back.
 pub(crate) fn attachment_key(k: &AttachmentKey) -> Vec<u8> {
-    let mut v = Vec::with_capacity(k.container_id.len() + 1 + k.ifname.len());
+    let mut v = Vec::with_capacity(k.container_id.len() + 2 + k.ifname.len() + k.network.len());
     v.extend_from_slice(k.container_id.as_bytes());
     v.push(0);
     v.extend_from_slice(k.ifname.as_bytes());
+    if !k.network.is_empty() {
+        v.push(0);
+        v.extend_from_slice(k.network.as_bytes());
+    }
     v
 }
 
 pub(crate) fn attachment_from_key(k: &[u8]) -> Result<AttachmentKey, DecodeError> {
-    let pos = k
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or_else(|| bad("attachment key without separator"))?;
-    let cid = std::str::from_utf8(&k[..pos]).map_err(|e| bad(e.to_string()))?;
-    let ifn = std::str::from_utf8(&k[pos + 1..]).map_err(|e| bad(e.to_string()))?;
-    validate_key(cid, ifn).map_err(bad)?;
-    Ok(AttachmentKey::new(cid, ifn))
+    let mut parts = k.splitn(3, |b| *b == 0);
+    let text = |p: Option<&[u8]>| -> Result<String, DecodeError> {
+        let p = p.ok_or_else(|| bad("attachment key without separator"))?;
+        std::str::from_utf8(p)
+            .map(String::from)
+            .map_err(|e| bad(e.to_string()))
+    };
+    let cid = text(parts.next())?;
+    let ifn = text(parts.next())?;
+    let net = match parts.next() {
+        Some(n) => {
+            let n = text(Some(n))?;
+            if n.is_empty() {
+                return Err(bad("attachment key with an empty network name"));
+            }
+            n
+        }
+        None => String::new(),
+    };
+    validate_key(&net, &cid, &ifn).map_err(bad)?;
+    Ok(AttachmentKey::new(net, cid, ifn))
 }
 
 /// Renders a raw key of `tree` for humans (error messages, dumps).
@@ -631,7 +757,7 @@ mod tests {
 
     fn sample_attachment() -> Attachment {
         Attachment {
-            key: AttachmentKey::new("abc123", "eth0"),
+            key: AttachmentKey::new("k8s", "abc123", "eth0"),
             netns: "/run/netns/p1".into(),
             pod_namespace: "default".into(),
             pod_name: "p1".into(),
@@ -651,6 +777,76 @@ mod tests {
             boot_id: "b".into(),
             created_unix: 7,
         }
+    }
+
+    /// Seals `value` as format 1 wrote it.
+    fn format1<T: Serialize>(kind: Kind, value: &T) -> Vec<u8> {
+        let payload = bincode::serde::encode_to_vec(value, config()).expect("encode");
+        envelope::seal_at(kind, 1, &payload)
+    }
+
+    #[test]
+    fn format1_records_decode_as_legacy_keys() {
+        let a = sample_attachment();
+        let old_key = KeyV1 {
+            container_id: "abc123".into(),
+            ifname: "eth0".into(),
+        };
+        let v1 = AttachmentV1 {
+            key: old_key.clone(),
+            netns: a.netns.clone(),
+            pod_namespace: a.pod_namespace.clone(),
+            pod_name: a.pod_name.clone(),
+            pool: a.pool.clone(),
+            addresses: a
+                .addresses
+                .iter()
+                .map(|x| AssignedV1 {
+                    addr: addr_to_v1(x.addr),
+                    block: net_to_v1(x.block),
+                })
+                .collect(),
+            host_veth: a.host_veth.clone(),
+            state: 2,
+            boot_id: a.boot_id.clone(),
+            created_unix: a.created_unix,
+        };
+        let got = decode_attachment(&format1(Kind::Attachment, &v1)).expect("format 1");
+        assert_eq!(got.key, AttachmentKey::new("", "abc123", "eth0"));
+        assert!(got.key.is_legacy());
+        assert_eq!(got.addresses, a.addresses);
+        // The same bytes read as format 2 are refused, not misread.
+        let payload = bincode::serde::encode_to_vec(&v1, config()).expect("encode");
+        assert!(decode_attachment(&envelope::seal_at(Kind::Attachment, 2, &payload)).is_err());
+
+        let i = IntentV1 {
+            id: 9,
+            op: IntentOpV1::Unwire {
+                key: old_key.clone(),
+            },
+            state: IntentStateV1::Pending,
+            created_unix: 1,
+        };
+        let got = decode_intent(&format1(Kind::Intent, &i)).expect("intent");
+        assert_eq!(
+            got.op,
+            IntentOp::Unwire {
+                key: AttachmentKey::new("", "abc123", "eth0")
+            }
+        );
+        let e = AddressV1 {
+            attachment: old_key,
+            block: net_to_v1("10.0.1.0/27".parse().expect("net")),
+        };
+        let got = decode_address(&format1(Kind::Address, &e)).expect("address");
+        assert!(got.attachment.is_legacy());
+        // Format-1 tree keys (no network part) parse as legacy keys, and a
+        // legacy key encodes back to the same bytes.
+        let legacy = attachment_from_key(b"abc123\0eth0").expect("legacy key");
+        assert_eq!(legacy, AttachmentKey::new("", "abc123", "eth0"));
+        assert_eq!(attachment_key(&legacy), b"abc123\0eth0".to_vec());
+        assert!(attachment_from_key(b"abc123\0eth0\0").is_err());
+        assert!(attachment_from_key(b"abc123\0eth0\0bad name").is_err());
     }
 
     #[test]
@@ -674,13 +870,13 @@ mod tests {
         assert_eq!(addr_from_key(&addr_key(b)), Ok(b));
         let n: IpNet = "fd00:1::/64".parse().expect("net");
         assert_eq!(net_from_key(&net_key(n)), Ok(n));
-        let k = AttachmentKey::new("c", "eth1");
+        let k = AttachmentKey::new("k8s", "c", "eth1");
         assert_eq!(attachment_from_key(&attachment_key(&k)), Ok(k));
     }
 
     #[test]
     fn intent_round_trip_all_ops() {
-        let key = AttachmentKey::new("c", "eth0");
+        let key = AttachmentKey::new("k8s", "c", "eth0");
         let block: IpNet = "10.1.0.0/28".parse().expect("net");
         for op in [
             IntentOp::AcquireBlock {
@@ -782,7 +978,7 @@ mod fuzz_on_stable {
             x in 1u8..=255,
         ) {
             let a = crate::model::Attachment {
-                key: crate::model::AttachmentKey::new("abc", "eth0"),
+                key: crate::model::AttachmentKey::new("k8s", "abc", "eth0"),
                 netns: "/run/netns/x".into(),
                 pod_namespace: "ns".into(),
                 pod_name: "p".into(),

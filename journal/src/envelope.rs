@@ -22,7 +22,7 @@ pub const MAGIC: [u8; 4] = *b"CJNL";
 /// Size of the fixed envelope header.
 pub const HEADER_LEN: usize = 16;
 /// The on-disk format version this build writes.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// The oldest on-disk format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Upper bound on a payload, so a corrupt length can never make us allocate
@@ -155,9 +155,15 @@ fn crc(header12: &[u8], payload: &[u8]) -> u32 {
 
 /// Wraps `payload` in an envelope of `kind` at the current format version.
 pub fn seal(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    seal_at(kind, FORMAT_VERSION, payload)
+}
+
+/// Wraps `payload` in an envelope of `kind` at `version` (tests write older
+/// formats with it).
+pub(crate) fn seal_at(kind: Kind, version: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(kind as u8);
     out.push(0);
     // Payloads are produced by this crate and bounded far below u32::MAX.

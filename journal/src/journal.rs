@@ -200,7 +200,7 @@ impl Batch {
     }
 
     pub fn put_attachment(&mut self, a: &Attachment) -> &mut Self {
-        if let Err(e) = codec::validate_key(&a.key.container_id, &a.key.ifname) {
+        if let Err(e) = codec::validate_key(&a.key.network, &a.key.container_id, &a.key.ifname) {
             return self.refuse(e);
         }
         if let Some(x) = a.addresses.iter().find(|x| !x.block.contains(&x.addr)) {
@@ -237,7 +237,11 @@ impl Batch {
         if !e.block.contains(&addr) {
             return self.refuse(format!("address {addr} outside its block {}", e.block));
         }
-        if let Err(why) = codec::validate_key(&e.attachment.container_id, &e.attachment.ifname) {
+        if let Err(why) = codec::validate_key(
+            &e.attachment.network,
+            &e.attachment.container_id,
+            &e.attachment.ifname,
+        ) {
             return self.refuse(why);
         }
         self.put(

@@ -26,6 +26,7 @@ mod error;
 mod journal;
 mod wal;
 
+pub use codec::{valid_network_name, MAX_CONTAINER_ID, MAX_NETWORK_NAME};
 pub use error::{JournalError, Result};
 pub use journal::{
     now_unix, Batch, CommitInfo, CorruptRecord, Dump, Journal, JournalOptions, JournalStats,

@@ -52,25 +52,50 @@ pub struct BlockLease {
     pub alloc_cursor: u32,
 }
 
-/// Identifies one attachment: the CNI (container id, ifname) pair.
+/// Identifies one attachment as the CNI spec does: the network name, the
+/// container id and the interface name. Records written by journal format 1
+/// carry no network name; they decode with an empty `network` (see
+/// [`AttachmentKey::is_legacy`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AttachmentKey {
+    /// The network configuration's `name`; empty for a format-1 record.
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
 }
 
 impl AttachmentKey {
-    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+    pub fn new(
+        network: impl Into<String>,
+        container_id: impl Into<String>,
+        ifname: impl Into<String>,
+    ) -> Self {
         AttachmentKey {
+            network: network.into(),
             container_id: container_id.into(),
             ifname: ifname.into(),
         }
+    }
+
+    /// A key of a record written before attachments carried their network
+    /// (journal format 1): which network owns it is not known.
+    pub fn is_legacy(&self) -> bool {
+        self.network.is_empty()
+    }
+
+    /// The same attachment, owned by `network` (adopting a legacy record).
+    pub fn with_network(&self, network: &str) -> AttachmentKey {
+        AttachmentKey::new(network, self.container_id.clone(), self.ifname.clone())
     }
 }
 
 impl std::fmt::Display for AttachmentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.ifname)
+        if self.network.is_empty() {
+            write!(f, "{}/{}", self.container_id, self.ifname)
+        } else {
+            write!(f, "{}:{}/{}", self.network, self.container_id, self.ifname)
+        }
     }
 }
 

@@ -80,10 +80,13 @@ fn tree_snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// The attachments tree's key (format 2: container id, ifname, network).
 fn att_key_bytes(k: &AttachmentKey) -> Vec<u8> {
     let mut v = k.container_id.as_bytes().to_vec();
     v.push(0);
     v.extend_from_slice(k.ifname.as_bytes());
+    v.push(0);
+    v.extend_from_slice(k.network.as_bytes());
     v
 }
 
@@ -319,7 +322,7 @@ fn newer_format_is_refused_and_nothing_changes() {
             err,
             JournalError::NewerFormat {
                 found: 9,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

@@ -28,7 +28,7 @@ const THREADS: u32 = 4;
 const CHILD_ENV: &str = "COIL_CRASH_CHILD_DIR";
 
 fn key(run: u32, t: u32, i: u32) -> AttachmentKey {
-    AttachmentKey::new(format!("r{run:04}-t{t}-i{i:06}"), "eth0")
+    AttachmentKey::new("k8s", format!("r{run:04}-t{t}-i{i:06}"), "eth0")
 }
 
 fn record(run: u32, t: u32, i: u32) -> Attachment {

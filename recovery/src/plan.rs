@@ -492,7 +492,7 @@ mod tests {
 
     fn att(cid: &str, addr: &str, block: &str, state: AttachmentState) -> Attachment {
         Attachment {
-            key: AttachmentKey::new(cid, "eth0"),
+            key: AttachmentKey::new("k8s", cid, "eth0"),
             netns: format!("/run/netns/{cid}"),
             pod_namespace: String::new(),
             pod_name: String::new(),
@@ -577,7 +577,7 @@ mod tests {
                     block: net("10.0.0.0/28")
                 },
                 Action::ReleaseAttachment {
-                    key: AttachmentKey::new("p1", "eth0"),
+                    key: AttachmentKey::new("k8s", "p1", "eth0"),
                     reason: "its boot is over".into()
                 },
             ]
@@ -593,14 +593,14 @@ mod tests {
         o.intents = vec![intent(
             3,
             IntentOp::Wire {
-                key: AttachmentKey::new("p1", "eth0"),
+                key: AttachmentKey::new("k8s", "p1", "eth0"),
             },
         )];
         let p = plan(&o);
         assert_eq!(
             p[0],
             Action::Rewire {
-                key: AttachmentKey::new("p1", "eth0")
+                key: AttachmentKey::new("k8s", "p1", "eth0")
             }
         );
         assert!(matches!(p.last(), Some(Action::DropIntent { id: 3, .. })));
@@ -617,7 +617,7 @@ mod tests {
         o.intents = vec![intent(
             9,
             IntentOp::Unwire {
-                key: AttachmentKey::new("p1", "eth0"),
+                key: AttachmentKey::new("k8s", "p1", "eth0"),
             },
         )];
         let p = plan(&o);
@@ -645,7 +645,7 @@ mod tests {
                 Action::QuarantineLease {
                     block: net("10.0.0.0/28"),
                     owner: "n2".into(),
-                    affected: vec!["p1/eth0".into()]
+                    affected: vec!["k8s:p1/eth0".into()]
                 },
                 Action::WithdrawBlock {
                     block: net("10.0.0.0/28")
@@ -721,7 +721,7 @@ mod tests {
         assert_eq!(
             plan(&o),
             vec![Action::Rewire {
-                key: AttachmentKey::new("p1", "eth0")
+                key: AttachmentKey::new("k8s", "p1", "eth0")
             }]
         );
         o.live_netns.clear();

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use coil::journal::{
-    AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
-    Journal, LeaseState, NodeMeta,
+    AddressEntry, AssignedAddress, Attachment, AttachmentState, Batch, BlockLease, Journal,
+    LeaseState, NodeMeta,
 };
 use coil::kernel::Kernel;
 use coil::node::{host_veth_name, parse_alias};
@@ -90,11 +90,10 @@ pub async fn rebuild<B: Backend>(
         if !name.starts_with("coil") {
             continue;
         }
-        let Some((ifname, cid)) = alias.as_deref().and_then(parse_alias) else {
+        let Some(key) = alias.as_deref().and_then(parse_alias) else {
             report.skipped.push(format!("{name}: no coil alias"));
             continue;
         };
-        let key = AttachmentKey::new(cid, ifname);
         if host_veth_name(&key) != name {
             report.skipped.push(format!(
                 "{name}: alias names {key}, whose veth has another name"

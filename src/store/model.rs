@@ -226,6 +226,10 @@ pub struct AddressRecord {
     pub pool: String,
     pub block: IpNet,
     pub node: String,
+    /// The CNI network the attachment belongs to (empty for attachments
+    /// made before coil keyed them by network).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
     #[serde(default)]

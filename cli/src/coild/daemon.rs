@@ -92,6 +92,8 @@ pub enum DaemonError {
     #[error("{0}")]
     Check(String),
     #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -109,6 +111,7 @@ impl DaemonError {
             DaemonError::Journal(_) => code::JOURNAL,
             DaemonError::Busy(_) => code::TRY_AGAIN_LATER,
             DaemonError::Check(_) => code::CHECK_FAILED,
+            DaemonError::Config(_) => code::INVALID_CONFIG,
             DaemonError::Internal(_) => code::INTERNAL,
         };
         let msg = match self {
@@ -858,9 +861,9 @@ impl<B: Backend> Daemon<B> {
 
     async fn add(&self, req: &Request) -> DResult<AddResult> {
         let t0 = Instant::now();
-        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let key = request_key(req);
         let netns = req.netns.clone().unwrap_or_default();
-        let existing = self.lock().attachment(&key).cloned();
+        let existing = self.lock().lookup(&key).cloned();
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -930,6 +933,8 @@ impl<B: Backend> Daemon<B> {
                 (att, id)
             }
         };
+        // From here on the record's own key (a format-1 record keeps its).
+        let key = att.key.clone();
         let t1 = t0.elapsed();
         let spec = self.spec(&att);
         let wired = match self.kernel.wire(&spec).await {
@@ -977,6 +982,7 @@ impl<B: Backend> Daemon<B> {
             pool: a.pool.clone(),
             block: x.block,
             node: self.cfg.node_name.clone(),
+            network: a.key.network.clone(),
             container_id: a.key.container_id.clone(),
             ifname: a.key.ifname.clone(),
             pod_namespace: a.pod_namespace.clone(),
@@ -1052,15 +1058,20 @@ impl<B: Backend> Daemon<B> {
     }
 
     async fn del(self: &Arc<Self>, req: &Request) -> DResult<()> {
-        self.release(&AttachmentKey::new(&req.container_id, &req.ifname), false)
-            .await
+        let key = request_key(req);
+        // The record's own key: a format-1 attachment keeps its key.
+        let found = self.lock().lookup(&key).map(|a| a.key.clone());
+        match found {
+            Some(k) => self.release(&k, false).await,
+            None => Ok(()),
+        }
     }
 
     async fn check(&self, req: &Request) -> DResult<()> {
-        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let key = request_key(req);
         let a = self
             .lock()
-            .attachment(&key)
+            .lookup(&key)
             .cloned()
             .ok_or_else(|| DaemonError::Check(format!("coil holds no attachment for {key}")))?;
         if a.state != AttachmentState::Wired {
@@ -1098,18 +1109,25 @@ impl<B: Backend> Daemon<B> {
         }
     }
 
+    /// GC of one network: releases that network's attachments the runtime
+    /// no longer lists. Other networks' attachments, and format-1 ones
+    /// whose network is unknown, are never touched (recovery releases those
+    /// once their netns is gone). Without the list, nothing is released.
     async fn gc(self: &Arc<Self>, req: &Request) -> DResult<()> {
-        let valid: BTreeSet<AttachmentKey> = req
-            .conf
-            .valid_attachments
+        let network = req.conf.name.as_str();
+        let Some(list) = &req.conf.valid_attachments else {
+            return Err(DaemonError::Config(format!(
+                "GC of network {network:?} needs cni.dev/valid-attachments; nothing was released"
+            )));
+        };
+        let valid: BTreeSet<AttachmentKey> = list
             .iter()
-            .flatten()
-            .map(|v| AttachmentKey::new(&v.container_id, &v.ifname))
+            .map(|v| AttachmentKey::new(network, &v.container_id, &v.ifname))
             .collect();
         let stale: Vec<AttachmentKey> = self
             .lock()
             .attachments()
-            .filter(|a| !valid.contains(&a.key))
+            .filter(|a| a.key.network == network && !valid.contains(&a.key))
             .map(|a| a.key.clone())
             .collect();
         let mut errors = Vec::new();
@@ -1163,6 +1181,11 @@ impl<B: Backend> Daemon<B> {
             "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
         })
     }
+}
+
+/// The attachment a request names: (network, container id, ifname).
+fn request_key(req: &Request) -> AttachmentKey {
+    AttachmentKey::new(&req.conf.name, &req.container_id, &req.ifname)
 }
 
 fn journal_lease(l: &coil::store::BlockLease) -> BlockLease {

@@ -24,7 +24,7 @@ pub fn addr_in(b: IpNet, off: u32) -> IpAddr {
 }
 
 pub fn key(i: u32) -> AttachmentKey {
-    AttachmentKey::new(format!("{i:064x}"), "eth0")
+    AttachmentKey::new("k8s", format!("{i:064x}"), "eth0")
 }
 
 pub fn attachment(i: u32, variant: u32) -> Attachment {
