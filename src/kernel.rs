@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -24,6 +23,8 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::netns::{Forbidden, NetnsError};
 
 /// The link-local gateway every pod routes through (v1's choice: it
 /// survives kube-proxy's arp_ignore=1).
@@ -49,6 +50,13 @@ const ENODEV: i32 = 19;
 pub enum KernelError {
     #[error("network namespace {0} does not exist")]
     NetnsMissing(String),
+    /// The path is not a pod's network namespace (not nsfs, another
+    /// namespace type, or coild's or the host's own).
+    #[error("{0}")]
+    BadNetns(String),
+    /// A kernel operation did not finish within its deadline.
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(String, std::time::Duration),
     #[error("interface {ifname} already exists in {netns}")]
     InterfaceExists { ifname: String, netns: String },
     #[error("{op} {what}: {msg}")]
@@ -112,6 +120,8 @@ pub struct Kernel {
     protocol: u8,
     /// The netns of this process (so libc's ifindex/name calls apply).
     local: bool,
+    /// Namespaces no pod may be wired into.
+    forbidden: Forbidden,
 }
 
 fn mac(msg: &LinkMessage) -> String {
@@ -193,11 +203,34 @@ fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
     netns_connection(ns, path, false)
 }
 
-fn open_netns(path: &str) -> Result<File> {
-    File::open(Path::new(path)).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => KernelError::NetnsMissing(path.to_string()),
-        _ => KernelError::Io(format!("opening netns {path}: {e}")),
-    })
+/// How long opening a netns path may take (path lookup can hang on a
+/// stuck mount; the open runs on a blocking thread and is abandoned).
+pub const NETNS_OPEN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn netns_error(e: NetnsError) -> KernelError {
+    match e {
+        NetnsError::Missing(p) => KernelError::NetnsMissing(p),
+        e @ (NetnsError::NotNetns { .. } | NetnsError::Forbidden { .. }) => {
+            KernelError::BadNetns(e.to_string())
+        }
+        e @ NetnsError::Io { .. } => KernelError::Io(e.to_string()),
+    }
+}
+
+/// Opens a pod's netns path after checking it is one (see [`crate::netns`]),
+/// off the runtime's threads and within [`NETNS_OPEN_DEADLINE`].
+async fn open_netns(path: &str, forbidden: &Forbidden) -> Result<File> {
+    let p = path.to_string();
+    let f = forbidden.clone();
+    let job = tokio::task::spawn_blocking(move || crate::netns::open(&p, &f));
+    match tokio::time::timeout(NETNS_OPEN_DEADLINE, job).await {
+        Ok(Ok(r)) => r.map_err(netns_error),
+        Ok(Err(e)) => Err(KernelError::Io(format!("opening netns {path}: {e}"))),
+        Err(_) => Err(KernelError::Timeout(
+            format!("opening netns {path}"),
+            NETNS_OPEN_DEADLINE,
+        )),
+    }
 }
 
 fn host_prefix(a: &IpAddr) -> u8 {
@@ -224,14 +257,15 @@ impl Kernel {
             table,
             protocol,
             local: true,
+            forbidden: Forbidden::own_and_host(),
         })
     }
 
     /// Connects to the kernel of another network namespace (for tools and
     /// benchmarks that run outside coild's netns). Must run inside a tokio
     /// runtime.
-    pub fn in_netns(path: &str, table: u32, protocol: u8) -> Result<Kernel> {
-        let ns = open_netns(path)?;
+    pub async fn in_netns(path: &str, table: u32, protocol: u8) -> Result<Kernel> {
+        let ns = open_netns(path, &Forbidden::default()).await?;
         let host = netns_connection(&ns, path, false)?;
         let strict = netns_connection(&ns, path, true)?;
         Ok(Kernel {
@@ -240,7 +274,38 @@ impl Kernel {
             table,
             protocol,
             local: false,
+            forbidden: Forbidden::own_and_host().with(path, "the node"),
         })
+    }
+
+    /// Checks that `path` is a pod's network namespace (exists, is one,
+    /// is not coild's or the host's), without wiring anything.
+    pub async fn probe_netns(&self, path: &str) -> Result<()> {
+        open_netns(path, &self.forbidden).await.map(drop)
+    }
+
+    /// Which of `paths` are live pod network namespaces (recovery: a path
+    /// that is missing or is not a pod's netns counts as gone). Checked off
+    /// the runtime's threads; if the check does not finish within
+    /// [`NETNS_OPEN_DEADLINE`] per path, the unchecked paths count as live,
+    /// so nothing is released on a guess.
+    pub async fn live_netns(&self, paths: Vec<String>) -> std::collections::BTreeSet<String> {
+        let f = self.forbidden.clone();
+        let all: std::collections::BTreeSet<String> = paths.iter().cloned().collect();
+        let budget = NETNS_OPEN_DEADLINE * u32::try_from(paths.len().clamp(1, 20)).unwrap_or(20);
+        let job = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .filter(|p| crate::netns::alive(p, &f))
+                .collect::<std::collections::BTreeSet<String>>()
+        });
+        match tokio::time::timeout(budget, job).await {
+            Ok(Ok(live)) => live,
+            _ => {
+                tracing::warn!("checking pod network namespaces timed out; none counted as gone");
+                all
+            }
+        }
     }
 
     /// Names of the links behind `indexes`, without a full link dump (a
@@ -283,7 +348,7 @@ impl Kernel {
     /// replaced; an interface of the pod's name already in the netns is an
     /// error.
     pub async fn wire(&self, w: &WireSpec) -> Result<Wired> {
-        let ns = open_netns(&w.netns)?;
+        let ns = open_netns(&w.netns, &self.forbidden).await?;
         let nsh = netns_handle(&ns, &w.netns)?;
         if get_link(&nsh, &w.ifname).await?.is_some() {
             return Err(KernelError::InterfaceExists {
@@ -458,7 +523,7 @@ impl Kernel {
         let host = get_link(&self.host, &w.host_veth)
             .await?
             .ok_or_else(|| KernelError::Io(format!("host veth {} is missing", w.host_veth)))?;
-        let ns = open_netns(&w.netns)?;
+        let ns = open_netns(&w.netns, &self.forbidden).await?;
         let nsh = netns_handle(&ns, &w.netns)?;
         let pod = get_link(&nsh, &w.ifname)
             .await?
@@ -647,10 +712,14 @@ impl Kernel {
                 ));
             }
         }
-        let ns = match open_netns(&w.netns) {
+        let ns = match open_netns(&w.netns, &self.forbidden).await {
             Ok(ns) => ns,
             Err(KernelError::NetnsMissing(p)) => {
                 diffs.push(format!("netns {p} is gone"));
+                return Ok(diffs);
+            }
+            Err(KernelError::BadNetns(why)) => {
+                diffs.push(why);
                 return Ok(diffs);
             }
             Err(e) => return Err(e),

@@ -13,6 +13,7 @@ pub use coil_journal as journal;
 pub mod cni;
 pub mod failpoint;
 pub mod kernel;
+pub mod netns;
 pub mod node;
 pub mod store;
 #[doc(hidden)]

@@ -159,7 +159,7 @@ fn ready_ms(records: usize) -> Option<f64> {
     std::fs::write(&nsb, lines).expect("batch");
     sh(&["ip", "-force", "-batch", &nsb.display().to_string()]);
     let wired = rt.block_on(async {
-        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30)?;
+        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30).await?;
         for a in &atts {
             k.wire(&coil::kernel::WireSpec {
                 netns: a.netns.clone(),

@@ -115,11 +115,14 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         exported: cx.kernel.exported_blocks().await?,
     };
     marks.push(("exported", t.elapsed().as_micros()));
-    let live_netns = attachments
+    let paths: BTreeSet<String> = attachments
         .iter()
         .map(|a| a.netns.clone())
-        .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
+        .filter(|p| !p.is_empty())
         .collect();
+    // Only a pod's own network namespace counts: a path that is gone, is
+    // not a netns, or is coild's or the host's is treated as gone.
+    let live_netns = cx.kernel.live_netns(paths.into_iter().collect()).await;
     marks.push(("netns", t.elapsed().as_micros()));
     tracing::debug!(?marks, "observed (cumulative µs)");
     Ok(Observation {
@@ -344,12 +347,22 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
     }
 }
 
+/// Longest one recovery step may take (a step is a few netlink or store
+/// calls; the bound keeps a stuck kernel or store from holding every
+/// request off, since recovery runs under coild's exclusive gate).
+pub const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Applies a plan in order, continuing past failures (each is reported).
 pub async fn apply<B: Backend>(cx: &Context<'_, B>, plan: &[Action]) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(plan.len());
     for a in plan {
         coil::failpoint::hit("recovery.step");
-        let r = apply_one(cx, a).await;
+        let r = match tokio::time::timeout(STEP_DEADLINE, apply_one(cx, a)).await {
+            Ok(r) => r,
+            Err(_) => Err(RecoveryError::Other(format!(
+                "did not finish within {STEP_DEADLINE:?}; retried at the next resync"
+            ))),
+        };
         if r.is_ok() {
             coil::failpoint::hit("recovery.applied");
         }

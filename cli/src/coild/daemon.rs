@@ -101,6 +101,8 @@ impl DaemonError {
     pub fn to_cni(&self) -> CniError {
         let c = match self {
             DaemonError::Kernel(KernelError::NetnsMissing(_)) => code::NETNS_MISSING,
+            DaemonError::Kernel(KernelError::BadNetns(_)) => code::INVALID_ENV,
+            DaemonError::Kernel(KernelError::Timeout(..)) => code::TRY_AGAIN_LATER,
             DaemonError::Kernel(KernelError::InterfaceExists { .. }) => code::INTERFACE_EXISTS,
             DaemonError::Kernel(_) => code::KERNEL,
             DaemonError::Store(StoreError::Exhausted { .. }) => code::POOL_EXHAUSTED,
@@ -125,6 +127,22 @@ impl DaemonError {
 }
 
 type DResult<T> = Result<T, DaemonError>;
+
+/// Longest a kernel operation of a request may take (wiring a pod takes
+/// about a millisecond; the bound is for a kernel stuck on the rtnl lock or
+/// a netns path on a hung mount).
+const KERNEL_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Runs a kernel operation within [`KERNEL_DEADLINE`].
+async fn deadline<T>(
+    what: impl Into<String>,
+    f: impl std::future::Future<Output = Result<T, KernelError>>,
+) -> Result<T, KernelError> {
+    match tokio::time::timeout(KERNEL_DEADLINE, f).await {
+        Ok(r) => r,
+        Err(_) => Err(KernelError::Timeout(what.into(), KERNEL_DEADLINE)),
+    }
+}
 
 #[derive(Debug, Default)]
 struct Latencies {
@@ -867,7 +885,11 @@ impl<B: Backend> Daemon<B> {
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
-                let w = self.kernel.wire_info(&self.spec(&a)).await?;
+                let w = deadline(
+                    format!("reading the wiring of {}", a.key),
+                    self.kernel.wire_info(&self.spec(&a)),
+                )
+                .await?;
                 return Ok(self.result(&a, w.host_mac, w.pod_mac));
             }
             Some(a) if a.state == AttachmentState::Releasing => {
@@ -882,9 +904,9 @@ impl<B: Backend> Daemon<B> {
                 (a, id)
             }
             None => {
-                if !std::path::Path::new(&netns).exists() {
-                    return Err(KernelError::NetnsMissing(netns).into());
-                }
+                // Before anything is reserved: the path must be a pod's own
+                // network namespace (never coild's or the host's).
+                self.kernel.probe_netns(&netns).await?;
                 let pool = self.pool_for(req.pod.namespace.as_deref()).await?;
                 let resv = loop {
                     if let Some(r) = self.lock().reserve(&pool) {
@@ -937,8 +959,14 @@ impl<B: Backend> Daemon<B> {
         let key = att.key.clone();
         let t1 = t0.elapsed();
         let spec = self.spec(&att);
-        let wired = match self.kernel.wire(&spec).await {
+        let wired = match deadline(format!("wiring {key}"), self.kernel.wire(&spec)).await {
             Ok(w) => w,
+            Err(e @ KernelError::Timeout(..)) => {
+                // The kernel may be half way: keep the reservation and its
+                // pending intent; a retried ADD wires it again (replacing
+                // what is there) and recovery settles it otherwise.
+                return Err(e.into());
+            }
             Err(e) => {
                 // Undo: the kernel left nothing (wire cleans up after
                 // itself); free the reservation in the journal, then here.
@@ -1042,7 +1070,11 @@ impl<B: Backend> Daemon<B> {
     }
 
     async fn finish_release(&self, a: &Attachment, intent: u64) -> DResult<()> {
-        self.kernel.unwire(&a.host_veth).await?;
+        deadline(
+            format!("removing the veth {} of {}", a.host_veth, a.key),
+            self.kernel.unwire(&a.host_veth),
+        )
+        .await?;
         coil::failpoint::hit("del.unwired");
         let mut b = Batch::new();
         b.delete_attachment(&a.key).delete_intent(intent);
@@ -1080,7 +1112,8 @@ impl<B: Backend> Daemon<B> {
                 a.state
             )));
         }
-        let mut diffs = self.kernel.check(&self.spec(&a)).await?;
+        let mut diffs =
+            deadline(format!("checking {key}"), self.kernel.check(&self.spec(&a))).await?;
         if let Some(prev) = &req.conf.prev_result {
             let listed: Vec<String> = prev
                 .get("ips")
