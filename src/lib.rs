@@ -10,6 +10,7 @@
 
 pub use coil_journal as journal;
 
+pub mod api;
 pub mod cni;
 pub mod failpoint;
 pub mod kernel;

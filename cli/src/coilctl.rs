@@ -108,6 +108,10 @@ enum NodeCmd {
     List,
     /// List the blocks a node leases.
     Blocks { node: String },
+    /// Ask this node's coild whether it can serve (its journal accepts
+    /// commits); exit 0 when healthy, 1 when not, 3 when coild does not
+    /// answer. The DaemonSet's liveness probe.
+    Health,
     /// Bring this node's journal, the store and the kernel back into
     /// agreement (through coild when it runs; directly when it is stopped).
     Repair {
@@ -204,6 +208,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
             };
         }
         Cmd::Node {
+            cmd: NodeCmd::Health,
+        } => return crate::ctl_repair::health(&cli.store, json),
+        Cmd::Node {
             cmd:
                 NodeCmd::Repair {
                     node,
@@ -252,7 +259,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Cmd::Node { cmd } => match cmd {
             NodeCmd::List => Ok(StoreCmd::ListNodes),
             NodeCmd::Blocks { node } => ctl_store::parse_node_name(&node).map(StoreCmd::NodeBlocks),
-            NodeCmd::Repair { .. } => Err("unreachable".into()),
+            NodeCmd::Repair { .. } | NodeCmd::Health => Err("unreachable".into()),
         },
         Cmd::Address {
             cmd: AddressCmd::Info { address },

@@ -123,10 +123,9 @@ fn extra_text(v: &Value) -> String {
 fn via_coild(socket: &Path, dry_run: bool) -> Option<Result<(String, Vec<Step>), String>> {
     let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
-    let req = json!({"repair": {"dry_run": dry_run}});
-    if s.write_all(req.to_string().as_bytes()).is_err()
-        || s.shutdown(std::net::Shutdown::Write).is_err()
-    {
+    let req = coil::api::SocketRequest::Repair { apply: !dry_run };
+    let body = serde_json::to_vec(&req).unwrap_or_default();
+    if s.write_all(&body).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
         return None;
     }
     let mut out = String::new();
@@ -143,6 +142,65 @@ fn via_coild(socket: &Path, dry_run: bool) -> Option<Result<(String, Vec<Step>),
     let node = v["node"].as_str().unwrap_or("").to_string();
     let steps = serde_json::from_value(v["steps"].clone()).unwrap_or_default();
     Some(Ok((node, steps)))
+}
+
+/// `coilctl node health`: asks coild over its socket; returns the exit
+/// code (0 healthy, 1 unhealthy, 3 no answer).
+pub fn health(args: &StoreArgs, json_out: bool) -> i32 {
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coilctl: {e}");
+            return exit::USAGE;
+        }
+    };
+    let ask = || -> Result<coil::api::Health, String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&cfg.socket)
+            .map_err(|e| format!("coild does not answer on {}: {e}", cfg.socket.display()))?;
+        let t = Some(Duration::from_secs(5));
+        s.set_read_timeout(t)
+            .and_then(|_| s.set_write_timeout(t))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
+        let body = serde_json::to_vec(&coil::api::SocketRequest::Health {}).unwrap_or_default();
+        s.write_all(&body)
+            .and_then(|_| s.shutdown(std::net::Shutdown::Write))
+            .map_err(|e| format!("sending to coild: {e}"))?;
+        let mut out = Vec::new();
+        (&mut s)
+            .take(coil::api::MAX_ANSWER as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("reading coild's answer: {e}"))?;
+        serde_json::from_slice(&out).map_err(|e| format!("coild gave no valid answer: {e}"))
+    };
+    match ask() {
+        Ok(h) => {
+            if json_out {
+                println!("{}", serde_json::to_string(&h).unwrap_or_default());
+            } else if h.healthy {
+                println!(
+                    "coild on {} is healthy (store {}, {} free addresses)",
+                    h.node,
+                    if h.store_reachable {
+                        "reachable"
+                    } else {
+                        "unreachable"
+                    },
+                    h.free_addresses
+                );
+            } else {
+                println!("coild on {} is NOT healthy: {}", h.node, h.journal);
+            }
+            if h.healthy {
+                exit::OK
+            } else {
+                exit::PROBLEMS
+            }
+        }
+        Err(e) => {
+            eprintln!("coilctl: {e}");
+            exit::UNAVAILABLE
+        }
+    }
 }
 
 fn read_boot_id(p: &Path) -> Result<String, String> {

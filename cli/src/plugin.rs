@@ -102,13 +102,13 @@ fn call(socket: &str, req: &Request) -> Result<Response, CniError> {
     s.set_read_timeout(Some(ANSWER_TIMEOUT))
         .and_then(|_| s.set_write_timeout(Some(ANSWER_TIMEOUT)))
         .map_err(|e| unavailable("set timeout", e))?;
-    let body = serde_json::to_vec(req)
+    let body = serde_json::to_vec(&coil::api::SocketRequest::Cni(req.clone()))
         .map_err(|e| CniError::new(code::INTERNAL, format!("encoding the request: {e}")))?;
     s.write_all(&body)
         .and_then(|_| s.shutdown(std::net::Shutdown::Write))
         .map_err(|e| unavailable("send", e))?;
     let mut answer = Vec::new();
-    s.take(16 << 20)
+    s.take(coil::api::MAX_ANSWER as u64)
         .read_to_end(&mut answer)
         .map_err(|e| unavailable("read the answer", e))?;
     serde_json::from_slice(&answer).map_err(|e| {

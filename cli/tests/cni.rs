@@ -114,7 +114,10 @@ fn pods_reach_each_other_and_the_node_and_blocks_are_published() {
     assert_eq!(v["leases"][0]["node"], n.name.as_str());
     // Host veths carry the alias naming the attachment.
     let links = ok(&["ip", "-n", &n.netns, "-d", "link", "show"]);
-    assert!(links.contains("alias coil:eth0:pa"), "{links}");
+    assert!(
+        links.contains("alias coil:eth0:k8s-pod-network:pa"),
+        "{links}"
+    );
 }
 
 #[test]
@@ -179,11 +182,33 @@ fn gc_releases_what_is_not_valid() {
     for (i, p) in pods.iter().enumerate() {
         assert_eq!(n.add(p, &format!("gc{i}")).code, 0);
     }
-    let conf = format!(
-        r#"{{"cniVersion":"1.1.0","name":"k8s","socket":"{}","cni.dev/valid-attachments":[{{"containerID":"gc1","ifname":"eth0"}}]}}"#,
-        n.socket.display()
+    let gc = |network: &str, list: &str| {
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"{network}","socket":"{}"{list}}}"#,
+            n.socket.display()
+        );
+        cni(&[("CNI_COMMAND", "GC")], conf.as_bytes())
+    };
+    // Another network's GC (multus, a second podman network) and a GC
+    // without the list release nothing.
+    let r = gc("other", r#","cni.dev/valid-attachments":[]"#);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(n.coil_links().len(), 3, "another network's GC took pods");
+    let r = gc("k8s-pod-network", "");
+    assert_eq!(r.err(), Some(7), "{r:?}");
+    assert!(
+        r.out["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("valid-attachments"),
+        "{r:?}"
     );
-    let r = cni(&[("CNI_COMMAND", "GC")], conf.as_bytes());
+    assert_eq!(n.coil_links().len(), 3, "a GC without its list took pods");
+    // The network's own GC releases what its list leaves out.
+    let r = gc(
+        "k8s-pod-network",
+        r#","cni.dev/valid-attachments":[{"containerID":"gc1","ifname":"eth0"}]"#,
+    );
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(n.coil_links().len(), 1);
     let c = n.call("CHECK", "1.1.0", &pods[1], "gc1", "eth0", "");

@@ -180,7 +180,10 @@ fn node_repair_through_coild_plans_then_applies() {
     let o = n.coilctl(&["node", "repair"]);
     assert!(o.status.success(), "{o:?}");
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("re-wire attachment rep/eth0"), "{text}");
+    assert!(
+        text.contains("re-wire attachment k8s-pod-network:rep/eth0"),
+        "{text}"
+    );
     assert_eq!(n.table119().lines().count(), 1);
     let c = n.call("CHECK", "1.0.0", &p, "rep", "eth0", "");
     assert_eq!(c.code, 0, "{c:?}");

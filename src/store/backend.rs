@@ -171,6 +171,45 @@ pub struct Txn {
 }
 
 impl Txn {
+    /// Checks that every key and range the transaction touches or compares
+    /// lies under `prefix` (coild serves coilctl's embedded-store calls
+    /// only inside coil's own prefix).
+    pub fn confined_to(&self, prefix: &[u8]) -> Result<(), String> {
+        let end = prefix_end(prefix);
+        let key_ok = |k: &[u8]| k.starts_with(prefix);
+        // A range [start, end) is inside when it starts inside and ends at
+        // or before the prefix's end; an empty end means the single key.
+        let range_ok = |s: &[u8], e: &[u8]| key_ok(s) && (e.is_empty() || e <= end.as_slice());
+        let show = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
+        for c in &self.when {
+            let (ok, what) = match c {
+                Cmp::CreateRevision { key, .. }
+                | Cmp::ModRevision { key, .. }
+                | Cmp::ValueEquals { key, .. } => (key_ok(key), show(key)),
+                Cmp::RangeUnchangedBefore { start, end, .. } => (
+                    range_ok(start, end),
+                    format!("{}..{}", show(start), show(end)),
+                ),
+            };
+            if !ok {
+                return Err(format!("compare on {what:?} outside {:?}", show(prefix)));
+            }
+        }
+        for op in self.then.iter().chain(&self.otherwise) {
+            let (ok, what) = match op {
+                Op::Put { key, .. } | Op::Delete { key } => (key_ok(key), show(key)),
+                Op::DeleteRange { start, end } | Op::Range { start, end, .. } => (
+                    range_ok(start, end),
+                    format!("{}..{}", show(start), show(end)),
+                ),
+            };
+            if !ok {
+                return Err(format!("operation on {what:?} outside {:?}", show(prefix)));
+            }
+        }
+        Ok(())
+    }
+
     /// A read-only snapshot: every op runs at one revision.
     pub fn read(ops: Vec<Op>) -> Txn {
         Txn {
@@ -320,6 +359,45 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transactions_are_confined_to_a_prefix() {
+        let inside = Txn {
+            when: vec![Cmp::ModRevision {
+                key: b"/coil/pools/a".to_vec(),
+                op: CmpOp::Equal,
+                rev: 0,
+            }],
+            then: vec![Op::put("/coil/pools/a", "x"), Op::prefix("/coil/blocks/")],
+            otherwise: vec![Op::get("/coil/schema")],
+        };
+        assert!(inside.confined_to(b"/coil/").is_ok());
+        assert!(Txn::read(vec![Op::prefix("/coil/")])
+            .confined_to(b"/coil/")
+            .is_ok());
+        for bad in [
+            Txn::read(vec![Op::DeleteRange {
+                start: b"/other/".to_vec(),
+                end: b"/other0".to_vec(),
+            }]),
+            // Starts inside, ends past the prefix.
+            Txn::read(vec![Op::range("/coil/a", "/coim")]),
+            Txn::read(vec![Op::put("/coilx", "v")]),
+            Txn {
+                when: vec![Cmp::ValueEquals {
+                    key: b"/secret".to_vec(),
+                    value: b"x".to_vec(),
+                }],
+                ..Txn::default()
+            },
+            Txn {
+                otherwise: vec![Op::Delete { key: b"/".to_vec() }],
+                ..Txn::default()
+            },
+        ] {
+            assert!(bad.confined_to(b"/coil/").is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte() {

@@ -45,13 +45,6 @@ pub enum StoreReply {
     Err(BackendError),
 }
 
-/// The envelope on coild's socket for store calls (CNI requests are sent
-/// bare).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoreCall {
-    pub store: StoreRpc,
-}
-
 /// Runs one [`StoreRpc`] on a backend (coild's side).
 pub async fn serve_rpc<B: Backend>(b: &B, rpc: StoreRpc) -> StoreReply {
     let r = match rpc {
@@ -95,14 +88,17 @@ impl RemoteBackend {
 
     async fn call(&self, op: &str, rpc: StoreRpc) -> Result<StoreReply, BackendError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::to_vec(&StoreCall { store: rpc })
+        let body = serde_json::to_vec(&crate::api::SocketRequest::Store(rpc))
             .map_err(|e| self.err(op, format!("encoding: {e}")))?;
         let exchange = async {
             let mut s = tokio::net::UnixStream::connect(&self.socket).await?;
             s.write_all(&body).await?;
             s.shutdown().await?;
             let mut out = Vec::new();
-            s.read_to_end(&mut out).await?;
+            (&mut s)
+                .take(crate::api::MAX_ANSWER as u64)
+                .read_to_end(&mut out)
+                .await?;
             Ok::<_, std::io::Error>(out)
         };
         let out = match tokio::time::timeout(self.timeout, exchange).await {

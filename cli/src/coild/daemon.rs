@@ -184,6 +184,11 @@ pub struct Daemon<B: Backend> {
     /// Counters for stats and metrics.
     lease_losses: AtomicU64,
     recovery_actions: AtomicU64,
+    /// Socket requests refused as malformed.
+    rejected: AtomicU64,
+    /// Set when coild must stop (the journal cannot sync): why.
+    fatal: Mutex<Option<String>>,
+    fatal_notify: tokio::sync::Notify,
 }
 
 impl<B: Backend> std::fmt::Debug for Daemon<B> {
@@ -277,7 +282,7 @@ pub async fn run(
                 .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
             let d = Daemon::start(cfg, journal.clone(), store).await?;
             start_metrics(&d).await?;
-            super::serve(d, shutdown).await?;
+            serve_until(d, shutdown).await?;
         }
         StoreChoice::Etcd { opts, prefix } => {
             let b = EtcdBackend::connect(&opts)
@@ -287,7 +292,7 @@ pub async fn run(
                 .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
             let d = Daemon::start(cfg, journal.clone(), store).await?;
             start_metrics(&d).await?;
-            super::serve(d, shutdown).await?;
+            serve_until(d, shutdown).await?;
         }
     }
     match Arc::try_unwrap(journal) {
@@ -295,6 +300,32 @@ pub async fn run(
             .close()
             .map_err(|e| FatalError::new(coil::exit::PROBLEMS, format!("closing journal: {e}"))),
         Err(_) => Ok(()),
+    }
+}
+
+/// Serves until `shutdown`, or until coild must stop because its journal
+/// cannot sync: then coild exits non-zero (systemd or the kubelet restart
+/// it, and the restart reopens the journal and recovers), rather than
+/// answer every request with an error while looking alive.
+async fn serve_until<B: Backend>(
+    d: Arc<Daemon<B>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), FatalError> {
+    let dd = d.clone();
+    let failed = async move { dd.fatal_wait().await };
+    super::serve(d.clone(), async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = failed => {}
+        }
+    })
+    .await?;
+    match d.fatal_reason() {
+        Some(why) => Err(FatalError::new(
+            coil::exit::PROBLEMS,
+            format!("stopping: {why}; a restart reopens the journal and recovers"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -351,7 +382,9 @@ impl<B: Backend> Daemon<B> {
                 .unwrap_or(0);
             if links > 0 || blocks > 0 {
                 return Err(fatal(format!(
-                    "refusing to start: the journal {} is new, but this node has {links} coil                      veth(s) and {blocks} leased block(s); rebuild the journal with                      `coilctl node repair {} --rebuild`",
+                    "refusing to start: the journal {} is new, but this node has {links} coil \
+                     veth(s) and {blocks} leased block(s); rebuild the journal with \
+                     `coilctl node repair {} --rebuild`",
                     cfg.journal_dir.display(),
                     cfg.node_name
                 )));
@@ -374,6 +407,9 @@ impl<B: Backend> Daemon<B> {
             idle: Mutex::new(HashMap::new()),
             lease_losses: AtomicU64::new(0),
             recovery_actions: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            fatal: Mutex::new(None),
+            fatal_notify: tokio::sync::Notify::new(),
             m: Latencies::default(),
         });
         let t0 = Instant::now();
@@ -588,7 +624,71 @@ impl<B: Backend> Daemon<B> {
         let t = Instant::now();
         let r = blocking(move || j.commit(b)).await.map(|_| ());
         self.m.commit.observe(t.elapsed());
+        if let Err(DaemonError::Journal(e)) = &r {
+            self.journal_failed(e);
+        }
         r
+    }
+
+    /// After a failed sync the journal refuses every commit until it is
+    /// reopened: stop coild (non-zero exit) instead of limping on.
+    fn journal_failed(&self, e: &JournalError) {
+        if matches!(e, JournalError::Poisoned { .. } | JournalError::Io { .. }) {
+            self.set_fatal(format!("the journal cannot commit: {e}"));
+        }
+    }
+
+    fn set_fatal(&self, why: String) {
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!("{why}; coild stops");
+            *f = Some(why);
+        }
+        drop(f);
+        self.fatal_notify.notify_one();
+    }
+
+    /// Why coild must stop, if it must.
+    pub fn fatal_reason(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn fatal_wait(&self) {
+        loop {
+            let notified = self.fatal_notify.notified();
+            if self.fatal_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The answer to the socket's health request (the liveness probe).
+    pub fn health(&self) -> coil::api::Health {
+        let fatal = self.fatal_reason();
+        coil::api::Health {
+            node: self.cfg.node_name.clone(),
+            healthy: fatal.is_none(),
+            journal: fatal.unwrap_or_else(|| "ok".into()),
+            store_reachable: self.store_ok.load(Ordering::Relaxed),
+            free_addresses: self.lock().free_addresses(),
+        }
+    }
+
+    /// Does coild run the embedded store (the only case where coilctl's
+    /// store calls go through the socket)?
+    pub fn embedded_store(&self) -> bool {
+        matches!(self.cfg.store, StoreChoice::Embedded)
+    }
+
+    /// The cluster store's key prefix.
+    pub fn store_prefix(&self) -> &str {
+        self.store.keys().prefix()
+    }
+
+    /// Counts a socket request refused as malformed.
+    pub fn count_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus metrics.
@@ -1184,6 +1284,9 @@ impl<B: Backend> Daemon<B> {
     /// Ready when a leased block has room, or the store is reachable to
     /// lease one.
     async fn status(&self) -> DResult<()> {
+        if let Some(why) = self.fatal_reason() {
+            return Err(DaemonError::Busy(why));
+        }
         if self.lock().free_addresses() > 0 {
             return Ok(());
         }
@@ -1212,6 +1315,8 @@ impl<B: Backend> Daemon<B> {
             "lease_losses": self.lease_losses.load(Ordering::Relaxed),
             "recovery_actions": self.recovery_actions.load(Ordering::Relaxed),
             "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
+            "rejected_requests": self.rejected.load(Ordering::Relaxed),
+            "healthy": self.fatal_reason().is_none(),
         })
     }
 }

@@ -1,55 +1,105 @@
-//! coild's UNIX socket: one JSON request, one JSON answer per connection,
-//! each connection on its own task (requests run concurrently).
+//! coild's UNIX socket: one [`SocketRequest`] and one JSON answer per
+//! connection, each connection on its own task (requests run
+//! concurrently).
+//!
+//! The socket is created safely (restrictive umask before bind, mode 0600,
+//! a non-socket at the path or a live coild behind it refuses the start),
+//! connections are capped, and every read and write is bounded in size and
+//! time, so no client can exhaust coild or hang it.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coil::cni::{code, CniError, Request, Response};
-use coil::store::remote::{serve_rpc, StoreCall};
-use coil::store::Backend;
+use coil::api::{RepairAnswer, SocketRequest, MAX_REQUEST};
+use coil::cni::{code, CniError, Response};
+use coil::store::remote::{serve_rpc, StoreReply, StoreRpc};
+use coil::store::{Backend, BackendError, BackendErrorKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::daemon::{Daemon, FatalError};
 
-/// Largest request accepted (the network configuration is at most 1 MiB).
-const MAX_REQUEST: u64 = 2 << 20;
-/// A client that sends nothing for this long is dropped.
+/// A client that has not sent its whole request by then is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take its answer by then is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 256;
 
-/// Binds the socket (mode 0600, replacing a stale one) and serves until
-/// `shutdown` resolves.
+fn fatal(msg: String) -> FatalError {
+    FatalError {
+        msg,
+        code: coil::exit::PROBLEMS,
+    }
+}
+
+/// Makes the socket path free for a new bind: nothing there, or a stale
+/// socket nobody answers on. A live coild, or anything that is not a
+/// socket, refuses the start.
+fn clear_path(path: &Path) -> Result<(), FatalError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(fatal(format!("inspecting {}: {e}", path.display()))),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(fatal(format!(
+            "refusing to start: {} exists and is not a socket; remove it or choose \
+             another --socket",
+            path.display()
+        )));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(fatal(format!(
+            "refusing to start: another coild answers on {}",
+            path.display()
+        ))),
+        Err(_) => std::fs::remove_file(path)
+            .map_err(|e| fatal(format!("removing stale socket {}: {e}", path.display()))),
+    }
+}
+
+/// Binds with a umask of 077, so the socket is never reachable by others,
+/// not even between bind and chmod.
+fn bind_private(path: &Path) -> Result<UnixListener, FatalError> {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o077));
+    let r = UnixListener::bind(path);
+    umask(old);
+    let l = r.map_err(|e| fatal(format!("binding {}: {e}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fatal(format!("chmod {}: {e}", path.display())))?;
+    Ok(l)
+}
+
+/// Binds the socket and serves until `shutdown` resolves.
 pub async fn serve<B: Backend>(
     d: Arc<Daemon<B>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FatalError> {
     let path = d.config().socket.clone();
-    let fatal = |m: String| FatalError {
-        msg: m,
-        code: coil::exit::PROBLEMS,
-    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| fatal(format!("creating {}: {e}", dir.display())))?;
     }
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(fatal(format!(
-                "removing stale socket {}: {e}",
-                path.display()
-            )))
-        }
-    }
-    let listener =
-        UnixListener::bind(&path).map_err(|e| fatal(format!("binding {}: {e}", path.display())))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| fatal(format!("chmod {}: {e}", path.display())))?;
+    clear_path(&path)?;
+    let listener = bind_private(&path)?;
     tracing::info!(socket = %path.display(), node = %d.config().node_name, "coild ready");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
+        // Wait for a free slot first: at the cap, new clients queue in the
+        // listen backlog instead of costing coild memory.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
@@ -59,6 +109,7 @@ pub async fn serve<B: Backend>(
                         if let Err(e) = connection(d, stream).await {
                             tracing::debug!("connection: {e}");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -73,80 +124,109 @@ pub async fn serve<B: Backend>(
     Ok(())
 }
 
-/// `{"repair":{"dry_run":bool}}`: run recovery now (coilctl node repair).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Repair {
-    repair: RepairArgs,
+/// Reads one request: at most [`MAX_REQUEST`] bytes within
+/// [`READ_TIMEOUT`]. Err carries the CNI error to answer with.
+async fn read_request(s: &mut UnixStream) -> Result<Vec<u8>, CniError> {
+    let mut buf = Vec::new();
+    let mut limited = (&mut *s).take(MAX_REQUEST as u64 + 1);
+    match tokio::time::timeout(READ_TIMEOUT, limited.read_to_end(&mut buf)).await {
+        Err(_) => Err(CniError::new(code::IO, "request not received in time")),
+        Ok(Err(e)) => {
+            Err(CniError::new(code::IO, "reading the request").with_details(e.to_string()))
+        }
+        Ok(Ok(_)) if buf.len() > MAX_REQUEST => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("request larger than {MAX_REQUEST} bytes"),
+        )),
+        Ok(Ok(_)) => Ok(buf),
+    }
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RepairArgs {
-    #[serde(default)]
-    dry_run: bool,
+async fn answer(s: &mut UnixStream, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let write = async {
+        s.write_all(&body).await?;
+        s.shutdown().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client did not take the answer in time",
+        )),
+    }
 }
 
-/// `{"stats":{}}`: coild's counters.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Stats {
-    #[allow(dead_code)]
-    stats: serde_json::Value,
+fn refused_store_call(op: &str, why: String) -> StoreReply {
+    StoreReply::Err(BackendError {
+        kind: BackendErrorKind::Rejected,
+        op: op.to_string(),
+        key: "-".into(),
+        endpoint: "coild".into(),
+        message: why,
+    })
+}
+
+/// Serves an embedded-store call, inside coil's prefix only.
+async fn store_call<B: Backend>(d: &Daemon<B>, rpc: StoreRpc) -> StoreReply {
+    if !d.embedded_store() {
+        return refused_store_call(
+            "store call",
+            "coild runs with etcd: coilctl talks to etcd directly, not through coild".into(),
+        );
+    }
+    if let StoreRpc::Txn { op, txn } = &rpc {
+        if let Err(why) = txn.confined_to(d.store_prefix().as_bytes()) {
+            return refused_store_call(op, why);
+        }
+    }
+    serve_rpc(d.store_backend(), rpc).await
 }
 
 async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let mut limited = (&mut s).take(MAX_REQUEST + 1);
-    let read = limited.read_to_end(&mut buf);
-    let resp = match tokio::time::timeout(READ_TIMEOUT, read).await {
-        Err(_) => Response::err(
-            &CniError::new(code::IO, "request not received in time"),
-            "1.1.0",
-        ),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) if buf.len() as u64 > MAX_REQUEST => Response::err(
-            &CniError::new(code::INVALID_CONFIG, "request too large"),
-            "1.1.0",
-        ),
-        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&buf) {
-            Ok(req) => d.handle(req).await,
-            Err(e) => match serde_json::from_slice::<StoreCall>(&buf) {
-                // coilctl reaching the embedded store through coild.
-                Ok(call) => {
-                    let reply = serve_rpc(d.store_backend(), call.store).await;
-                    let body = serde_json::to_vec(&reply).unwrap_or_default();
-                    s.write_all(&body).await?;
-                    return s.shutdown().await;
-                }
-                Err(_) if serde_json::from_slice::<Repair>(&buf).is_ok() => {
-                    let dry_run = serde_json::from_slice::<Repair>(&buf)
-                        .map(|r| r.repair.dry_run)
-                        .unwrap_or(true);
-                    let v = match d.recover(dry_run, true).await {
-                        Ok(out) => serde_json::json!({
-                            "node": d.config().node_name,
-                            "steps": out.into_iter().map(crate::ctl_repair::Step::from_outcome).collect::<Vec<_>>(),
-                        }),
-                        Err(e) => serde_json::json!({"error": e.to_string()}),
-                    };
-                    let body = serde_json::to_vec(&v).unwrap_or_default();
-                    s.write_all(&body).await?;
-                    return s.shutdown().await;
-                }
-                Err(_) if serde_json::from_slice::<Stats>(&buf).is_ok() => {
-                    let body = serde_json::to_vec(&d.stats()).unwrap_or_default();
-                    s.write_all(&body).await?;
-                    return s.shutdown().await;
-                }
-                Err(_) => Response::err(
-                    &CniError::new(code::DECODE, "malformed request").with_details(e.to_string()),
-                    "1.1.0",
-                ),
-            },
-        },
+    let buf = match read_request(&mut s).await {
+        Ok(b) => b,
+        Err(e) => return answer(&mut s, &Response::err(&e, "1.1.0")).await,
     };
-    let body = serde_json::to_vec(&resp).unwrap_or_default();
-    s.write_all(&body).await?;
-    s.shutdown().await
+    let req = match SocketRequest::decode(&buf) {
+        Ok(r) => r,
+        Err(why) => {
+            d.count_rejected();
+            let e = CniError::new(code::DECODE, "malformed request").with_details(why);
+            return answer(&mut s, &Response::err(&e, "1.1.0")).await;
+        }
+    };
+    match req {
+        SocketRequest::Cni(r) => {
+            let resp = d.handle(r).await;
+            answer(&mut s, &resp).await
+        }
+        SocketRequest::Store(rpc) => {
+            let reply = store_call(&d, rpc).await;
+            answer(&mut s, &reply).await
+        }
+        SocketRequest::Repair { apply } => {
+            let a = match d.recover(!apply, true).await {
+                Ok(out) => RepairAnswer {
+                    node: d.config().node_name.clone(),
+                    applied: apply,
+                    steps: out
+                        .into_iter()
+                        .map(crate::ctl_repair::Step::from_outcome)
+                        .filter_map(|st| serde_json::to_value(st).ok())
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => RepairAnswer {
+                    node: d.config().node_name.clone(),
+                    applied: false,
+                    steps: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            };
+            answer(&mut s, &a).await
+        }
+        SocketRequest::Stats {} => answer(&mut s, &d.stats()).await,
+        SocketRequest::Health {} => answer(&mut s, &d.health()).await,
+    }
 }
