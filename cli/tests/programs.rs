@@ -68,7 +68,14 @@ fn every_program_answers_help_and_refuses_bad_input() {
         ],
     );
     assert_eq!(o.status.code(), Some(2), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no journal"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no journal"), "{err}");
+    // One sentence, no run of blanks from a broken line continuation.
+    assert!(
+        err.contains("use --journal-dir, or --rebuild to create one"),
+        "{err}"
+    );
+    assert!(!err.contains("   "), "{err:?}");
 }
 
 #[test]
