@@ -293,6 +293,34 @@ fn fake_api(
     taints: serde_json::Value,
     netns: Option<&str>,
 ) -> (u16, Seen) {
+    fake_server(netns, move |_, path, _| {
+        let answer = if path.starts_with("/api/v1/nodes?") {
+            serde_json::json!({
+                "kind": "NodeList",
+                "apiVersion": "v1",
+                "metadata": {},
+                "items": nodes.iter().map(|n| serde_json::json!({"metadata": {"name": n}})).collect::<Vec<_>>()
+            })
+        } else {
+            serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints.clone()}})
+        };
+        let b = answer.to_string();
+        // Chunked, as kubectl proxy answers.
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            b.len()
+        )
+        .into_bytes()
+    })
+}
+
+/// A fake HTTP server: `answer(method, path, body)` gives the raw bytes
+/// sent back on each connection. Records every request; runs until the
+/// test ends.
+fn fake_server(
+    netns: Option<&str>,
+    answer: impl Fn(&str, &str, &str) -> Vec<u8> + Send + 'static,
+) -> (u16, Seen) {
     // Bound inside `netns` when given (from a thread that enters it), so a
     // program run there reaches it on its loopback.
     let path = netns.map(|n| format!("/run/netns/{n}"));
@@ -311,7 +339,7 @@ fn fake_api(
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
     std::thread::spawn(move || {
-        for conn in l.incoming().take(64) {
+        for conn in l.incoming().take(256) {
             let Ok(mut c) = conn else { continue };
             let mut buf = Vec::new();
             let mut tmp = [0u8; 4096];
@@ -341,18 +369,7 @@ fn fake_api(
             s2.lock()
                 .expect("seen")
                 .push((method.clone(), path.clone(), body.to_string()));
-            let answer = if path == "/api/v1/nodes" {
-                serde_json::json!({"items": nodes.iter().map(|n| serde_json::json!({"metadata": {"name": n}})).collect::<Vec<_>>()})
-            } else {
-                serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints.clone()}})
-            };
-            let b = answer.to_string();
-            // Chunked, as kubectl proxy answers.
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-                b.len()
-            );
-            let _ = c.write_all(resp.as_bytes());
+            let _ = c.write_all(&answer(&method, &path, body));
         }
     });
     (port, seen)
@@ -421,7 +438,7 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .lock()
         .expect("seen")
         .iter()
-        .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes"));
+        .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes?limit=500"));
     s.deregister_node(lease).await.expect("step down");
 }
 
