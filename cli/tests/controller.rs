@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
 use coil::testkit;
-use coil_cli::controller::{pass, ControllerMetrics};
+use coil_cli::controller::{pass, ControllerMetrics, KubeNodes};
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
@@ -399,7 +399,7 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .await
         .expect("acquire");
     let (port, seen) = fake_api(vec!["present"], serde_json::json!([]), None);
-    let kube = coil_cli::kube::KubeApi::new(&format!("http://127.0.0.1:{port}")).expect("api");
+    let kube = kube_nodes(port);
     let lease = s
         .campaign("me", 30)
         .await
@@ -439,6 +439,176 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .expect("seen")
         .iter()
         .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes?limit=500"));
+    s.deregister_node(lease).await.expect("step down");
+}
+
+fn kube_nodes(port: u16) -> KubeNodes {
+    KubeNodes {
+        api: coil_cli::kube::KubeApi::new(&format!("http://127.0.0.1:{port}")).expect("api"),
+        max_deleted_fraction: 0.5,
+    }
+}
+
+/// A raw HTTP answer with a Content-Length.
+fn http(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One page of a Node list.
+fn node_list(names: &[&str], cont: &str) -> String {
+    let items: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| serde_json::json!({"metadata": {"name": n}}))
+        .collect();
+    serde_json::json!({"kind": "NodeList", "apiVersion": "v1",
+                       "metadata": {"continue": cont}, "items": items})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cut_or_suspect_node_list_frees_nothing() {
+    let prefix = testkit::unique_prefix("kubelist");
+    let (s, _) = store(&prefix).await;
+    s.create_pool(&PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.69.0.0/24".parse().expect("net")],
+        block_size: 4,
+    })
+    .await
+    .expect("pool");
+    s.register_node(&rec("alive"), 60).await.expect("register");
+    for n in ["alive", "dead1", "dead2"] {
+        s.acquire_block("default", n).await.expect("acquire");
+    }
+    // The fake answers each path with what the current case says.
+    type Pages = std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>;
+    let pages: Pages = Default::default();
+    let p2 = pages.clone();
+    let (port, seen) = fake_server(None, move |_, path, _| {
+        p2.lock()
+            .expect("pages")
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| http("404 Not Found", "{}"))
+    });
+    let kube = kube_nodes(port);
+    let lease = s
+        .campaign("me", 30)
+        .await
+        .expect("campaign")
+        .expect("leader");
+    let m = ControllerMetrics::default();
+    let first = "/api/v1/nodes?limit=500".to_string();
+    let next = "/api/v1/nodes?limit=500&continue=page%2F2".to_string();
+    let owners = || async {
+        let mut o: Vec<String> = s
+            .all_blocks()
+            .await
+            .expect("blocks")
+            .into_iter()
+            .map(|l| l.node)
+            .collect();
+        o.sort();
+        o
+    };
+    let everyone = vec!["alive".to_string(), "dead1".into(), "dead2".into()];
+    let no_items = r#"{"kind":"NodeList","apiVersion":"v1","metadata":{}}"#;
+    let cut = http("200 OK", &node_list(&["alive"], ""));
+    let cut = cut[..cut.len() - 10].to_vec();
+    // (case, [(path, raw answer)])
+    type Case<'a> = (&'a str, Vec<(String, Vec<u8>)>);
+    let cases: Vec<Case> = vec![
+        (
+            "HTTP 500",
+            vec![(first.clone(), http("500 Internal Server Error", "{}"))],
+        ),
+        (
+            "no kind",
+            vec![(first.clone(), http("200 OK", r#"{"items":[]}"#))],
+        ),
+        (
+            "not a NodeList",
+            vec![(
+                first.clone(),
+                http("200 OK", r#"{"kind":"PodList","items":[]}"#),
+            )],
+        ),
+        ("no items", vec![(first.clone(), http("200 OK", no_items))]),
+        ("cut short", vec![(first.clone(), cut)]),
+        (
+            "empty while nodes are alive",
+            vec![(first.clone(), http("200 OK", &node_list(&[], "")))],
+        ),
+        (
+            "two of three holders gone",
+            vec![(first.clone(), http("200 OK", &node_list(&["alive"], "")))],
+        ),
+        (
+            "the second page fails",
+            vec![
+                (
+                    first.clone(),
+                    http("200 OK", &node_list(&["alive"], "page/2")),
+                ),
+                (
+                    next.clone(),
+                    http("410 Gone", r#"{"kind":"Status","reason":"Expired"}"#),
+                ),
+            ],
+        ),
+    ];
+    let ncases = cases.len() as u64;
+    for (what, answers) in cases {
+        *pages.lock().expect("pages") = answers.into_iter().collect();
+        let mut since = HashMap::new();
+        pass(
+            &s,
+            "me",
+            &mut since,
+            Duration::from_secs(3600),
+            Some(&kube),
+            &m,
+        )
+        .await
+        .expect("pass");
+        assert_eq!(owners().await, everyone, "{what}: nothing may be freed");
+    }
+    assert_eq!(
+        m.kube_lists_ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ncases
+    );
+    // A whole list, over two pages: only the node on neither page goes.
+    *pages.lock().expect("pages") = [
+        (
+            first.clone(),
+            http("200 OK", &node_list(&["alive"], "page/2")),
+        ),
+        (next.clone(), http("200 OK", &node_list(&["dead1"], ""))),
+    ]
+    .into_iter()
+    .collect();
+    let mut since = HashMap::new();
+    pass(
+        &s,
+        "me",
+        &mut since,
+        Duration::from_secs(3600),
+        Some(&kube),
+        &m,
+    )
+    .await
+    .expect("pass");
+    assert_eq!(owners().await, vec!["alive".to_string(), "dead1".into()]);
+    assert!(seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|(_, p, _)| p == &next));
     s.deregister_node(lease).await.expect("step down");
 }
 

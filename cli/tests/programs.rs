@@ -49,6 +49,11 @@ fn every_program_answers_help_and_refuses_bad_input() {
         .expect("run");
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     let o = Command::new(HYPERCOIL)
+        .args(["coil-controller", "--kube-max-deleted-fraction", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = Command::new(HYPERCOIL)
         .arg("coil-installer")
         .env("CNI_NETCONF_FILE", "/nonexistent/net.json")
         .env_remove("CNI_NETCONF")
