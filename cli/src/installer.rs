@@ -25,7 +25,36 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
 use coil::exit;
+
+const ENVIRONMENT: &str = "\
+Environment:
+  CNI_BIN_DIR       where the plugin goes [default: /host/opt/cni/bin]
+  CNI_ETC_DIR       where the conflist goes [default: /host/etc/cni/net.d]
+  CNI_CONF_NAME     the conflist's file name [default: 10-coil.conflist]
+  CNI_NETCONF       the conflist itself (JSON); wins over CNI_NETCONF_FILE
+  CNI_NETCONF_FILE  a file holding the conflist [default: /etc/coil/net.json]
+  COIL_PATH         where to find coil (or hypercoil) to copy
+                    [default: this program's directory]
+  COIL_ENABLE_IPV6_FORWARDING=1   also turn on IPv6 forwarding
+  COIL_BOOT_TAINT   comma-separated taint keys to remove from the node once
+                    the plugin is in place; needs COIL_NODE_NAME and
+                    COIL_KUBE_API (plain HTTP, e.g. a kubectl proxy sidecar)";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coil-installer",
+    version,
+    about = "Puts coil's CNI plugin and conflist in place on this node, atomically, \
+             and enables forwarding",
+    long_about = "Puts coil's CNI plugin and conflist in place on this node, atomically, \
+                  and enables forwarding. It runs as the init container of the coil-node \
+                  DaemonSet, or once on a host without Kubernetes. It takes no arguments: \
+                  everything comes from the environment.",
+    after_help = ENVIRONMENT
+)]
+struct Args {}
 
 fn env_or(k: &str, d: &str) -> String {
     std::env::var(k)
@@ -81,7 +110,11 @@ fn sysctl(path: &str) -> Result<(), String> {
 }
 
 /// Runs the installer; returns the exit code.
-pub fn main(_args: Vec<OsString>) -> i32 {
+pub fn main(args: Vec<OsString>) -> i32 {
+    let Args {} = match crate::parse_args(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     match run() {
         Ok(msgs) => {
             for m in msgs {
