@@ -283,6 +283,53 @@ fn installer_puts_plugin_and_conflist_in_place_and_enables_forwarding() {
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }
 
+#[test]
+fn installer_refuses_a_conf_name_that_is_not_a_file_name() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ns = format!("cname{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let etc_dir = d.path().join("etc").join("net.d");
+    let bin_dir = d.path().join("bin");
+    for bad in [
+        "",
+        ".",
+        "..",
+        "../escape.conflist",
+        "sub/x.conflist",
+        "/tmp/x.conflist",
+    ] {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, INSTALLER])
+            .env("CNI_BIN_DIR", &bin_dir)
+            .env("CNI_ETC_DIR", &etc_dir)
+            .env("CNI_CONF_NAME", bad)
+            .env(
+                "CNI_NETCONF",
+                r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#,
+            )
+            .env(
+                "COIL_PATH",
+                std::path::Path::new(HYPERCOIL).parent().expect("dir"),
+            )
+            .output()
+            .expect("installer");
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("CNI_CONF_NAME") && err.contains("not a file name"),
+            "{bad:?}: {err}"
+        );
+        // Nothing written anywhere: not the plugin, not the conflist.
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{bad:?} left {left:?}");
+    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+}
+
 /// Requests a fake API saw: method, path, body.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
 
