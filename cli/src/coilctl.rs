@@ -248,8 +248,14 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 args,
                 block_size,
             } => ctl_store::parse_create(&name, &args, block_size),
-            PoolCmd::AddSubnet { name, subnet } => ctl_store::parse_pool_name(&name)
-                .and_then(|n| Ok(StoreCmd::AddSubnet(n, ctl_store::parse_block(&subnet)?))),
+            PoolCmd::AddSubnet { name, subnet } => {
+                ctl_store::parse_pool_name(&name).and_then(|n| {
+                    Ok(StoreCmd::AddSubnet(
+                        n,
+                        ctl_store::parse_new_subnet(&subnet)?,
+                    ))
+                })
+            }
             PoolCmd::Remove { name, force } => {
                 ctl_store::parse_pool_name(&name).map(|n| StoreCmd::RemovePool(n, force))
             }

@@ -9,9 +9,15 @@
 //! them), and garbage-collects the address index against the leases.
 //!
 //! The store is polled every interval, so there is no watch to lose (v1's
-//! controller idled forever after its watch closed). Kubernetes Node
-//! deletions are a thin seam not wired here: there is no API server on
-//! this machine, and the liveness lease already covers a node that is gone.
+//! controller idled forever after its watch closed).
+//!
+//! With `--kube-api`, a dead node whose Node object is gone is due at once
+//! instead of after the grace period. The Node list is only ever a reason
+//! to act sooner, never proof on its own: a list that fails, is cut short,
+//! is not a `NodeList` or misses a page is "unknown" (the grace applies),
+//! and a list that is empty while nodes are alive, or that would free more
+//! than `--kube-max-deleted-fraction` of the nodes holding blocks, is
+//! ignored for the pass and logged as an error.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -67,6 +73,22 @@ struct Args {
     /// freed without waiting for the grace period.
     #[arg(long, env = "COIL_CONTROLLER_KUBE_API")]
     kube_api: Option<String>,
+    /// Ignore a Node list (for that pass) that would free the blocks of
+    /// more than this fraction of the nodes holding blocks at once.
+    #[arg(
+        long,
+        env = "COIL_CONTROLLER_KUBE_MAX_DELETED_FRACTION",
+        default_value_t = 0.5,
+        value_parser = parse_fraction
+    )]
+    kube_max_deleted_fraction: f64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 fn pem(p: &Option<PathBuf>) -> Result<Option<Vec<u8>>, String> {
@@ -86,6 +108,48 @@ pub struct ControllerMetrics {
     pub index_entries_collected: std::sync::atomic::AtomicU64,
     pub passes: std::sync::atomic::AtomicU64,
     pub errors: std::sync::atomic::AtomicU64,
+    /// Node lists that failed or were ignored by the sanity guard.
+    pub kube_lists_ignored: std::sync::atomic::AtomicU64,
+}
+
+/// Where the controller learns which Nodes exist, and how far it trusts a
+/// list.
+#[derive(Debug, Clone)]
+pub struct KubeNodes {
+    pub api: crate::kube::KubeApi,
+    /// A list that would make more than this fraction of the nodes holding
+    /// blocks due at once is ignored for the pass.
+    pub max_deleted_fraction: f64,
+}
+
+/// The sanity guard on a complete Node list, pure for tests: `Err` says why
+/// the list must not be acted on this pass. A list is suspect when it is
+/// empty while the store shows live nodes (an API server that lost its
+/// data, or an answer for the wrong cluster), or when the dead nodes it
+/// calls deleted are more than `max_fraction` of the nodes holding blocks.
+pub fn judge_node_list(
+    nodes: &[NodeStatus],
+    existing: &std::collections::BTreeSet<String>,
+    max_fraction: f64,
+) -> Result<(), String> {
+    let alive = nodes.iter().filter(|n| n.alive).count();
+    if existing.is_empty() && alive > 0 {
+        return Err(format!(
+            "the Kubernetes API lists no Node at all while {alive} node(s) are alive in the store"
+        ));
+    }
+    let holding = nodes.iter().filter(|n| n.blocks > 0).count();
+    let deleted = nodes
+        .iter()
+        .filter(|n| !n.alive && n.blocks > 0 && !existing.contains(&n.node))
+        .count();
+    if deleted > 0 && deleted as f64 > max_fraction * holding as f64 {
+        return Err(format!(
+            "the Kubernetes API lacks {deleted} of the {holding} node(s) holding blocks, \
+             more than the {max_fraction} allowed at once"
+        ));
+    }
+    Ok(())
 }
 
 /// Which dead nodes' blocks are due: pure, for tests. `deleted` lists nodes
@@ -119,17 +183,30 @@ pub async fn pass<B: Backend>(
     identity: &str,
     dead_since: &mut HashMap<String, Instant>,
     grace: Duration,
-    kube: Option<&crate::kube::KubeApi>,
+    kube: Option<&KubeNodes>,
     m: &ControllerMetrics,
 ) -> Result<(), coil::store::StoreError> {
     use std::sync::atomic::Ordering;
     let nodes = store.nodes().await?;
+    // Without a trustworthy list, liveness and the grace period still
+    // apply: a bad list delays nothing and frees nothing.
     let existing = match kube {
-        Some(k) => match k.node_names().await {
-            Ok(n) => Some(n),
+        Some(k) => match k.api.node_names().await {
+            Ok(names) => match judge_node_list(&nodes, &names, k.max_deleted_fraction) {
+                Ok(()) => Some(names),
+                Err(why) => {
+                    m.kube_lists_ignored.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        nodes_listed = names.len(),
+                        "ignoring the Kubernetes Node list this pass: {why}; \
+                         only the grace period frees blocks"
+                    );
+                    None
+                }
+            },
             Err(e) => {
-                // Liveness and the grace period still apply.
-                tracing::warn!("Kubernetes API: {e}");
+                m.kube_lists_ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("Kubernetes API (Node deletions unknown this pass): {e}");
                 None
             }
         },
@@ -252,7 +329,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
             .map(crate::kube::KubeApi::new)
             .transpose()
         {
-            Ok(k) => k,
+            Ok(k) => k.map(|api| KubeNodes {
+                api,
+                max_deleted_fraction: a.kube_max_deleted_fraction,
+            }),
             Err(e) => {
                 eprintln!("coil-controller: {e}");
                 return exit::USAGE;
@@ -310,6 +390,12 @@ fn controller_metrics(m: &ControllerMetrics) -> String {
         "Failed store operations.",
         m.errors.load(Ordering::Relaxed),
     );
+    g(
+        "coil_controller_kube_lists_ignored_total",
+        "counter",
+        "Kubernetes Node lists that failed or looked wrong, so were not acted on.",
+        m.kube_lists_ignored.load(Ordering::Relaxed),
+    );
     out
 }
 
@@ -321,7 +407,7 @@ pub async fn run<B: Backend>(
     grace: Duration,
     interval: Duration,
     ttl: Duration,
-    kube: Option<&crate::kube::KubeApi>,
+    kube: Option<&KubeNodes>,
     m: &ControllerMetrics,
 ) {
     use std::sync::atomic::Ordering;
@@ -435,5 +521,36 @@ mod tests {
             None
         )
         .is_empty());
+    }
+
+    #[test]
+    fn suspect_node_lists_are_refused() {
+        let set = |names: &[&str]| -> std::collections::BTreeSet<String> {
+            names.iter().map(|n| n.to_string()).collect()
+        };
+        let nodes = vec![
+            st("a", true, 1),
+            st("b", false, 1),
+            st("c", false, 1),
+            st("d", false, 1),
+            st("e", false, 0),
+        ];
+        // Empty while nodes are alive: never trusted.
+        let e = judge_node_list(&nodes, &set(&[]), 1.0).expect_err("empty");
+        assert!(e.contains("no Node at all"), "{e}");
+        // Two of the four holders gone: exactly half is allowed.
+        assert!(judge_node_list(&nodes, &set(&["a", "b"]), 0.5).is_ok());
+        // Three of four: more than half.
+        let e = judge_node_list(&nodes, &set(&["a"]), 0.5).expect_err("3/4");
+        assert!(e.contains("3 of the 4"), "{e}");
+        assert!(judge_node_list(&nodes, &set(&["a"]), 0.75).is_ok());
+        // A live node missing from the list, or one holding nothing, does
+        // not count: it would not be freed.
+        assert!(judge_node_list(&nodes, &set(&["b", "c", "d"]), 0.0).is_ok());
+        // No node alive and nothing held: an empty list frees nothing.
+        assert!(judge_node_list(&[st("e", false, 0)], &set(&[]), 0.5).is_ok());
+        assert!(parse_fraction("0.25").is_ok());
+        assert!(parse_fraction("1.5").is_err());
+        assert!(parse_fraction("NaN").is_err());
     }
 }

@@ -307,7 +307,8 @@ async fn offline(cfg: &StoreConfig, opts: &RepairOpts) -> Result<i32, Fail> {
     if !cfg.journal_dir.join("LOCK").exists() && !cfg.journal_dir.join("CHECKPOINT").exists() {
         return Err((
             format!(
-                "no journal at {} (and no coild answering at {}); use --journal-dir, or                  --rebuild to create one from the store and the kernel",
+                "no journal at {} (and no coild answering at {}); use --journal-dir, or \
+                 --rebuild to create one from the store and the kernel",
                 cfg.journal_dir.display(),
                 cfg.socket.display()
             ),

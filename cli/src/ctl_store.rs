@@ -105,6 +105,14 @@ pub fn parse_block(s: &str) -> Result<IpNet, String> {
     parse_subnet(s).map_err(bad)
 }
 
+/// Parses a subnet to add to a pool: a CIDR outside the reserved ranges
+/// (as `pool create` checks through the pool spec).
+pub fn parse_new_subnet(s: &str) -> Result<IpNet, String> {
+    let net = parse_subnet(s).map_err(bad)?;
+    model::check_not_reserved(&net).map_err(bad)?;
+    Ok(net)
+}
+
 /// Runs a parsed store command; returns the exit code.
 pub fn run(args: &StoreArgs, json: bool, cmd: StoreCmd) -> i32 {
     let cfg = match args.resolve() {

@@ -6,7 +6,8 @@
 //! sense:
 //! - `CNI_BIN_DIR` (default `/host/opt/cni/bin`): where `coil` goes;
 //! - `CNI_ETC_DIR` (default `/host/etc/cni/net.d`): where the conflist goes;
-//! - `CNI_CONF_NAME` (default `10-coil.conflist`);
+//! - `CNI_CONF_NAME` (default `10-coil.conflist`): a plain file name (no
+//!   '/', not "." or ".."), else nothing is installed;
 //! - `CNI_NETCONF_FILE` (default `/etc/coil/net.json`) or `CNI_NETCONF`
 //!   (inline JSON, wins over the file): the conflist to install;
 //! - `COIL_PATH` (default: the directory of this program): where to find
@@ -16,16 +17,48 @@
 //!   `COIL_KUBE_API` (plain HTTP, e.g. a `kubectl proxy` sidecar): remove
 //!   the node's boot taints once the plugin is in place.
 //!
-//! Every file is written to a temporary name in the target directory,
+//! Every file is written to a temporary file in the target directory,
 //! fsynced, renamed over the final name and the directory fsynced, so a
-//! runtime never sees a half-written plugin or configuration.
+//! runtime never sees a half-written plugin or configuration. The
+//! temporary file has a random name and is created with O_CREAT|O_EXCL, so
+//! nothing planted in the directory (a symlink at a guessed name) is ever
+//! followed or overwritten.
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
 use coil::exit;
+
+const ENVIRONMENT: &str = "\
+Environment:
+  CNI_BIN_DIR       where the plugin goes [default: /host/opt/cni/bin]
+  CNI_ETC_DIR       where the conflist goes [default: /host/etc/cni/net.d]
+  CNI_CONF_NAME     the conflist's file name [default: 10-coil.conflist]
+  CNI_NETCONF       the conflist itself (JSON); wins over CNI_NETCONF_FILE
+  CNI_NETCONF_FILE  a file holding the conflist [default: /etc/coil/net.json]
+  COIL_PATH         where to find coil (or hypercoil) to copy
+                    [default: this program's directory]
+  COIL_ENABLE_IPV6_FORWARDING=1   also turn on IPv6 forwarding
+  COIL_BOOT_TAINT   comma-separated taint keys to remove from the node once
+                    the plugin is in place; needs COIL_NODE_NAME and
+                    COIL_KUBE_API (plain HTTP, e.g. a kubectl proxy sidecar)";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "coil-installer",
+    version,
+    about = "Puts coil's CNI plugin and conflist in place on this node, atomically, \
+             and enables forwarding",
+    long_about = "Puts coil's CNI plugin and conflist in place on this node, atomically, \
+                  and enables forwarding. It runs as the init container of the coil-node \
+                  DaemonSet, or once on a host without Kubernetes. It takes no arguments: \
+                  everything comes from the environment.",
+    after_help = ENVIRONMENT
+)]
+struct Args {}
 
 fn env_or(k: &str, d: &str) -> String {
     std::env::var(k)
@@ -34,24 +67,46 @@ fn env_or(k: &str, d: &str) -> String {
         .unwrap_or_else(|| d.to_string())
 }
 
-/// Writes `data` to `dir/name` atomically with `mode`.
-pub fn install_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.coil-tmp-{}", std::process::id()));
-    let target = dir.join(name);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &target)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Checks a file name taken from the environment: one path component that
+/// names a file in its directory.
+pub fn validate_file_name(var: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(format!(
+            "{var} {name:?} is not a file name: it must be one path component \
+             (no '/', not empty, \".\" or \"..\")"
+        ));
     }
-    res.map(|_| target)
+    Ok(())
+}
+
+/// Writes `data` to `dir/name` atomically with `mode`: a new temporary file
+/// with a random name (created with O_CREAT|O_EXCL, so a symlink or file
+/// already at that name is never followed or reused), written, given
+/// `mode`, fsynced, renamed over `dir/name`, and the directory fsynced.
+/// On failure the temporary file is removed and `dir/name` is untouched.
+pub fn install_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+    if validate_file_name("file name", name).is_err() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a file name"),
+        ));
+    }
+    std::fs::create_dir_all(dir)?;
+    let target = dir.join(name);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".coil-tmp")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    // Explicitly, so the umask does not decide.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.as_file().sync_all()?;
+    // rename(2) replaces `target` itself, even when it is a symlink.
+    tmp.persist(&target).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(target)
 }
 
 /// Checks that `conf` is a conflist whose plugins include coil.
@@ -81,7 +136,11 @@ fn sysctl(path: &str) -> Result<(), String> {
 }
 
 /// Runs the installer; returns the exit code.
-pub fn main(_args: Vec<OsString>) -> i32 {
+pub fn main(args: Vec<OsString>) -> i32 {
+    let Args {} = match crate::parse_args(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     match run() {
         Ok(msgs) => {
             for m in msgs {
@@ -99,7 +158,14 @@ pub fn main(_args: Vec<OsString>) -> i32 {
 fn run() -> Result<Vec<String>, (String, i32)> {
     let bin_dir = PathBuf::from(env_or("CNI_BIN_DIR", "/host/opt/cni/bin"));
     let etc_dir = PathBuf::from(env_or("CNI_ETC_DIR", "/host/etc/cni/net.d"));
-    let conf_name = env_or("CNI_CONF_NAME", "10-coil.conflist");
+    // Set but empty is refused like any other bad name, not defaulted.
+    let conf_name = match std::env::var_os("CNI_CONF_NAME") {
+        None => "10-coil.conflist".to_string(),
+        Some(v) => v
+            .into_string()
+            .map_err(|v| (format!("CNI_CONF_NAME {v:?} is not UTF-8"), exit::USAGE))?,
+    };
+    validate_file_name("CNI_CONF_NAME", &conf_name).map_err(|e| (e, exit::USAGE))?;
     let conf = match std::env::var("CNI_NETCONF").ok().filter(|v| !v.is_empty()) {
         Some(c) => c.into_bytes(),
         None => {
@@ -128,6 +194,12 @@ fn run() -> Result<Vec<String>, (String, i32)> {
     let bin = std::fs::read(&src)
         .map_err(|e| (format!("reading {}: {e}", src.display()), exit::PROBLEMS))?;
     let mut msgs = Vec::new();
+    if !conf_name.ends_with(".conflist") {
+        msgs.push(format!(
+            "warning: CNI_CONF_NAME {conf_name:?} does not end in .conflist; \
+             runtimes read a file of any other name as a single netconf, not a list"
+        ));
+    }
     let p = install_file(&bin_dir, "coil", &bin, 0o755).map_err(|e| {
         (
             format!("installing the plugin in {}: {e}", bin_dir.display()),
@@ -201,6 +273,60 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_temp_name_or_the_target_is_not_followed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"victim").expect("victim");
+        // The name the installer used to pick (pid-derived, predictable).
+        let planted = d
+            .path()
+            .join(format!(".x.conflist.coil-tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).expect("symlink");
+        let p = install_file(d.path(), "x.conflist", b"new", 0o644).expect("install");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"victim");
+        assert!(std::fs::symlink_metadata(&planted)
+            .expect("planted")
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::symlink_metadata(&p).expect("target").is_file());
+        assert_eq!(std::fs::read(&p).expect("target"), b"new");
+        assert_eq!(mode(&p), 0o644);
+        // A symlink at the target itself is replaced, not written through.
+        let bin = d.path().join("coil");
+        std::os::unix::fs::symlink(&victim, &bin).expect("symlink");
+        install_file(d.path(), "coil", b"\x7fELF", 0o755).expect("install");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"victim");
+        assert!(std::fs::symlink_metadata(&bin).expect("bin").is_file());
+        assert_eq!(mode(&bin), 0o755);
+        // Only the planted link and the two installed files are left.
+        assert_eq!(std::fs::read_dir(d.path()).expect("dir").count(), 3);
+    }
+
+    #[test]
+    fn file_names_from_the_environment_are_one_component() {
+        for bad in ["", ".", "..", "../x.conflist", "a/b", "/etc/passwd", "x\0y"] {
+            let e = validate_file_name("CNI_CONF_NAME", bad).expect_err(bad);
+            assert!(
+                e.contains("CNI_CONF_NAME") && e.contains("not a file name"),
+                "{e}"
+            );
+        }
+        for good in ["10-coil.conflist", ".hidden", "a..b", "...", "coil"] {
+            assert!(validate_file_name("CNI_CONF_NAME", good).is_ok(), "{good}");
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        let sub = d.path().join("sub");
+        assert!(install_file(&sub, "../escape", b"x", 0o644).is_err());
+        assert!(!d.path().join("escape").exists());
+        assert!(!sub.exists(), "nothing created for a refused name");
     }
 
     #[test]

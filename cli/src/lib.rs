@@ -57,7 +57,7 @@ pub(crate) fn runtime(program: &str, multi_thread: bool) -> Result<tokio::runtim
 pub fn run(program: &str, args: Vec<OsString>) -> i32 {
     match program {
         "coilctl" => coilctl::main(args),
-        "coil" => plugin::main(),
+        "coil" => plugin_flags(&args).unwrap_or_else(plugin::main),
         "coild" => coild::main(args),
         "coil-controller" => controller::main(args),
         "coil-installer" => installer::main(args),
@@ -88,7 +88,7 @@ pub fn hypercoil(mut args: Vec<OsString>) -> i32 {
     let name = args[0].to_string_lossy().into_owned();
     match name.as_str() {
         "-h" | "--help" | "help" => {
-            hypercoil_usage();
+            println!("{}", hypercoil_help());
             exit::OK
         }
         "-V" | "--version" => {
@@ -99,10 +99,46 @@ pub fn hypercoil(mut args: Vec<OsString>) -> i32 {
     }
 }
 
-fn hypercoil_usage() {
-    eprintln!(
+fn hypercoil_help() -> String {
+    format!(
         "usage: hypercoil PROGRAM [ARGS...]   (or install it under a program's name)\n\
-         programs: {}",
+         programs: {}\n\
+         `hypercoil PROGRAM --help` describes each one.",
         coil::PROGRAMS.join(", ")
-    );
+    )
+}
+
+fn hypercoil_usage() {
+    eprintln!("{}", hypercoil_help());
+}
+
+/// Answers `coil --help`, `-h`, `--version` and `-V`, or returns None. The
+/// CNI plugin takes no arguments (a runtime passes everything in the
+/// environment and on stdin), so a lone flag is a person asking; answering
+/// it here keeps the plugin from waiting on a terminal's stdin.
+pub fn plugin_flags(args: &[OsString]) -> Option<i32> {
+    if args.len() != 2 {
+        return None;
+    }
+    match args[1].to_str()? {
+        "-h" | "--help" => {
+            println!(
+                "coil: the CNI plugin, a thin client of coild\n\n\
+                 usage: coil < NETCONF   (run by the container runtime)\n       \
+                 coil --help | --version\n\n\
+                 The runtime sets CNI_COMMAND (ADD, DEL, CHECK, STATUS, GC or VERSION),\n\
+                 CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS and CNI_PATH, and writes\n\
+                 the network configuration on stdin. coil asks coild (on {}, or the\n\
+                 configuration's \"socket\") to do the work and prints the CNI result\n\
+                 or error on stdout.",
+                plugin::DEFAULT_SOCKET
+            );
+            Some(exit::OK)
+        }
+        "-V" | "--version" => {
+            println!("coil {}", env!("CARGO_PKG_VERSION"));
+            Some(exit::OK)
+        }
+        _ => None,
+    }
 }

@@ -167,6 +167,18 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
             &["pool", "add-subnet", "default", "banana"],
             "malformed subnet",
         ),
+        (
+            &["pool", "create", "x", "169.254.0.0/24", "-s", "4"],
+            "overlaps the reserved range 169.254.0.0/16 (link-local, which holds coil's pod gateway",
+        ),
+        (
+            &["pool", "create", "x", "fe80::/112", "-s", "8"],
+            "overlaps the reserved range fe80::/10 (link-local",
+        ),
+        (
+            &["pool", "add-subnet", "default", "127.0.0.0/24"],
+            "overlaps the reserved range 127.0.0.0/8 (loopback",
+        ),
         (&["address", "info", "10.1.2"], "malformed address"),
         (
             &["block", "release", "--node", "bad/node", "10.72.0.0/27"],

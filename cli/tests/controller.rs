@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
 use coil::testkit;
-use coil_cli::controller::{pass, ControllerMetrics};
+use coil_cli::controller::{pass, ControllerMetrics, KubeNodes};
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
@@ -284,6 +284,53 @@ fn installer_puts_plugin_and_conflist_in_place_and_enables_forwarding() {
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }
 
+#[test]
+fn installer_refuses_a_conf_name_that_is_not_a_file_name() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ns = format!("cname{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let etc_dir = d.path().join("etc").join("net.d");
+    let bin_dir = d.path().join("bin");
+    for bad in [
+        "",
+        ".",
+        "..",
+        "../escape.conflist",
+        "sub/x.conflist",
+        "/tmp/x.conflist",
+    ] {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, INSTALLER])
+            .env("CNI_BIN_DIR", &bin_dir)
+            .env("CNI_ETC_DIR", &etc_dir)
+            .env("CNI_CONF_NAME", bad)
+            .env(
+                "CNI_NETCONF",
+                r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#,
+            )
+            .env(
+                "COIL_PATH",
+                std::path::Path::new(HYPERCOIL).parent().expect("dir"),
+            )
+            .output()
+            .expect("installer");
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("CNI_CONF_NAME") && err.contains("not a file name"),
+            "{bad:?}: {err}"
+        );
+        // Nothing written anywhere: not the plugin, not the conflist.
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{bad:?} left {left:?}");
+    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+}
+
 /// Requests a fake API saw: method, path, body.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
 
@@ -293,6 +340,34 @@ fn fake_api(
     nodes: Vec<&'static str>,
     taints: serde_json::Value,
     netns: Option<&str>,
+) -> (u16, Seen) {
+    fake_server(netns, move |_, path, _| {
+        let answer = if path.starts_with("/api/v1/nodes?") {
+            serde_json::json!({
+                "kind": "NodeList",
+                "apiVersion": "v1",
+                "metadata": {},
+                "items": nodes.iter().map(|n| serde_json::json!({"metadata": {"name": n}})).collect::<Vec<_>>()
+            })
+        } else {
+            serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints.clone()}})
+        };
+        let b = answer.to_string();
+        // Chunked, as kubectl proxy answers.
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            b.len()
+        )
+        .into_bytes()
+    })
+}
+
+/// A fake HTTP server: `answer(method, path, body)` gives the raw bytes
+/// sent back on each connection. Records every request; runs until the
+/// test ends.
+fn fake_server(
+    netns: Option<&str>,
+    answer: impl Fn(&str, &str, &str) -> Vec<u8> + Send + 'static,
 ) -> (u16, Seen) {
     // Bound inside `netns` when given (from a thread that enters it), so a
     // program run there reaches it on its loopback.
@@ -312,7 +387,7 @@ fn fake_api(
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
     std::thread::spawn(move || {
-        for conn in l.incoming().take(64) {
+        for conn in l.incoming().take(256) {
             let Ok(mut c) = conn else { continue };
             let mut buf = Vec::new();
             let mut tmp = [0u8; 4096];
@@ -342,18 +417,7 @@ fn fake_api(
             s2.lock()
                 .expect("seen")
                 .push((method.clone(), path.clone(), body.to_string()));
-            let answer = if path == "/api/v1/nodes" {
-                serde_json::json!({"items": nodes.iter().map(|n| serde_json::json!({"metadata": {"name": n}})).collect::<Vec<_>>()})
-            } else {
-                serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints.clone()}})
-            };
-            let b = answer.to_string();
-            // Chunked, as kubectl proxy answers.
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-                b.len()
-            );
-            let _ = c.write_all(resp.as_bytes());
+            let _ = c.write_all(&answer(&method, &path, body));
         }
     });
     (port, seen)
@@ -383,7 +447,7 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .await
         .expect("acquire");
     let (port, seen) = fake_api(vec!["present"], serde_json::json!([]), None);
-    let kube = coil_cli::kube::KubeApi::new(&format!("http://127.0.0.1:{port}")).expect("api");
+    let kube = kube_nodes(port);
     let lease = s
         .campaign("me", 30)
         .await
@@ -422,7 +486,177 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .lock()
         .expect("seen")
         .iter()
-        .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes"));
+        .any(|(m, p, _)| m == "GET" && p == "/api/v1/nodes?limit=500"));
+    s.deregister_node(lease).await.expect("step down");
+}
+
+fn kube_nodes(port: u16) -> KubeNodes {
+    KubeNodes {
+        api: coil_cli::kube::KubeApi::new(&format!("http://127.0.0.1:{port}")).expect("api"),
+        max_deleted_fraction: 0.5,
+    }
+}
+
+/// A raw HTTP answer with a Content-Length.
+fn http(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One page of a Node list.
+fn node_list(names: &[&str], cont: &str) -> String {
+    let items: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| serde_json::json!({"metadata": {"name": n}}))
+        .collect();
+    serde_json::json!({"kind": "NodeList", "apiVersion": "v1",
+                       "metadata": {"continue": cont}, "items": items})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cut_or_suspect_node_list_frees_nothing() {
+    let prefix = testkit::unique_prefix("kubelist");
+    let (s, _) = store(&prefix).await;
+    s.create_pool(&PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.69.0.0/24".parse().expect("net")],
+        block_size: 4,
+    })
+    .await
+    .expect("pool");
+    s.register_node(&rec("alive"), 60).await.expect("register");
+    for n in ["alive", "dead1", "dead2"] {
+        s.acquire_block("default", n).await.expect("acquire");
+    }
+    // The fake answers each path with what the current case says.
+    type Pages = std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>;
+    let pages: Pages = Default::default();
+    let p2 = pages.clone();
+    let (port, seen) = fake_server(None, move |_, path, _| {
+        p2.lock()
+            .expect("pages")
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| http("404 Not Found", "{}"))
+    });
+    let kube = kube_nodes(port);
+    let lease = s
+        .campaign("me", 30)
+        .await
+        .expect("campaign")
+        .expect("leader");
+    let m = ControllerMetrics::default();
+    let first = "/api/v1/nodes?limit=500".to_string();
+    let next = "/api/v1/nodes?limit=500&continue=page%2F2".to_string();
+    let owners = || async {
+        let mut o: Vec<String> = s
+            .all_blocks()
+            .await
+            .expect("blocks")
+            .into_iter()
+            .map(|l| l.node)
+            .collect();
+        o.sort();
+        o
+    };
+    let everyone = vec!["alive".to_string(), "dead1".into(), "dead2".into()];
+    let no_items = r#"{"kind":"NodeList","apiVersion":"v1","metadata":{}}"#;
+    let cut = http("200 OK", &node_list(&["alive"], ""));
+    let cut = cut[..cut.len() - 10].to_vec();
+    // (case, [(path, raw answer)])
+    type Case<'a> = (&'a str, Vec<(String, Vec<u8>)>);
+    let cases: Vec<Case> = vec![
+        (
+            "HTTP 500",
+            vec![(first.clone(), http("500 Internal Server Error", "{}"))],
+        ),
+        (
+            "no kind",
+            vec![(first.clone(), http("200 OK", r#"{"items":[]}"#))],
+        ),
+        (
+            "not a NodeList",
+            vec![(
+                first.clone(),
+                http("200 OK", r#"{"kind":"PodList","items":[]}"#),
+            )],
+        ),
+        ("no items", vec![(first.clone(), http("200 OK", no_items))]),
+        ("cut short", vec![(first.clone(), cut)]),
+        (
+            "empty while nodes are alive",
+            vec![(first.clone(), http("200 OK", &node_list(&[], "")))],
+        ),
+        (
+            "two of three holders gone",
+            vec![(first.clone(), http("200 OK", &node_list(&["alive"], "")))],
+        ),
+        (
+            "the second page fails",
+            vec![
+                (
+                    first.clone(),
+                    http("200 OK", &node_list(&["alive"], "page/2")),
+                ),
+                (
+                    next.clone(),
+                    http("410 Gone", r#"{"kind":"Status","reason":"Expired"}"#),
+                ),
+            ],
+        ),
+    ];
+    let ncases = cases.len() as u64;
+    for (what, answers) in cases {
+        *pages.lock().expect("pages") = answers.into_iter().collect();
+        let mut since = HashMap::new();
+        pass(
+            &s,
+            "me",
+            &mut since,
+            Duration::from_secs(3600),
+            Some(&kube),
+            &m,
+        )
+        .await
+        .expect("pass");
+        assert_eq!(owners().await, everyone, "{what}: nothing may be freed");
+    }
+    assert_eq!(
+        m.kube_lists_ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ncases
+    );
+    // A whole list, over two pages: only the node on neither page goes.
+    *pages.lock().expect("pages") = [
+        (
+            first.clone(),
+            http("200 OK", &node_list(&["alive"], "page/2")),
+        ),
+        (next.clone(), http("200 OK", &node_list(&["dead1"], ""))),
+    ]
+    .into_iter()
+    .collect();
+    let mut since = HashMap::new();
+    pass(
+        &s,
+        "me",
+        &mut since,
+        Duration::from_secs(3600),
+        Some(&kube),
+        &m,
+    )
+    .await
+    .expect("pass");
+    assert_eq!(owners().await, vec!["alive".to_string(), "dead1".into()]);
+    assert!(seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|(_, p, _)| p == &next));
     s.deregister_node(lease).await.expect("step down");
 }
 

@@ -34,17 +34,95 @@ fn hypercoil_dispatches_on_first_argument_and_on_argv0() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// Each program's own binary.
+fn binary(p: &str) -> &'static str {
+    match p {
+        "coil" => env!("CARGO_BIN_EXE_coil"),
+        "coild" => env!("CARGO_BIN_EXE_coild"),
+        "coilctl" => COILCTL,
+        "coil-controller" => env!("CARGO_BIN_EXE_coil-controller"),
+        "coil-installer" => env!("CARGO_BIN_EXE_coil-installer"),
+        other => panic!("no binary for {other}"),
+    }
+}
+
+#[test]
+fn every_program_prints_help_and_version_and_does_nothing_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin_dir = dir.path().join("bin");
+    let etc_dir = dir.path().join("net.d");
+    let conf = r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#;
+    let link_dir = tempfile::tempdir().expect("tempdir");
+    for p in coil::PROGRAMS {
+        let link = link_dir.path().join(p);
+        std::os::unix::fs::symlink(HYPERCOIL, &link).expect("symlink");
+        let link = link.to_str().expect("utf-8").to_string();
+        for (how, bin, pre) in [
+            ("hypercoil", HYPERCOIL, vec![p]),
+            ("direct", binary(p), vec![]),
+            ("argv[0]", link.as_str(), vec![]),
+        ] {
+            for flag in ["--help", "-h", "--version", "-V"] {
+                let mut args = pre.clone();
+                args.push(flag);
+                // The installer would install with this environment (up
+                // to finding no binary to copy in the empty COIL_PATH, so
+                // a regression never reaches the host's sysctls), and the
+                // plugin would send an ADD: neither may happen.
+                let o = Command::new(bin)
+                    .args(&args)
+                    .env("COIL_PATH", link_dir.path().join("empty"))
+                    .env("CNI_BIN_DIR", &bin_dir)
+                    .env("CNI_ETC_DIR", &etc_dir)
+                    .env("CNI_NETCONF", conf)
+                    .env("CNI_COMMAND", "ADD")
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("run");
+                let out = String::from_utf8_lossy(&o.stdout);
+                assert!(o.status.success(), "{how} {p} {flag}: {o:?}");
+                if flag.starts_with("-V") || flag == "--version" {
+                    assert!(out.starts_with(&format!("{p} ")), "{how} {p} {flag}: {out}");
+                } else {
+                    assert!(
+                        out.to_lowercase().contains("usage:"),
+                        "{how} {p} {flag}: {out}"
+                    );
+                }
+                assert!(
+                    !bin_dir.exists() && !etc_dir.exists(),
+                    "{how} {p} {flag} installed something"
+                );
+            }
+        }
+    }
+    let o = run(HYPERCOIL, &["--help"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("coil-installer"));
+    // The installer's help lists its environment; it takes no arguments.
+    let o = run(HYPERCOIL, &["coil-installer", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("CNI_CONF_NAME"));
+    let o = Command::new(HYPERCOIL)
+        .args(["coil-installer", "--bogus"])
+        .env("COIL_PATH", link_dir.path().join("empty"))
+        .env("CNI_BIN_DIR", &bin_dir)
+        .env("CNI_ETC_DIR", &etc_dir)
+        .env("CNI_NETCONF", conf)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(!bin_dir.exists() && !etc_dir.exists());
+}
+
 #[test]
 fn every_program_answers_help_and_refuses_bad_input() {
-    for p in ["coild", "coilctl", "coil-controller", "coil-installer"] {
-        let o = run(HYPERCOIL, &[p, "--version"]);
-        if p == "coil-installer" {
-            continue;
-        }
-        assert!(o.status.success(), "{p}: {o:?}");
-    }
     let o = Command::new(HYPERCOIL)
         .args(["coil-controller", "--grace-period", "soon"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = Command::new(HYPERCOIL)
+        .args(["coil-controller", "--kube-max-deleted-fraction", "2"])
         .output()
         .expect("run");
     assert_eq!(o.status.code(), Some(2), "{o:?}");
@@ -68,7 +146,14 @@ fn every_program_answers_help_and_refuses_bad_input() {
         ],
     );
     assert_eq!(o.status.code(), Some(2), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no journal"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no journal"), "{err}");
+    // One sentence, no run of blanks from a broken line continuation.
+    assert!(
+        err.contains("use --journal-dir, or --rebuild to create one"),
+        "{err}"
+    );
+    assert!(!err.contains("   "), "{err:?}");
 }
 
 #[test]

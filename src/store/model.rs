@@ -479,6 +479,73 @@ pub fn validate_subnet(subnet: &IpNet, family: Family, block_size: u8) -> Result
     Ok(())
 }
 
+/// Address ranges no pool may overlap, with why: pods cannot use them (or
+/// coil itself does). Checked when a pool is created (and by coilctl when
+/// a subnet is added), not when a stored pool is read, so a pool created
+/// before the check keeps working.
+pub const RESERVED_RANGES: [(IpNet, &str); 10] = [
+    (
+        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8)),
+        "\"this network\" (RFC 1122), which holds the unspecified address 0.0.0.0",
+    ),
+    (
+        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+        "loopback: never routed off a host",
+    ),
+    (
+        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
+        "link-local, which holds coil's pod gateway 169.254.1.1",
+    ),
+    (
+        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4)),
+        "multicast",
+    ),
+    (
+        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(240, 0, 0, 0), 4)),
+        "reserved (RFC 1112), which holds the limited broadcast 255.255.255.255",
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+        "the unspecified address",
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+        "loopback",
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(
+            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+            10,
+        )),
+        "link-local: every interface, pods' included, has its own there",
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(
+            Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+            8,
+        )),
+        "multicast",
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(
+            Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0),
+            96,
+        )),
+        "IPv4-mapped addresses, which stand for IPv4 peers on dual-stack sockets",
+    ),
+];
+
+/// Refuses a subnet that overlaps one of the [`RESERVED_RANGES`].
+pub fn check_not_reserved(subnet: &IpNet) -> Result<(), StoreError> {
+    match RESERVED_RANGES.iter().find(|(r, _)| overlaps(r, subnet)) {
+        None => Ok(()),
+        Some((r, why)) => Err(StoreError::Invalid(format!(
+            "subnet {subnet} overlaps the reserved range {r} ({why}); \
+             pod addresses cannot come from it"
+        ))),
+    }
+}
+
 /// Validates a whole pool spec and returns its family.
 pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
     validate_pool_name(&spec.name)?;
@@ -502,6 +569,7 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
     }
     for (i, s) in spec.subnets.iter().enumerate() {
         validate_subnet(s, family, spec.block_size)?;
+        check_not_reserved(s)?;
         if let Some(o) = spec.subnets[..i].iter().find(|o| overlaps(o, s)) {
             return Err(StoreError::Invalid(format!(
                 "subnets {o} and {s} overlap each other"
@@ -631,6 +699,68 @@ mod tests {
         assert!(parse_subnet("10.0.0.1/24").is_err());
         assert!(parse_subnet("10.0.0.0/33").is_err());
         assert!(parse_subnet("nonsense").is_err());
+    }
+
+    #[test]
+    fn pools_in_reserved_ranges_are_refused() {
+        let spec = |subnet: &str, bs: u8| PoolSpec {
+            name: "p".into(),
+            subnets: vec![net(subnet)],
+            block_size: bs,
+        };
+        for (subnet, bs, range) in [
+            ("0.0.0.0/24", 4, "0.0.0.0/8"),
+            ("127.0.0.0/16", 8, "127.0.0.0/8"),
+            ("127.255.255.0/24", 4, "127.0.0.0/8"),
+            ("169.254.1.0/24", 4, "169.254.0.0/16"),
+            ("169.254.0.0/16", 8, "169.254.0.0/16"),
+            // A subnet that contains a reserved range overlaps it too.
+            ("169.0.0.0/8", 12, "169.254.0.0/16"),
+            ("224.0.0.0/24", 4, "224.0.0.0/4"),
+            ("239.255.255.0/24", 4, "224.0.0.0/4"),
+            ("240.0.0.0/24", 4, "240.0.0.0/4"),
+            ("255.255.255.0/24", 4, "240.0.0.0/4"),
+            ("::/112", 8, "::/128"),
+            ("::/127", 1, "::/128"),
+            ("::ffff:0:0/112", 8, "::ffff:0.0.0.0/96"),
+            ("::ffff:10.0.0.0/120", 4, "::ffff:0.0.0.0/96"),
+            ("fe80::/112", 8, "fe80::/10"),
+            ("febf:ffff::/112", 8, "fe80::/10"),
+            ("ff02::/112", 8, "ff00::/8"),
+        ] {
+            let e = validate_spec(&spec(subnet, bs)).expect_err(subnet);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("overlaps the reserved range {range} (")),
+                "{subnet}: {msg}"
+            );
+        }
+        // ::1/128 fits no pool (a block needs a subnet at least its size),
+        // but is refused by name all the same.
+        let e = check_not_reserved(&net("::1/128")).expect_err("::1");
+        assert!(e.to_string().contains("::1/128 (loopback)"), "{e}");
+        assert!(check_not_reserved(&net("::/0")).is_err());
+        // Ranges next to the reserved ones are fine.
+        for ok in [
+            "1.0.0.0/24",
+            "10.0.0.0/16",
+            "126.255.255.0/24",
+            "128.0.0.0/24",
+            "169.253.0.0/16",
+            "169.255.0.0/16",
+            "223.255.255.0/24",
+            "100.64.0.0/16",
+            "fd00::/112",
+            "2001:db8::/112",
+            "fec0::/112",
+            "fe7f::/112",
+            "::2/127",
+            "::fffe:0:0/112",
+            "::1:0:0:0/112",
+        ] {
+            assert!(check_not_reserved(&net(ok)).is_ok(), "{ok}");
+        }
+        assert!(validate_spec(&spec("100.64.0.0/16", 8)).is_ok());
     }
 
     #[test]
