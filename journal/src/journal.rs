@@ -47,7 +47,8 @@ const CHECKPOINT_FILE: &str = "CHECKPOINT";
 
 /// More valid frames than this after a damaged one cannot be the unsynced
 /// tail of one group commit (a group is one frame per concurrent committer):
-/// that is damage in the middle of the log, and opening refuses it.
+/// that is damage in the middle of the log, and opening refuses it. (Format 2
+/// frames also prove it exactly: see [`JournalError::AcknowledgedDamage`].)
 pub const MAX_UNSYNCED_FRAMES: usize = 128;
 
 /// What to do with a damaged WAL when opening.
@@ -55,7 +56,8 @@ pub const MAX_UNSYNCED_FRAMES: usize = 128;
 pub enum RecoveryMode {
     /// A damaged frame at the end of the newest segment is a write that was
     /// in flight when the process or machine died: it was never acknowledged,
-    /// so it is cut off (and reported). Damage anywhere else is an error.
+    /// so it is cut off (and reported). Damage anywhere else, or damage that
+    /// a later intact frame proves was acknowledged, is an error.
     #[default]
     TolerateTornTail,
     /// Any damaged frame is an error.
@@ -327,6 +329,8 @@ struct WalState {
     file: Option<Arc<File>>,
     file_path: PathBuf,
     file_len: u64,
+    /// The current segment's salt, repeated in each of its frames.
+    salt: u64,
     next_seq: u64,
     written_seq: u64,
     synced_seq: u64,
@@ -567,6 +571,7 @@ impl Journal {
             );
         }
         let mut report = OpenReport::default();
+        let checkpoint_format = checkpoint.map(|c| c.format_version);
         let checkpoint_seq = match checkpoint {
             Some(c) => c.seq,
             None => {
@@ -597,6 +602,35 @@ impl Journal {
             let scan = wal::scan_segment(&seg.path)?;
             if let Some(bad) = &scan.bad {
                 let key = format!("{}@{}", seg.path.display(), bad.offset);
+                // The first seq at or after the damage.
+                let damaged_seq = scan.batches.last().map_or(seg.first_seq, |b| b.seq + 1);
+                if let Some(p) = bad.proof {
+                    // Seqs up to the checkpoint are in sled already: damage
+                    // to their frames loses nothing.
+                    if p.synced_seq >= damaged_seq.max(checkpoint_seq + 1) {
+                        return Err(JournalError::AcknowledgedDamage {
+                            segment: seg.path.clone(),
+                            offset: bad.offset,
+                            seq: damaged_seq,
+                            reason: bad.reason.clone(),
+                            proof_seq: p.seq,
+                            proof_offset: p.offset,
+                            synced_seq: p.synced_seq,
+                        });
+                    }
+                }
+                if scan.header.is_none() && bad.later_valid_frames > 0 {
+                    // The header is synced before any frame is appended, so
+                    // a damaged header with frames after it is not a torn
+                    // write.
+                    return Err(JournalError::Corrupt {
+                        key,
+                        reason: format!(
+                            "{}, but {} valid frames follow it",
+                            bad.reason, bad.later_valid_frames
+                        ),
+                    });
+                }
                 if !newest
                     || opts.recovery == RecoveryMode::Strict
                     || bad.later_valid_frames > MAX_UNSYNCED_FRAMES
@@ -685,6 +719,7 @@ impl Journal {
             file: None,
             file_path: PathBuf::new(),
             file_len: 0,
+            salt: 0,
             next_seq: last_seq + 1,
             written_seq: last_seq,
             synced_seq: last_seq,
@@ -697,6 +732,12 @@ impl Journal {
             last_group: 0,
         };
         if !opts.read_only {
+            // Mark the journal as this format before writing anything in it,
+            // so an older coil refuses it (`NewerFormat`) instead of taking
+            // format 2 frames for damage.
+            if checkpoint_format.is_some_and(|v| v < u32::from(FORMAT_VERSION)) {
+                write_checkpoint(&dir, checkpoint_seq)?;
+            }
             for p in &covered {
                 fs::remove_file(p).map_err(|e| JournalError::io("remove segment", p, e))?;
                 report.removed_segments += 1;
@@ -704,10 +745,11 @@ impl Journal {
             let path = wal::segment_path(&wal_dir, last_seq + 1);
             // A previous open may have created this very segment and died
             // before writing to it; it holds only a header, so recreate it.
-            let (file, len) = wal::create_segment(&wal_dir, last_seq + 1)?;
-            state.file = Some(Arc::new(file));
+            let seg = wal::create_segment(&wal_dir, last_seq + 1)?;
+            state.file = Some(Arc::new(seg.file));
             state.file_path = path;
-            state.file_len = len;
+            state.file_len = seg.len;
+            state.salt = seg.salt;
             if report.replayed_batches > 0 {
                 state.bytes_since_checkpoint = opts.checkpoint_bytes;
             }
@@ -814,7 +856,10 @@ impl Journal {
             });
         }
         let seq = st.next_seq;
-        let frame = wal::encode_batch(seq, &ops);
+        // `synced_seq` is what a sync has covered before this frame is
+        // written: if this frame survives and an earlier one does not,
+        // replay knows whether the lost one was acknowledged.
+        let frame = wal::encode_batch(seq, st.salt, st.synced_seq, &ops);
         if frame.len() > crate::envelope::MAX_PAYLOAD {
             return Err(JournalError::Invalid(format!(
                 "batch of {} operations encodes to {} bytes, over the limit",
@@ -1348,10 +1393,11 @@ impl Inner {
         let header_only =
             st.file.is_some() && wal::segment_path(&self.wal_dir, covered + 1) == st.file_path;
         if !header_only {
-            let (file, len) = wal::create_segment(&self.wal_dir, covered + 1)?;
-            st.file = Some(Arc::new(file));
+            let seg = wal::create_segment(&self.wal_dir, covered + 1)?;
+            st.file = Some(Arc::new(seg.file));
             st.file_path = wal::segment_path(&self.wal_dir, covered + 1);
-            st.file_len = len;
+            st.file_len = seg.len;
+            st.salt = seg.salt;
         }
         st.bytes_since_checkpoint = 0;
         st.checkpoint_requested = false;

@@ -95,7 +95,14 @@ impl Tree {
 /// panic, whatever the input.
 #[doc(hidden)]
 pub fn decode_any(bytes: &[u8]) -> std::result::Result<envelope::Kind, envelope::DecodeError> {
-    codec::decode_any(bytes)
+    // WAL frames have a layout per format version, which `wal` knows.
+    match envelope::open(bytes)?.kind {
+        envelope::Kind::WalBatch => wal::decode_batch(bytes).map(|_| envelope::Kind::WalBatch),
+        envelope::Kind::WalSegmentHeader => {
+            wal::decode_header(bytes).map(|_| envelope::Kind::WalSegmentHeader)
+        }
+        _ => codec::decode_any(bytes),
+    }
 }
 
 /// Seals `payload` as the record kind picked by `kind` (with a valid
