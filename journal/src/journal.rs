@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
 use std::ops::Bound;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -418,6 +419,7 @@ fn flock_exclusive(dir: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(durable::FILE_MODE)
         .open(&path)
         .map_err(|e| JournalError::io("open lock file", &path, e))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -512,7 +514,7 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
     let tmp = dir.join("CHECKPOINT.tmp");
     let path = dir.join(CHECKPOINT_FILE);
     {
-        let f = File::create(&tmp).map_err(|e| JournalError::io("create", &tmp, e))?;
+        let f = durable::create_private_file(&tmp, "create")?;
         wal::write_all_at(&f, &codec::encode_checkpoint(seq), 0)
             .map_err(|e| JournalError::io("write", &tmp, e))?;
         f.sync_all()
@@ -547,15 +549,16 @@ impl Journal {
                 return Err(JournalError::NotFound { dir });
             }
         } else {
-            fs::create_dir_all(&dir).map_err(|e| JournalError::io("create dir", &dir, e))?;
+            durable::create_private_dir(&dir)?;
         }
         let lock_file = flock_exclusive(&dir)?;
         let checkpoint = read_checkpoint(&dir)?;
         let wal_dir = dir.join("wal");
         let sled_dir = dir.join("sled");
         if !opts.read_only {
-            fs::create_dir_all(&wal_dir)
-                .map_err(|e| JournalError::io("create dir", &wal_dir, e))?;
+            durable::create_private_dir(&wal_dir)?;
+            // Before sled creates it with the process umask.
+            durable::create_private_dir(&sled_dir)?;
         }
         let segments = if wal_dir.exists() {
             wal::list_segments(&wal_dir)?
@@ -592,6 +595,10 @@ impl Journal {
             }
         };
         report.checkpoint_seq = checkpoint_seq;
+        if !opts.read_only {
+            // A journal from a previous build, or files sled just created.
+            durable::restrict_tree(&dir)?;
+        }
 
         // Replay the WAL after the checkpoint.
         let mut expected = checkpoint_seq + 1;
@@ -1453,6 +1460,8 @@ impl Inner {
             .flush()
             .map_err(|e| JournalError::sled("flush", e))?;
         durable::sync_tree(&self.sled_dir)?;
+        // sled creates files with the process umask.
+        durable::restrict_tree(&self.sled_dir)?;
 
         // 3. Only now claim the checkpoint, then drop what it covers.
         write_checkpoint(&self.dir, covered)?;

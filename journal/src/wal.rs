@@ -127,11 +127,7 @@ pub(crate) struct NewSegment {
 /// before anything is appended to it.
 pub(crate) fn create_segment(dir: &Path, first_seq: u64) -> Result<NewSegment> {
     let path = segment_path(dir, first_seq);
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create(true).truncate(true);
-    let file = opts
-        .open(&path)
-        .map_err(|e| JournalError::io("create segment", &path, e))?;
+    let file = durable::create_private_file(&path, "create segment")?;
     let salt = new_salt();
     let header = codec::encode(
         Kind::WalSegmentHeader,
