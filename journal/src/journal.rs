@@ -46,6 +46,15 @@ const META_NODE: &[u8] = b"node";
 const META_INTENT_HWM: &[u8] = b"intent_hwm";
 const CHECKPOINT_FILE: &str = "CHECKPOINT";
 
+/// Test-only failpoint (read at open, and only in builds with the
+/// `failpoints` feature): after this many successful WAL fdatasyncs counted
+/// from the open, the next one fails as if the disk had returned EIO. See
+/// [`Journal::inject_sync_failure`].
+pub const FAIL_SYNC_AFTER_ENV: &str = "COIL_JOURNAL_FAIL_SYNC_AFTER";
+
+/// `Inner::sync_failure_after` when no failure is armed.
+const DISARMED: u64 = u64::MAX;
+
 /// More valid frames than this after a damaged one cannot be the unsynced
 /// tail of one group commit (a group is one frame per concurrent committer):
 /// that is damage in the middle of the log, and opening refuses it. (Format 2
@@ -330,6 +339,8 @@ struct WalState {
     file: Option<Arc<File>>,
     file_path: PathBuf,
     file_len: u64,
+    /// Length of the current segment that the last successful sync covered.
+    synced_len: u64,
     /// The current segment's salt, repeated in each of its frames.
     salt: u64,
     next_seq: u64,
@@ -376,6 +387,11 @@ struct Inner {
     checkpoint_seq: AtomicU64,
     syncs: AtomicU64,
     commits: AtomicU64,
+    /// Mirrors `WalState::poisoned.is_some()`, readable without the lock.
+    poisoned: AtomicBool,
+    /// Test hook: successful WAL syncs left before an injected failure, or
+    /// `DISARMED`.
+    sync_failure_after: AtomicU64,
     /// Set by `abandon`: the checkpointer must not run a queued checkpoint.
     crashed: AtomicBool,
     intent_next: AtomicU64,
@@ -522,6 +538,33 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
     }
     fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename", &path, e))?;
     durable::sync_dir(dir)
+}
+
+/// The failure armed by [`FAIL_SYNC_AFTER_ENV`]: only builds with the
+/// `failpoints` feature read it; others say that they ignore it.
+fn sync_failure_from_env() -> u64 {
+    let Some(v) = std::env::var_os(FAIL_SYNC_AFTER_ENV) else {
+        return DISARMED;
+    };
+    if !cfg!(feature = "failpoints") {
+        tracing::warn!(
+            "{FAIL_SYNC_AFTER_ENV} is set but ignored: this build has no journal failpoints"
+        );
+        return DISARMED;
+    }
+    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) => {
+            tracing::warn!(
+                "{FAIL_SYNC_AFTER_ENV}={n}: WAL fdatasync {} after this open will fail (test failpoint)",
+                n.saturating_add(1)
+            );
+            n.min(DISARMED - 1)
+        }
+        None => {
+            tracing::warn!(value = ?v, "{FAIL_SYNC_AFTER_ENV} is not a number; ignored");
+            DISARMED
+        }
+    }
 }
 
 /// Seconds since the epoch, for `created_unix` fields.
@@ -726,6 +769,7 @@ impl Journal {
             file: None,
             file_path: PathBuf::new(),
             file_len: 0,
+            synced_len: 0,
             salt: 0,
             next_seq: last_seq + 1,
             written_seq: last_seq,
@@ -756,6 +800,7 @@ impl Journal {
             state.file = Some(Arc::new(seg.file));
             state.file_path = path;
             state.file_len = seg.len;
+            state.synced_len = seg.len;
             state.salt = seg.salt;
             if report.replayed_batches > 0 {
                 state.bytes_since_checkpoint = opts.checkpoint_bytes;
@@ -781,6 +826,12 @@ impl Journal {
             checkpoint_seq: AtomicU64::new(checkpoint_seq),
             syncs: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            sync_failure_after: AtomicU64::new(if read_only {
+                DISARMED
+            } else {
+                sync_failure_from_env()
+            }),
             crashed: AtomicBool::new(false),
             intent_next: AtomicU64::new(intent_hwm + 1),
             tx: Mutex::new(if read_only { None } else { Some(tx) }),
@@ -818,6 +869,33 @@ impl Journal {
     /// The journal's directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// True once a failed WAL write or sync has poisoned the journal: every
+    /// commit fails with [`JournalError::Poisoned`] until the process
+    /// reopens it. One atomic load, for health checks.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Why the journal is poisoned, if it is.
+    pub fn poison_reason(&self) -> Option<String> {
+        lock(&self.inner.state).poisoned.clone()
+    }
+
+    /// Test hook: makes the next WAL fdatasync fail as if the disk had
+    /// returned an error. That commit, and every later one, fails with
+    /// [`JournalError::Poisoned`]. The frames that sync would have covered
+    /// (and any written after them) are cut from the segment, as the kernel
+    /// may drop dirty pages after a failed fsync, so a reopen holds exactly
+    /// the commits acknowledged before the failure.
+    ///
+    /// Other processes (coild under test) arm the same failure with the
+    /// environment variable [`FAIL_SYNC_AFTER_ENV`] in builds with this
+    /// crate's `failpoints` feature.
+    #[doc(hidden)]
+    pub fn inject_sync_failure(&self) {
+        self.inner.sync_failure_after.store(0, Ordering::Release);
     }
 
     /// Allocates a fresh intent id. Ids are unique for the journal's life:
@@ -883,10 +961,11 @@ impl Journal {
             // Cut the partial frame off so later frames are not written
             // behind garbage; if that fails too, stop accepting commits.
             if let Err(e2) = file.set_len(st.file_len) {
-                st.poisoned = Some(format!(
+                let why = format!(
                     "write to {} failed ({e}) and truncating it back failed ({e2})",
                     st.file_path.display()
-                ));
+                );
+                inner.poison(&mut st, why);
             }
             return Err(JournalError::io("append", st.file_path.clone(), e));
         }
@@ -1327,11 +1406,17 @@ impl Inner {
         }
         st.last_group = st.pending.len();
         let target = st.written_seq;
+        let target_len = st.file_len;
         let pending = std::mem::take(&mut st.pending);
         let file = st.file.clone();
         let path = st.file_path.clone();
         drop(st);
-        let res = match file {
+        let injected = self.take_injected_sync_failure();
+        let res = match &file {
+            Some(_) if injected => Err(format!(
+                "fdatasync {}: injected failure (test hook)",
+                path.display()
+            )),
             Some(f) => f
                 .sync_data()
                 .inspect(|()| {
@@ -1344,14 +1429,47 @@ impl Inner {
         let mut st = lock(&self.state);
         st.syncing = false;
         match res {
-            Ok(()) => st.synced_seq = target,
-            Err(why) => {
-                tracing::error!(%why, "journal poisoned");
-                st.poisoned = Some(why);
+            Ok(()) => {
+                st.synced_seq = target;
+                st.synced_len = target_len;
+            }
+            Err(mut why) => {
+                if let (true, Some(f)) = (injected, &file) {
+                    // Play the kernel's worst case after a failed fsync: the
+                    // dirty pages are gone. Every frame past the last good
+                    // sync (none acknowledged) disappears, so a reopen
+                    // holds exactly the acknowledged commits.
+                    if let Err(e) = f.set_len(st.synced_len) {
+                        why.push_str(&format!("; dropping the unsynced frames failed: {e}"));
+                    }
+                    st.file_len = st.synced_len;
+                }
+                self.poison(&mut st, why);
             }
         }
         self.cv.notify_all();
         st
+    }
+
+    /// Refuses every later commit: after a failed write or sync only a
+    /// reopen knows what is durable.
+    fn poison(&self, st: &mut WalState, why: String) {
+        tracing::error!(%why, "journal poisoned");
+        st.poisoned = Some(why);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Counts one WAL sync against the armed test failure; true if this one
+    /// must fail.
+    fn take_injected_sync_failure(&self) -> bool {
+        let next = |left: u64| (left != DISARMED && left > 0).then(|| left - 1);
+        match self
+            .sync_failure_after
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, next)
+        {
+            Ok(_) => false,
+            Err(left) => left == 0,
+        }
     }
 
     /// Applies synced batches to the memtable, in WAL order (only the sync
@@ -1404,6 +1522,7 @@ impl Inner {
             st.file = Some(Arc::new(seg.file));
             st.file_path = wal::segment_path(&self.wal_dir, covered + 1);
             st.file_len = seg.len;
+            st.synced_len = seg.len;
             st.salt = seg.salt;
         }
         st.bytes_since_checkpoint = 0;

@@ -29,7 +29,7 @@ mod wal;
 pub use error::{JournalError, Result};
 pub use journal::{
     now_unix, Batch, CommitInfo, CorruptRecord, Dump, Journal, JournalOptions, JournalStats,
-    OpenReport, RecoveryMode, TornTail, VerifyReport,
+    OpenReport, RecoveryMode, TornTail, VerifyReport, FAIL_SYNC_AFTER_ENV,
 };
 pub use model::*;
 
