@@ -5,7 +5,7 @@
 //!      0     4  magic  b"CJNL"
 //!      4     2  format version (u16, little endian)
 //!      6     1  record kind (see [`Kind`])
-//!      7     1  flags (must be 0 in format 1)
+//!      7     1  flags (must be 0)
 //!      8     4  payload length (u32, little endian)
 //!     12     4  CRC32 (IEEE) over bytes 0..12 and the payload
 //!     16     n  payload (bincode 2, standard config, of the persisted type)
@@ -21,7 +21,11 @@ use std::fmt;
 pub const MAGIC: [u8; 4] = *b"CJNL";
 /// Size of the fixed envelope header.
 pub const HEADER_LEN: usize = 16;
-/// The on-disk format version this build writes.
+/// The on-disk format version this build writes. Format 2 changed the WAL
+/// (segment salt and `synced_seq` in batch frames, see `wal.rs`) and the
+/// attachment key (it carries the network name; attachment, intent and
+/// address records decode format-1 payloads as keys without a network,
+/// see `codec.rs`); every other record has the same payload in both.
 pub const FORMAT_VERSION: u16 = 2;
 /// The oldest on-disk format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
@@ -96,7 +100,7 @@ pub enum DecodeError {
     UnknownKind(u8),
     /// The kind is valid but not the one expected at this place.
     WrongKind { expected: Kind, found: Kind },
-    /// Flags set that format 1 does not define.
+    /// Flags set that no format defines.
     BadFlags(u8),
     /// The checksum matched but the payload does not decode as its type, or
     /// decodes to a value that violates the type's invariants.

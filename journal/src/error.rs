@@ -40,6 +40,34 @@ pub enum JournalError {
     #[error("corrupt journal record {key}: {reason}")]
     Corrupt { key: String, reason: String },
 
+    /// A damaged WAL frame that is not a torn write: an intact frame written
+    /// after it records that seqs up to `synced_seq` (which include `seq`,
+    /// the first seq at or after the damage) had been fdatasynced, and so
+    /// acknowledged, before it was written. Cutting the damage off would
+    /// silently drop acknowledged commits, so opening refuses and changes
+    /// nothing on disk.
+    #[error(
+        "journal WAL {segment}: damaged frame at byte {offset} (seq {seq}): {reason}; \
+         the intact frame seq {proof_seq} at byte {proof_offset} was written after seqs up \
+         to {synced_seq} were synced, so the damage holds acknowledged commits and is not \
+         cut off; restore the journal from a copy, or rebuild it with \
+         `coilctl node repair --rebuild`",
+        segment = segment.display()
+    )]
+    AcknowledgedDamage {
+        segment: PathBuf,
+        /// Byte offset of the damaged frame in the segment.
+        offset: u64,
+        /// The first seq at or after the damage.
+        seq: u64,
+        reason: String,
+        /// The intact later frame that proves the acknowledgement.
+        proof_seq: u64,
+        proof_offset: u64,
+        /// What that frame records as synced when it was written (>= `seq`).
+        synced_seq: u64,
+    },
+
     /// An I/O call failed.
     #[error("journal I/O: {op} {}: {source}", path.display())]
     Io {
@@ -90,7 +118,9 @@ impl JournalError {
     pub fn is_corruption(&self) -> bool {
         matches!(
             self,
-            JournalError::Corrupt { .. } | JournalError::Open { .. }
+            JournalError::Corrupt { .. }
+                | JournalError::AcknowledgedDamage { .. }
+                | JournalError::Open { .. }
         )
     }
 }

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::net::IpAddr;
 use std::ops::Bound;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,9 +46,19 @@ const META_NODE: &[u8] = b"node";
 const META_INTENT_HWM: &[u8] = b"intent_hwm";
 const CHECKPOINT_FILE: &str = "CHECKPOINT";
 
+/// Test-only failpoint (read at open, and only in builds with the
+/// `failpoints` feature): after this many successful WAL fdatasyncs counted
+/// from the open, the next one fails as if the disk had returned EIO. See
+/// [`Journal::inject_sync_failure`].
+pub const FAIL_SYNC_AFTER_ENV: &str = "COIL_JOURNAL_FAIL_SYNC_AFTER";
+
+/// `Inner::sync_failure_after` when no failure is armed.
+const DISARMED: u64 = u64::MAX;
+
 /// More valid frames than this after a damaged one cannot be the unsynced
 /// tail of one group commit (a group is one frame per concurrent committer):
-/// that is damage in the middle of the log, and opening refuses it.
+/// that is damage in the middle of the log, and opening refuses it. (Format 2
+/// frames also prove it exactly: see [`JournalError::AcknowledgedDamage`].)
 pub const MAX_UNSYNCED_FRAMES: usize = 128;
 
 /// What to do with a damaged WAL when opening.
@@ -55,7 +66,8 @@ pub const MAX_UNSYNCED_FRAMES: usize = 128;
 pub enum RecoveryMode {
     /// A damaged frame at the end of the newest segment is a write that was
     /// in flight when the process or machine died: it was never acknowledged,
-    /// so it is cut off (and reported). Damage anywhere else is an error.
+    /// so it is cut off (and reported). Damage anywhere else, or damage that
+    /// a later intact frame proves was acknowledged, is an error.
     #[default]
     TolerateTornTail,
     /// Any damaged frame is an error.
@@ -331,6 +343,10 @@ struct WalState {
     file: Option<Arc<File>>,
     file_path: PathBuf,
     file_len: u64,
+    /// Length of the current segment that the last successful sync covered.
+    synced_len: u64,
+    /// The current segment's salt, repeated in each of its frames.
+    salt: u64,
     next_seq: u64,
     written_seq: u64,
     synced_seq: u64,
@@ -375,6 +391,11 @@ struct Inner {
     checkpoint_seq: AtomicU64,
     syncs: AtomicU64,
     commits: AtomicU64,
+    /// Mirrors `WalState::poisoned.is_some()`, readable without the lock.
+    poisoned: AtomicBool,
+    /// Test hook: successful WAL syncs left before an injected failure, or
+    /// `DISARMED`.
+    sync_failure_after: AtomicU64,
     /// Set by `abandon`: the checkpointer must not run a queued checkpoint.
     crashed: AtomicBool,
     intent_next: AtomicU64,
@@ -418,6 +439,7 @@ fn flock_exclusive(dir: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(durable::FILE_MODE)
         .open(&path)
         .map_err(|e| JournalError::io("open lock file", &path, e))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -512,7 +534,7 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
     let tmp = dir.join("CHECKPOINT.tmp");
     let path = dir.join(CHECKPOINT_FILE);
     {
-        let f = File::create(&tmp).map_err(|e| JournalError::io("create", &tmp, e))?;
+        let f = durable::create_private_file(&tmp, "create")?;
         wal::write_all_at(&f, &codec::encode_checkpoint(seq), 0)
             .map_err(|e| JournalError::io("write", &tmp, e))?;
         f.sync_all()
@@ -520,6 +542,33 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<()> {
     }
     fs::rename(&tmp, &path).map_err(|e| JournalError::io("rename", &path, e))?;
     durable::sync_dir(dir)
+}
+
+/// The failure armed by [`FAIL_SYNC_AFTER_ENV`]: only builds with the
+/// `failpoints` feature read it; others say that they ignore it.
+fn sync_failure_from_env() -> u64 {
+    let Some(v) = std::env::var_os(FAIL_SYNC_AFTER_ENV) else {
+        return DISARMED;
+    };
+    if !cfg!(feature = "failpoints") {
+        tracing::warn!(
+            "{FAIL_SYNC_AFTER_ENV} is set but ignored: this build has no journal failpoints"
+        );
+        return DISARMED;
+    }
+    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) => {
+            tracing::warn!(
+                "{FAIL_SYNC_AFTER_ENV}={n}: WAL fdatasync {} after this open will fail (test failpoint)",
+                n.saturating_add(1)
+            );
+            n.min(DISARMED - 1)
+        }
+        None => {
+            tracing::warn!(value = ?v, "{FAIL_SYNC_AFTER_ENV} is not a number; ignored");
+            DISARMED
+        }
+    }
 }
 
 /// Seconds since the epoch, for `created_unix` fields.
@@ -547,15 +596,16 @@ impl Journal {
                 return Err(JournalError::NotFound { dir });
             }
         } else {
-            fs::create_dir_all(&dir).map_err(|e| JournalError::io("create dir", &dir, e))?;
+            durable::create_private_dir(&dir)?;
         }
         let lock_file = flock_exclusive(&dir)?;
         let checkpoint = read_checkpoint(&dir)?;
         let wal_dir = dir.join("wal");
         let sled_dir = dir.join("sled");
         if !opts.read_only {
-            fs::create_dir_all(&wal_dir)
-                .map_err(|e| JournalError::io("create dir", &wal_dir, e))?;
+            durable::create_private_dir(&wal_dir)?;
+            // Before sled creates it with the process umask.
+            durable::create_private_dir(&sled_dir)?;
         }
         let segments = if wal_dir.exists() {
             wal::list_segments(&wal_dir)?
@@ -571,6 +621,7 @@ impl Journal {
             );
         }
         let mut report = OpenReport::default();
+        let checkpoint_format = checkpoint.map(|c| c.format_version);
         let checkpoint_seq = match checkpoint {
             Some(c) => c.seq,
             None => {
@@ -591,6 +642,10 @@ impl Journal {
             }
         };
         report.checkpoint_seq = checkpoint_seq;
+        if !opts.read_only {
+            // A journal from a previous build, or files sled just created.
+            durable::restrict_tree(&dir)?;
+        }
 
         // Replay the WAL after the checkpoint.
         let mut expected = checkpoint_seq + 1;
@@ -601,6 +656,35 @@ impl Journal {
             let scan = wal::scan_segment(&seg.path)?;
             if let Some(bad) = &scan.bad {
                 let key = format!("{}@{}", seg.path.display(), bad.offset);
+                // The first seq at or after the damage.
+                let damaged_seq = scan.batches.last().map_or(seg.first_seq, |b| b.seq + 1);
+                if let Some(p) = bad.proof {
+                    // Seqs up to the checkpoint are in sled already: damage
+                    // to their frames loses nothing.
+                    if p.synced_seq >= damaged_seq.max(checkpoint_seq + 1) {
+                        return Err(JournalError::AcknowledgedDamage {
+                            segment: seg.path.clone(),
+                            offset: bad.offset,
+                            seq: damaged_seq,
+                            reason: bad.reason.clone(),
+                            proof_seq: p.seq,
+                            proof_offset: p.offset,
+                            synced_seq: p.synced_seq,
+                        });
+                    }
+                }
+                if scan.header.is_none() && bad.later_valid_frames > 0 {
+                    // The header is synced before any frame is appended, so
+                    // a damaged header with frames after it is not a torn
+                    // write.
+                    return Err(JournalError::Corrupt {
+                        key,
+                        reason: format!(
+                            "{}, but {} valid frames follow it",
+                            bad.reason, bad.later_valid_frames
+                        ),
+                    });
+                }
                 if !newest
                     || opts.recovery == RecoveryMode::Strict
                     || bad.later_valid_frames > MAX_UNSYNCED_FRAMES
@@ -689,6 +773,8 @@ impl Journal {
             file: None,
             file_path: PathBuf::new(),
             file_len: 0,
+            synced_len: 0,
+            salt: 0,
             next_seq: last_seq + 1,
             written_seq: last_seq,
             synced_seq: last_seq,
@@ -701,6 +787,12 @@ impl Journal {
             last_group: 0,
         };
         if !opts.read_only {
+            // Mark the journal as this format before writing anything in it,
+            // so an older coil refuses it (`NewerFormat`) instead of taking
+            // format 2 frames for damage.
+            if checkpoint_format.is_some_and(|v| v < u32::from(FORMAT_VERSION)) {
+                write_checkpoint(&dir, checkpoint_seq)?;
+            }
             for p in &covered {
                 fs::remove_file(p).map_err(|e| JournalError::io("remove segment", p, e))?;
                 report.removed_segments += 1;
@@ -708,10 +800,12 @@ impl Journal {
             let path = wal::segment_path(&wal_dir, last_seq + 1);
             // A previous open may have created this very segment and died
             // before writing to it; it holds only a header, so recreate it.
-            let (file, len) = wal::create_segment(&wal_dir, last_seq + 1)?;
-            state.file = Some(Arc::new(file));
+            let seg = wal::create_segment(&wal_dir, last_seq + 1)?;
+            state.file = Some(Arc::new(seg.file));
             state.file_path = path;
-            state.file_len = len;
+            state.file_len = seg.len;
+            state.synced_len = seg.len;
+            state.salt = seg.salt;
             if report.replayed_batches > 0 {
                 state.bytes_since_checkpoint = opts.checkpoint_bytes;
             }
@@ -736,6 +830,12 @@ impl Journal {
             checkpoint_seq: AtomicU64::new(checkpoint_seq),
             syncs: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            sync_failure_after: AtomicU64::new(if read_only {
+                DISARMED
+            } else {
+                sync_failure_from_env()
+            }),
             crashed: AtomicBool::new(false),
             intent_next: AtomicU64::new(intent_hwm + 1),
             tx: Mutex::new(if read_only { None } else { Some(tx) }),
@@ -773,6 +873,33 @@ impl Journal {
     /// The journal's directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// True once a failed WAL write or sync has poisoned the journal: every
+    /// commit fails with [`JournalError::Poisoned`] until the process
+    /// reopens it. One atomic load, for health checks.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Why the journal is poisoned, if it is.
+    pub fn poison_reason(&self) -> Option<String> {
+        lock(&self.inner.state).poisoned.clone()
+    }
+
+    /// Test hook: makes the next WAL fdatasync fail as if the disk had
+    /// returned an error. That commit, and every later one, fails with
+    /// [`JournalError::Poisoned`]. The frames that sync would have covered
+    /// (and any written after them) are cut from the segment, as the kernel
+    /// may drop dirty pages after a failed fsync, so a reopen holds exactly
+    /// the commits acknowledged before the failure.
+    ///
+    /// Other processes (coild under test) arm the same failure with the
+    /// environment variable [`FAIL_SYNC_AFTER_ENV`] in builds with this
+    /// crate's `failpoints` feature.
+    #[doc(hidden)]
+    pub fn inject_sync_failure(&self) {
+        self.inner.sync_failure_after.store(0, Ordering::Release);
     }
 
     /// Allocates a fresh intent id. Ids are unique for the journal's life:
@@ -818,7 +945,10 @@ impl Journal {
             });
         }
         let seq = st.next_seq;
-        let frame = wal::encode_batch(seq, &ops);
+        // `synced_seq` is what a sync has covered before this frame is
+        // written: if this frame survives and an earlier one does not,
+        // replay knows whether the lost one was acknowledged.
+        let frame = wal::encode_batch(seq, st.salt, st.synced_seq, &ops);
         if frame.len() > crate::envelope::MAX_PAYLOAD {
             return Err(JournalError::Invalid(format!(
                 "batch of {} operations encodes to {} bytes, over the limit",
@@ -835,10 +965,11 @@ impl Journal {
             // Cut the partial frame off so later frames are not written
             // behind garbage; if that fails too, stop accepting commits.
             if let Err(e2) = file.set_len(st.file_len) {
-                st.poisoned = Some(format!(
+                let why = format!(
                     "write to {} failed ({e}) and truncating it back failed ({e2})",
                     st.file_path.display()
-                ));
+                );
+                inner.poison(&mut st, why);
             }
             return Err(JournalError::io("append", st.file_path.clone(), e));
         }
@@ -1279,11 +1410,17 @@ impl Inner {
         }
         st.last_group = st.pending.len();
         let target = st.written_seq;
+        let target_len = st.file_len;
         let pending = std::mem::take(&mut st.pending);
         let file = st.file.clone();
         let path = st.file_path.clone();
         drop(st);
-        let res = match file {
+        let injected = self.take_injected_sync_failure();
+        let res = match &file {
+            Some(_) if injected => Err(format!(
+                "fdatasync {}: injected failure (test hook)",
+                path.display()
+            )),
             Some(f) => f
                 .sync_data()
                 .inspect(|()| {
@@ -1296,14 +1433,47 @@ impl Inner {
         let mut st = lock(&self.state);
         st.syncing = false;
         match res {
-            Ok(()) => st.synced_seq = target,
-            Err(why) => {
-                tracing::error!(%why, "journal poisoned");
-                st.poisoned = Some(why);
+            Ok(()) => {
+                st.synced_seq = target;
+                st.synced_len = target_len;
+            }
+            Err(mut why) => {
+                if let (true, Some(f)) = (injected, &file) {
+                    // Play the kernel's worst case after a failed fsync: the
+                    // dirty pages are gone. Every frame past the last good
+                    // sync (none acknowledged) disappears, so a reopen
+                    // holds exactly the acknowledged commits.
+                    if let Err(e) = f.set_len(st.synced_len) {
+                        why.push_str(&format!("; dropping the unsynced frames failed: {e}"));
+                    }
+                    st.file_len = st.synced_len;
+                }
+                self.poison(&mut st, why);
             }
         }
         self.cv.notify_all();
         st
+    }
+
+    /// Refuses every later commit: after a failed write or sync only a
+    /// reopen knows what is durable.
+    fn poison(&self, st: &mut WalState, why: String) {
+        tracing::error!(%why, "journal poisoned");
+        st.poisoned = Some(why);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Counts one WAL sync against the armed test failure; true if this one
+    /// must fail.
+    fn take_injected_sync_failure(&self) -> bool {
+        let next = |left: u64| (left != DISARMED && left > 0).then(|| left - 1);
+        match self
+            .sync_failure_after
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, next)
+        {
+            Ok(_) => false,
+            Err(left) => left == 0,
+        }
     }
 
     /// Applies synced batches to the memtable, in WAL order (only the sync
@@ -1352,10 +1522,12 @@ impl Inner {
         let header_only =
             st.file.is_some() && wal::segment_path(&self.wal_dir, covered + 1) == st.file_path;
         if !header_only {
-            let (file, len) = wal::create_segment(&self.wal_dir, covered + 1)?;
-            st.file = Some(Arc::new(file));
+            let seg = wal::create_segment(&self.wal_dir, covered + 1)?;
+            st.file = Some(Arc::new(seg.file));
             st.file_path = wal::segment_path(&self.wal_dir, covered + 1);
-            st.file_len = len;
+            st.file_len = seg.len;
+            st.synced_len = seg.len;
+            st.salt = seg.salt;
         }
         st.bytes_since_checkpoint = 0;
         st.checkpoint_requested = false;
@@ -1411,6 +1583,8 @@ impl Inner {
             .flush()
             .map_err(|e| JournalError::sled("flush", e))?;
         durable::sync_tree(&self.sled_dir)?;
+        // sled creates files with the process umask.
+        durable::restrict_tree(&self.sled_dir)?;
 
         // 3. Only now claim the checkpoint, then drop what it covers.
         write_checkpoint(&self.dir, covered)?;

@@ -30,7 +30,7 @@ pub use codec::{valid_network_name, MAX_CONTAINER_ID, MAX_NETWORK_NAME};
 pub use error::{JournalError, Result};
 pub use journal::{
     now_unix, Batch, CommitInfo, CorruptRecord, Dump, Journal, JournalOptions, JournalStats,
-    OpenReport, RecoveryMode, TornTail, VerifyReport,
+    OpenReport, RecoveryMode, TornTail, VerifyReport, FAIL_SYNC_AFTER_ENV,
 };
 pub use model::*;
 
@@ -96,7 +96,14 @@ impl Tree {
 /// panic, whatever the input.
 #[doc(hidden)]
 pub fn decode_any(bytes: &[u8]) -> std::result::Result<envelope::Kind, envelope::DecodeError> {
-    codec::decode_any(bytes)
+    // WAL frames have a layout per format version, which `wal` knows.
+    match envelope::open(bytes)?.kind {
+        envelope::Kind::WalBatch => wal::decode_batch(bytes).map(|_| envelope::Kind::WalBatch),
+        envelope::Kind::WalSegmentHeader => {
+            wal::decode_header(bytes).map(|_| envelope::Kind::WalSegmentHeader)
+        }
+        _ => codec::decode_any(bytes),
+    }
 }
 
 /// Seals `payload` as the record kind picked by `kind` (with a valid

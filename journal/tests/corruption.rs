@@ -1,7 +1,7 @@
 //! Damaged journals: flipped bytes, truncated values, records in the wrong
 //! place, torn and damaged WAL frames, missing segments, newer formats. Each
-//! gives a typed error or a reported, bounded repair; never a panic and
-//! never a silently wrong value.
+//! gives a typed error or a reported, bounded repair; never a panic, never a
+//! silently wrong value, and never a cut that drops an acknowledged commit.
 
 mod common;
 
@@ -233,28 +233,125 @@ fn torn_last_frame_is_cut_off_and_reported_but_strict_mode_refuses() {
     assert_eq!(j.attachments().expect("read").len(), 21);
 }
 
+/// Everything of the journal but sled's files (sled rewrites some of them
+/// when it opens) and the LOCK file.
+fn wal_and_checkpoint(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut m = tree_snapshot(dir);
+    m.retain(|p, _| !p.starts_with(dir.join("sled")) && *p != dir.join("LOCK"));
+    m
+}
+
 #[test]
-fn damage_deep_inside_the_wal_is_refused_not_truncated() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let seg = crashed_journal_with_frames(dir.path(), 400);
-    let frames = frame_offsets(&seg);
-    // Frame 10 of 400: far more valid frames follow than any unsynced
-    // group-commit window could hold.
-    let (off, _) = frames[10];
-    flip(&seg, off + envelope::HEADER_LEN + 2);
-    let err = Journal::open(dir.path()).expect_err("damage in the middle is refused");
-    match err {
-        JournalError::Corrupt { key, reason } => {
-            assert!(key.ends_with(&format!("@{off}")), "{key}");
-            assert!(reason.contains("valid frames follow"), "{reason}");
+fn damage_that_later_frames_prove_acknowledged_is_refused_and_nothing_is_cut() {
+    // Sequential commits: each frame was written after the commit before it
+    // had been synced and acknowledged, and records that in its synced seq.
+    // The previous build cut off damage with up to 128 valid frames behind
+    // it as a torn tail, dropping those acknowledged commits.
+    for damaged in [12u64, 19] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seg = crashed_journal_with_frames(dir.path(), 20);
+        let frames = frame_offsets(&seg);
+        // frames[0] is the segment header; frames[s] holds seq s.
+        let (off, _) = frames[damaged as usize];
+        flip(&seg, off + envelope::HEADER_LEN + 2);
+        let before = wal_and_checkpoint(dir.path());
+        let modes = [
+            JournalOptions::default(),
+            JournalOptions {
+                recovery: RecoveryMode::Strict,
+                ..Default::default()
+            },
+            JournalOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        ];
+        for opts in modes {
+            let err = Journal::open_with(dir.path(), opts.clone())
+                .expect_err("acknowledged damage must not open");
+            match &err {
+                JournalError::AcknowledgedDamage {
+                    segment,
+                    offset,
+                    seq,
+                    reason,
+                    proof_seq,
+                    proof_offset,
+                    synced_seq,
+                } => {
+                    assert_eq!(segment, &seg);
+                    assert_eq!(*offset, off as u64);
+                    assert_eq!(*seq, damaged);
+                    assert!(reason.contains("checksum"), "{reason}");
+                    assert_eq!(*proof_seq, 20);
+                    assert_eq!(*proof_offset, frames[20].0 as u64);
+                    assert_eq!(*synced_seq, 19);
+                }
+                other => panic!("expected AcknowledgedDamage ({opts:?}), got {other}"),
+            }
+            assert!(err.is_corruption());
+            let msg = err.to_string();
+            for part in [
+                seg.display().to_string(),
+                format!("byte {off}"),
+                format!("seq {damaged}"),
+                "coilctl node repair --rebuild".to_string(),
+            ] {
+                assert!(msg.contains(&part), "{part:?} missing from: {msg}");
+            }
+            assert_eq!(
+                wal_and_checkpoint(dir.path()),
+                before,
+                "a refused open must not cut or create anything"
+            );
         }
-        other => panic!("expected Corrupt, got {other}"),
     }
-    // Nothing was cut off by the refused open.
-    assert_eq!(fs::metadata(&seg).expect("stat").len() as usize, {
-        let (o, l) = *frames.last().expect("frames");
-        o + l
-    });
+}
+
+#[test]
+fn damage_inside_the_last_unsynced_window_is_still_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = crashed_journal_with_frames(dir.path(), 20);
+    let mut b = fs::read(&seg).expect("read");
+    let salt = raw::segment_salt(&b);
+    // Seqs 21 and 22 were written in one group-commit window after seq 20
+    // had been synced; the power went before their sync and only 22's page
+    // reached the disk. Neither was acknowledged.
+    let frame = |seq: u64| {
+        raw::seal(
+            2,
+            raw::KIND_WAL_BATCH,
+            &raw::payload(&raw::WalBatchV2 {
+                seq,
+                salt,
+                synced_seq: 20,
+                ops: vec![raw::store_put_v1(&format!("k{seq}"), "v")],
+            }),
+        )
+    };
+    let (f21, f22) = (frame(21), frame(22));
+    let off = b.len();
+    b.extend(std::iter::repeat_n(0u8, f21.len()));
+    b.extend_from_slice(&f22);
+    fs::write(&seg, &b).expect("write");
+
+    let j = Journal::open(dir.path()).expect("an unacknowledged window is repaired");
+    let r = j.open_report();
+    assert_eq!(r.torn_tails.len(), 1, "{r:?}");
+    assert_eq!(r.torn_tails[0].offset, off as u64);
+    assert_eq!(r.torn_tails[0].later_valid_frames, 1);
+    assert_eq!(
+        r.torn_tails[0].dropped_bytes,
+        (f21.len() + f22.len()) as u64
+    );
+    assert_eq!(r.last_seq, 20);
+    assert_eq!(j.store_get(b"k22").expect("read"), None);
+    assert_eq!(j.attachments().expect("read").len(), 20);
+    // The cut is at the damage; a background checkpoint may already have
+    // removed the segment, which holds nothing past the checkpoint.
+    if let Ok(m) = fs::metadata(&seg) {
+        assert_eq!(m.len(), off as u64);
+    }
 }
 
 #[test]
@@ -322,9 +419,9 @@ fn newer_format_is_refused_and_nothing_changes() {
             err,
             JournalError::NewerFormat {
                 found: 9,
-                supported: 2,
+                supported,
                 ..
-            }
+            } if supported == u32::from(envelope::FORMAT_VERSION)
         ),
         "{err}"
     );

@@ -74,3 +74,106 @@ pub fn intent(id: u64, done: bool) -> Intent {
         created_unix: id,
     }
 }
+
+/// Hand-built WAL bytes, for tests that need frames the journal's own API
+/// does not produce: format 1 frames as the previous build wrote them, and
+/// format 2 frames of a chosen group-commit history. The structs mirror the
+/// persisted layouts (bincode 2, standard config) field for field.
+pub mod raw {
+    use serde::{Deserialize, Serialize};
+
+    pub const KIND_FORMAT: u8 = 1;
+    pub const KIND_STORE_ENTRY: u8 = 8;
+    pub const KIND_WAL_BATCH: u8 = 16;
+    pub const KIND_SEGMENT_HEADER: u8 = 17;
+    /// `Tree::Store.id()`.
+    pub const TREE_STORE: u8 = 6;
+
+    #[derive(Serialize)]
+    pub struct CheckpointV1 {
+        pub format_version: u32,
+        pub seq: u64,
+    }
+
+    #[derive(Serialize)]
+    pub struct SegmentHeaderV1 {
+        pub format_version: u32,
+        pub first_seq: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct SegmentHeaderV2 {
+        pub format_version: u32,
+        pub first_seq: u64,
+        pub salt: u64,
+    }
+
+    #[derive(Serialize, Clone)]
+    pub struct WalOpV1 {
+        pub tree: u8,
+        pub key: Vec<u8>,
+        pub value: Option<Vec<u8>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct WalBatchV1 {
+        pub seq: u64,
+        pub ops: Vec<WalOpV1>,
+    }
+
+    #[derive(Serialize)]
+    pub struct WalBatchV2 {
+        pub seq: u64,
+        pub salt: u64,
+        pub synced_seq: u64,
+        pub ops: Vec<WalOpV1>,
+    }
+
+    #[derive(Serialize)]
+    pub struct StoreEntryV1 {
+        pub value: Vec<u8>,
+    }
+
+    pub fn payload<T: Serialize>(v: &T) -> Vec<u8> {
+        bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("encode")
+    }
+
+    /// An envelope of format `version`, with a valid checksum.
+    pub fn seal(version: u16, kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = b"CJNL".to_vec();
+        out.extend_from_slice(&version.to_le_bytes());
+        out.push(kind);
+        out.push(0);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&out[..12]);
+        h.update(payload);
+        out.extend_from_slice(&h.finalize().to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A put of an embedded-store entry, as format 1 stored it.
+    pub fn store_put_v1(key: &str, value: &str) -> WalOpV1 {
+        WalOpV1 {
+            tree: TREE_STORE,
+            key: key.as_bytes().to_vec(),
+            value: Some(seal(
+                1,
+                KIND_STORE_ENTRY,
+                &payload(&StoreEntryV1 {
+                    value: value.as_bytes().to_vec(),
+                }),
+            )),
+        }
+    }
+
+    /// The salt in a format 2 segment's header.
+    pub fn segment_salt(segment: &[u8]) -> u64 {
+        let len = u32::from_le_bytes(segment[8..12].try_into().expect("4 bytes")) as usize;
+        let (h, _): (SegmentHeaderV2, usize) =
+            bincode::serde::decode_from_slice(&segment[16..16 + len], bincode::config::standard())
+                .expect("format 2 segment header");
+        h.salt
+    }
+}
