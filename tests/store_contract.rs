@@ -482,6 +482,19 @@ async fn address_index<B: Backend>(s: &Store<B>) {
     };
     assert!(!s.delete_address(&older).await.expect("fenced"));
     assert!(s.address_info(addr).await.expect("info").record.is_some());
+    // A put replaces a valid entry (a newer assignment wins) and is
+    // idempotent.
+    let newer = AddressRecord {
+        container_id: "newer".into(),
+        ..rec.clone()
+    };
+    s.put_address(&newer).await.expect("replace");
+    s.put_address(&newer).await.expect("again");
+    assert_eq!(
+        s.address_info(addr).await.expect("info").record.as_ref(),
+        Some(&newer)
+    );
+    s.put_address(&rec).await.expect("back");
     // Releasing the block drops its index entries.
     s.release_block(&l).await.expect("release");
     assert!(s.address_info(addr).await.expect("info").record.is_none());
@@ -524,20 +537,413 @@ async fn newer_schema_is_refused<B: Backend>(s: &Store<B>) {
 contract!(newer_schema_is_refused);
 
 async fn corrupt_entries_are_named<B: Backend>(s: &Store<B>) {
-    let key = s.keys().pool("broken");
-    s.backend()
-        .txn(
-            "test",
-            Txn::read(vec![Op::put(key.clone(), b"{not json".to_vec())]),
-        )
+    s.create_pool(&spec("default", &["10.0.0.0/24"], 4))
         .await
-        .expect("write");
-    match s.list_pools().await {
-        Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
+        .expect("create");
+    let key = s.keys().pool("broken");
+    put_raw(s, &key, b"{not json").await;
+    // A listing skips it and says so; a read of that key names it.
+    let names: Vec<String> = s
+        .list_pools()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["default".to_string()]);
+    let listed = s.list_pools_checked().await.expect("list");
+    assert_eq!(listed.bad.len(), 1);
+    assert_eq!(listed.bad[0].key, key);
+    match s.get_pool("broken").await {
+        Err(StoreError::Corrupt { key: k, reason }) => {
+            assert_eq!(k, key);
+            assert!(reason.contains("not a valid pool value"), "{reason}");
+        }
         other => panic!("expected corrupt, got {other:?}"),
     }
 }
 contract!(corrupt_entries_are_named);
+
+async fn put_raw<B: Backend>(s: &Store<B>, key: &str, value: &[u8]) {
+    s.backend()
+        .txn(
+            "test",
+            Txn::read(vec![Op::put(key.to_string(), value.to_vec())]),
+        )
+        .await
+        .expect("write");
+}
+
+fn lease_json(pool: &str, block: &str, node: &str) -> Vec<u8> {
+    serde_json::to_vec(&BlockLease {
+        pool: pool.into(),
+        block: net(block),
+        node: node.into(),
+        acquired_unix: 1,
+        epoch: 0,
+    })
+    .expect("json")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// The keys and values of `keys` as they are now (missing keys left out).
+async fn entries<B: Backend>(s: &Store<B>, keys: &[String]) -> Vec<(String, Vec<u8>, i64)> {
+    snapshot(s)
+        .await
+        .into_iter()
+        .filter(|(k, _, _)| keys.contains(k))
+        .collect()
+}
+
+/// One of each kind of bad block entry under pool `default`
+/// (10.64.0.0/24, blocks of /27: 8 blocks) and a bad pool, bad address and
+/// bad node entry; returns the bad block keys.
+async fn plant_bad_entries<B: Backend>(s: &Store<B>) -> Vec<String> {
+    s.create_pool(&spec("default", &["10.64.0.0/24"], 5))
+        .await
+        .expect("create default");
+    s.create_pool(&spec("other", &["10.65.0.0/24"], 5))
+        .await
+        .expect("create other");
+    let k = s.keys().clone();
+    let bkey = |a: &str| k.block("default", &net(&format!("{a}/32")));
+    let bad = vec![
+        // Not JSON, under a key that names no block.
+        (
+            format!("{}zz", k.pool_blocks("default")),
+            b"garbage".to_vec(),
+        ),
+        // A real block's key whose value names another pool and block.
+        (
+            bkey("10.64.0.64"),
+            lease_json("other", "10.65.0.0/27", "node-1"),
+        ),
+        // A real block's key holding garbage.
+        (bkey("10.64.0.96"), b"{\"pool\":".to_vec()),
+        // A block outside the pool.
+        (
+            bkey("10.99.0.0"),
+            lease_json("default", "10.99.0.0/27", "node-1"),
+        ),
+        // Everything.
+        (
+            bkey("0.0.0.0"),
+            lease_json("default", "0.0.0.0/0", "node-1"),
+        ),
+        // Misaligned and of the wrong size.
+        (
+            bkey("10.64.0.48"),
+            lease_json("default", "10.64.0.48/28", "node-1"),
+        ),
+    ];
+    for (key, value) in &bad {
+        put_raw(s, key, value).await;
+    }
+    put_raw(s, &k.pool("broken"), b"{\"name\":\"broken\"}").await;
+    // An index entry stored under another address's key.
+    let rec = AddressRecord {
+        address: ip("10.64.0.34"),
+        pool: "default".into(),
+        block: net("10.64.0.32/27"),
+        node: "node-1".into(),
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+    };
+    put_raw(
+        s,
+        &k.address(ip("10.64.0.33")),
+        &serde_json::to_vec(&rec).expect("json"),
+    )
+    .await;
+    put_raw(s, &k.node("node-7"), b"[]").await;
+    bad.into_iter().map(|(k, _)| k).collect()
+}
+
+async fn bad_entries_are_skipped_reported_and_kept<B: Backend>(s: &Store<B>) {
+    let bad_keys = plant_bad_entries(s).await;
+    let k = s.keys().clone();
+    let good = s
+        .acquire_specific("default", net("10.64.0.0/27"), "node-1")
+        .await
+        .expect("acquire a good lease");
+    let all_keys: Vec<String> = snapshot(s).await.into_iter().map(|e| e.0).collect();
+    let before = entries(s, &all_keys).await;
+
+    // Listings: the good lease only, and every bad entry reported.
+    let seen = s.bad_entries_seen();
+    let listed = s.all_blocks_checked().await.expect("blocks");
+    assert_eq!(listed.items, vec![good.clone()]);
+    let mut reported: Vec<String> = listed.bad.iter().map(|b| b.key.clone()).collect();
+    reported.sort();
+    let mut want = bad_keys.clone();
+    want.sort();
+    assert_eq!(reported, want);
+    assert_eq!(s.bad_entries_seen(), seen + 6, "each bad entry counted");
+    let reason = |key: &str| {
+        listed
+            .bad
+            .iter()
+            .find(|b| b.key == key)
+            .map(|b| b.reason.clone())
+            .unwrap_or_default()
+    };
+    let bkey = |a: &str| k.block("default", &net(&format!("{a}/32")));
+    assert!(reason(&bkey("10.64.0.64")).contains("names pool \"other\""));
+    assert!(reason(&bkey("10.64.0.96")).contains("not a valid block lease"));
+    assert!(reason(&bkey("10.99.0.0")).contains("outside pool default's subnets"));
+    assert!(reason(&bkey("0.0.0.0")).contains("is a /0"));
+    assert!(reason(&bkey("10.64.0.48")).contains("is a /28"));
+
+    assert_eq!(s.all_blocks().await.expect("blocks"), vec![good.clone()]);
+    assert_eq!(
+        s.node_blocks("node-1").await.expect("node blocks"),
+        vec![good.clone()]
+    );
+    assert_eq!(
+        s.node_blocks_checked("node-1")
+            .await
+            .expect("node blocks")
+            .bad
+            .len(),
+        6
+    );
+    let usage = s.pool_usage("default").await.expect("pool show");
+    assert_eq!(usage.leases, vec![good.clone()]);
+    assert_eq!(usage.bad.len(), 6);
+    let nodes = s.nodes_checked().await.expect("nodes");
+    assert_eq!(nodes.items.len(), 1);
+    assert_eq!(nodes.items[0].node, "node-1");
+    assert_eq!(nodes.items[0].blocks, 1);
+    assert!(nodes.bad.iter().any(|b| b.key == k.node("node-7")));
+    assert_eq!(nodes.bad.len(), 7);
+    let pools = s.list_pools_checked().await.expect("pools");
+    assert_eq!(pools.items.len(), 2);
+    assert_eq!(pools.bad.len(), 1);
+    assert!(matches!(
+        s.get_pool("broken").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        s.node("node-7").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let addrs = s
+        .addresses_in_checked(&net("10.64.0.32/27"))
+        .await
+        .expect("addresses");
+    assert!(addrs.items.is_empty());
+    assert_eq!(addrs.bad.len(), 1);
+    assert!(
+        addrs.bad[0].reason.contains("names address 10.64.0.34"),
+        "{}",
+        addrs.bad[0].reason
+    );
+
+    // Single-key reads of a bad entry are typed errors naming the key.
+    for block in ["10.64.0.64/27", "10.64.0.96/27"] {
+        match s.block(net(block)).await {
+            Err(StoreError::Corrupt { key, .. }) => {
+                assert_eq!(key, k.block("default", &net(block)))
+            }
+            other => panic!("{block}: expected corrupt, got {other:?}"),
+        }
+        assert!(matches!(
+            s.acquire_specific("default", net(block), "node-1").await,
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+    assert!(matches!(
+        s.address_info(ip("10.64.0.33")).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+
+    // Acquisition never hands out a block whose key is occupied: the 5
+    // free blocks, then exhaustion.
+    let occupied = [
+        net("10.64.0.0/27"),
+        net("10.64.0.64/27"),
+        net("10.64.0.96/27"),
+    ];
+    let mut got = HashSet::new();
+    for _ in 0..5 {
+        let l = s.acquire_block("default", "node-2").await.expect("acquire");
+        assert!(!occupied.contains(&l.block), "handed out {}", l.block);
+        assert!(got.insert(l.block), "{} twice", l.block);
+    }
+    assert!(matches!(
+        s.acquire_block("default", "node-2").await,
+        Err(StoreError::Exhausted { blocks: 8, .. })
+    ));
+
+    // Writes around them never touch them.
+    let squatter = AddressRecord {
+        address: ip("10.64.0.33"),
+        pool: "default".into(),
+        block: net("10.64.0.32/27"),
+        node: "node-2".into(),
+        container_id: "c2".into(),
+        ifname: "eth0".into(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+    };
+    assert!(matches!(
+        s.put_address(&squatter).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        s.delete_address(&squatter).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    s.release_block(&good)
+        .await
+        .expect("release the good lease");
+    // (node-2's leases stay: releasing 10.64.0.32/27 would delete its
+    // address index range, the bad entry at 10.64.0.33 included.)
+    match s.remove_pool("default", false).await {
+        Err(StoreError::PoolInUse { blocks, nodes, .. }) => {
+            assert_eq!(blocks, 5 + 6);
+            assert_eq!(nodes, "node-2, 6 bad entries (coilctl pool show default)");
+        }
+        other => panic!("expected in use, got {other:?}"),
+    }
+    // A bad index entry inside the pool counts as an address in use.
+    assert!(matches!(
+        s.remove_pool("default", true).await,
+        Err(StoreError::PoolNotEmpty { addresses: 1, .. })
+    ));
+    let after = entries(s, &all_keys).await;
+    let gone: Vec<&String> = before
+        .iter()
+        .filter(|e| !after.contains(e))
+        .map(|e| &e.0)
+        .filter(|key| **key != k.block("default", &good.block))
+        .collect();
+    assert!(gone.is_empty(), "changed or deleted: {gone:?}");
+
+    // The explicit admin path removes them with the pool, once the
+    // administrator has dealt with the bad index entry.
+    s.backend()
+        .txn(
+            "test",
+            Txn::read(vec![Op::Delete {
+                key: k.address(ip("10.64.0.33")).into_bytes(),
+            }]),
+        )
+        .await
+        .expect("delete");
+    let r = s.remove_pool("default", true).await.expect("force remove");
+    assert_eq!(r.blocks_released, 5 + 6);
+    assert!(s.all_blocks_checked().await.expect("blocks").bad.is_empty());
+}
+contract!(bad_entries_are_skipped_reported_and_kept);
+
+async fn bad_entries_do_not_stop_the_rest<B: Backend>(s: &Store<B>) {
+    plant_bad_entries(s).await;
+    let k = s.keys().clone();
+    // A bad subnet registry entry still counts for overlaps (by its key);
+    // it does not stop unrelated pools.
+    let reg = k.subnet(&net("10.80.0.0/16"));
+    put_raw(s, &reg, b"nonsense").await;
+    match s.create_pool(&spec("x", &["10.80.1.0/24"], 5)).await {
+        Err(StoreError::SubnetOverlap { existing, pool, .. }) => {
+            assert_eq!(existing, net("10.80.0.0/16"));
+            assert!(pool.contains(&reg), "{pool}");
+        }
+        other => panic!("expected overlap, got {other:?}"),
+    }
+    s.create_pool(&spec("y", &["10.81.0.0/24"], 5))
+        .await
+        .expect("unrelated pool");
+    // A bad pool entry is never overwritten.
+    assert!(matches!(
+        s.create_pool(&spec("broken", &["10.82.0.0/24"], 5)).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        s.add_subnet("broken", net("10.82.0.0/24")).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+
+    // The controller's index GC keeps the entries of a pool with bad block
+    // entries (one may be their lease) and every bad index entry; it still
+    // collects elsewhere.
+    let leader = "ctl-1";
+    assert!(s.campaign(leader, 30).await.expect("campaign").is_some());
+    let unowned = |pool: &str, a: &str, block: &str| AddressRecord {
+        address: ip(a),
+        pool: pool.into(),
+        block: net(block),
+        node: "node-5".into(),
+        container_id: "c5".into(),
+        ifname: "eth0".into(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+    };
+    let kept = unowned("default", "10.64.0.65", "10.64.0.64/27");
+    let collected = unowned("y", "10.81.0.1", "10.81.0.0/27");
+    s.put_address(&kept).await.expect("index");
+    s.put_address(&collected).await.expect("index");
+    assert_eq!(s.gc_address_index(leader).await.expect("gc"), 1);
+    let left = snapshot(s).await;
+    let has = |key: String| left.iter().any(|e| e.0 == key);
+    assert!(has(k.address(kept.address)));
+    assert!(!has(k.address(collected.address)));
+    assert!(has(k.address(ip("10.64.0.33"))), "bad index entry deleted");
+
+    // Every bad entry of the store, in one report.
+    let report = s.check().await.expect("check");
+    let keys: Vec<&str> = report.iter().map(|b| b.key.as_str()).collect();
+    assert!(keys.contains(&reg.as_str()), "{keys:?}");
+    assert!(keys.contains(&k.pool("broken").as_str()));
+    assert!(keys.contains(&k.node("node-7").as_str()));
+    assert!(keys.contains(&k.address(ip("10.64.0.33")).as_str()));
+    assert_eq!(report.len(), 6 + 4, "{report:#?}");
+}
+contract!(bad_entries_do_not_stop_the_rest);
+
+async fn a_clean_store_checks_clean<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.90.0.0/24"], 5))
+        .await
+        .expect("create");
+    s.add_subnet("default", net("10.91.0.0/24"))
+        .await
+        .expect("add");
+    let l = s.acquire_block("default", "node-1").await.expect("acquire");
+    s.put_address(&AddressRecord {
+        address: l.block.network(),
+        pool: "default".into(),
+        block: l.block,
+        node: "node-1".into(),
+        container_id: "c".into(),
+        ifname: "eth0".into(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+    })
+    .await
+    .expect("index");
+    s.register_node(
+        &NodeRecord {
+            node: "node-1".into(),
+            boot_id: "b".into(),
+            started_unix: 1,
+            version: "0".into(),
+        },
+        30,
+    )
+    .await
+    .expect("register");
+    assert!(s.campaign("ctl", 30).await.expect("campaign").is_some());
+    let seen = s.bad_entries_seen();
+    assert_eq!(s.check().await.expect("check"), vec![]);
+    assert!(s.all_blocks_checked().await.expect("list").bad.is_empty());
+    assert_eq!(s.bad_entries_seen(), seen);
+}
+contract!(a_clean_store_checks_clean);
 
 #[tokio::test]
 async fn unreachable_etcd_names_the_endpoint() {

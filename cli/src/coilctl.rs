@@ -64,6 +64,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BlockCmd,
     },
+    /// Check the cluster store itself.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCheckCmd,
+    },
     /// Inspect a node's write-ahead journal offline (coild stopped).
     Journal {
         #[command(subcommand)]
@@ -158,6 +163,14 @@ enum BlockCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCheckCmd {
+    /// List every bad entry under the prefix (a value that fails to decode
+    /// or to validate against its key or pool, or a key outside coil's
+    /// layout); exit 1 if there is one.
+    Check,
 }
 
 #[derive(Subcommand, Debug)]
@@ -270,6 +283,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Cmd::Address {
             cmd: AddressCmd::Info { address },
         } => ctl_store::parse_address(&address).map(StoreCmd::AddressInfo),
+        Cmd::Store {
+            cmd: StoreCheckCmd::Check,
+        } => Ok(StoreCmd::Check),
         Cmd::Block {
             cmd: BlockCmd::Release { node, block, force },
         } => ctl_store::parse_node_name(&node).and_then(|node| {

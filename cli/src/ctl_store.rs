@@ -15,7 +15,7 @@ use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::EtcdBackend;
 use coil::store::model::{self, parse_subnet};
 use coil::store::remote::RemoteBackend;
-use coil::store::{Backend, BlockLease, PoolSpec, Store, StoreError};
+use coil::store::{Backend, BadEntry, BlockLease, PoolSpec, Store, StoreError};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
@@ -38,6 +38,8 @@ pub enum StoreCmd {
         block: IpNet,
         force: bool,
     },
+    /// Every bad entry under the prefix (`coilctl store check`).
+    Check,
 }
 
 fn bad(e: StoreError) -> String {
@@ -246,6 +248,30 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// Prints the bad entries a command met (and skipped) on stderr, after its
+/// output, so stdout stays what the command always prints.
+fn warn_bad(bad: &[BadEntry], note: &str) {
+    if bad.is_empty() {
+        return;
+    }
+    eprintln!();
+    eprintln!(
+        "bad store entries ({}), skipped{note}; `coilctl store check` lists every one:",
+        bad.len()
+    );
+    for b in bad {
+        eprintln!("  {}: {}", b.key, b.reason);
+    }
+}
+
+fn bad_json(bad: &[BadEntry]) -> Value {
+    Value::Array(
+        bad.iter()
+            .map(|b| json!({"key": b.key, "reason": b.reason}))
+            .collect(),
+    )
+}
+
 fn lease_json(l: &BlockLease) -> Value {
     json!({
         "pool": l.pool,
@@ -309,15 +335,25 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
             for l in &u.leases {
                 *by_node.entry(l.node.as_str()).or_default() += 1;
             }
-            let per_subnet: Vec<(IpNet, u64, usize)> = p
+            // A bad entry at one of the pool's block keys occupies that
+            // block: it is neither leased (as far as coil can tell) nor free.
+            let occupied: Vec<IpNet> = u
+                .bad
+                .iter()
+                .filter_map(|b| s.keys().block_of_key(p, &b.key))
+                .collect();
+            // (subnet, blocks, leased, occupied by bad entries)
+            let per_subnet: Vec<(IpNet, u64, usize, usize)> = p
                 .subnets
                 .iter()
                 .map(|sn| {
                     let leased = u.leases.iter().filter(|l| sn.contains(&l.block)).count();
-                    (*sn, p.blocks_in(sn), leased)
+                    let bad = occupied.iter().filter(|b| sn.contains(*b)).count();
+                    (*sn, p.blocks_in(sn), leased, bad)
                 })
                 .collect();
             let total = p.total_blocks();
+            let free = |n: u64, leased: usize, bad: usize| n.saturating_sub((leased + bad) as u64);
             if json {
                 print_json(&json!({
                     "pool": p.name,
@@ -326,13 +362,17 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                     "addresses_per_block": p.addresses_per_block().to_string(),
                     "blocks": total,
                     "leased": u.leases.len(),
-                    "free": total - u.leases.len() as u64,
-                    "subnets": per_subnet.iter().map(|(sn, n, l)| json!({
-                        "subnet": sn.to_string(), "blocks": n, "leased": l, "free": n - *l as u64,
+                    "occupied_by_bad_entries": occupied.len(),
+                    "free": free(total, u.leases.len(), occupied.len()),
+                    "subnets": per_subnet.iter().map(|(sn, n, l, b)| json!({
+                        "subnet": sn.to_string(), "blocks": n, "leased": l,
+                        "occupied_by_bad_entries": b, "free": free(*n, *l, *b),
                     })).collect::<Vec<_>>(),
                     "nodes": by_node,
                     "leases": u.leases.iter().map(lease_json).collect::<Vec<_>>(),
+                    "bad_entries": bad_json(&u.bad),
                 }));
+                warn_bad(&u.bad, "");
                 return Ok(exit::OK);
             }
             println!("pool:        {}", p.name);
@@ -343,22 +383,36 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 p.addresses_per_block(),
                 p.block_prefix()
             );
-            println!(
-                "blocks:      {} leased, {} free, {} total",
-                u.leases.len(),
-                total - u.leases.len() as u64,
-                total
-            );
+            if occupied.is_empty() {
+                println!(
+                    "blocks:      {} leased, {} free, {} total",
+                    u.leases.len(),
+                    free(total, u.leases.len(), 0),
+                    total
+                );
+            } else {
+                println!(
+                    "blocks:      {} leased, {} occupied by bad entries, {} free, {} total",
+                    u.leases.len(),
+                    occupied.len(),
+                    free(total, u.leases.len(), occupied.len()),
+                    total
+                );
+            }
             println!("created:     {}", unix(p.created_unix));
             println!();
-            let mut t = Table::new(&["SUBNET", "BLOCKS", "LEASED", "FREE"]);
-            for (sn, n, l) in &per_subnet {
-                t.row(vec![
-                    sn.to_string(),
-                    n.to_string(),
-                    l.to_string(),
-                    (n - *l as u64).to_string(),
-                ]);
+            let mut t = if occupied.is_empty() {
+                Table::new(&["SUBNET", "BLOCKS", "LEASED", "FREE"])
+            } else {
+                Table::new(&["SUBNET", "BLOCKS", "LEASED", "BAD", "FREE"])
+            };
+            for (sn, n, l, b) in &per_subnet {
+                let mut row = vec![sn.to_string(), n.to_string(), l.to_string()];
+                if !occupied.is_empty() {
+                    row.push(b.to_string());
+                }
+                row.push(free(*n, *l, *b).to_string());
+                t.row(row);
             }
             print!("{}", t.render());
             if !by_node.is_empty() {
@@ -380,10 +434,15 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 }
                 print!("{}", t.render());
             }
+            warn_bad(&u.bad, "");
         }
         StoreCmd::ListPools => {
-            let pools = s.list_pools().await?;
-            let blocks = s.all_blocks().await?;
+            let listed = s.list_pools_checked().await?;
+            let pools = listed.items;
+            let blocks = s.all_blocks_checked().await?;
+            let mut bad = listed.bad;
+            bad.extend(blocks.bad);
+            let blocks = blocks.items;
             let leased = |name: &str| blocks.iter().filter(|l| l.pool == name).count();
             if json {
                 print_json(&Value::Array(
@@ -395,6 +454,7 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                         })
                         .collect(),
                 ));
+                warn_bad(&bad, "");
                 return Ok(exit::OK);
             }
             let mut t = Table::new(&[
@@ -420,11 +480,14 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 ]);
             }
             print!("{}", t.render());
+            warn_bad(&bad, "");
         }
         StoreCmd::ListNodes => {
-            let nodes = s.nodes().await?;
+            let listed = s.nodes_checked().await?;
+            let nodes = listed.items;
             if json {
                 print_json(&serde_json::to_value(&nodes).unwrap_or(Value::Null));
+                warn_bad(&listed.bad, "");
                 return Ok(exit::OK);
             }
             let mut t = Table::new(&["NODE", "STATUS", "BLOCKS", "BOOT-ID", "STARTED"]);
@@ -438,11 +501,17 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 ]);
             }
             print!("{}", t.render());
+            warn_bad(&listed.bad, "");
         }
         StoreCmd::NodeBlocks(node) => {
-            let blocks = s.node_blocks(&node).await?;
+            let listed = s.node_blocks_checked(&node).await?;
+            let blocks = listed.items;
+            // A bad block entry's owner cannot be told: it may be this
+            // node's.
+            let note = " (whose owner cannot be told: any may be this node's)";
             if json {
                 print_json(&Value::Array(blocks.iter().map(lease_json).collect()));
+                warn_bad(&listed.bad, note);
                 return Ok(exit::OK);
             }
             let mut t = Table::new(&["POOL", "BLOCK", "EPOCH", "ACQUIRED"]);
@@ -455,6 +524,7 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 ]);
             }
             print!("{}", t.render());
+            warn_bad(&listed.bad, note);
         }
         StoreCmd::AddressInfo(addr) => {
             let i = s.address_info(addr).await?;
@@ -503,6 +573,29 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                     "released block {} of pool {} from {} (epoch {})",
                     l.block, l.pool, l.node, l.epoch
                 );
+            }
+        }
+        StoreCmd::Check => {
+            let bad = s.check().await?;
+            if json {
+                print_json(&json!({"ok": bad.is_empty(), "bad_entries": bad_json(&bad)}));
+            } else if bad.is_empty() {
+                println!("ok: every entry under {} is valid", s.keys().prefix());
+            } else {
+                let mut t = Table::new(&["KEY", "REASON"]);
+                for b in &bad {
+                    t.row(vec![b.key.clone(), b.reason.clone()]);
+                }
+                print!("{}", t.render());
+                println!(
+                    "FAILED: {} bad entr{}; coil skips them and never overwrites or deletes them: \
+                     find what wrote them, then fix or remove each with etcdctl",
+                    bad.len(),
+                    if bad.len() == 1 { "y" } else { "ies" }
+                );
+            }
+            if !bad.is_empty() {
+                return Ok(exit::PROBLEMS);
             }
         }
     }

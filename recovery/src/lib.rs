@@ -65,6 +65,11 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
     let journal_boot_id = j.node_meta()?.map(|m| m.boot_id);
     marks.push(("journal", t.elapsed().as_micros()));
     let blocks: BTreeSet<IpNet> = leases.iter().map(|l| l.block).collect();
+    // Bad store entries (values that fail validation against their key and
+    // pool) are skipped, counted and logged by the store, never returned:
+    // one must not stop recovery, and none may reach table 119. A block of
+    // ours whose key holds one looks lost, and re-acquiring it fails with
+    // `Corrupt` naming the key (that step is reported, the rest goes on).
     let store = match cx.store.all_blocks().await {
         Ok(all) => Some(
             all.into_iter()

@@ -86,6 +86,13 @@ impl StoreError {
         matches!(self, StoreError::Backend(e) if e.kind == BackendErrorKind::Unavailable)
     }
 
+    /// Is this a bad entry in the store (a value that fails to decode or
+    /// to validate against its key or pool)? Callers that read one key
+    /// treat it as "not ours, not free": the entry is left as it is.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
+    }
+
     /// Was the caller's input at fault (nothing in the store is wrong)?
     pub fn is_bad_input(&self) -> bool {
         matches!(self, StoreError::Invalid(_))

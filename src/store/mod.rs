@@ -13,8 +13,9 @@ pub mod etcd;
 pub mod model;
 pub mod remote;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use backend::{Cmp, CmpOp, KeyValue, Op, Txn};
 pub use error::StoreError;
 use model::{find_overlap, schema_value, Keys, SchemaRecord, SCHEMA_VERSION};
 pub use model::{
-    AddressRecord, BlockLease, Family, NodeRecord, NodeStatus, Pool, PoolSpec, SubnetRecord,
+    AddressRecord, BadEntry, BlockLease, Family, Listing, NodeRecord, NodeStatus, Pool, PoolSpec,
+    SubnetRecord,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -65,7 +67,8 @@ const RANDOM_PROBES: u32 = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemovedPool {
     pub pool: String,
-    /// Leased blocks deleted along with the pool (only with `force`).
+    /// Block entries deleted along with the pool (only with `force`),
+    /// bad ones included.
     pub blocks_released: usize,
 }
 
@@ -74,7 +77,14 @@ pub struct RemovedPool {
 pub struct PoolUsage {
     pub pool: Pool,
     pub leases: Vec<BlockLease>,
+    /// Entries under the pool's `blocks/<pool>/` that failed validation:
+    /// not counted as leases, but their keys are occupied.
+    pub bad: Vec<BadEntry>,
 }
+
+/// Distinct bad entries remembered so each is logged at warn level once
+/// (then at debug level); the memory is reset when it fills up.
+const MAX_LOGGED_BAD: usize = 1024;
 
 /// What the store knows about one address.
 #[derive(Debug, Clone)]
@@ -95,6 +105,10 @@ pub struct Store<B: Backend> {
     /// Pools read by acquisitions, fenced by their revision in every
     /// acquisition transaction (a stale entry costs one failed txn).
     pool_cache: Mutex<HashMap<String, Pool>>,
+    /// Bad entries met by reads (each time one is skipped or refused).
+    bad_seen: AtomicU64,
+    /// Bad entries already logged at warn level (`key: reason`).
+    bad_logged: Mutex<HashSet<String>>,
 }
 
 impl<B: Backend> Store<B> {
@@ -107,6 +121,8 @@ impl<B: Backend> Store<B> {
             keys,
             retry: RetryPolicy::default(),
             pool_cache: Mutex::new(HashMap::new()),
+            bad_seen: AtomicU64::new(0),
+            bad_logged: Mutex::new(HashSet::new()),
         };
         s.schema().await?;
         Ok(s)
@@ -121,6 +137,8 @@ impl<B: Backend> Store<B> {
             keys: Keys::new(prefix)?,
             retry: RetryPolicy::default(),
             pool_cache: Mutex::new(HashMap::new()),
+            bad_seen: AtomicU64::new(0),
+            bad_logged: Mutex::new(HashSet::new()),
         })
     }
 
@@ -135,6 +153,75 @@ impl<B: Backend> Store<B> {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// How many times a read of this store met a bad entry (one that fails
+    /// to decode or to validate against its key or pool) and skipped or
+    /// refused it. It keeps growing while a bad entry stays in the store
+    /// (every read that meets it counts), so its rate says "still there".
+    pub fn bad_entries_seen(&self) -> u64 {
+        self.bad_seen.load(Ordering::Relaxed)
+    }
+
+    /// Counts a bad entry that `op` met and skipped, and logs it.
+    fn note_bad(&self, op: &str, bad: &BadEntry) {
+        self.bad_seen.fetch_add(1, Ordering::Relaxed);
+        self.log_bad(op, bad);
+    }
+
+    /// Logs a bad entry that `op` skipped: at warn level the first time,
+    /// then at debug level, so periodic resyncs do not flood the log.
+    fn log_bad(&self, op: &str, bad: &BadEntry) {
+        let first = {
+            let mut g = self.bad_logged.lock().unwrap_or_else(|e| e.into_inner());
+            if g.len() >= MAX_LOGGED_BAD {
+                g.clear();
+            }
+            g.insert(bad.to_string())
+        };
+        if first {
+            tracing::warn!(
+                op,
+                key = %bad.key,
+                reason = %bad.reason,
+                "skipping a bad store entry; coil does not use, overwrite or delete it \
+                 (see docs/etcd-schema.md, validation on read)"
+            );
+        } else {
+            tracing::debug!(op, key = %bad.key, reason = %bad.reason, "skipping a bad store entry");
+        }
+    }
+
+    /// Counts `bad` and turns it into the error a single-key read returns
+    /// for it (the caller decides whether to log it).
+    fn refuse(&self, bad: BadEntry) -> StoreError {
+        self.bad_seen.fetch_add(1, Ordering::Relaxed);
+        StoreError::Corrupt {
+            key: bad.key,
+            reason: bad.reason,
+        }
+    }
+
+    /// Splits `kvs` into the entries `read` accepts and the bad ones,
+    /// counting the bad ones. The `*_checked` listings return them for the
+    /// caller to show; the plain listings log them through [`Self::logged`].
+    fn sift<T>(
+        &self,
+        kvs: &[KeyValue],
+        read: impl Fn(&KeyValue) -> std::result::Result<T, BadEntry>,
+    ) -> Listing<T> {
+        let l = partition(kvs, read);
+        self.bad_seen
+            .fetch_add(l.bad.len() as u64, Ordering::Relaxed);
+        l
+    }
+
+    /// The good items of a listing, after logging its bad entries.
+    fn logged<T>(&self, op: &str, l: Listing<T>) -> Vec<T> {
+        for b in &l.bad {
+            self.log_bad(op, b);
+        }
+        l.items
     }
 
     /// The stored schema version, if any; refuses a newer one.
@@ -364,12 +451,27 @@ impl<B: Backend> Store<B> {
                 ]),
             )
             .await?;
-        let pool = r.kvs(0).first().map(decode_pool).transpose()?;
-        let registered = r
-            .kvs(1)
-            .iter()
-            .map(decode::<SubnetRecord>)
-            .collect::<Result<Vec<_>>>()?;
+        let pool = match r.kvs(0).first() {
+            None => None,
+            Some(kv) => Some(read_pool(&self.keys, kv).map_err(|b| self.refuse(b))?),
+        };
+        let subnet_kvs = r.kvs(1);
+        let listed = self.sift(&subnet_kvs, |kv| read_subnet(&self.keys, kv));
+        for b in &listed.bad {
+            self.log_bad("read subnets", b);
+        }
+        let mut registered = listed.items;
+        // Occupied is occupied: the subnet a bad entry's key names still
+        // counts for the overlap check (a key that names no subnet claims
+        // nothing).
+        for b in listed.bad {
+            if let Some(subnet) = self.keys.subnet_of_key(&b.key) {
+                registered.push(SubnetRecord {
+                    subnet,
+                    pool: format!("? (its registry entry {} is bad: {})", b.key, b.reason),
+                });
+            }
+        }
         let schema = match r.kvs(2).first() {
             Some(kv) => {
                 let s: SchemaRecord = decode(kv)?;
@@ -384,7 +486,7 @@ impl<B: Backend> Store<B> {
             }
             None => None,
         };
-        if schema.is_none() && !registered.is_empty() {
+        if schema.is_none() && !subnet_kvs.is_empty() {
             return Err(StoreError::corrupt(
                 &self.keys.schema(),
                 "subnets are registered but the schema key is missing",
@@ -403,22 +505,28 @@ impl<B: Backend> Store<B> {
         }
     }
 
+    /// The pool `name`, if it exists; [`StoreError::Corrupt`] if its entry
+    /// is bad.
     pub async fn get_pool(&self, name: &str) -> Result<Option<Pool>> {
         model::validate_pool_name(name)?;
-        self.read_one("get pool", self.keys.pool(name))
-            .await?
-            .as_ref()
-            .map(decode_pool)
-            .transpose()
+        match self.read_one("get pool", self.keys.pool(name)).await? {
+            None => Ok(None),
+            Some(kv) => read_pool(&self.keys, &kv)
+                .map(Some)
+                .map_err(|b| self.refuse(b)),
+        }
     }
 
-    /// Every pool, by name.
+    /// Every valid pool, by name (bad entries are skipped, counted and
+    /// logged; [`Store::list_pools_checked`] reports them).
     pub async fn list_pools(&self) -> Result<Vec<Pool>> {
-        self.read_prefix("list pools", &self.keys.pools())
-            .await?
-            .iter()
-            .map(decode_pool)
-            .collect()
+        Ok(self.logged("list pools", self.list_pools_checked().await?))
+    }
+
+    /// Every pool, by name, and the bad entries under `pools/`.
+    pub async fn list_pools_checked(&self) -> Result<Listing<Pool>> {
+        let kvs = self.read_prefix("list pools", &self.keys.pools()).await?;
+        Ok(self.sift(&kvs, |kv| read_pool(&self.keys, kv)))
     }
 
     /// A pool and its leased blocks, read at one revision.
@@ -434,18 +542,16 @@ impl<B: Backend> Store<B> {
                 ]),
             )
             .await?;
-        let pool = r
-            .kvs(0)
-            .first()
-            .map(decode_pool)
-            .transpose()?
-            .ok_or_else(|| StoreError::PoolNotFound(name.to_string()))?;
-        let leases = r
-            .kvs(1)
-            .iter()
-            .map(decode_lease)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(PoolUsage { pool, leases })
+        let pool = match r.kvs(0).first() {
+            None => return Err(StoreError::PoolNotFound(name.to_string())),
+            Some(kv) => read_pool(&self.keys, kv).map_err(|b| self.refuse(b))?,
+        };
+        let listed = self.sift(&r.kvs(1), |kv| read_lease(&self.keys, kv, Some(&pool)));
+        Ok(PoolUsage {
+            pool,
+            leases: listed.items,
+            bad: listed.bad,
+        })
     }
 
     /// Removes a pool. Refused while any block is leased; with `force`,
@@ -477,24 +583,31 @@ impl<B: Backend> Store<B> {
             let rev = r.revision;
             let n = pool.subnets.len();
             let addresses: usize = (0..n).map(|i| r.kvs(i).len()).sum();
-            let leases = r
-                .kvs(n)
-                .iter()
-                .map(decode_lease)
-                .collect::<Result<Vec<_>>>()?;
+            // pool_usage above already counted and logged the bad entries.
+            let listed = partition(&r.kvs(n), |kv| read_lease(&self.keys, kv, Some(&pool)));
+            let entries = listed.items.len() + listed.bad.len();
             let current = r.kvs(n + 1);
             match current.first() {
                 None => return Err(StoreError::PoolNotFound(name.to_string())),
                 Some(kv) if kv.mod_revision != pool.revision => continue,
                 Some(_) => {}
             }
-            if !leases.is_empty() && !force {
-                let mut nodes: Vec<&str> = leases.iter().map(|l| l.node.as_str()).collect();
+            // A bad entry under blocks/<pool>/ occupies its key like a
+            // lease: it is removed only by an explicit --force.
+            if entries > 0 && !force {
+                let mut nodes: Vec<String> = listed.items.iter().map(|l| l.node.clone()).collect();
                 nodes.sort();
                 nodes.dedup();
+                if !listed.bad.is_empty() {
+                    nodes.push(format!(
+                        "{} bad entr{} (coilctl pool show {name})",
+                        listed.bad.len(),
+                        if listed.bad.len() == 1 { "y" } else { "ies" }
+                    ));
+                }
                 return Err(StoreError::PoolInUse {
                     pool: name.to_string(),
-                    blocks: leases.len(),
+                    blocks: entries,
                     nodes: nodes.join(", "),
                 });
             }
@@ -551,9 +664,16 @@ impl<B: Backend> Store<B> {
                 .await?;
             if r.succeeded {
                 self.forget_pool(name);
+                if !listed.bad.is_empty() {
+                    tracing::warn!(
+                        pool = name,
+                        bad = ?listed.bad,
+                        "removed the pool with --force, deleting its bad block entries too"
+                    );
+                }
                 return Ok(RemovedPool {
                     pool: name.to_string(),
-                    blocks_released: leases.len(),
+                    blocks_released: entries,
                 });
             }
         }
@@ -666,7 +786,7 @@ impl<B: Backend> Store<B> {
                     self.forget_pool(pool_name);
                     return Err(StoreError::PoolNotFound(pool_name.to_string()));
                 }
-                Some(kv) => decode_pool(kv)?,
+                Some(kv) => read_pool(&self.keys, kv).map_err(|b| self.refuse(b))?,
             };
             let window = r.kvs(1);
             if current.revision != pool.revision {
@@ -735,14 +855,18 @@ impl<B: Backend> Store<B> {
                 ..lease
             });
         }
-        match r.kvs(0).first().map(decode_lease).transpose()? {
-            Some(cur) if cur.node == node => Ok(cur),
-            Some(cur) => Err(StoreError::NotOwner {
-                block,
-                owner: cur.node,
-                node: node.to_string(),
-            }),
+        match r.kvs(0).first() {
             None => Err(self.conflict("re-acquire block", &key)),
+            // Occupied by a bad entry: neither ours nor free.
+            Some(kv) => match read_lease(&self.keys, kv, Some(&pool)) {
+                Err(b) => Err(self.refuse(b)),
+                Ok(cur) if cur.node == node => Ok(cur),
+                Ok(cur) => Err(StoreError::NotOwner {
+                    block,
+                    owner: cur.node,
+                    node: node.to_string(),
+                }),
+            },
         }
     }
 
@@ -765,20 +889,26 @@ impl<B: Backend> Store<B> {
                 ]),
             )
             .await?;
-        let current = r
-            .kvs(0)
-            .first()
-            .map(decode_pool)
-            .transpose()?
-            .ok_or_else(|| StoreError::PoolNotFound(pool.name.clone()))?;
+        let current = match r.kvs(0).first() {
+            None => return Err(StoreError::PoolNotFound(pool.name.clone())),
+            Some(kv) => read_pool(&self.keys, kv).map_err(|b| self.refuse(b))?,
+        };
         if current.revision != pool.revision {
             self.remember_pool(&current);
             return Ok(Scan::Changed(current));
         }
-        let leased: std::collections::HashSet<Vec<u8>> =
-            r.kvs(1).into_iter().map(|kv| kv.key).collect();
+        // Keys only: a key is occupied whatever its value, so a bad entry
+        // at a block's key is never handed out. Keys that name none of the
+        // pool's blocks occupy nothing (and do not count toward
+        // exhaustion).
+        let leased: HashSet<Vec<u8>> = r.kvs(1).into_iter().map(|kv| kv.key).collect();
+        let occupied = leased
+            .iter()
+            .filter_map(|k| std::str::from_utf8(k).ok())
+            .filter(|k| self.keys.block_of_key(pool, k).is_some())
+            .count();
         let total = pool.total_blocks();
-        if leased.len() as u64 >= total {
+        if occupied as u64 >= total {
             return Err(StoreError::Exhausted {
                 pool: pool.name.clone(),
                 blocks: total,
@@ -854,7 +984,7 @@ impl<B: Backend> Store<B> {
                     end: b.into_bytes(),
                 },
             ],
-            otherwise: vec![Op::get(key)],
+            otherwise: vec![Op::get(key), Op::get(self.keys.pool(&lease.pool))],
         }
     }
 
@@ -868,10 +998,12 @@ impl<B: Backend> Store<B> {
         if r.succeeded {
             return Ok(());
         }
-        match r.kvs(0).first() {
+        let (cur, pool) = (r.kvs(0), r.kvs(1));
+        match cur.first() {
             None => Err(StoreError::NotLeased { block: lease.block }),
             Some(kv) => {
-                let cur = decode_lease(kv)?;
+                let pool = pool.first().and_then(|kv| read_pool(&self.keys, kv).ok());
+                let cur = read_lease(&self.keys, kv, pool.as_ref()).map_err(|b| self.refuse(b))?;
                 if cur.node != lease.node {
                     Err(StoreError::NotOwner {
                         block: lease.block,
@@ -898,39 +1030,61 @@ impl<B: Backend> Store<B> {
     }
 
     /// The lease of `block` (with its pool), if it is leased.
+    /// [`StoreError::Corrupt`] if the block's key holds a bad entry: the
+    /// block is then neither free nor anyone's as far as coil can tell.
     pub async fn block(&self, block: IpNet) -> Result<(Pool, Option<BlockLease>)> {
         let pools = self.list_pools().await?;
         let pool = pools
             .into_iter()
             .find(|p| p.index_of(&block).is_some())
             .ok_or(StoreError::UnknownBlock { block })?;
-        let lease = self
+        let lease = match self
             .read_one("get block", self.keys.block(&pool.name, &block))
             .await?
-            .as_ref()
-            .map(decode_lease)
-            .transpose()?;
+        {
+            None => None,
+            Some(kv) => Some(read_lease(&self.keys, &kv, Some(&pool)).map_err(|b| self.refuse(b))?),
+        };
         Ok((pool, lease))
     }
 
-    /// Every leased block, in pool and address order.
+    /// Every valid lease, in pool and address order. Bad entries are
+    /// skipped, counted and logged ([`Store::all_blocks_checked`] reports
+    /// them).
     pub async fn all_blocks(&self) -> Result<Vec<BlockLease>> {
-        self.read_prefix("list blocks", &self.keys.blocks())
-            .await?
-            .iter()
-            .map(decode_lease)
-            .collect()
+        Ok(self.logged("list blocks", self.all_blocks_checked().await?))
     }
 
-    /// The blocks leased by `node`.
+    /// Every valid lease, and the bad entries under `blocks/`. Leases are
+    /// validated against their pools, read at the same revision.
+    pub async fn all_blocks_checked(&self) -> Result<Listing<BlockLease>> {
+        let mut r = self
+            .backend
+            .txn(
+                "list blocks",
+                Txn::read(vec![
+                    Op::prefix(&self.keys.pools()),
+                    Op::prefix(&self.keys.blocks()),
+                ]),
+            )
+            .await?;
+        let pools = pools_by_name(&self.keys, &r.kvs(0));
+        Ok(self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools)))
+    }
+
+    /// The valid leases of `node` (bad entries are skipped, counted and
+    /// logged).
     pub async fn node_blocks(&self, node: &str) -> Result<Vec<BlockLease>> {
+        Ok(self.logged("list node blocks", self.node_blocks_checked(node).await?))
+    }
+
+    /// The valid leases of `node`, and every bad entry under `blocks/`
+    /// (whose owner cannot be told, so any of them may be this node's).
+    pub async fn node_blocks_checked(&self, node: &str) -> Result<Listing<BlockLease>> {
         model::validate_node_name(node)?;
-        Ok(self
-            .all_blocks()
-            .await?
-            .into_iter()
-            .filter(|l| l.node == node)
-            .collect())
+        let mut l = self.all_blocks_checked().await?;
+        l.items.retain(|l| l.node == node);
+        Ok(l)
     }
 
     /// Administrative release (`coilctl block release`): refused while the
@@ -986,17 +1140,28 @@ impl<B: Backend> Store<B> {
         Ok(self.backend.lease_revoke(lease).await?)
     }
 
-    /// The liveness record of `node`, if it is alive.
+    /// The liveness record of `node`, if it is alive;
+    /// [`StoreError::Corrupt`] if its entry is bad.
     pub async fn node(&self, node: &str) -> Result<Option<NodeRecord>> {
-        self.read_one("get node", self.keys.node(node))
-            .await?
-            .as_ref()
-            .map(decode)
-            .transpose()
+        match self.read_one("get node", self.keys.node(node)).await? {
+            None => Ok(None),
+            Some(kv) => read_node(&self.keys, &kv)
+                .map(Some)
+                .map_err(|b| self.refuse(b)),
+        }
     }
 
-    /// Every node that is alive or holds a block.
+    /// Every node that is alive or holds a valid lease (bad entries are
+    /// skipped, counted and logged).
     pub async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        Ok(self.logged("list nodes", self.nodes_checked().await?))
+    }
+
+    /// Every node that is alive or holds a valid lease, and the bad entries
+    /// under `nodes/` and `blocks/`. A node whose liveness entry is bad is
+    /// not listed as alive (its key still fences the controller off its
+    /// blocks: the controller frees blocks only of nodes without one).
+    pub async fn nodes_checked(&self) -> Result<Listing<NodeStatus>> {
         let mut r = self
             .backend
             .txn(
@@ -1004,12 +1169,15 @@ impl<B: Backend> Store<B> {
                 Txn::read(vec![
                     Op::prefix(&self.keys.nodes()),
                     Op::prefix(&self.keys.blocks()),
+                    Op::prefix(&self.keys.pools()),
                 ]),
             )
             .await?;
+        let pools = pools_by_name(&self.keys, &r.kvs(2));
+        let records = self.sift(&r.kvs(0), |kv| read_node(&self.keys, kv));
+        let leases = self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools));
         let mut out: BTreeMap<String, NodeStatus> = BTreeMap::new();
-        for kv in r.kvs(0) {
-            let rec: NodeRecord = decode(&kv)?;
+        for rec in records.items {
             out.insert(
                 rec.node.clone(),
                 NodeStatus {
@@ -1021,8 +1189,7 @@ impl<B: Backend> Store<B> {
                 },
             );
         }
-        for kv in r.kvs(1) {
-            let l = decode_lease(&kv)?;
+        for l in leases.items {
             out.entry(l.node.clone())
                 .or_insert_with(|| NodeStatus {
                     node: l.node.clone(),
@@ -1033,7 +1200,12 @@ impl<B: Backend> Store<B> {
                 })
                 .blocks += 1;
         }
-        Ok(out.into_values().collect())
+        let mut bad = records.bad;
+        bad.extend(leases.bad);
+        Ok(Listing {
+            items: out.into_values().collect(),
+            bad,
+        })
     }
 
     // --------------------------------------------------------- controller
@@ -1114,16 +1286,45 @@ impl<B: Backend> Store<B> {
                 Txn::read(vec![
                     Op::prefix(&self.keys.addresses()),
                     Op::prefix(&self.keys.blocks()),
+                    Op::prefix(&self.keys.pools()),
                 ]),
             )
             .await?;
         let entries = r.kvs(0);
-        let leases: Vec<BlockLease> = r.kvs(1).iter().map(decode_lease).collect::<Result<_>>()?;
+        let pools = pools_by_name(&self.keys, &r.kvs(2));
+        let listed = self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools));
+        for b in &listed.bad {
+            self.log_bad("gc address index", b);
+        }
+        let leases = listed.items;
+        // A bad block entry may be the lease of addresses in use: the index
+        // entries of its pool are left alone while it is there, and all of
+        // them if its key does not even name a pool.
+        let mut shielded: BTreeSet<&str> = BTreeSet::new();
+        for b in &listed.bad {
+            match self.keys.split_block_key(&b.key) {
+                Some((pool, _)) => {
+                    shielded.insert(pool);
+                }
+                None => {
+                    tracing::warn!(key = %b.key, "bad block entry of no pool: the address index is not garbage-collected while it is there");
+                    return Ok(0);
+                }
+            }
+        }
         let mut deleted = 0;
         for kv in entries {
-            let Ok(rec) = decode::<AddressRecord>(&kv) else {
-                continue;
+            // A bad index entry is skipped, never deleted.
+            let rec = match read_address(&self.keys, &kv) {
+                Ok(rec) => rec,
+                Err(b) => {
+                    self.note_bad("gc address index", &b);
+                    continue;
+                }
             };
+            if shielded.contains(rec.pool.as_str()) {
+                continue;
+            }
             let owned = leases
                 .iter()
                 .any(|l| l.block.contains(&rec.address) && l.node == rec.node);
@@ -1154,28 +1355,60 @@ impl<B: Backend> Store<B> {
     // -------------------------------------------------- address index
 
     /// Records an address assignment in the index (coild mirrors its
-    /// journal here asynchronously).
+    /// journal here asynchronously). A record that reads would refuse is
+    /// refused here. It replaces a valid entry (a newer assignment wins),
+    /// but never a bad one: that is [`StoreError::Corrupt`], and the entry
+    /// stays for an administrator to look at.
     pub async fn put_address(&self, rec: &AddressRecord) -> Result<()> {
-        if !rec.block.contains(&rec.address) {
-            return Err(StoreError::Invalid(format!(
-                "address {} is outside its block {}",
-                rec.address, rec.block
-            )));
-        }
-        let txn = Txn {
-            when: vec![self.schema_guard()],
-            then: vec![Op::put(self.keys.address(rec.address), encode(rec))],
-            otherwise: vec![],
+        let key = self.keys.address(rec.address);
+        model::validate_address_entry(&self.keys, &key, rec)
+            .map_err(|r| StoreError::Invalid(format!("address record {}: {r}", rec.address)))?;
+        let value = encode(rec);
+        // First try: the key is absent (one request in the common case).
+        let mut fence = Cmp::CreateRevision {
+            key: key.clone().into_bytes(),
+            op: CmpOp::Equal,
+            rev: 0,
         };
-        let r = self.backend.txn("index address", txn).await?;
-        if !r.succeeded {
-            self.schema().await?;
-            return Err(StoreError::corrupt(
-                &self.keys.schema(),
-                "schema key missing",
-            ));
+        for attempt in 0..self.retry.attempts {
+            self.backoff(attempt.saturating_sub(1)).await;
+            let txn = Txn {
+                when: vec![self.schema_guard(), fence],
+                then: vec![Op::put(key.clone(), value.clone())],
+                otherwise: vec![Op::get(key.clone()), Op::get(self.keys.schema())],
+            };
+            let mut r = self.backend.txn("index address", txn).await?;
+            if r.succeeded {
+                return Ok(());
+            }
+            let (cur, schema) = (r.kvs(0), r.kvs(1));
+            if schema.first().map(|kv| kv.value.as_slice()) != Some(schema_value().as_slice()) {
+                self.schema().await?;
+                return Err(StoreError::corrupt(
+                    &self.keys.schema(),
+                    "schema key missing",
+                ));
+            }
+            fence = match cur.first() {
+                None => Cmp::CreateRevision {
+                    key: key.clone().into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                },
+                Some(kv) => {
+                    read_address(&self.keys, kv).map_err(|b| self.refuse(b))?;
+                    if kv.value == value {
+                        return Ok(());
+                    }
+                    Cmp::ModRevision {
+                        key: key.clone().into_bytes(),
+                        op: CmpOp::Equal,
+                        rev: kv.mod_revision,
+                    }
+                }
+            };
         }
-        Ok(())
+        Err(self.conflict("index address", &key))
     }
 
     /// Removes an index entry, only if it still belongs to `rec`'s
@@ -1187,7 +1420,8 @@ impl<B: Backend> Store<B> {
             let Some(kv) = self.read_one("unindex address", key.clone()).await? else {
                 return Ok(false);
             };
-            let cur: AddressRecord = decode(&kv)?;
+            // A bad entry is refused, never deleted.
+            let cur = read_address(&self.keys, &kv).map_err(|b| self.refuse(b))?;
             if cur.container_id != rec.container_id || cur.ifname != rec.ifname {
                 return Ok(false);
             }
@@ -1209,36 +1443,149 @@ impl<B: Backend> Store<B> {
         Err(self.conflict("unindex address", &key))
     }
 
-    /// Index entries inside `net`, in address order.
+    /// Valid index entries inside `net`, in address order (bad entries are
+    /// skipped, counted and logged).
     pub async fn addresses_in(&self, net: &IpNet) -> Result<Vec<AddressRecord>> {
+        Ok(self.logged("list addresses", self.addresses_in_checked(net).await?))
+    }
+
+    /// Valid index entries inside `net`, in address order, and the bad
+    /// entries in that range.
+    pub async fn addresses_in_checked(&self, net: &IpNet) -> Result<Listing<AddressRecord>> {
         let (a, b) = self.keys.address_range(net);
         let mut r = self
             .backend
             .txn("list addresses", Txn::read(vec![Op::range(a, b)]))
             .await?;
-        r.kvs(0).iter().map(decode).collect()
+        Ok(self.sift(&r.kvs(0), |kv| read_address(&self.keys, kv)))
     }
 
-    /// Everything the store knows about one address.
+    /// Everything the store knows about one address;
+    /// [`StoreError::Corrupt`] if its index entry or its block's entry is
+    /// bad.
     pub async fn address_info(&self, address: IpAddr) -> Result<AddressInfo> {
         let pools = self.list_pools().await?;
         let found = pools
             .iter()
-            .find_map(|p| p.block_of(address).map(|b| (p.name.clone(), b)));
+            .find_map(|p| p.block_of(address).map(|b| (p, b)));
         let mut ops = vec![Op::get(self.keys.address(address))];
         if let Some((pool, block)) = &found {
-            ops.push(Op::get(self.keys.block(pool, block)));
+            ops.push(Op::get(self.keys.block(&pool.name, block)));
         }
         let mut r = self.backend.txn("address info", Txn::read(ops)).await?;
-        let record = r.kvs(0).first().map(decode).transpose()?;
-        let lease = r.kvs(1).first().map(decode_lease).transpose()?;
+        let (record, lease) = (r.kvs(0), r.kvs(1));
+        let record = match record.first() {
+            None => None,
+            Some(kv) => Some(read_address(&self.keys, kv).map_err(|b| self.refuse(b))?),
+        };
+        let lease = match lease.first() {
+            None => None,
+            Some(kv) => Some(
+                read_lease(&self.keys, kv, found.as_ref().map(|f| f.0))
+                    .map_err(|b| self.refuse(b))?,
+            ),
+        };
         Ok(AddressInfo {
             address,
-            pool: found.as_ref().map(|f| f.0.clone()),
+            pool: found.as_ref().map(|f| f.0.name.clone()),
             block: found.map(|f| f.1),
             lease,
             record,
         })
+    }
+
+    // ------------------------------------------------------------ check
+
+    /// Every bad entry under the prefix, read at one revision: values that
+    /// fail to decode or to validate against their key (and pool), keys
+    /// outside coil's layout, and pools and subnet registry entries that
+    /// disagree with each other. Changes nothing (`coilctl store check`).
+    pub async fn check(&self) -> Result<Vec<BadEntry>> {
+        let kvs = self.read_prefix("check store", self.keys.prefix()).await?;
+        let by_key: HashMap<String, &KeyValue> = kvs.iter().map(|kv| (kv.key_str(), kv)).collect();
+        let pool_kvs: Vec<KeyValue> = kvs
+            .iter()
+            .filter(|kv| kv.key.starts_with(self.keys.pools().as_bytes()))
+            .cloned()
+            .collect();
+        let pools = pools_by_name(&self.keys, &pool_kvs);
+        let registered = |s: &IpNet| {
+            by_key
+                .get(&self.keys.subnet(s))
+                .and_then(|kv| read_subnet(&self.keys, kv).ok())
+        };
+        let mut bad = Vec::new();
+        for kv in &kvs {
+            let key = kv.key_str();
+            let rest = key.strip_prefix(self.keys.prefix()).unwrap_or(&key);
+            let verdict: std::result::Result<(), BadEntry> = if rest == "schema" {
+                if kv.value == schema_value() {
+                    Ok(())
+                } else {
+                    Err(bad_entry(
+                        kv,
+                        format!(
+                            "schema value {:?} is not the {:?} this coil writes and fences on",
+                            String::from_utf8_lossy(&kv.value),
+                            String::from_utf8_lossy(&schema_value())
+                        ),
+                    ))
+                }
+            } else if rest.starts_with("pools/") {
+                read_pool(&self.keys, kv).and_then(|p| {
+                    for s in &p.subnets {
+                        match registered(s) {
+                            Some(r) if r.pool == p.name => {}
+                            Some(r) => {
+                                return Err(bad_entry(
+                                    kv,
+                                    format!("subnet {s} is registered to pool {}", r.pool),
+                                ))
+                            }
+                            None => {
+                                return Err(bad_entry(
+                                    kv,
+                                    format!(
+                                        "subnet {s} has no valid entry {} in the subnet registry, \
+                                         so overlap checks cannot see it",
+                                        self.keys.subnet(s)
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            } else if rest.starts_with("subnets/") {
+                read_subnet(&self.keys, kv).and_then(|r| {
+                    match pools.get(&r.pool) {
+                        Some(p) if p.subnets.contains(&r.subnet) => Ok(()),
+                        _ => Err(bad_entry(
+                            kv,
+                            format!(
+                                "registered to pool {}, which does not exist, is bad or does not list {}",
+                                r.pool, r.subnet
+                            ),
+                        )),
+                    }
+                })
+            } else if rest.starts_with("blocks/") {
+                read_lease_in(&self.keys, kv, &pools).map(|_| ())
+            } else if rest.starts_with("nodes/") {
+                read_node(&self.keys, kv).map(|_| ())
+            } else if rest.starts_with("addresses/") {
+                read_address(&self.keys, kv).map(|_| ())
+            } else if key == self.keys.leader() {
+                Ok(())
+            } else {
+                Err(bad_entry(kv, "not a key of coil's layout".into()))
+            };
+            if let Err(b) = verdict {
+                bad.push(b);
+            }
+        }
+        self.bad_seen.fetch_add(bad.len() as u64, Ordering::Relaxed);
+        Ok(bad)
     }
 }
 
@@ -1250,7 +1597,9 @@ enum Scan {
 /// The first free block index at or after `index` inside `subnet`, given
 /// the (sorted, limited) leased keys from `index` on. None if every key of
 /// the window is taken and the window reached its limit or the subnet's
-/// end.
+/// end. A key is taken whatever its value (a bad entry occupies its
+/// block); a stray key that is no block key of the pool sorts between two
+/// block keys and occupies neither.
 fn first_gap(
     pool: &Pool,
     pool_name: &str,
@@ -1260,15 +1609,20 @@ fn first_gap(
 ) -> Option<u64> {
     let (_, last) = pool.subnet_span(index)?;
     let mut i = index;
+    let mut want = keys.block(pool_name, &pool.block_at(i)?.0);
     for kv in window {
-        let (b, _) = pool.block_at(i)?;
-        if kv.key.as_slice() != keys.block(pool_name, &b).as_bytes() {
+        let k = kv.key.as_slice();
+        if k < want.as_bytes() {
+            continue;
+        }
+        if k != want.as_bytes() {
             return Some(i);
         }
         i += 1;
         if i > last {
             return None;
         }
+        want = keys.block(pool_name, &pool.block_at(i)?.0);
     }
     if (window.len() as i64) < PROBE_WINDOW {
         return Some(i);
@@ -1293,25 +1647,154 @@ fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(&kv.value).map_err(|e| StoreError::corrupt(&kv.key_str(), e))
 }
 
-fn decode_pool(kv: &KeyValue) -> Result<Pool> {
-    let mut p: Pool = decode(kv)?;
-    p.revision = kv.mod_revision;
-    if model::validate_pool_name(&p.name).is_err()
-        || p.subnets.is_empty()
-        || p.subnets
-            .iter()
-            .any(|s| model::validate_subnet(s, p.family, p.block_size).is_err())
-    {
-        return Err(StoreError::corrupt(
-            &kv.key_str(),
-            "pool record fails validation",
-        ));
+/// A bad entry for `kv`.
+fn bad_entry(kv: &KeyValue, reason: String) -> BadEntry {
+    BadEntry {
+        key: kv.key_str(),
+        reason,
     }
+}
+
+/// Decodes a JSON value, or says why it is not a `what`.
+fn parse<T: DeserializeOwned>(kv: &KeyValue, what: &str) -> std::result::Result<T, BadEntry> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| bad_entry(kv, format!("not a valid {what} value: {e}")))
+}
+
+/// Splits `kvs` into the entries `read` accepts and the bad ones.
+fn partition<T>(
+    kvs: &[KeyValue],
+    read: impl Fn(&KeyValue) -> std::result::Result<T, BadEntry>,
+) -> Listing<T> {
+    let mut l = Listing::default();
+    for kv in kvs {
+        match read(kv) {
+            Ok(v) => l.items.push(v),
+            Err(b) => l.bad.push(b),
+        }
+    }
+    l
+}
+
+/// A pool entry (`pools/<name>`), validated against its key.
+fn read_pool(keys: &Keys, kv: &KeyValue) -> std::result::Result<Pool, BadEntry> {
+    let mut p: Pool = parse(kv, "pool")?;
+    p.revision = kv.mod_revision;
+    model::validate_pool_entry(keys, &kv.key_str(), &p).map_err(|r| bad_entry(kv, r))?;
     Ok(p)
 }
 
-fn decode_lease(kv: &KeyValue) -> Result<BlockLease> {
-    let mut l: BlockLease = decode(kv)?;
+/// The valid pools among `kvs`, by name (bad ones are left out: a lease of
+/// a pool whose entry is bad cannot be validated, so it is bad too).
+fn pools_by_name(keys: &Keys, kvs: &[KeyValue]) -> HashMap<String, Pool> {
+    kvs.iter()
+        .filter_map(|kv| read_pool(keys, kv).ok())
+        .map(|p| (p.name.clone(), p))
+        .collect()
+}
+
+/// A lease entry (`blocks/<pool>/<hex>`), validated against its key and
+/// `pool` (the valid pool the key names, if there is one).
+fn read_lease(
+    keys: &Keys,
+    kv: &KeyValue,
+    pool: Option<&Pool>,
+) -> std::result::Result<BlockLease, BadEntry> {
+    let mut l: BlockLease = parse(kv, "block lease")?;
     l.epoch = kv.create_revision;
+    model::validate_lease(keys, &kv.key_str(), &l, pool).map_err(|r| bad_entry(kv, r))?;
     Ok(l)
+}
+
+/// A lease entry validated against the pool its key names, looked up in
+/// `pools`.
+fn read_lease_in(
+    keys: &Keys,
+    kv: &KeyValue,
+    pools: &HashMap<String, Pool>,
+) -> std::result::Result<BlockLease, BadEntry> {
+    let key = kv.key_str();
+    let pool = keys
+        .split_block_key(&key)
+        .and_then(|(name, _)| pools.get(name));
+    read_lease(keys, kv, pool)
+}
+
+/// A liveness entry (`nodes/<node>`), validated against its key.
+fn read_node(keys: &Keys, kv: &KeyValue) -> std::result::Result<NodeRecord, BadEntry> {
+    let rec: NodeRecord = parse(kv, "node record")?;
+    model::validate_node_entry(keys, &kv.key_str(), &rec).map_err(|r| bad_entry(kv, r))?;
+    Ok(rec)
+}
+
+/// An address index entry (`addresses/<fam>/<hex>`), validated against its
+/// key.
+fn read_address(keys: &Keys, kv: &KeyValue) -> std::result::Result<AddressRecord, BadEntry> {
+    let rec: AddressRecord = parse(kv, "address record")?;
+    model::validate_address_entry(keys, &kv.key_str(), &rec).map_err(|r| bad_entry(kv, r))?;
+    Ok(rec)
+}
+
+/// A subnet registry entry (`subnets/...`), validated against its key.
+fn read_subnet(keys: &Keys, kv: &KeyValue) -> std::result::Result<SubnetRecord, BadEntry> {
+    let rec: SubnetRecord = parse(kv, "subnet registry")?;
+    model::validate_subnet_entry(keys, &kv.key_str(), &rec).map_err(|r| bad_entry(kv, r))?;
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Pool {
+        Pool {
+            name: "p".into(),
+            family: Family::Ipv4,
+            block_size: 4,
+            subnets: vec!["10.0.0.0/24".parse().expect("net")],
+            created_unix: 0,
+            revision: 1,
+        }
+    }
+
+    fn kv(key: String) -> KeyValue {
+        KeyValue {
+            key: key.into_bytes(),
+            value: b"garbage".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    fn block_key(k: &Keys, p: &Pool, i: u64) -> String {
+        k.block(&p.name, &p.block_at(i).expect("block").0)
+    }
+
+    #[test]
+    fn first_gap_treats_every_block_key_as_taken_and_strays_as_nothing() {
+        let k = Keys::new("/coil/").expect("keys");
+        let p = pool();
+        // Blocks 2 and 3 are occupied (whatever their values); stray keys
+        // (a misaligned block, a suffixed key) sit between them: block 3
+        // is still taken, block 4 is the gap.
+        let k3 = block_key(&k, &p, 3);
+        let misaligned = format!("{}1", &k3[..k3.len() - 1]);
+        let window = vec![
+            kv(block_key(&k, &p, 2)),
+            kv(format!("{}x", block_key(&k, &p, 2))),
+            kv(k3.clone()),
+            kv(misaligned),
+        ];
+        assert_eq!(first_gap(&p, "p", &k, 2, &window), Some(4));
+        // A stray after a free block does not hide the gap.
+        let window = vec![
+            kv(block_key(&k, &p, 2)),
+            kv(format!("{}x", block_key(&k, &p, 2))),
+        ];
+        assert_eq!(first_gap(&p, "p", &k, 2, &window), Some(3));
+        // Up to the subnet's end everything is taken.
+        let window: Vec<KeyValue> = (10..16).map(|i| kv(block_key(&k, &p, i))).collect();
+        assert_eq!(first_gap(&p, "p", &k, 10, &window), None);
+    }
 }

@@ -398,6 +398,275 @@ pub fn net_from_u128(family: Family, start: u128, prefix: u8) -> Option<IpNet> {
     }
 }
 
+// ------------------------------------------------------- stored entries
+//
+// Every value read back from the store is checked against its key (and,
+// for a lease, against its pool) before coil uses it: a value written by
+// hand, by a buggy or newer writer, or damaged in transit must never put a
+// prefix into table 119, hand out an address or stop the rest of a read.
+// The rules are documented in docs/etcd-schema.md ("Validation on read").
+
+/// A store entry that failed to decode or to validate against its key or
+/// its pool. Listings skip and report it; coil's own writes never
+/// overwrite or delete it (only an explicit administrative removal does).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BadEntry {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for BadEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// What a listing read: the entries that passed validation (in key order)
+/// and the bad ones it skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing<T> {
+    pub items: Vec<T>,
+    pub bad: Vec<BadEntry>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Listing {
+            items: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+}
+
+impl Keys {
+    /// The rest of `key` after `<prefix><section>`, if the key is there.
+    fn under<'a>(&self, key: &'a str, section: &str) -> Option<&'a str> {
+        key.strip_prefix(self.prefix.as_str())?
+            .strip_prefix(section)
+    }
+
+    /// The pool name a `pools/<name>` key names (not validated).
+    pub fn pool_of_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        self.under(key, "pools/").filter(|n| !n.contains('/'))
+    }
+
+    /// The node name a `nodes/<node>` key names (not validated).
+    pub fn node_of_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        self.under(key, "nodes/").filter(|n| !n.contains('/'))
+    }
+
+    /// `(pool, hex)` of a `blocks/<pool>/<hex>` key (neither validated).
+    pub fn split_block_key<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        self.under(key, "blocks/")?
+            .split_once('/')
+            .filter(|(_, h)| !h.contains('/'))
+    }
+
+    /// The block of `pool` that `key` names, if `key` is exactly the key
+    /// [`Keys::block`] builds for one of the pool's blocks (right pool,
+    /// canonical hex, aligned, inside a subnet).
+    pub fn block_of_key(&self, pool: &Pool, key: &str) -> Option<IpNet> {
+        let (name, h) = self.split_block_key(key)?;
+        if name != pool.name {
+            return None;
+        }
+        let start = unhex(pool.family, h)?;
+        let net = net_from_u128(pool.family, addr_to_u128(start), pool.block_prefix())?;
+        if net.network() != start || pool.index_of(&net).is_none() {
+            return None;
+        }
+        (self.block(&pool.name, &net) == key).then_some(net)
+    }
+
+    /// The address an `addresses/<4|6>/<hex>` key names, if the key is in
+    /// the canonical form [`Keys::address`] builds.
+    pub fn address_of_key(&self, key: &str) -> Option<IpAddr> {
+        let (tag, h) = self.under(key, "addresses/")?.split_once('/')?;
+        let family = [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .find(|f| f.tag() == tag)?;
+        let a = unhex(family, h)?;
+        (self.address(a) == key).then_some(a)
+    }
+
+    /// The subnet a `subnets/<4|6>/<hex>/<len>` key names, if the key is in
+    /// the canonical form [`Keys::subnet`] builds.
+    pub fn subnet_of_key(&self, key: &str) -> Option<IpNet> {
+        let mut parts = self.under(key, "subnets/")?.split('/');
+        let (tag, h, len) = (parts.next()?, parts.next()?, parts.next()?);
+        let family = [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .find(|f| f.tag() == tag)?;
+        let a = unhex(family, h)?;
+        let len: u8 = len.parse().ok()?;
+        let net = net_from_u128(family, addr_to_u128(a), len)?;
+        (net.network() == a && self.subnet(&net) == key).then_some(net)
+    }
+}
+
+fn canonical(net: &IpNet, what: &str) -> Result<(), String> {
+    if *net != net.trunc() {
+        return Err(format!(
+            "{what} {net} has host bits set (its network is {})",
+            net.trunc()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a pool read from `key` (`pools/<name>`): the name matches the
+/// key, and the name, family, block size and subnets obey the rules a pool
+/// is created with ([`validate_spec`]).
+pub fn validate_pool_entry(keys: &Keys, key: &str, pool: &Pool) -> Result<(), String> {
+    let name = keys
+        .pool_of_key(key)
+        .ok_or_else(|| "not a key of the form pools/<name>".to_string())?;
+    if pool.name != name {
+        return Err(format!(
+            "the value names pool {:?}, but the key is pools/{name}",
+            pool.name
+        ));
+    }
+    for s in &pool.subnets {
+        canonical(s, "subnet")?;
+    }
+    let family = validate_spec(&PoolSpec {
+        name: pool.name.clone(),
+        subnets: pool.subnets.clone(),
+        block_size: pool.block_size,
+    })
+    .map_err(|e| e.to_string())?;
+    if family != pool.family {
+        return Err(format!(
+            "the pool says {} but its subnets are {family}",
+            pool.family
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a block lease read from `key` (`blocks/<pool>/<hex>`) against
+/// the key and against `pool`, the valid pool the key names (None when
+/// there is no such pool, or its own entry is bad): the value names the
+/// key's pool and block; the block is canonical, of the pool's family and
+/// block size, and lies inside one of the pool's subnets; the node name is
+/// valid; the epoch is a store revision.
+pub fn validate_lease(
+    keys: &Keys,
+    key: &str,
+    lease: &BlockLease,
+    pool: Option<&Pool>,
+) -> Result<(), String> {
+    let (key_pool, key_hex) = keys
+        .split_block_key(key)
+        .ok_or_else(|| "not a key of the form blocks/<pool>/<hex network>".to_string())?;
+    if lease.pool != key_pool {
+        return Err(format!(
+            "the value names pool {:?}, but the key is under blocks/{key_pool}/",
+            lease.pool
+        ));
+    }
+    let pool = pool
+        .filter(|p| p.name == key_pool)
+        .ok_or_else(|| format!("pool {key_pool:?} does not exist or its entry is bad"))?;
+    let b = lease.block;
+    canonical(&b, "block")?;
+    if Family::of(&b) != pool.family {
+        return Err(format!(
+            "block {b} is {}, but pool {} is {}",
+            Family::of(&b),
+            pool.name,
+            pool.family
+        ));
+    }
+    if keys.block(&pool.name, &b) != key {
+        let named =
+            unhex(pool.family, key_hex).map_or_else(|| key_hex.to_string(), |a| a.to_string());
+        return Err(format!(
+            "the value names block {b}, but the key names the block at {named}"
+        ));
+    }
+    if b.prefix_len() != pool.block_prefix() {
+        return Err(format!(
+            "block {b} is a /{}, but pool {}'s blocks are /{} (block size {})",
+            b.prefix_len(),
+            pool.name,
+            pool.block_prefix(),
+            pool.block_size
+        ));
+    }
+    if pool.index_of(&b).is_none() {
+        let subnets: Vec<String> = pool.subnets.iter().map(|s| s.to_string()).collect();
+        return Err(format!(
+            "block {b} lies outside pool {}'s subnets ({})",
+            pool.name,
+            subnets.join(", ")
+        ));
+    }
+    validate_node_name(&lease.node).map_err(|e| e.to_string())?;
+    if lease.epoch <= 0 {
+        return Err(format!("epoch {} is not a store revision", lease.epoch));
+    }
+    Ok(())
+}
+
+/// Checks a liveness record read from `key` (`nodes/<node>`): the value
+/// names the key's node, and the name is valid.
+pub fn validate_node_entry(keys: &Keys, key: &str, rec: &NodeRecord) -> Result<(), String> {
+    let node = keys
+        .node_of_key(key)
+        .ok_or_else(|| "not a key of the form nodes/<node>".to_string())?;
+    if rec.node != node {
+        return Err(format!(
+            "the value names node {:?}, but the key is nodes/{node}",
+            rec.node
+        ));
+    }
+    validate_node_name(&rec.node).map_err(|e| e.to_string())
+}
+
+/// Checks an address index entry read from `key`
+/// (`addresses/<4|6>/<hex>`): the value's address is the key's, it lies
+/// inside the value's (canonical) block, and the pool and node names are
+/// valid.
+pub fn validate_address_entry(keys: &Keys, key: &str, rec: &AddressRecord) -> Result<(), String> {
+    let a = keys
+        .address_of_key(key)
+        .ok_or_else(|| "not a key of the form addresses/<4|6>/<hex address>".to_string())?;
+    if rec.address != a {
+        return Err(format!(
+            "the value names address {}, but the key names {a}",
+            rec.address
+        ));
+    }
+    canonical(&rec.block, "block")?;
+    if !rec.block.contains(&rec.address) {
+        return Err(format!(
+            "address {} lies outside its block {}",
+            rec.address, rec.block
+        ));
+    }
+    validate_pool_name(&rec.pool).map_err(|e| e.to_string())?;
+    validate_node_name(&rec.node).map_err(|e| e.to_string())
+}
+
+/// Checks a subnet registry entry read from `key`
+/// (`subnets/<4|6>/<hex>/<len>`): the value's subnet is canonical and is
+/// the key's, and the pool name is valid.
+pub fn validate_subnet_entry(keys: &Keys, key: &str, rec: &SubnetRecord) -> Result<(), String> {
+    let s = keys
+        .subnet_of_key(key)
+        .ok_or_else(|| "not a key of the form subnets/<4|6>/<hex network>/<len>".to_string())?;
+    canonical(&rec.subnet, "subnet")?;
+    if rec.subnet != s {
+        return Err(format!(
+            "the value names subnet {}, but the key names {s}",
+            rec.subnet
+        ));
+    }
+    validate_pool_name(&rec.pool).map_err(|e| e.to_string())
+}
+
 // ------------------------------------------------------------ validation
 
 /// Pool names are DNS-1123 labels, because a pool serves the namespace of
@@ -767,5 +1036,218 @@ mod tests {
     fn schema_value_parses_as_the_record() {
         let r: SchemaRecord = serde_json::from_slice(&schema_value()).expect("json");
         assert_eq!(r.version, SCHEMA_VERSION);
+    }
+}
+
+#[cfg(test)]
+mod entry_tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn keys() -> Keys {
+        Keys::new("/coil/").expect("keys")
+    }
+
+    fn pool() -> Pool {
+        Pool {
+            name: "default".into(),
+            family: Family::Ipv4,
+            block_size: 5,
+            subnets: vec![net("10.64.0.0/16"), net("10.70.0.0/24")],
+            created_unix: 1,
+            revision: 3,
+        }
+    }
+
+    fn lease(pool: &str, block: &str) -> BlockLease {
+        BlockLease {
+            pool: pool.into(),
+            block: net(block),
+            node: "node-1".into(),
+            acquired_unix: 1,
+            epoch: 7,
+        }
+    }
+
+    fn check(key: &str, l: &BlockLease) -> Result<(), String> {
+        validate_lease(&keys(), key, l, Some(&pool()))
+    }
+
+    #[test]
+    fn a_lease_must_match_its_key_and_lie_in_its_pool() {
+        let k = keys();
+        let p = pool();
+        let good = lease("default", "10.64.0.32/27");
+        let key = k.block("default", &good.block);
+        assert_eq!(check(&key, &good), Ok(()));
+        assert_eq!(
+            check(
+                &k.block("default", &net("10.70.0.224/27")),
+                &lease("default", "10.70.0.224/27")
+            ),
+            Ok(())
+        );
+
+        let other_pool = lease("other", "10.64.0.32/27");
+        let e = check(&key, &other_pool).expect_err("other pool");
+        assert!(e.contains("names pool \"other\""), "{e}");
+
+        let other_block = lease("default", "10.64.0.64/27");
+        let e = check(&key, &other_block).expect_err("other block");
+        assert!(
+            e.contains("names block 10.64.0.64/27") && e.contains("10.64.0.32"),
+            "{e}"
+        );
+
+        let everything = lease("default", "0.0.0.0/0");
+        let e = check(&k.block("default", &net("0.0.0.0/0")), &everything).expect_err("/0");
+        assert!(e.contains("is a /0") && e.contains("/27"), "{e}");
+        let e = check(&key, &everything).expect_err("/0 under a real key");
+        assert!(e.contains("names block 0.0.0.0/0"), "{e}");
+
+        let outside = lease("default", "10.99.0.0/27");
+        let e = check(&k.block("default", &outside.block), &outside).expect_err("outside");
+        assert!(e.contains("outside pool default's subnets"), "{e}");
+
+        let host_bits = lease("default", "10.64.0.33/27");
+        let e = check(&key, &host_bits).expect_err("host bits");
+        assert!(e.contains("host bits"), "{e}");
+
+        let smaller = lease("default", "10.64.0.48/28");
+        let e = check(&k.block("default", &smaller.block), &smaller).expect_err("size");
+        assert!(e.contains("is a /28"), "{e}");
+
+        let v6 = lease("default", "fd00::/123");
+        let e = check(&k.block("default", &v6.block), &v6).expect_err("family");
+        assert!(e.contains("ipv6") && e.contains("ipv4"), "{e}");
+
+        let bad_node = BlockLease {
+            node: "no spaces".into(),
+            ..good.clone()
+        };
+        assert!(check(&key, &bad_node)
+            .expect_err("node")
+            .contains("node name"));
+
+        let no_epoch = BlockLease {
+            epoch: 0,
+            ..good.clone()
+        };
+        assert!(check(&key, &no_epoch).expect_err("epoch").contains("epoch"));
+
+        let e = validate_lease(&k, &key, &good, None).expect_err("no pool");
+        assert!(e.contains("does not exist"), "{e}");
+        let wrong = Pool {
+            name: "other".into(),
+            ..p.clone()
+        };
+        assert!(validate_lease(&k, &key, &good, Some(&wrong)).is_err());
+
+        for stray in [
+            "/coil/blocks/default/zz",
+            "/coil/blocks/zz",
+            "/other/blocks/default/0a400020",
+        ] {
+            assert!(check(stray, &good).is_err(), "{stray}");
+        }
+        // Upper-case hex is not the key coil builds.
+        assert!(check("/coil/blocks/default/0A400020", &good).is_err());
+    }
+
+    #[test]
+    fn block_keys_parse_back_only_when_canonical() {
+        let k = keys();
+        let p = pool();
+        let b = net("10.64.1.0/27");
+        assert_eq!(k.block_of_key(&p, &k.block("default", &b)), Some(b));
+        for key in [
+            "/coil/blocks/default/0a400101",   // misaligned
+            "/coil/blocks/default/0A400100",   // not canonical
+            "/coil/blocks/default/0a990000",   // outside the pool
+            "/coil/blocks/other/0a400100",     // another pool
+            "/coil/blocks/default/0a400100/x", // deeper
+            "/coil/blocks/default/zz",
+        ] {
+            assert_eq!(k.block_of_key(&p, key), None, "{key}");
+        }
+        assert_eq!(
+            k.split_block_key("/coil/blocks/default/zz"),
+            Some(("default", "zz"))
+        );
+        assert_eq!(k.split_block_key("/coil/blocks/zz"), None);
+    }
+
+    #[test]
+    fn pool_entries_are_checked_like_new_pools() {
+        let k = keys();
+        let p = pool();
+        assert_eq!(validate_pool_entry(&k, "/coil/pools/default", &p), Ok(()));
+        assert!(validate_pool_entry(&k, "/coil/pools/other", &p)
+            .expect_err("name")
+            .contains("names pool"));
+        let bad = |f: &dyn Fn(&mut Pool)| {
+            let mut q = pool();
+            f(&mut q);
+            validate_pool_entry(&k, "/coil/pools/default", &q)
+        };
+        assert!(bad(&|q| q.subnets.clear()).is_err());
+        assert!(bad(&|q| q.subnets = vec![net("10.64.0.1/16")]).is_err());
+        assert!(bad(&|q| q.subnets.push(net("10.64.4.0/24"))).is_err());
+        assert!(bad(&|q| q.block_size = 30).is_err());
+        assert!(bad(&|q| q.family = Family::Ipv6).is_err());
+        assert!(bad(&|q| q.subnets = vec![net("0.0.0.0/0")]).is_err());
+    }
+
+    #[test]
+    fn node_address_and_subnet_entries_match_their_keys() {
+        let k = keys();
+        let rec = NodeRecord {
+            node: "node-1".into(),
+            boot_id: "b".into(),
+            started_unix: 1,
+            version: "0".into(),
+        };
+        assert_eq!(validate_node_entry(&k, "/coil/nodes/node-1", &rec), Ok(()));
+        assert!(validate_node_entry(&k, "/coil/nodes/node-2", &rec).is_err());
+
+        let a = AddressRecord {
+            address: "10.64.0.33".parse().expect("ip"),
+            pool: "default".into(),
+            block: net("10.64.0.32/27"),
+            node: "node-1".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+        };
+        let key = k.address(a.address);
+        assert_eq!(validate_address_entry(&k, &key, &a), Ok(()));
+        let moved = k.address("10.64.0.34".parse().expect("ip"));
+        assert!(validate_address_entry(&k, &moved, &a)
+            .expect_err("key")
+            .contains("names address"));
+        let outside = AddressRecord {
+            block: net("10.64.0.64/27"),
+            ..a.clone()
+        };
+        assert!(validate_address_entry(&k, &key, &outside)
+            .expect_err("block")
+            .contains("outside its block"));
+        assert!(validate_address_entry(&k, "/coil/addresses/4/0A400021", &a).is_err());
+        assert!(validate_address_entry(&k, "/coil/addresses/6/0a400021", &a).is_err());
+
+        let s = SubnetRecord {
+            subnet: net("10.64.0.0/16"),
+            pool: "default".into(),
+        };
+        let key = k.subnet(&s.subnet);
+        assert_eq!(k.subnet_of_key(&key), Some(s.subnet));
+        assert_eq!(validate_subnet_entry(&k, &key, &s), Ok(()));
+        assert!(validate_subnet_entry(&k, &k.subnet(&net("10.64.0.0/17")), &s).is_err());
+        assert_eq!(k.subnet_of_key("/coil/subnets/4/0a400000/16"), None);
+        assert_eq!(k.subnet_of_key("/coil/subnets/4/0a400001/016"), None);
     }
 }
