@@ -645,6 +645,7 @@ async fn plant_bad_entries<B: Backend>(s: &Store<B>) -> Vec<String> {
     put_raw(s, &k.pool("broken"), b"{\"name\":\"broken\"}").await;
     // An index entry stored under another address's key.
     let rec = AddressRecord {
+        network: "k8s".into(),
         address: ip("10.64.0.34"),
         pool: "default".into(),
         block: net("10.64.0.32/27"),
@@ -782,6 +783,7 @@ async fn bad_entries_are_skipped_reported_and_kept<B: Backend>(s: &Store<B>) {
 
     // Writes around them never touch them.
     let squatter = AddressRecord {
+        network: "k8s".into(),
         address: ip("10.64.0.33"),
         pool: "default".into(),
         block: net("10.64.0.32/27"),
@@ -875,6 +877,7 @@ async fn bad_entries_do_not_stop_the_rest<B: Backend>(s: &Store<B>) {
     let leader = "ctl-1";
     assert!(s.campaign(leader, 30).await.expect("campaign").is_some());
     let unowned = |pool: &str, a: &str, block: &str| AddressRecord {
+        network: "k8s".into(),
         address: ip(a),
         pool: pool.into(),
         block: net(block),
@@ -915,6 +918,7 @@ async fn a_clean_store_checks_clean<B: Backend>(s: &Store<B>) {
         .expect("add");
     let l = s.acquire_block("default", "node-1").await.expect("acquire");
     s.put_address(&AddressRecord {
+        network: "k8s".into(),
         address: l.block.network(),
         pool: "default".into(),
         block: l.block,

@@ -150,7 +150,7 @@ async fn recovery_proceeds_past_bad_store_entries() {
     }
     j.commit(batch).expect("commit");
 
-    let kernel = Kernel::in_netns(&ns.path(), 119, 30).expect("kernel");
+    let kernel = Kernel::in_netns(&ns.path(), 119, 30).await.expect("kernel");
     let cx = coil_recovery::Context {
         journal: &j,
         store: &s,

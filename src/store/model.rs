@@ -1214,6 +1214,7 @@ mod entry_tests {
         assert!(validate_node_entry(&k, "/coil/nodes/node-2", &rec).is_err());
 
         let a = AddressRecord {
+            network: "k8s".into(),
             address: "10.64.0.33".parse().expect("ip"),
             pool: "default".into(),
             block: net("10.64.0.32/27"),
