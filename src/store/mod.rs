@@ -372,6 +372,7 @@ impl<B: Backend> Store<B> {
     /// Adds a subnet to a pool, refusing overlaps with every pool.
     pub async fn add_subnet(&self, name: &str, subnet: IpNet) -> Result<Pool> {
         model::validate_pool_name(name)?;
+        model::check_not_reserved(&subnet)?;
         let pool_key = self.keys.pool(name);
         for attempt in 0..self.retry.attempts {
             self.backoff(attempt).await;

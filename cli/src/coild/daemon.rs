@@ -128,6 +128,12 @@ impl DaemonError {
 
 type DResult<T> = Result<T, DaemonError>;
 
+/// Address index updates waiting for the mirror task.
+const MIRROR_QUEUE: usize = 4096;
+/// Namespaces whose pool existence is cached (callers choose namespaces,
+/// so the cache is bounded).
+const POOL_CACHE_MAX: usize = 1024;
+
 /// Longest a kernel operation of a request may take (wiring a pod takes
 /// about a millisecond; the bound is for a kernel stuck on the rtnl lock or
 /// a netns path on a hung mount).
@@ -169,7 +175,9 @@ pub struct Daemon<B: Backend> {
     state: Mutex<NodeState>,
     pool_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pool_cache: Mutex<HashMap<String, (bool, Instant)>>,
-    mirror: mpsc::UnboundedSender<Mirror>,
+    mirror: mpsc::Sender<Mirror>,
+    /// Index updates dropped because the mirror queue was full.
+    mirror_dropped: AtomicU64,
     store_ok: AtomicBool,
     /// Store calls made on the ADD path (pool lookups, block leases): the
     /// figure the "zero etcd requests per ADD" target is about.
@@ -390,7 +398,7 @@ impl<B: Backend> Daemon<B> {
                 )));
             }
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
         let d = Arc::new(Daemon {
             cfg,
             journal,
@@ -408,6 +416,7 @@ impl<B: Backend> Daemon<B> {
             lease_losses: AtomicU64::new(0),
             recovery_actions: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            mirror_dropped: AtomicU64::new(0),
             fatal: Mutex::new(None),
             fatal_notify: tokio::sync::Notify::new(),
             m: Latencies::default(),
@@ -442,6 +451,7 @@ impl<B: Backend> Daemon<B> {
         d.journal.commit(b).map_err(|e| fatal(e.to_string()))?;
         d.reload().map_err(|e| fatal(e.to_string()))?;
         tokio::spawn(mirror_task(d.clone(), rx));
+        tokio::spawn(journal_watch(d.clone()));
         tokio::spawn(liveness_task(d.clone()));
         tokio::spawn(resync_task(d.clone()));
         Ok(d)
@@ -576,7 +586,17 @@ impl<B: Backend> Daemon<B> {
         self.lock().remove_lease(&l.block);
         self.kernel.withdraw_block(l.block).await?;
         let res = async {
-            let (_, cur) = self.store.block(l.block).await?;
+            let cur = match self.store.block(l.block).await {
+                Ok((_, cur)) => cur,
+                // A malformed value at the block's key is not a lease we
+                // can prove is ours: leave it (reported by coilctl store
+                // check) and forget our side.
+                Err(e) if e.is_corrupt() => {
+                    tracing::warn!(block = %l.block, "not releasing a malformed store entry: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             match cur {
                 Some(c)
                     if c.node == self.cfg.node_name
@@ -635,6 +655,14 @@ impl<B: Backend> Daemon<B> {
     fn journal_failed(&self, e: &JournalError) {
         if matches!(e, JournalError::Poisoned { .. } | JournalError::Io { .. }) {
             self.set_fatal(format!("the journal cannot commit: {e}"));
+        }
+    }
+
+    /// Notices a journal poisoned by any writer (recovery, the checkpoint
+    /// thread, a request), not only by this driver's commits.
+    fn check_journal(&self) {
+        if let Some(why) = self.journal.poison_reason() {
+            self.set_fatal(format!("the journal cannot commit: {why}"));
         }
     }
 
@@ -738,10 +766,16 @@ impl<B: Backend> Daemon<B> {
             out,
             "# HELP coil_lease_losses_total Block leases found lost.\n# TYPE coil_lease_losses_total counter\ncoil_lease_losses_total{{node=\"{node}\"}} {}\n\
              # HELP coil_recovery_actions_total Recovery steps applied.\n# TYPE coil_recovery_actions_total counter\ncoil_recovery_actions_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_store_reachable 1 when the last store call succeeded.\n# TYPE coil_store_reachable gauge\ncoil_store_reachable{{node=\"{node}\"}} {}\n",
+             # HELP coil_store_reachable 1 when the last store call succeeded.\n# TYPE coil_store_reachable gauge\ncoil_store_reachable{{node=\"{node}\"}} {}\n\
+             # HELP coil_store_bad_entries_total Malformed store entries met (and skipped) by reads.\n# TYPE coil_store_bad_entries_total counter\ncoil_store_bad_entries_total{{node=\"{node}\"}} {}\n\
+             # HELP coil_socket_rejected_total Socket requests refused as malformed.\n# TYPE coil_socket_rejected_total counter\ncoil_socket_rejected_total{{node=\"{node}\"}} {}\n\
+             # HELP coil_healthy 1 while coild can serve (its journal accepts commits).\n# TYPE coil_healthy gauge\ncoil_healthy{{node=\"{node}\"}} {}\n",
             self.lease_losses.load(Ordering::Relaxed),
             self.recovery_actions.load(Ordering::Relaxed),
             u8::from(self.store_ok.load(Ordering::Relaxed)),
+            self.store.bad_entries_seen(),
+            self.rejected.load(Ordering::Relaxed),
+            u8::from(self.fatal_reason().is_none()),
         );
         let lb = format!("node=\"{node}\"");
         out.push_str(&self.m.add.render(
@@ -833,10 +867,15 @@ impl<B: Backend> Daemon<B> {
                 match self.store.get_pool(ns).await {
                     Ok(p) => {
                         let e = p.is_some();
-                        self.pool_cache
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(ns.to_string(), (e, Instant::now()));
+                        let mut cache = self.pool_cache.lock().unwrap_or_else(|e| e.into_inner());
+                        if cache.len() >= POOL_CACHE_MAX {
+                            let ttl = self.cfg.pool_cache_ttl;
+                            cache.retain(|_, (_, t)| t.elapsed() < ttl);
+                            if cache.len() >= POOL_CACHE_MAX {
+                                cache.clear();
+                            }
+                        }
+                        cache.insert(ns.to_string(), (e, Instant::now()));
                         e
                     }
                     // During a store outage a stale answer beats none.
@@ -1099,9 +1138,27 @@ impl<B: Backend> Daemon<B> {
         );
         coil::failpoint::hit("add.recorded");
         for x in &done.addresses {
-            let _ = self.mirror.send(Mirror::Put(self.record(&done, x)));
+            self.mirror(Mirror::Put(self.record(&done, x)));
         }
         Ok(self.result(&done, wired.host_mac, wired.pod_mac))
+    }
+
+    /// Queues an address index update without ever waiting: the index is
+    /// a mirror, and a full queue (a long store outage under churn) drops
+    /// the update, counted (stats `index_updates_dropped`), rather than
+    /// hold a request or grow without bound. The index only informs
+    /// coilctl and the controller; allocation never reads it, so a dropped
+    /// update leaves a stale hint, never a second owner.
+    fn mirror(&self, m: Mirror) {
+        if self.mirror.try_send(m).is_err() {
+            let n = self.mirror_dropped.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "address index queue full; dropping updates"
+                );
+            }
+        }
     }
 
     fn record(&self, a: &Attachment, x: &AssignedAddress) -> AddressRecord {
@@ -1184,7 +1241,7 @@ impl<B: Backend> Daemon<B> {
         self.commit(b).await?;
         self.lock().remove_attachment(&a.key);
         for x in &a.addresses {
-            let _ = self.mirror.send(Mirror::Delete(self.record(a, x)));
+            self.mirror(Mirror::Delete(self.record(a, x)));
         }
         Ok(())
     }
@@ -1316,6 +1373,8 @@ impl<B: Backend> Daemon<B> {
             "recovery_actions": self.recovery_actions.load(Ordering::Relaxed),
             "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
             "rejected_requests": self.rejected.load(Ordering::Relaxed),
+            "store_bad_entries": self.store.bad_entries_seen(),
+            "index_updates_dropped": self.mirror_dropped.load(Ordering::Relaxed),
             "healthy": self.fatal_reason().is_none(),
         })
     }
@@ -1339,7 +1398,7 @@ fn journal_lease(l: &coil::store::BlockLease) -> BlockLease {
 /// Applies address index updates in the background. While the store does
 /// not answer they queue (bounded) and are retried in order, so the index
 /// catches up when the store is back.
-async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::UnboundedReceiver<Mirror>) {
+async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<Mirror>) {
     const MAX_PENDING: usize = 100_000;
     let mut pending: std::collections::VecDeque<Mirror> = std::collections::VecDeque::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -1372,6 +1431,19 @@ async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::UnboundedRecei
                     pending.pop_front();
                 }
             }
+        }
+    }
+}
+
+/// Watches the journal's health once a second (a failed sync in any
+/// writer poisons it; then coild stops, see [`serve_until`]).
+async fn journal_watch<B: Backend>(d: Arc<Daemon<B>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        d.check_journal();
+        if d.fatal_reason().is_some() {
+            return;
         }
     }
 }
