@@ -274,6 +274,9 @@ pub async fn run(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FatalError> {
+    // Before anything else: a live coild on this socket (or a file that
+    // is not a socket there) means this one must not touch the node.
+    super::server::clear_path(&cfg.socket)?;
     let t0 = Instant::now();
     let journal = Arc::new(open_journal(&cfg.journal_dir)?);
     tracing::info!(

@@ -37,8 +37,9 @@ fn fatal(msg: String) -> FatalError {
 
 /// Makes the socket path free for a new bind: nothing there, or a stale
 /// socket nobody answers on. A live coild, or anything that is not a
-/// socket, refuses the start.
-fn clear_path(path: &Path) -> Result<(), FatalError> {
+/// socket, refuses the start. coild calls it first thing, before it opens
+/// its journal or touches the kernel, and again right before binding.
+pub fn clear_path(path: &Path) -> Result<(), FatalError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -59,6 +59,10 @@ pub struct Node {
     pods: Vec<String>,
     /// Extra coild flags (resync interval, min blocks...).
     pub extra: Vec<String>,
+    /// The coild binary to run (a failpoint build for some tests).
+    pub coild_bin: String,
+    /// Extra environment for coild.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -89,6 +93,8 @@ impl Node {
             etcd: None,
             pods: Vec::new(),
             extra: Vec::new(),
+            coild_bin: COILD.to_string(),
+            env: Vec::new(),
         };
         n.set_boot_id("boot-1");
         if let StoreMode::Etcd { endpoint, .. } = &mut n.mode {
@@ -138,7 +144,7 @@ impl Node {
         // new coild binding it (after its startup recovery).
         let _ = std::fs::remove_file(&self.socket);
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns, COILD])
+        c.args(["netns", "exec", &self.netns, &self.coild_bin])
             .args(["--node-name", &self.name])
             .arg("--boot-id-file")
             .arg(self.dir.path().join("boot_id"))
@@ -167,6 +173,9 @@ impl Node {
         }
         let log = std::fs::File::create(self.dir.path().join("coild.log")).expect("log");
         c.env("COIL_LOG", "info").stdout(Stdio::null()).stderr(log);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         self.coild = Some(c.spawn().expect("start coild"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
@@ -177,6 +186,25 @@ impl Node {
             }
             assert!(Instant::now() < deadline, "coild not ready: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `secs` for coild to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(c) = self.coild.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.coild = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
