@@ -113,6 +113,21 @@ enum NodeCmd {
     List,
     /// List the blocks a node leases.
     Blocks { node: String },
+    /// Remove a node that is gone for good (powered off, deleted): records
+    /// its removal fence and frees its blocks in one transaction. Refused
+    /// while the node's liveness key exists. Its addresses may then be
+    /// handed to other nodes: be sure its pods are gone.
+    Remove {
+        node: String,
+        /// Remove it even though its liveness key exists (it is alive, or
+        /// was moments ago): if its pods still run, their addresses may be
+        /// handed out twice.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Lift a node's removal fence so it may lease blocks again (after
+    /// its old pods are gone: rebooted, or its journal rebuilt).
+    Readmit { node: String },
     /// Ask this node's coild whether it can serve (its journal accepts
     /// commits); exit 0 when healthy, 1 when not, 3 when coild does not
     /// answer. The DaemonSet's liveness probe.
@@ -278,6 +293,12 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Cmd::Node { cmd } => match cmd {
             NodeCmd::List => Ok(StoreCmd::ListNodes),
             NodeCmd::Blocks { node } => ctl_store::parse_node_name(&node).map(StoreCmd::NodeBlocks),
+            NodeCmd::Remove { node, force } => {
+                ctl_store::parse_node_name(&node).map(|n| StoreCmd::RemoveNode(n, force))
+            }
+            NodeCmd::Readmit { node } => {
+                ctl_store::parse_node_name(&node).map(StoreCmd::ReadmitNode)
+            }
             NodeCmd::Repair { .. } | NodeCmd::Health => Err("unreachable".into()),
         },
         Cmd::Address {

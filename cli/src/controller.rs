@@ -1,23 +1,27 @@
 //! `coil-controller`: the cluster janitor.
 //!
 //! One replica leads (an etcd key bound to its lease; every action is
-//! fenced on it, so a deposed leader frees nothing). The leader releases
-//! the blocks of nodes whose liveness key has been gone for longer than
-//! the grace period, each release fenced on the lease's epoch and on the
-//! node's liveness key still being absent (a node that came back keeps its
-//! blocks; one that comes back later finds them gone and quarantines
-//! them), and garbage-collects the address index against the leases.
+//! fenced on it, so a deposed leader frees nothing).
 //!
-//! The store is polled every interval, so there is no watch to lose (v1's
-//! controller idled forever after its watch closed).
+//! **Liveness expiry is not proof of death.** A node cut off from etcd
+//! looks exactly like a dead one and keeps serving pods from its blocks, so
+//! the controller never frees a block because a liveness key expired. It
+//! notes such a node as unreachable (`unreachable/<node>`, shown by
+//! `coilctl node list`, the gauge `coil_controller_nodes_unreachable`) and,
+//! after `--grace-period`, warns that its addresses stay reserved until an
+//! operator says otherwise. It frees a node's blocks only on proof that its
+//! pods are gone: the Kubernetes Node object is deleted. Then it removes
+//! the node exactly as `coilctl node remove` does: one transaction records
+//! the removal fence and frees the blocks, fenced on the node being without
+//! liveness and on leadership.
 //!
-//! With `--kube-api`, a dead node whose Node object is gone is due at once
-//! instead of after the grace period. The Node list is only ever a reason
-//! to act sooner, never proof on its own: a list that fails, is cut short,
-//! is not a `NodeList` or misses a page is "unknown" (the grace applies),
-//! and a list that is empty while nodes are alive, or that would free more
-//! than `--kube-max-deleted-fraction` of the nodes holding blocks, is
-//! ignored for the pass and logged as an error.
+//! The Node list is only trusted when it is whole and sane: a list that
+//! fails, is cut short, is not a `NodeList` or misses a page is "unknown"
+//! (nothing is removed), and a list that is empty while nodes are alive, or
+//! that would remove more than `--kube-max-deleted-fraction` of the nodes
+//! holding blocks, is ignored for the pass and logged as an error. It also
+//! garbage-collects the address index against the leases. The store is
+//! polled every interval, so there is no watch to lose.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -104,6 +108,12 @@ fn pem(p: &Option<PathBuf>) -> Result<Option<Vec<u8>>, String> {
 #[derive(Debug, Default)]
 pub struct ControllerMetrics {
     pub is_leader: std::sync::atomic::AtomicU64,
+    /// Nodes without liveness that hold blocks (last pass).
+    pub nodes_unreachable: std::sync::atomic::AtomicU64,
+    /// Blocks those nodes hold.
+    pub blocks_unreachable: std::sync::atomic::AtomicU64,
+    /// Nodes removed because their Kubernetes Node was deleted.
+    pub nodes_removed: std::sync::atomic::AtomicU64,
     pub blocks_released: std::sync::atomic::AtomicU64,
     pub index_entries_collected: std::sync::atomic::AtomicU64,
     pub passes: std::sync::atomic::AtomicU64,
@@ -152,32 +162,47 @@ pub fn judge_node_list(
     Ok(())
 }
 
-/// Which dead nodes' blocks are due: pure, for tests. `deleted` lists nodes
-/// the Kubernetes API no longer has (None when not asked): those are due as
-/// soon as their liveness is gone, without the grace period.
-pub fn due_nodes(
+/// The nodes to remove this pass: pure, for tests. Only a node the
+/// Kubernetes API no longer lists (`existing`, a list already judged
+/// trustworthy) and that has no liveness is removed; a node that merely
+/// lost its liveness, however long ago, never is. Nodes already removed
+/// are skipped.
+pub fn removable_nodes(
     nodes: &[NodeStatus],
-    dead_since: &mut HashMap<String, Instant>,
-    now: Instant,
-    grace: Duration,
     existing: Option<&std::collections::BTreeSet<String>>,
 ) -> Vec<String> {
-    let mut due = Vec::new();
-    dead_since.retain(|n, _| nodes.iter().any(|x| &x.node == n && !x.alive));
-    for n in nodes {
-        if n.alive {
-            continue;
-        }
-        let since = *dead_since.entry(n.node.clone()).or_insert(now);
-        let deleted = existing.is_some_and(|e| !e.contains(&n.node));
-        if n.blocks > 0 && (deleted || now.duration_since(since) >= grace) {
-            due.push(n.node.clone());
-        }
-    }
-    due
+    let Some(existing) = existing else {
+        return Vec::new();
+    };
+    nodes
+        .iter()
+        .filter(|n| !n.alive && n.removed.is_none() && n.blocks > 0)
+        .filter(|n| !existing.contains(&n.node))
+        .map(|n| n.node.clone())
+        .collect()
 }
 
-/// One pass as the leader: free due nodes' blocks, collect the index.
+/// Nodes without liveness that hold blocks, and since when this leader has
+/// seen them so (timers start afresh with each leadership).
+pub fn unreachable_nodes<'a>(
+    nodes: &'a [NodeStatus],
+    seen_since: &mut HashMap<String, Instant>,
+    now: Instant,
+) -> Vec<(&'a NodeStatus, Instant)> {
+    seen_since.retain(|n, _| {
+        nodes
+            .iter()
+            .any(|x| &x.node == n && !x.alive && x.removed.is_none() && x.blocks > 0)
+    });
+    nodes
+        .iter()
+        .filter(|n| !n.alive && n.removed.is_none() && n.blocks > 0)
+        .map(|n| (n, *seen_since.entry(n.node.clone()).or_insert(now)))
+        .collect()
+}
+
+/// One pass as the leader: note unreachable nodes, remove nodes whose
+/// Kubernetes Node is gone, collect the index.
 pub async fn pass<B: Backend>(
     store: &Store<B>,
     identity: &str,
@@ -188,8 +213,7 @@ pub async fn pass<B: Backend>(
 ) -> Result<(), coil::store::StoreError> {
     use std::sync::atomic::Ordering;
     let nodes = store.nodes().await?;
-    // Without a trustworthy list, liveness and the grace period still
-    // apply: a bad list delays nothing and frees nothing.
+    // Without a trustworthy list nothing is removed this pass.
     let existing = match kube {
         Some(k) => match k.api.node_names().await {
             Ok(names) => match judge_node_list(&nodes, &names, k.max_deleted_fraction) {
@@ -198,8 +222,7 @@ pub async fn pass<B: Backend>(
                     m.kube_lists_ignored.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
                         nodes_listed = names.len(),
-                        "ignoring the Kubernetes Node list this pass: {why}; \
-                         only the grace period frees blocks"
+                        "ignoring the Kubernetes Node list this pass: {why}; no node is removed"
                     );
                     None
                 }
@@ -212,19 +235,63 @@ pub async fn pass<B: Backend>(
         },
         None => None,
     };
-    for node in due_nodes(&nodes, dead_since, Instant::now(), grace, existing.as_ref()) {
-        for l in store.node_blocks(&node).await? {
-            match store.release_dead_block(&l, identity).await {
-                Ok(true) => {
-                    m.blocks_released.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(node = %node, block = %l.block, "released the block of a dead node");
-                }
-                Ok(false) => tracing::info!(node = %node, block = %l.block,
-                    "kept the block: the node is back, the lease changed, or leadership moved"),
-                Err(e) => {
-                    m.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(node = %node, block = %l.block, "release: {e}");
-                }
+    let now = Instant::now();
+    let now_unix = coil::journal::now_unix();
+    for n in nodes
+        .iter()
+        .filter(|n| n.alive && n.unreachable_since.is_some())
+    {
+        tracing::info!(node = %n.node, "node is reachable again");
+        if let Err(e) = store.clear_unreachable(&n.node, identity).await {
+            tracing::warn!(node = %n.node, "clearing its unreachable note: {e}");
+        }
+    }
+    let unreachable = unreachable_nodes(&nodes, dead_since, now);
+    m.nodes_unreachable
+        .store(unreachable.len() as u64, Ordering::Relaxed);
+    m.blocks_unreachable.store(
+        unreachable.iter().map(|(n, _)| n.blocks as u64).sum(),
+        Ordering::Relaxed,
+    );
+    for (n, since) in &unreachable {
+        if n.unreachable_since.is_none() {
+            tracing::warn!(node = %n.node, blocks = n.blocks,
+                "node lost its liveness; its blocks stay reserved (it may be partitioned, \
+                 not dead)");
+            if let Err(e) = store.note_unreachable(&n.node, now_unix, identity).await {
+                tracing::warn!(node = %n.node, "noting it unreachable: {e}");
+            }
+        }
+        let waited = now.duration_since(*since);
+        if waited >= grace && waited < grace + Duration::from_secs(1) + grace / 4 {
+            tracing::error!(node = %n.node, blocks = n.blocks, "node unreachable for {waited:?}; \
+                its addresses stay reserved. If it is gone for good, delete its Node object \
+                or run `coilctl node remove {}`", n.node);
+        }
+    }
+    for node in removable_nodes(&nodes, existing.as_ref()) {
+        match store
+            .remove_node(
+                &node,
+                "its Kubernetes Node object was deleted (coil-controller)",
+                false,
+                Some(identity),
+            )
+            .await
+        {
+            Ok(rec) => {
+                m.nodes_removed.fetch_add(1, Ordering::Relaxed);
+                m.blocks_released
+                    .fetch_add(rec.blocks.len() as u64, Ordering::Relaxed);
+                tracing::info!(node = %node, blocks = rec.blocks.len(),
+                    "removed a node whose Kubernetes Node was deleted, and freed its blocks");
+            }
+            Err(coil::store::StoreError::NodeAlive { .. }) => {
+                tracing::info!(node = %node, "kept the node: it is alive again");
+            }
+            Err(e) => {
+                m.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %node, "removing it: {e}");
             }
         }
     }
@@ -369,8 +436,26 @@ fn controller_metrics(m: &ControllerMetrics) -> String {
     g(
         "coil_controller_blocks_released_total",
         "counter",
-        "Blocks of dead nodes released.",
+        "Blocks freed with nodes whose Kubernetes Node was deleted.",
         m.blocks_released.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_nodes_removed_total",
+        "counter",
+        "Nodes removed because their Kubernetes Node was deleted.",
+        m.nodes_removed.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_nodes_unreachable",
+        "gauge",
+        "Nodes without liveness that still hold blocks (not freed: maybe partitioned).",
+        m.nodes_unreachable.load(Ordering::Relaxed),
+    );
+    g(
+        "coil_controller_blocks_unreachable",
+        "gauge",
+        "Blocks held by unreachable nodes.",
+        m.blocks_unreachable.load(Ordering::Relaxed),
     );
     g(
         "coil_controller_index_entries_collected_total",
@@ -468,59 +553,54 @@ mod tests {
             boot_id: None,
             started_unix: None,
             blocks,
+            unreachable_since: None,
+            removed: None,
         }
     }
 
     #[test]
-    fn only_nodes_dead_longer_than_the_grace_are_due() {
+    fn liveness_expiry_alone_never_removes_a_node() {
         let t0 = Instant::now();
-        let grace = Duration::from_secs(60);
         let mut since = HashMap::new();
         let nodes = vec![
             st("alive", true, 3),
             st("dead", false, 2),
             st("empty", false, 0),
         ];
-        assert!(due_nodes(&nodes, &mut since, t0, grace, None).is_empty());
-        assert!(due_nodes(
-            &nodes,
-            &mut since,
-            t0 + Duration::from_secs(59),
-            grace,
-            None
-        )
-        .is_empty());
+        // However long it has been, without the Kubernetes API saying the
+        // Node is gone nothing is removed.
+        assert!(removable_nodes(&nodes, None).is_empty());
+        let u = unreachable_nodes(&nodes, &mut since, t0);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].0.node, "dead");
+        let later = t0 + Duration::from_secs(3600);
+        let u = unreachable_nodes(&nodes, &mut since, later);
+        assert_eq!(u[0].1, t0, "the timer is kept");
+        assert!(removable_nodes(&nodes, None).is_empty());
+        // The Node object is listed: still nothing.
+        let existing: std::collections::BTreeSet<String> =
+            ["alive".to_string(), "dead".to_string()].into();
+        assert!(removable_nodes(&nodes, Some(&existing)).is_empty());
+        // Deleted: removed. A live node never is, even when the API lost
+        // its Node (v1's B12); a node holding nothing needs no removal.
+        let existing: std::collections::BTreeSet<String> = ["other".to_string()].into();
         assert_eq!(
-            due_nodes(
-                &nodes,
-                &mut since,
-                t0 + Duration::from_secs(60),
-                grace,
-                None
-            ),
+            removable_nodes(&nodes, Some(&existing)),
             vec!["dead".to_string()]
         );
-        // It comes back: its timer is forgotten.
+        // Already removed: not again.
+        let mut gone = nodes.clone();
+        gone[1].removed = Some(coil::store::RemovalRecord {
+            node: "dead".into(),
+            removed_unix: 1,
+            reason: "test".into(),
+            blocks: vec![],
+        });
+        assert!(removable_nodes(&gone, Some(&existing)).is_empty());
+        // Back alive: its timer is forgotten.
         let back = vec![st("dead", true, 2)];
-        assert!(due_nodes(&back, &mut since, t0 + Duration::from_secs(61), grace, None).is_empty());
+        assert!(unreachable_nodes(&back, &mut since, later).is_empty());
         assert!(since.is_empty());
-        // Dead again: the grace starts over.
-        let existing: std::collections::BTreeSet<String> = ["empty".to_string()].into();
-        // Its Node object is deleted: due at once. A live node never is,
-        // even when the API lost its Node (v1's B12).
-        let mut since2 = HashMap::new();
-        assert_eq!(
-            due_nodes(&nodes, &mut since2, t0, grace, Some(&existing)),
-            vec!["dead".to_string()]
-        );
-        assert!(due_nodes(
-            &nodes,
-            &mut since,
-            t0 + Duration::from_secs(62),
-            grace,
-            None
-        )
-        .is_empty());
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum StoreCmd {
     },
     /// Every bad entry under the prefix (`coilctl store check`).
     Check,
+    /// `node remove NODE [--force]`.
+    RemoveNode(String, bool),
+    /// `node readmit NODE`.
+    ReadmitNode(String),
 }
 
 fn bad(e: StoreError) -> String {
@@ -492,9 +496,19 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
             }
             let mut t = Table::new(&["NODE", "STATUS", "BLOCKS", "BOOT-ID", "STARTED"]);
             for n in &nodes {
+                let status = match (&n.removed, n.alive, n.unreachable_since) {
+                    (Some(r), true, _) => {
+                        format!("removed {} (alive again!)", unix(r.removed_unix))
+                    }
+                    (Some(r), false, _) => format!("removed {}", unix(r.removed_unix)),
+                    (None, true, _) => "alive".into(),
+                    (None, false, Some(since)) => format!("unreachable since {}", unix(since)),
+                    (None, false, None) if n.blocks > 0 => "unreachable".into(),
+                    (None, false, None) => "gone".into(),
+                };
                 t.row(vec![
                     n.node.clone(),
-                    if n.alive { "alive" } else { "dead" }.into(),
+                    status,
                     n.blocks.to_string(),
                     n.boot_id.clone().unwrap_or_else(|| "-".into()),
                     n.started_unix.map_or("-".into(), unix),
@@ -573,6 +587,41 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                     "released block {} of pool {} from {} (epoch {})",
                     l.block, l.pool, l.node, l.epoch
                 );
+            }
+        }
+        StoreCmd::RemoveNode(node, force) => {
+            if force {
+                eprintln!(
+                    "coilctl: WARNING: removing {node} although its liveness key exists: if its \
+                     pods still run, their addresses may be handed to other pods"
+                );
+            }
+            let r = s
+                .remove_node(&node, "coilctl node remove", force, None)
+                .await?;
+            if json {
+                print_json(&serde_json::to_value(&r).unwrap_or(Value::Null));
+            } else {
+                println!(
+                    "removed node {node}: {} block(s) freed ({}); it leases nothing until \
+                     `coilctl node readmit {node}`",
+                    r.blocks.len(),
+                    r.blocks
+                        .iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        StoreCmd::ReadmitNode(node) => {
+            let lifted = s.readmit_node(&node).await?;
+            if json {
+                print_json(&json!({"node": node, "readmitted": lifted}));
+            } else if lifted {
+                println!("re-admitted node {node}: it may lease blocks again");
+            } else {
+                println!("node {node} was not removed; nothing to do");
             }
         }
         StoreCmd::Check => {

@@ -1,8 +1,9 @@
 //! Two nodes, one etcd, BIRD 2 with deploy/bird/bird.conf.tmpl on each:
 //! pods on different nodes reach each other through BGP-learnt routes, a
-//! released block disappears from the peer's main table, and the controller
-//! frees the blocks of a node whose coild stopped for good so the other node
-//! can lease them. Root only.
+//! released block disappears from the peer's main table, and a node whose
+//! coild stopped for good keeps its blocks (the controller only reports it
+//! unreachable) until `coilctl node remove` frees them for the other node.
+//! Root only.
 
 mod common;
 
@@ -367,10 +368,26 @@ fn two_nodes_route_pods_over_bgp() {
         &ctl_log,
     );
     t.procs.push(c);
-    wait("the controller frees node 1's block", 40, || {
-        let o = t.coilctl(&["node", "blocks", "node-1", "--json"]);
-        String::from_utf8_lossy(&o.stdout).trim() == "[]"
+    // Liveness expiry is no proof of death: the controller reports node 1
+    // unreachable and keeps its block reserved, well past the grace.
+    wait("the controller reports node 1 unreachable", 40, || {
+        let o = t.coilctl(&["node", "list"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with("node-1") && l.contains("unreachable since"))
     });
+    std::thread::sleep(Duration::from_secs(2));
+    let o = t.coilctl(&["node", "blocks", "node-1", "--json"]);
+    assert_ne!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "[]",
+        "the controller freed a block on liveness expiry"
+    );
+    // The operator knows node 1 is gone for good: removing it frees it.
+    let o = t.coilctl(&["node", "remove", "node-1"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = t.coilctl(&["node", "blocks", "node-1", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
     // Node 2 can lease it now: fill node 2 until it holds that block (the
     // pool has 16 blocks of 16; node 2 already has one).
     let mut got = false;

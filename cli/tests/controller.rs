@@ -65,7 +65,7 @@ async fn only_one_replica_leads_and_leadership_moves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_nodes_lose_their_blocks_live_ones_never() {
+async fn liveness_expiry_frees_nothing_only_removal_does() {
     let prefix = testkit::unique_prefix("janitor");
     let (s, _) = store(&prefix).await;
     s.create_pool(&PoolSpec {
@@ -76,7 +76,7 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
     .await
     .expect("pool");
     s.register_node(&rec("alive"), 60).await.expect("register");
-    let short = s.register_node(&rec("dying"), 2).await.expect("register");
+    s.register_node(&rec("dying"), 2).await.expect("register");
     let kept = s.acquire_block("default", "alive").await.expect("acquire");
     let d1 = s.acquire_block("default", "dying").await.expect("acquire");
     let ghost = s.acquire_block("default", "ghost").await.expect("acquire");
@@ -100,13 +100,40 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
         .expect("leader");
     let m = ControllerMetrics::default();
     let mut since = HashMap::new();
-    let grace = Duration::from_secs(2);
-    // First pass: "ghost" is seen dead now; nothing is due yet.
+    let grace = Duration::from_millis(500);
+    // "dying" stops heartbeating; passes go on far past the grace period.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        pass(&s, "me", &mut since, grace, None, &m)
+            .await
+            .expect("pass");
+        let nodes = s.nodes().await.expect("nodes");
+        let dying = nodes.iter().find(|n| n.node == "dying").expect("dying");
+        if !dying.alive && dying.unreachable_since.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dying never became unreachable");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
     pass(&s, "me", &mut since, grace, None, &m)
         .await
         .expect("pass");
+    // Liveness expiry is no proof of death: every block is still leased.
     let blocks = s.all_blocks().await.expect("blocks");
-    assert_eq!(blocks.len(), 3, "nothing freed before the grace period");
+    assert_eq!(blocks.len(), 3, "a block was freed on liveness expiry");
+    assert_eq!(
+        m.blocks_released.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        m.nodes_unreachable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let nodes = s.nodes().await.expect("nodes");
+    let ghost_status = nodes.iter().find(|n| n.node == "ghost").expect("ghost");
+    assert!(ghost_status.unreachable_since.is_some(), "{ghost_status:?}");
     assert!(
         s.address_info(stray.address)
             .await
@@ -115,55 +142,54 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
             .is_none(),
         "index collected"
     );
-    // A deposed leader frees nothing, even past the grace.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert!(!s
-        .release_dead_block(&ghost, "someone-else")
+    // An operator's removal is the proof: refused for a live node ...
+    let e = s
+        .remove_node("alive", "test", false, None)
         .await
-        .expect("fenced"));
+        .expect_err("alive");
+    assert!(
+        matches!(e, coil::store::StoreError::NodeAlive { .. }),
+        "{e}"
+    );
+    // ... one transaction fences the dead node and frees its blocks.
+    let r = s
+        .remove_node("ghost", "test", false, None)
+        .await
+        .expect("remove");
+    assert_eq!(r.blocks, vec![ghost.block]);
+    assert!(s.block(ghost.block).await.expect("block").1.is_none());
+    assert!(s.removal("ghost").await.expect("fence").is_some());
+    // A removed node leases nothing, not even its old block back.
+    let e = s
+        .acquire_block("default", "ghost")
+        .await
+        .expect_err("fenced");
+    assert!(
+        matches!(e, coil::store::StoreError::NodeRemoved { .. }),
+        "{e}"
+    );
+    let e = s
+        .acquire_specific("default", ghost.block, "ghost")
+        .await
+        .expect_err("fenced");
+    assert!(
+        matches!(e, coil::store::StoreError::NodeRemoved { .. }),
+        "{e}"
+    );
+    // The controller neither removes it again nor notes it unreachable.
     pass(&s, "me", &mut since, grace, None, &m)
         .await
         .expect("pass");
-    let left: Vec<String> = s
-        .all_blocks()
-        .await
-        .expect("blocks")
-        .into_iter()
-        .map(|l| l.node)
-        .collect();
-    assert!(
-        left.contains(&"alive".to_string()),
-        "a live node keeps its block"
+    assert_eq!(
+        m.nodes_unreachable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
     );
-    assert!(
-        !left.contains(&"ghost".to_string()),
-        "the dead node's block is freed: {left:?}"
-    );
-    // "dying" stops heartbeating: its key expires, then the grace runs.
-    let _ = short;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        pass(&s, "me", &mut since, grace, None, &m)
-            .await
-            .expect("pass");
-        let nodes: Vec<String> = s
-            .all_blocks()
-            .await
-            .expect("blocks")
-            .into_iter()
-            .map(|l| l.node)
-            .collect();
-        if !nodes.contains(&"dying".to_string()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the expired node's block was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    // A released block is free for others; the live node's is untouched.
-    assert!(s.block(d1.block).await.expect("block").1.is_none());
+    // Re-admitted, it may lease again.
+    assert!(s.readmit_node("ghost").await.expect("readmit"));
+    assert!(s.acquire_block("default", "ghost").await.is_ok());
+    // The others are untouched.
+    assert!(s.block(d1.block).await.expect("block").1.is_some());
     assert_eq!(
         s.block(kept.block)
             .await
@@ -173,12 +199,11 @@ async fn dead_nodes_lose_their_blocks_live_ones_never() {
             .as_deref(),
         Some("alive")
     );
-    assert!(m.blocks_released.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     s.deregister_node(lease).await.expect("step down");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_binary_frees_a_dead_node_and_serves_metrics() {
+async fn the_controller_binary_keeps_an_unreachable_nodes_blocks_and_serves_metrics() {
     let prefix = testkit::unique_prefix("ctlbin");
     let (s, ep) = store(&prefix).await;
     s.create_pool(&PoolSpec {
@@ -212,22 +237,34 @@ async fn the_controller_binary_frees_a_dead_node_and_serves_metrics() {
         .stderr(Stdio::null())
         .spawn()
         .expect("controller");
+    let metrics = || {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !s.all_blocks().await.expect("blocks").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "controller never freed the block"
-        );
+    loop {
+        let body = metrics().unwrap_or_default();
+        if body.contains("coil_controller_nodes_unreachable 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("send");
-    let mut body = String::new();
-    conn.read_to_string(&mut body).expect("read");
+    // Well past the grace period: the block is still reserved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.all_blocks().await.expect("blocks").len(), 1);
+    let body = metrics().unwrap_or_default();
     assert!(body.contains("coil_controller_leader 1"), "{body}");
     assert!(
-        body.contains("coil_controller_blocks_released_total 1"),
+        body.contains("coil_controller_blocks_released_total 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("coil_controller_blocks_unreachable 1"),
         "{body}"
     );
     let _ = Command::new("kill")
@@ -475,8 +512,12 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .collect();
     assert!(!owners.contains(&"deleted".to_string()), "{owners:?}");
     assert!(
+        s.removal("deleted").await.expect("fence").is_some(),
+        "a node removed for its deleted Node carries the fence"
+    );
+    assert!(
         owners.contains(&"present".to_string()),
-        "dead but its Node exists: grace applies"
+        "dead but its Node exists: kept, however long"
     );
     assert!(
         owners.contains(&"live-but-deleted".to_string()),

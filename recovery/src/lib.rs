@@ -86,6 +86,13 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         Err(e) if e.is_unavailable() => None,
         Err(e) => return Err(e.into()),
     };
+    // A removal fence of this node (unknown while the store is down; a
+    // malformed fence counts as one: it is in the way of re-admission).
+    let removed = match cx.store.removal(cx.node).await {
+        Ok(r) => r.is_some(),
+        Err(e) if e.is_corrupt() => true,
+        Err(_) => false,
+    };
     marks.push(("store", t.elapsed().as_micros()));
     let routes = cx.kernel.host_routes().await?;
     let links: Vec<(u32, String, Option<String>)> = if cx.full_scan {
@@ -140,6 +147,7 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         store,
         kernel,
         live_netns,
+        removed,
     })
 }
 

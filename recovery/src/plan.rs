@@ -83,6 +83,10 @@ pub struct Observation {
     pub kernel: KernelView,
     /// Network namespace paths (of attachments) that exist now.
     pub live_netns: BTreeSet<String>,
+    /// The node carries a removal fence in the store (`coilctl node
+    /// remove`, or its Kubernetes Node deleted): its blocks were freed and
+    /// may be another node's now. False when the store is unreachable.
+    pub removed: bool,
 }
 
 /// One step of a plan.
@@ -340,7 +344,25 @@ pub fn plan(o: &Observation) -> Vec<Action> {
         .filter(|l| l.state == LeaseState::Leased)
         .map(|l| l.block)
         .collect();
-    if let Some(store) = &o.store {
+    if o.removed {
+        // Removed from the cluster: every block it recorded was freed by
+        // the removal. Never serve or re-take one: quarantine them all
+        // (their pods are reported), and adopt nothing.
+        for l in &o.leases {
+            match l.state {
+                LeaseState::Quarantined => {}
+                LeaseState::Releasing => out.push(Action::ForgetLease { block: l.block }),
+                _ => {
+                    usable.remove(&l.block);
+                    out.push(Action::QuarantineLease {
+                        block: l.block,
+                        owner: "(this node was removed: coilctl node remove)".into(),
+                        affected: affected_by(o, l.block),
+                    });
+                }
+            }
+        }
+    } else if let Some(store) = &o.store {
         let by_block: BTreeMap<IpNet, &StoreLease> = store.iter().map(|l| (l.block, l)).collect();
         for l in &o.leases {
             if l.state == LeaseState::Quarantined {
@@ -360,16 +382,10 @@ pub fn plan(o: &Observation) -> Vec<Action> {
                 Some(s) if s.node == o.node => {}
                 Some(s) => {
                     usable.remove(&l.block);
-                    let affected = o
-                        .attachments
-                        .iter()
-                        .filter(|a| a.addresses.iter().any(|x| x.block == l.block))
-                        .map(|a| a.key.to_string())
-                        .collect();
                     out.push(Action::QuarantineLease {
                         block: l.block,
                         owner: s.node.clone(),
-                        affected,
+                        affected: affected_by(o, l.block),
                     });
                 }
                 None => out.push(Action::ReacquireLease {
@@ -447,6 +463,15 @@ pub fn plan(o: &Observation) -> Vec<Action> {
 
     out.sort_by_key(Action::phase);
     out
+}
+
+/// The attachments holding an address of `block`.
+fn affected_by(o: &Observation, block: IpNet) -> Vec<String> {
+    o.attachments
+        .iter()
+        .filter(|a| a.addresses.iter().any(|x| x.block == block))
+        .map(|a| a.key.to_string())
+        .collect()
 }
 
 /// Adds a release (once per attachment).
@@ -546,6 +571,7 @@ mod tests {
                 host_routes: vec![r],
                 exported: vec![net("10.0.0.0/28")],
             },
+            removed: false,
         }
     }
 
@@ -652,6 +678,32 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_removed_node_quarantines_every_block_and_retakes_none() {
+        let mut o = healthy();
+        // The removal freed the block: the store no longer has it, and the
+        // block is free; a node not removed would re-acquire it.
+        o.store = Some(vec![]);
+        o.removed = true;
+        let p = plan(&o);
+        assert_eq!(
+            p,
+            vec![
+                Action::QuarantineLease {
+                    block: net("10.0.0.0/28"),
+                    owner: "(this node was removed: coilctl node remove)".into(),
+                    affected: vec!["k8s:p1/eth0".into()]
+                },
+                Action::WithdrawBlock {
+                    block: net("10.0.0.0/28")
+                },
+            ]
+        );
+        // Another node leased it since: the same, never a re-acquisition.
+        o.store = Some(vec![store_lease("10.0.0.0/28", "n2")]);
+        assert_eq!(plan(&o), p);
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub enum StoreError {
     UnknownBlock { block: IpNet },
     #[error("node {node} is alive (its liveness lease is current); use --force to release its block anyway")]
     NodeAlive { node: String },
+    /// The node carries a removal fence: it may lease nothing.
+    #[error("node {node} was removed from the cluster (coilctl node remove); it leases no block until an operator runs `coilctl node readmit {node}`")]
+    NodeRemoved { node: String },
     /// Optimistic concurrency gave up; retrying later can succeed.
     #[error("{op} on {key}: still conflicting after {attempts} attempts; try again")]
     Conflict {

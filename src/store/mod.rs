@@ -30,7 +30,7 @@ pub use error::StoreError;
 use model::{find_overlap, schema_value, Keys, SchemaRecord, SCHEMA_VERSION};
 pub use model::{
     AddressRecord, BadEntry, BlockLease, Family, Listing, NodeRecord, NodeStatus, Pool, PoolSpec,
-    SubnetRecord,
+    RemovalRecord, SubnetRecord, UnreachableRecord,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -759,8 +759,10 @@ impl<B: Backend> Store<B> {
                 acquired_unix: now_unix(),
                 epoch: 0,
             };
+            let mut when = self.lease_guards(&pool, &key);
+            when.push(self.not_removed(node));
             let txn = Txn {
-                when: self.lease_guards(&pool, &key),
+                when,
                 then: vec![Op::put(key.clone(), encode(&lease))],
                 otherwise: vec![
                     Op::get(self.keys.pool(pool_name)),
@@ -771,6 +773,12 @@ impl<B: Backend> Store<B> {
                         keys_only: true,
                     },
                     Op::get(self.keys.schema()),
+                    Op::Range {
+                        start: self.keys.removed(node).into_bytes(),
+                        end: Vec::new(),
+                        limit: 0,
+                        keys_only: true,
+                    },
                 ],
             };
             let mut r = self.backend.txn("acquire block", txn).await?;
@@ -778,6 +786,11 @@ impl<B: Backend> Store<B> {
                 return Ok(BlockLease {
                     epoch: r.revision,
                     ..lease
+                });
+            }
+            if !r.kvs(3).is_empty() {
+                return Err(StoreError::NodeRemoved {
+                    node: node.to_string(),
                 });
             }
             // Why did it fail? Pool changed or gone, schema changed, or the
@@ -844,16 +857,31 @@ impl<B: Backend> Store<B> {
             acquired_unix: now_unix(),
             epoch: 0,
         };
+        let mut when = self.lease_guards(&pool, &key);
+        when.push(self.not_removed(node));
         let txn = Txn {
-            when: self.lease_guards(&pool, &key),
+            when,
             then: vec![Op::put(key.clone(), encode(&lease))],
-            otherwise: vec![Op::get(key.clone())],
+            otherwise: vec![
+                Op::get(key.clone()),
+                Op::Range {
+                    start: self.keys.removed(node).into_bytes(),
+                    end: Vec::new(),
+                    limit: 0,
+                    keys_only: true,
+                },
+            ],
         };
         let mut r = self.backend.txn("re-acquire block", txn).await?;
         if r.succeeded {
             return Ok(BlockLease {
                 epoch: r.revision,
                 ..lease
+            });
+        }
+        if !r.kvs(1).is_empty() {
+            return Err(StoreError::NodeRemoved {
+                node: node.to_string(),
             });
         }
         match r.kvs(0).first() {
@@ -934,6 +962,15 @@ impl<B: Backend> Store<B> {
 
     /// Guards of a lease creation: the pool is the version the block was
     /// chosen from, the schema is ours, and the block key is absent.
+    /// Guard: `node` carries no removal fence.
+    fn not_removed(&self, node: &str) -> Cmp {
+        Cmp::CreateRevision {
+            key: self.keys.removed(node).into_bytes(),
+            op: CmpOp::Equal,
+            rev: 0,
+        }
+    }
+
     fn lease_guards(&self, pool: &Pool, key: &str) -> Vec<Cmp> {
         vec![
             Cmp::ModRevision {
@@ -1171,10 +1208,18 @@ impl<B: Backend> Store<B> {
                     Op::prefix(&self.keys.nodes()),
                     Op::prefix(&self.keys.blocks()),
                     Op::prefix(&self.keys.pools()),
+                    Op::prefix(&self.keys.removed_prefix()),
+                    Op::prefix(&self.keys.unreachable_prefix()),
                 ]),
             )
             .await?;
         let pools = pools_by_name(&self.keys, &r.kvs(2));
+        let removed = self.sift(&r.kvs(3), |kv| {
+            read_keyed::<RemovalRecord>(kv, &self.keys.removed_prefix(), |v| &v.node)
+        });
+        let unreachable = self.sift(&r.kvs(4), |kv| {
+            read_keyed::<UnreachableRecord>(kv, &self.keys.unreachable_prefix(), |v| &v.node)
+        });
         let records = self.sift(&r.kvs(0), |kv| read_node(&self.keys, kv));
         let leases = self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools));
         let mut out: BTreeMap<String, NodeStatus> = BTreeMap::new();
@@ -1187,26 +1232,218 @@ impl<B: Backend> Store<B> {
                     boot_id: Some(rec.boot_id),
                     started_unix: Some(rec.started_unix),
                     blocks: 0,
+                    unreachable_since: None,
+                    removed: None,
                 },
             );
         }
         for l in leases.items {
             out.entry(l.node.clone())
-                .or_insert_with(|| NodeStatus {
-                    node: l.node.clone(),
-                    alive: false,
-                    boot_id: None,
-                    started_unix: None,
-                    blocks: 0,
-                })
+                .or_insert_with(|| NodeStatus::gone(&l.node))
                 .blocks += 1;
+        }
+        for u in unreachable.items {
+            if let Some(n) = out.get_mut(&u.node) {
+                if !n.alive {
+                    n.unreachable_since = Some(u.since_unix);
+                }
+            }
+        }
+        for rm in removed.items {
+            let node = rm.node.clone();
+            out.entry(node.clone())
+                .or_insert_with(|| NodeStatus::gone(&node))
+                .removed = Some(rm);
         }
         let mut bad = records.bad;
         bad.extend(leases.bad);
+        bad.extend(removed.bad);
+        bad.extend(unreachable.bad);
         Ok(Listing {
             items: out.into_values().collect(),
             bad,
         })
+    }
+
+    // ------------------------------------------------- removal and fences
+
+    /// The node's removal fence, if it has one.
+    pub async fn removal(&self, node: &str) -> Result<Option<RemovalRecord>> {
+        model::validate_node_name(node)?;
+        let key = self.keys.removed(node);
+        let mut r = self
+            .backend
+            .txn("read removal fence", Txn::read(vec![Op::get(key.clone())]))
+            .await?;
+        match r.kvs(0).first() {
+            None => Ok(None),
+            Some(kv) => read_keyed::<RemovalRecord>(kv, &self.keys.removed_prefix(), |v| &v.node)
+                .map(Some)
+                .map_err(|b| self.refuse(b)),
+        }
+    }
+
+    /// Removes a node from the cluster on proof that its pods are gone (an
+    /// operator's word, or its Kubernetes Node deleted): in one transaction
+    /// it records the node's removal fence and frees every block the node
+    /// leases, each fenced on its incarnation (create revision and value),
+    /// on the node's liveness key being absent unless `force`, and on
+    /// `leader` still leading when the controller does it. The fence keeps
+    /// the node from leasing anything, and its coild from serving its old
+    /// blocks, until `readmit_node`. Idempotent: a removed node is removed
+    /// again with whatever it holds now.
+    pub async fn remove_node(
+        &self,
+        node: &str,
+        reason: &str,
+        force: bool,
+        leader: Option<&str>,
+    ) -> Result<RemovalRecord> {
+        model::validate_node_name(node)?;
+        for attempt in 0..self.retry.attempts {
+            self.backoff(attempt).await;
+            let mut r = self
+                .backend
+                .txn(
+                    "read node for removal",
+                    Txn::read(vec![
+                        Op::get(self.keys.node(node)),
+                        Op::prefix(&self.keys.blocks()),
+                        Op::prefix(&self.keys.pools()),
+                    ]),
+                )
+                .await?;
+            let alive = !r.kvs(0).is_empty();
+            if alive && !force {
+                return Err(StoreError::NodeAlive {
+                    node: node.to_string(),
+                });
+            }
+            let pools = pools_by_name(&self.keys, &r.kvs(2));
+            let listed = self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools));
+            for b in &listed.bad {
+                self.log_bad("remove node", b);
+            }
+            let mine: Vec<BlockLease> = listed
+                .items
+                .into_iter()
+                .filter(|l| l.node == node)
+                .collect();
+            let rec = RemovalRecord {
+                node: node.to_string(),
+                removed_unix: now_unix(),
+                reason: reason.to_string(),
+                blocks: mine.iter().map(|l| l.block).collect(),
+            };
+            let mut when = vec![self.schema_guard()];
+            if !force {
+                when.push(Cmp::CreateRevision {
+                    key: self.keys.node(node).into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                });
+            }
+            if let Some(l) = leader {
+                when.push(self.leader_guard(l));
+            }
+            let mut then = vec![
+                Op::put(self.keys.removed(node), encode(&rec)),
+                Op::Delete {
+                    key: self.keys.unreachable(node).into_bytes(),
+                },
+            ];
+            for l in &mine {
+                let t = self.release_txn(l, vec![]);
+                when.extend(t.when.into_iter().filter(|c| {
+                    !matches!(c, Cmp::ValueEquals { key, .. } if key == &self.keys.schema().into_bytes())
+                }));
+                then.extend(t.then);
+            }
+            let txn = Txn {
+                when,
+                then,
+                otherwise: vec![],
+            };
+            if self.backend.txn("remove node", txn).await?.succeeded {
+                return Ok(rec);
+            }
+            if let Some(l) = leader {
+                if self.leader().await?.as_deref() != Some(l) {
+                    return Err(StoreError::Invalid(format!(
+                        "{l} no longer leads the controller"
+                    )));
+                }
+            }
+        }
+        Err(self.conflict("remove node", &self.keys.removed(node)))
+    }
+
+    /// Lifts a node's removal fence (`coilctl node readmit`): the node may
+    /// lease blocks again. Its coild drops the quarantined old blocks once
+    /// their pods are gone. Refused while the node still holds a block (it
+    /// cannot, unless a lease predates the fence).
+    pub async fn readmit_node(&self, node: &str) -> Result<bool> {
+        model::validate_node_name(node)?;
+        let held = self.node_blocks(node).await?;
+        if !held.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "node {node} still holds {} block(s); remove it again first",
+                held.len()
+            )));
+        }
+        let key = self.keys.removed(node);
+        let txn = Txn {
+            when: vec![self.schema_guard()],
+            then: vec![Op::Delete {
+                key: key.into_bytes(),
+            }],
+            otherwise: vec![],
+        };
+        let mut r = self.backend.txn("readmit node", txn).await?;
+        Ok(matches!(r.results.first_mut(), Some(backend::OpResult::Deleted(n)) if *n > 0))
+    }
+
+    /// The controller notes that `node` (holding blocks) has no liveness
+    /// since `since_unix`, once; fenced on leadership and on the node
+    /// still being without liveness.
+    pub async fn note_unreachable(&self, node: &str, since_unix: u64, leader: &str) -> Result<()> {
+        let rec = UnreachableRecord {
+            node: node.to_string(),
+            since_unix,
+        };
+        let key = self.keys.unreachable(node);
+        let txn = Txn {
+            when: vec![
+                self.leader_guard(leader),
+                Cmp::CreateRevision {
+                    key: key.clone().into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                },
+                Cmp::CreateRevision {
+                    key: self.keys.node(node).into_bytes(),
+                    op: CmpOp::Equal,
+                    rev: 0,
+                },
+            ],
+            then: vec![Op::put(key, encode(&rec))],
+            otherwise: vec![],
+        };
+        self.backend.txn("note unreachable node", txn).await?;
+        Ok(())
+    }
+
+    /// The controller clears the note of a node that is back (or gone).
+    pub async fn clear_unreachable(&self, node: &str, leader: &str) -> Result<()> {
+        let txn = Txn {
+            when: vec![self.leader_guard(leader)],
+            then: vec![Op::Delete {
+                key: self.keys.unreachable(node).into_bytes(),
+            }],
+            otherwise: vec![],
+        };
+        self.backend.txn("clear unreachable note", txn).await?;
+        Ok(())
     }
 
     // --------------------------------------------------------- controller
@@ -1251,29 +1488,6 @@ impl<B: Backend> Store<B> {
             key: self.keys.leader().into_bytes(),
             value: identity.as_bytes().to_vec(),
         }
-    }
-
-    /// The controller's release of a dead node's block, fenced three ways
-    /// in one transaction: the lease is still that incarnation, the node's
-    /// liveness key is absent (it is not alive *now*), and `leader` still
-    /// leads. So a node that came back, or a deposed leader, frees nothing.
-    pub async fn release_dead_block(&self, lease: &BlockLease, leader: &str) -> Result<bool> {
-        let txn = self.release_txn(
-            lease,
-            vec![
-                Cmp::CreateRevision {
-                    key: self.keys.node(&lease.node).into_bytes(),
-                    op: CmpOp::Equal,
-                    rev: 0,
-                },
-                self.leader_guard(leader),
-            ],
-        );
-        Ok(self
-            .backend
-            .txn("release dead node's block", txn)
-            .await?
-            .succeeded)
     }
 
     /// Deletes address index entries whose block is not leased by the
@@ -1722,6 +1936,29 @@ fn read_lease_in(
 }
 
 /// A liveness entry (`nodes/<node>`), validated against its key.
+/// Decodes a record stored under `prefix<name>` whose value names itself
+/// (`name_of`); the name must match the key's.
+fn read_keyed<T: DeserializeOwned>(
+    kv: &KeyValue,
+    prefix: &str,
+    name_of: impl Fn(&T) -> &String,
+) -> std::result::Result<T, BadEntry> {
+    let key = kv.key_str();
+    let bad = |reason: String| BadEntry {
+        key: key.clone(),
+        reason,
+    };
+    let v: T = serde_json::from_slice(&kv.value).map_err(|e| bad(format!("undecodable: {e}")))?;
+    let name = key.strip_prefix(prefix).unwrap_or("");
+    if name_of(&v) != name || model::validate_node_name(name).is_err() {
+        return Err(bad(format!(
+            "names {:?}, not its key's {name:?}",
+            name_of(&v)
+        )));
+    }
+    Ok(v)
+}
+
 fn read_node(keys: &Keys, kv: &KeyValue) -> std::result::Result<NodeRecord, BadEntry> {
     let rec: NodeRecord = parse(kv, "node record")?;
     model::validate_node_entry(keys, &kv.key_str(), &rec).map_err(|r| bad_entry(kv, r))?;

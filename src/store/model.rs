@@ -207,6 +207,30 @@ pub struct NodeRecord {
     pub version: String,
 }
 
+/// The removal fence of a node (`removed/<node>`): written in the same
+/// transaction that frees the node's blocks, on proof that its pods are
+/// gone (an operator's `coilctl node remove`, or its Kubernetes Node
+/// deleted). While it exists the node leases no block and serves no
+/// address from its old ones; `coilctl node readmit` lifts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovalRecord {
+    pub node: String,
+    pub removed_unix: u64,
+    /// Who removed it and why.
+    pub reason: String,
+    /// The blocks freed with it.
+    #[serde(default)]
+    pub blocks: Vec<IpNet>,
+}
+
+/// The controller's note that a node holding blocks lost its liveness
+/// (`unreachable/<node>`). Only a report: nothing is freed for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreachableRecord {
+    pub node: String,
+    pub since_unix: u64,
+}
+
 /// A node as `coilctl node list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeStatus {
@@ -216,6 +240,28 @@ pub struct NodeStatus {
     pub boot_id: Option<String>,
     pub started_unix: Option<u64>,
     pub blocks: usize,
+    /// Since when the controller has seen it without liveness while it
+    /// holds blocks (None: reachable, or not noted yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<u64>,
+    /// Its removal fence, if it was removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed: Option<RemovalRecord>,
+}
+
+impl NodeStatus {
+    /// A node seen only through its leases or fence (no liveness key).
+    pub fn gone(node: &str) -> NodeStatus {
+        NodeStatus {
+            node: node.to_string(),
+            alive: false,
+            boot_id: None,
+            started_unix: None,
+            blocks: 0,
+            unreachable_since: None,
+            removed: None,
+        }
+    }
 }
 
 /// An entry of the address index (`addresses/<family>/<hex>`), mirrored
@@ -330,6 +376,24 @@ impl Keys {
 
     pub fn node(&self, node: &str) -> String {
         format!("{}nodes/{node}", self.prefix)
+    }
+
+    pub fn removed_prefix(&self) -> String {
+        format!("{}removed/", self.prefix)
+    }
+
+    /// A node's removal fence.
+    pub fn removed(&self, node: &str) -> String {
+        format!("{}removed/{node}", self.prefix)
+    }
+
+    pub fn unreachable_prefix(&self) -> String {
+        format!("{}unreachable/", self.prefix)
+    }
+
+    /// The controller's note that a node is unreachable.
+    pub fn unreachable(&self, node: &str) -> String {
+        format!("{}unreachable/{node}", self.prefix)
     }
 
     /// The controller's leader key (bound to the leader's etcd lease).

@@ -107,6 +107,7 @@ impl DaemonError {
             DaemonError::Kernel(_) => code::KERNEL,
             DaemonError::Store(StoreError::Exhausted { .. }) => code::POOL_EXHAUSTED,
             DaemonError::Store(StoreError::PoolNotFound(_)) => code::NO_POOL,
+            DaemonError::Store(StoreError::NodeRemoved { .. }) => code::TRY_AGAIN_LATER,
             DaemonError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
             DaemonError::Store(_) => code::INTERNAL,
             DaemonError::Journal(JournalError::Poisoned { .. }) => code::TRY_AGAIN_LATER,
@@ -196,6 +197,8 @@ pub struct Daemon<B: Backend> {
     rejected: AtomicU64,
     /// Set when coild must stop (the journal cannot sync): why.
     fatal: Mutex<Option<String>>,
+    /// The node carries a removal fence: no ADD is served.
+    removed: AtomicBool,
     fatal_notify: tokio::sync::Notify,
 }
 
@@ -421,6 +424,7 @@ impl<B: Backend> Daemon<B> {
             rejected: AtomicU64::new(0),
             mirror_dropped: AtomicU64::new(0),
             fatal: Mutex::new(None),
+            removed: AtomicBool::new(false),
             fatal_notify: tokio::sync::Notify::new(),
             m: Latencies::default(),
         });
@@ -486,9 +490,12 @@ impl<B: Backend> Daemon<B> {
             mtu: self.cfg.mtu,
             full_scan,
         };
-        let (_, out) = coil_recovery::recover(&cx, dry_run)
+        let (o, out) = coil_recovery::recover(&cx, dry_run)
             .await
             .map_err(|e| DaemonError::Internal(format!("recovery: {e}")))?;
+        if o.store.is_some() {
+            self.set_removed(o.removed);
+        }
         if !dry_run {
             for o in &out {
                 if let coil_recovery::Action::QuarantineLease {
@@ -722,6 +729,22 @@ impl<B: Backend> Daemon<B> {
         self.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Notes whether the node carries a removal fence.
+    fn set_removed(&self, removed: bool) {
+        let was = self.removed.swap(removed, Ordering::Relaxed);
+        if removed && !was {
+            tracing::error!(
+                node = %self.cfg.node_name,
+                "this node was removed from the cluster (coilctl node remove, or its Node \
+                 deleted): its old blocks are quarantined and no ADD is served until \
+                 `coilctl node readmit {}`",
+                self.cfg.node_name
+            );
+        } else if was && !removed {
+            tracing::info!(node = %self.cfg.node_name, "this node was re-admitted");
+        }
+    }
+
     /// Prometheus metrics.
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write;
@@ -772,13 +795,15 @@ impl<B: Backend> Daemon<B> {
              # HELP coil_store_reachable 1 when the last store call succeeded.\n# TYPE coil_store_reachable gauge\ncoil_store_reachable{{node=\"{node}\"}} {}\n\
              # HELP coil_store_bad_entries_total Malformed store entries met (and skipped) by reads.\n# TYPE coil_store_bad_entries_total counter\ncoil_store_bad_entries_total{{node=\"{node}\"}} {}\n\
              # HELP coil_socket_rejected_total Socket requests refused as malformed.\n# TYPE coil_socket_rejected_total counter\ncoil_socket_rejected_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_healthy 1 while coild can serve (its journal accepts commits).\n# TYPE coil_healthy gauge\ncoil_healthy{{node=\"{node}\"}} {}\n",
+             # HELP coil_healthy 1 while coild can serve (its journal accepts commits).\n# TYPE coil_healthy gauge\ncoil_healthy{{node=\"{node}\"}} {}\n\
+             # HELP coil_node_removed 1 while this node carries a removal fence (coilctl node remove).\n# TYPE coil_node_removed gauge\ncoil_node_removed{{node=\"{node}\"}} {}\n",
             self.lease_losses.load(Ordering::Relaxed),
             self.recovery_actions.load(Ordering::Relaxed),
             u8::from(self.store_ok.load(Ordering::Relaxed)),
             self.store.bad_entries_seen(),
             self.rejected.load(Ordering::Relaxed),
             u8::from(self.fatal_reason().is_none()),
+            u8::from(self.removed.load(Ordering::Relaxed)),
         );
         let lb = format!("node=\"{node}\"");
         out.push_str(&self.m.add.render(
@@ -933,6 +958,9 @@ impl<B: Backend> Daemon<B> {
         coil::failpoint::hit("acquire.intent");
         self.add_store_calls.fetch_add(1, Ordering::Relaxed);
         let got = self.store.acquire_block(pool, &self.cfg.node_name).await;
+        if matches!(got, Err(StoreError::NodeRemoved { .. })) {
+            self.set_removed(true);
+        }
         self.store_ok.store(
             !matches!(&got, Err(e) if e.is_unavailable()),
             Ordering::Relaxed,
@@ -1021,6 +1049,12 @@ impl<B: Backend> Daemon<B> {
 
     async fn add(&self, req: &Request) -> DResult<AddResult> {
         let t0 = Instant::now();
+        if self.removed.load(Ordering::Relaxed) {
+            // Its old blocks may be another node's now: serve no address.
+            return Err(DaemonError::Store(StoreError::NodeRemoved {
+                node: self.cfg.node_name.clone(),
+            }));
+        }
         let key = request_key(req);
         let netns = req.netns.clone().unwrap_or_default();
         let existing = self.lock().lookup(&key).cloned();
@@ -1377,6 +1411,7 @@ impl<B: Backend> Daemon<B> {
             "quarantined_blocks": st.blocks().filter(|b| b.lease.state == LeaseState::Quarantined).count(),
             "rejected_requests": self.rejected.load(Ordering::Relaxed),
             "store_bad_entries": self.store.bad_entries_seen(),
+            "removed": self.removed.load(Ordering::Relaxed),
             "index_updates_dropped": self.mirror_dropped.load(Ordering::Relaxed),
             "healthy": self.fatal_reason().is_none(),
         })
