@@ -8,27 +8,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use common::*;
-
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Two {
     ns: [String; 2],
@@ -64,27 +47,6 @@ fn in_ns(ns: &str, args: &[&str]) -> std::process::Output {
     sh(&v)
 }
 
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn spawn(ns: &str, args: &[&str], log: &Path) -> Proc {
-    let log = std::fs::File::create(log).expect("log");
-    let c = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .env("COIL_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
-    Proc(Some(c))
-}
-
 impl Two {
     fn socket(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("coild{i}.sock"))
@@ -107,7 +69,7 @@ impl Two {
         let _ = std::fs::remove_file(&sock);
         std::fs::write(self.dir.path().join("boot"), "boot-1\n").expect("boot");
         let node = format!("node-{}", i + 1);
-        let p = spawn(
+        let p = spawn_in(
             &self.ns[i],
             &[
                 COILD,
@@ -133,7 +95,7 @@ impl Two {
             &self.dir.path().join(format!("coild{i}.log")),
         );
         self.procs.push(p);
-        wait("coild ready", 20, || sock.exists());
+        wait_until("coild ready", 20, || sock.exists());
         self.procs.len() - 1
     }
 
@@ -312,7 +274,7 @@ fn two_nodes_route_pods_over_bgp() {
             .join(format!("bird{i}.ctl"))
             .display()
             .to_string();
-        wait("BGP Established", 40, || {
+        wait_until("BGP Established", 40, || {
             String::from_utf8_lossy(
                 &sh(&["birdc", "-s", &ctl, "show", "protocols", "coil_peer"]).stdout,
             )
@@ -329,20 +291,20 @@ fn two_nodes_route_pods_over_bgp() {
     let b2 = t.table119(1);
     assert_eq!(b1.len(), 1, "{b1:?}");
     assert_eq!(b2.len(), 1, "{b2:?}");
-    wait("node 2 learns node 1's block", 30, || t.main_has(1, &b1[0]));
-    wait("node 1 learns node 2's block", 30, || t.main_has(0, &b2[0]));
+    wait_until("node 2 learns node 1's block", 30, || t.main_has(1, &b1[0]));
+    wait_until("node 1 learns node 2's block", 30, || t.main_has(0, &b2[0]));
     let ip2 = pod_ip(&p2);
     let ip1 = pod_ip(&p1);
-    wait("pod a reaches pod b across nodes", 20, || ping(&p1, &ip2));
+    wait_until("pod a reaches pod b across nodes", 20, || ping(&p1, &ip2));
     assert!(ping(&p2, &ip1), "pod b reaches pod a");
 
     // Node 1's only pod goes: its block is released (two empty resyncs)
     // and withdrawn from node 2's main table.
     t.del(0, "bgp-a", &p1);
-    wait("node 1 releases its empty block", 30, || {
+    wait_until("node 1 releases its empty block", 30, || {
         t.table119(0).is_empty()
     });
-    wait("node 2 forgets the block", 30, || !t.main_has(1, &b1[0]));
+    wait_until("node 2 forgets the block", 30, || !t.main_has(1, &b1[0]));
 
     // Node 1 leases a block again, then its coild stops for good (kill -9:
     // the liveness lease just expires).
@@ -352,7 +314,7 @@ fn two_nodes_route_pods_over_bgp() {
     let idx = t.procs.len() - 2;
     t.procs[idx].kill();
     let ctl_log = t.dir.path().join("controller.log");
-    let c = spawn(
+    let c = spawn_in(
         &t.ns[0],
         &[
             CONTROLLER,
@@ -370,7 +332,7 @@ fn two_nodes_route_pods_over_bgp() {
     t.procs.push(c);
     // Liveness expiry is no proof of death: the controller reports node 1
     // unreachable and keeps its block reserved, well past the grace.
-    wait("the controller reports node 1 unreachable", 40, || {
+    wait_until("the controller reports node 1 unreachable", 40, || {
         let o = t.coilctl(&["node", "list"]);
         String::from_utf8_lossy(&o.stdout)
             .lines()

@@ -65,6 +65,16 @@ fn raw(n: &Node, body: &[u8]) -> Result<Value, String> {
     serde_json::from_str(&out).map_err(|e| format!("answer {out:?}: {e}"))
 }
 
+/// A raw store call deleting the key range [start, end).
+fn delete_range(start: &[u8], end: &[u8]) -> Vec<u8> {
+    json!({"store": {"txn": {"op": "hostile", "txn": {
+        "when": [], "otherwise": [],
+        "then": [{"DeleteRange": {"start": start.to_vec(), "end": end.to_vec()}}]
+    }}}})
+    .to_string()
+    .into_bytes()
+}
+
 fn conf(n: &Node, name: &str, extra: &str) -> String {
     format!(
         r#"{{"cniVersion":"1.1.0","name":"{name}","type":"coil","socket":"{}"{extra}}}"#,
@@ -367,15 +377,7 @@ fn cni_cases(s: &mut Suite, n: &mut Node) {
         Ok(())
     });
     s.case(n, "store calls outside coil's prefix", |n| {
-        let v = raw(
-            n,
-            json!({"store": {"txn": {"op": "hostile", "txn": {
-                "when": [], "otherwise": [],
-                "then": [{"DeleteRange": {"start": b"/".to_vec(), "end": vec![0xffu8]}}]
-            }}}})
-            .to_string()
-            .as_bytes(),
-        )?;
+        let v = raw(n, &delete_range(b"/", &[0xff]))?;
         check!(
             v["err"]["message"]
                 .as_str()
@@ -521,15 +523,7 @@ fn etcd_put(n: &Node, key: &str, value: &[u8]) -> Case {
 
 fn etcd_cases(s: &mut Suite, n: &mut Node) {
     s.case(n, "store calls are refused when coild runs etcd", |n| {
-        let v = raw(
-            n,
-            json!({"store": {"txn": {"op": "hostile", "txn": {
-                "when": [], "otherwise": [],
-                "then": [{"DeleteRange": {"start": b"/coil/".to_vec(), "end": b"/coil0".to_vec()}}]
-            }}}})
-            .to_string()
-            .as_bytes(),
-        )?;
+        let v = raw(n, &delete_range(b"/coil/", b"/coil0"))?;
         check!(
             v["err"]["message"]
                 .as_str()

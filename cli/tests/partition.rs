@@ -10,21 +10,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// etcd's namespace `e` linked to node namespaces `a` and `b`.
 struct Cluster {
@@ -54,27 +43,6 @@ impl Drop for Cluster {
 }
 
 const NAMES: [&str; 2] = ["node-a", "node-b"];
-
-fn spawn(ns: &str, args: &[&str], log: &Path) -> Proc {
-    let log = std::fs::File::create(log).expect("log");
-    let c = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .env("COIL_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
-    Proc(Some(c))
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 impl Cluster {
     fn new() -> Cluster {
@@ -173,7 +141,7 @@ impl Cluster {
         let _ = std::fs::remove_file(&sock);
         let boot_file = self.dir.path().join(format!("boot{i}"));
         std::fs::write(&boot_file, format!("{boot}\n")).expect("boot");
-        let p = spawn(
+        let p = spawn_in(
             &self.nodes[i],
             &[
                 COILD,
@@ -204,7 +172,7 @@ impl Cluster {
             &self.dir.path().join(format!("coild{i}.log")),
         );
         self.coild[i] = p;
-        wait("coild ready", 20, || Path::new(&sock).exists());
+        wait_until("coild ready", 20, || Path::new(&sock).exists());
     }
 
     fn log(&self, i: usize) -> String {
@@ -286,7 +254,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     assert!(o.status.success(), "{o:?}");
     c.start_coild(0, "a-1");
     c.start_coild(1, "b-1");
-    let ctl = spawn(
+    let ctl = spawn_in(
         &c.e,
         &[
             CONTROLLER,
@@ -312,7 +280,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     // Cut A off from etcd for well over TTL (2 s) + grace (2 s).
     c.cut(0, true);
     let t = Instant::now();
-    wait("the controller reports node-a unreachable", 20, || {
+    wait_until("the controller reports node-a unreachable", 20, || {
         c.node_line("node-a").contains("unreachable since")
     });
     // A keeps serving from its leased block: no etcd on the hot path.
@@ -334,7 +302,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     }
     assert!(tries >= 5);
     c.cut(0, false);
-    wait("node-a is alive again", 20, || {
+    wait_until("node-a is alive again", 20, || {
         c.node_line("node-a").contains("alive")
     });
     // A's pods kept their addresses and A still publishes its block.
@@ -349,7 +317,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     for p in [&pa, &pa2] {
         let _ = sh(&["ip", "netns", "del", p]);
     }
-    wait("node-a is unreachable", 20, || {
+    wait_until("node-a is unreachable", 20, || {
         c.node_line("node-a").contains("unreachable")
     });
     // The operator's word frees the block; B may lease it now.
@@ -368,7 +336,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     // A comes back (a power cycle: new boot). It serves nothing from its
     // old block and withdraws it.
     c.start_coild(0, "a-2");
-    wait("A withdraws its old block", 20, || {
+    wait_until("A withdraws its old block", 20, || {
         !c.table119(0).contains("10.96.0.0/30")
     });
     let pa3 = c.pod();
@@ -382,7 +350,7 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     // A's next ADD is refused as exhausted, never given B's address.
     let o = c.coilctl(&["node", "readmit", "node-a"]);
     assert!(o.status.success(), "{o:?}");
-    wait("A notices the re-admission", 20, || {
+    wait_until("A notices the re-admission", 20, || {
         let r = c.add(0, &pa3, "probe");
         r.err() == Some(101)
     });

@@ -439,28 +439,33 @@ pub(crate) fn decode_lease(b: &[u8]) -> Result<BlockLease, DecodeError> {
     })
 }
 
+/// The persisted form of `a` with `key` in the layout of its format.
+fn persisted_attachment<K>(a: &Attachment, key: K) -> AttachmentV1<K> {
+    AttachmentV1 {
+        key,
+        netns: a.netns.clone(),
+        pod_namespace: a.pod_namespace.clone(),
+        pod_name: a.pod_name.clone(),
+        pool: a.pool.clone(),
+        addresses: a
+            .addresses
+            .iter()
+            .map(|x| AssignedV1 {
+                addr: addr_to_v1(x.addr),
+                block: net_to_v1(x.block),
+            })
+            .collect(),
+        host_veth: a.host_veth.clone(),
+        state: att_state_to_u8(a.state),
+        boot_id: a.boot_id.clone(),
+        created_unix: a.created_unix,
+    }
+}
+
 pub(crate) fn encode_attachment(a: &Attachment) -> Vec<u8> {
     encode(
         Kind::Attachment,
-        &AttachmentV1 {
-            key: key_to_v2(&a.key),
-            netns: a.netns.clone(),
-            pod_namespace: a.pod_namespace.clone(),
-            pod_name: a.pod_name.clone(),
-            pool: a.pool.clone(),
-            addresses: a
-                .addresses
-                .iter()
-                .map(|x| AssignedV1 {
-                    addr: addr_to_v1(x.addr),
-                    block: net_to_v1(x.block),
-                })
-                .collect(),
-            host_veth: a.host_veth.clone(),
-            state: att_state_to_u8(a.state),
-            boot_id: a.boot_id.clone(),
-            created_unix: a.created_unix,
-        },
+        &persisted_attachment(a, key_to_v2(&a.key)),
     )
 }
 
@@ -792,25 +797,7 @@ mod tests {
             container_id: "abc123".into(),
             ifname: "eth0".into(),
         };
-        let v1 = AttachmentV1 {
-            key: old_key.clone(),
-            netns: a.netns.clone(),
-            pod_namespace: a.pod_namespace.clone(),
-            pod_name: a.pod_name.clone(),
-            pool: a.pool.clone(),
-            addresses: a
-                .addresses
-                .iter()
-                .map(|x| AssignedV1 {
-                    addr: addr_to_v1(x.addr),
-                    block: net_to_v1(x.block),
-                })
-                .collect(),
-            host_veth: a.host_veth.clone(),
-            state: 2,
-            boot_id: a.boot_id.clone(),
-            created_unix: a.created_unix,
-        };
+        let v1 = persisted_attachment(&a, old_key.clone());
         let got = decode_attachment(&format1(Kind::Attachment, &v1)).expect("format 1");
         assert_eq!(got.key, AttachmentKey::new("", "abc123", "eth0"));
         assert!(got.key.is_legacy());

@@ -462,3 +462,44 @@ pub fn ping(from: &str, to: &str) -> bool {
         .status
         .success()
 }
+
+/// A process a test started (killed and reaped on drop).
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `args` inside the netns `ns`, stderr to `log`.
+pub fn spawn_in(ns: &str, args: &[&str], log: &std::path::Path) -> Proc {
+    let log = std::fs::File::create(log).expect("log");
+    let c = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .env("COIL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    Proc(Some(c))
+}
+
+/// Waits (bounded) until `f` holds.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
