@@ -203,6 +203,12 @@ fn netns_handle(ns: &File, path: &str) -> Result<Handle> {
     netns_connection(ns, path, false)
 }
 
+/// The link group of host veths whose deletion is pending (`coil` in
+/// ASCII). coild moves only its own veths there ([`Kernel::doom`]) and
+/// deletes the group as a whole; no other tool is expected to use this
+/// group id on a node.
+pub const DOOMED_GROUP: u32 = 0x636f_696c;
+
 /// How long opening a netns path may take (path lookup can hang on a
 /// stuck mount; the open runs on a blocking thread and is abandoned).
 pub const NETNS_OPEN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -532,6 +538,73 @@ impl Kernel {
             host_mac: mac(&host),
             pod_mac: mac(&pod),
         })
+    }
+
+    /// Takes a pod's veth out of service without paying for its deletion
+    /// now: the pod end is set down and renamed (so its name is free in the
+    /// pod at once), the host end is set down and moved to [`DOOMED_GROUP`].
+    /// [`Kernel::delete_doomed`] later deletes every doomed veth in one
+    /// request, so one RCU grace period (what makes a veth deletion cost
+    /// ~20 ms, under the rtnl lock every other link change waits on) covers
+    /// many. The pod end is touched only if it is the host end's peer.
+    /// Returns false when the host veth is already gone.
+    pub async fn doom(&self, host_veth: &str, netns: &str, ifname: &str) -> Result<bool> {
+        let Some(host) = get_link(&self.host, host_veth).await? else {
+            return Ok(false);
+        };
+        let hidx = host.header.index;
+        if !netns.is_empty() {
+            match open_netns(netns, &self.forbidden).await {
+                Ok(ns) => {
+                    let nsh = netns_handle(&ns, netns)?;
+                    if let Some(pod) = get_link(&nsh, ifname).await? {
+                        let peer = pod.attributes.iter().find_map(|a| match a {
+                            LinkAttribute::Link(i) => Some(*i),
+                            _ => None,
+                        });
+                        if peer == Some(hidx) {
+                            let new_name = format!("cdel{}", &host_veth[4.min(host_veth.len())..]);
+                            let msg = LinkUnspec::new_with_index(pod.header.index)
+                                .down()
+                                .name(new_name)
+                                .build();
+                            nsh.link()
+                                .set(msg)
+                                .execute()
+                                .await
+                                .map_err(|e| nl("rename pod end", ifname, e))?;
+                        }
+                    }
+                }
+                // The pod's netns is gone or unusable: its end went with it
+                // or is not ours to touch.
+                Err(KernelError::NetnsMissing(_)) | Err(KernelError::BadNetns(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let msg = LinkUnspec::new_with_index(hidx)
+            .down()
+            .link_group(DOOMED_GROUP)
+            .build();
+        match self.host.link().set(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == ENODEV => Ok(false),
+            Err(e) => Err(nl("doom host veth", host_veth, e)),
+        }
+    }
+
+    /// Deletes every doomed veth (see [`Kernel::doom`]) in one request.
+    pub async fn delete_doomed(&self) -> Result<()> {
+        let mut req = self.host.link().del(0);
+        req.message_mut()
+            .attributes
+            .push(LinkAttribute::Group(DOOMED_GROUP));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            // No link in the group.
+            Err(e) if errno(&e) == ENODEV => Ok(()),
+            Err(e) => Err(nl("delete doomed veths", "group", e)),
+        }
     }
 
     /// Deletes the pod's veth (the pod end and both ends' routes go with

@@ -10,9 +10,13 @@
 //! sequential); cni.add.par8.p50_ms, baseline.add.par8.p50_ms (8 callers);
 //! cni.burst100.wall_ms (and baseline.burst100.wall_ms); cni.plugin.maxrss_kib
 //! (and baseline.plugin.maxrss_kib); coild.rss_kib.250pods;
-//! cni.add.etcd_requests (etcd mode, leased blocks with room).
+//! cni.add.etcd_requests (etcd mode, leased blocks with room);
+//! cni.churn.cycle_ms, cni.churn.add.p50_ms/p99_ms, cni.churn.del.p50_ms and
+//! baseline.churn.* (20 pod netns reused, ADD then DEL, 300 cycles);
+//! cni.floor.add_ms (spawn of a trivial binary + the wiring primitive +
+//! one fdatasync, measured in the same run) and its parts.
 //!
-//! Knob: COIL_BENCH_PODS (default 200).
+//! Knobs: COIL_BENCH_PODS (default 200), COIL_BENCH_CHURN_CYCLES (300).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -198,6 +202,97 @@ fn parallel(node: &File, pl: &Plugin, n: usize, workers: usize, tag: &str) -> (V
     }
     let t = times.lock().expect("times").clone();
     (t, wall)
+}
+
+/// Churn, as on nodes running Jobs and CI pods: `pods` network
+/// namespaces reused round-robin, each cycle an ADD (a new container id)
+/// then its DEL. Returns (mean cycle ms, add ms, del ms).
+fn churn(node: &File, pl: &Plugin, pods: usize, cycles: usize) -> (f64, Vec<f64>, Vec<f64>) {
+    let ns = Pods::new(&format!("cc{}", &pl.name[..1]), pods);
+    let mut add = Vec::with_capacity(cycles);
+    let mut del = Vec::with_capacity(cycles);
+    let start = Instant::now();
+    for i in 0..cycles {
+        let p = &ns.names[i % pods];
+        let cid = format!("{p}c{i}");
+        let with_cid = |cmd: &str| {
+            let mut e = env(cmd, p, true);
+            e[1].1 = cid.clone();
+            e
+        };
+        let c = call(node, &pl.bin, &with_cid("ADD"), pl.conf.as_bytes());
+        assert!(c.ok, "{} churn ADD {cid} failed", pl.name);
+        add.push(c.ms);
+        let c = call(node, &pl.bin, &with_cid("DEL"), pl.conf.as_bytes());
+        assert!(c.ok, "{} churn DEL {cid} failed", pl.name);
+        del.push(c.ms);
+    }
+    let cycle = start.elapsed().as_secs_f64() * 1000.0 / cycles as f64;
+    (cycle, add, del)
+}
+
+/// The physical floor of an ADD on this machine, measured piecewise: a
+/// trivial binary spawned by the same driver, the wiring primitive alone
+/// (veth with its peer created in the pod netns, addresses, routes) and one
+/// fdatasync. Returns (spawn, wire, fsync) p50 ms.
+fn floor(node: &File, node_ns: &str, n: usize) -> (f64, f64, f64) {
+    let mut spawn = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = call(node, "/bin/true", &[], b"");
+        assert!(c.ok, "/bin/true");
+        spawn.push(c.ms);
+    }
+    let pods = Pods::new("cf", n);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut wire = Vec::with_capacity(n);
+    rt.block_on(async {
+        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{node_ns}"), 119, 30)
+            .await
+            .expect("kernel");
+        for (i, p) in pods.names.iter().enumerate() {
+            let spec = coil::kernel::WireSpec {
+                netns: format!("/run/netns/{p}"),
+                ifname: "eth0".into(),
+                host_veth: format!("cfloor{i:05}"),
+                alias: "coil:floor".into(),
+                addresses: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                    10,
+                    124,
+                    (i / 250) as u8,
+                    (i % 250 + 1) as u8,
+                ))],
+                mtu: 1500,
+            };
+            let t = Instant::now();
+            k.wire(&spec).await.expect("wire");
+            wire.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        for i in 0..pods.names.len() {
+            let _ = k.unwire(&format!("cfloor{i:05}")).await;
+        }
+    });
+    drop(pods);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("floor"))
+        .expect("file");
+    let mut sync = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&[0u8; 512]).expect("write");
+        f.sync_data().expect("fdatasync");
+        sync.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    (
+        pct(&mut spawn, 0.5),
+        pct(&mut wire, 0.5),
+        pct(&mut sync, 0.5),
+    )
 }
 
 struct Coild {
@@ -401,6 +496,43 @@ fn main() {
         figs.push((format!("{p}.plugin.maxrss_kib"), row.6 as f64, "KiB"));
         rows.insert(p, row);
     }
+    // Churn: 20 reused pod netns, 300 ADD+DEL cycles, both plugins.
+    let churn_cycles: usize = std::env::var("COIL_BENCH_CHURN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mut churn_rows = BTreeMap::new();
+    for pl in [&baseline, &coil] {
+        let (cycle, mut add, mut del) = churn(&node, pl, 20, churn_cycles);
+        quiesce(pl);
+        let row = (
+            cycle,
+            pct(&mut add, 0.5),
+            pct(&mut add, 0.99),
+            pct(&mut del, 0.5),
+        );
+        println!(
+            "churn {:<9} cycle {:>7.2}ms  add p50 {:>6.2}ms p99 {:>6.2}ms  del p50 {:>6.2}ms",
+            pl.name, row.0, row.1, row.2, row.3
+        );
+        let p = pl.name;
+        figs.push((format!("{p}.churn.cycle_ms"), row.0, "ms"));
+        figs.push((format!("{p}.churn.add.p50_ms"), row.1, "ms"));
+        figs.push((format!("{p}.churn.add.p99_ms"), row.2, "ms"));
+        figs.push((format!("{p}.churn.del.p50_ms"), row.3, "ms"));
+        churn_rows.insert(p, row);
+    }
+    // The floor of an ADD, in the same run.
+    let (f_spawn, f_wire, f_sync) = floor(&node, node_ns, 50);
+    let fl = f_spawn + f_wire + f_sync;
+    println!(
+        "floor of an ADD: {fl:.2} ms = spawn {f_spawn:.2} + wire {f_wire:.2} + fdatasync {f_sync:.2}"
+    );
+    figs.push(("cni.floor.add_ms".into(), fl, "ms"));
+    figs.push(("cni.floor.spawn_ms".into(), f_spawn, "ms"));
+    figs.push(("cni.floor.wire_ms".into(), f_wire, "ms"));
+    figs.push(("cni.floor.fsync_ms".into(), f_sync, "ms"));
+
     // coild's memory with 250 pods.
     let pods = Pods::new("cr", 250);
     for p in &pods.names {
@@ -482,6 +614,22 @@ fn main() {
         c.5,
         if c.5 < 1000.0 { "met" } else { "MISSED" }
     );
+    let bc = churn_rows["baseline"];
+    let cc = churn_rows["cni"];
+    check("churn cycle", cc.0 / bc.0, 0.25);
+    println!(
+        "  churn ADD p99: {:.2} ms (target < 10) {}",
+        cc.2,
+        if cc.2 < 10.0 { "met" } else { "MISSED" }
+    );
+    println!(
+        "  ADD p50 / floor: {:.2} (target <= 1.2); ADD p99 / floor: {:.2} (target <= 1.5)",
+        c.0 / fl,
+        c.1 / fl
+    );
+    figs.push(("cni.churn.cycle.ratio".into(), cc.0 / bc.0, "x baseline"));
+    figs.push(("cni.add.p50.floor_ratio".into(), c.0 / fl, "x floor"));
+    figs.push(("cni.add.p99.floor_ratio".into(), c.1 / fl, "x floor"));
     figs.push(("cni.add.p50.ratio".into(), c.0 / b.0, "x baseline"));
     figs.push(("cni.add.p99.ratio".into(), c.1 / b.1, "x baseline"));
     figs.push(("cni.del.p50.ratio".into(), c.2 / b.2, "x baseline"));

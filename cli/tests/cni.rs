@@ -453,3 +453,29 @@ fn unreachable_etcd_status_is_50_and_add_is_11() {
     assert_eq!(r.err(), Some(11), "{r:?}");
     assert!(n.coil_links().is_empty());
 }
+
+#[test]
+fn del_then_add_in_the_same_netns_and_batched_teardown() {
+    let mut n = node(&[default_pool("10.94.0.0/28", "4")]);
+    let p = n.pod();
+    let a = n.add(&p, "first");
+    assert_eq!(a.code, 0, "{a:?}");
+    let first_ip = a.ip();
+    // DEL answers at once; the veth is doomed (its pod end renamed out of
+    // the way) and deleted later in a batch. A new ADD in the same netns
+    // with the same ifname works right away ...
+    assert_eq!(n.del(&p, "first").code, 0);
+    let b = n.add(&p, "second");
+    assert_eq!(b.code, 0, "{b:?}");
+    // ... and never gets the address whose veth may still exist.
+    assert_ne!(b.ip(), first_ip);
+    let eth0 = ok(&["ip", "-n", &p, "-o", "-4", "addr", "show", "eth0"]);
+    assert!(eth0.contains(&b.ip()), "{eth0}");
+    // Once requests pause, the doomed veth is gone, pod end included.
+    n.wait_for("the batched teardown", 10, |n| {
+        n.coil_links().len() == 1 && n.stats()["attachments"] == 1
+    });
+    let links = ok(&["ip", "-n", &p, "-o", "link", "show"]);
+    assert!(!links.contains("cdel"), "{links}");
+    assert_eq!(n.call("CHECK", "1.0.0", &p, "second", "eth0", "").code, 0);
+}

@@ -131,6 +131,8 @@ type DResult<T> = Result<T, DaemonError>;
 
 /// Address index updates waiting for the mirror task.
 const MIRROR_QUEUE: usize = 4096;
+/// Released attachments waiting for their batched veth teardown.
+const TEARDOWN_QUEUE: usize = 1024;
 /// Namespaces whose pool existence is cached (callers choose namespaces,
 /// so the cache is bounded).
 const POOL_CACHE_MAX: usize = 1024;
@@ -179,6 +181,13 @@ pub struct Daemon<B: Backend> {
     mirror: mpsc::Sender<Mirror>,
     /// Index updates dropped because the mirror queue was full.
     mirror_dropped: AtomicU64,
+    /// DEL's batched veth teardown (see `teardown_task`).
+    teardown: mpsc::Sender<(Attachment, u64)>,
+    /// Requests being handled, and when the last one came (ms since
+    /// `epoch`): the teardown runs when requests pause.
+    inflight: std::sync::atomic::AtomicUsize,
+    last_request_ms: AtomicU64,
+    epoch: Instant,
     store_ok: AtomicBool,
     /// Store calls made on the ADD path (pool lookups, block leases): the
     /// figure the "zero etcd requests per ADD" target is about.
@@ -405,6 +414,7 @@ impl<B: Backend> Daemon<B> {
             }
         }
         let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
+        let (ttx, trx) = mpsc::channel(TEARDOWN_QUEUE);
         let d = Arc::new(Daemon {
             cfg,
             journal,
@@ -423,6 +433,10 @@ impl<B: Backend> Daemon<B> {
             recovery_actions: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             mirror_dropped: AtomicU64::new(0),
+            teardown: ttx,
+            inflight: std::sync::atomic::AtomicUsize::new(0),
+            last_request_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             fatal: Mutex::new(None),
             removed: AtomicBool::new(false),
             fatal_notify: tokio::sync::Notify::new(),
@@ -458,6 +472,7 @@ impl<B: Backend> Daemon<B> {
         d.journal.commit(b).map_err(|e| fatal(e.to_string()))?;
         d.reload().map_err(|e| fatal(e.to_string()))?;
         tokio::spawn(mirror_task(d.clone(), rx));
+        tokio::spawn(teardown_task(d.clone(), trx));
         tokio::spawn(journal_watch(d.clone()));
         tokio::spawn(liveness_task(d.clone()));
         tokio::spawn(resync_task(d.clone()));
@@ -834,7 +849,11 @@ impl<B: Backend> Daemon<B> {
         let _g = self.gate.read().await;
         let t = Instant::now();
         let cmd = req.command;
+        self.inflight.fetch_add(1, Ordering::Relaxed);
         let resp = self.dispatch(req).await;
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.last_request_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         match cmd {
             Command::Add => self.m.add.observe(t.elapsed()),
             Command::Del => self.m.del.observe(t.elapsed()),
@@ -1245,6 +1264,18 @@ impl<B: Backend> Daemon<B> {
         if wait {
             return self.finish_release(&a, id).await;
         }
+        if let Err(
+            mpsc::error::TrySendError::Full((a, id)) | mpsc::error::TrySendError::Closed((a, id)),
+        ) = self.teardown.try_send((a, id))
+        {
+            self.finish_release_later(a, id);
+        }
+        Ok(())
+    }
+
+    /// Finishes one release in the background, retried with backoff (the
+    /// unbatched path: the teardown queue is full, or dooming failed).
+    fn finish_release_later(self: &Arc<Self>, a: Attachment, id: u64) {
         let d = self.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
@@ -1260,9 +1291,131 @@ impl<B: Backend> Daemon<B> {
             }
             tracing::error!(attachment = %a.key, "release keeps failing; the next start or resync retries it");
         });
-        Ok(())
     }
 
+    /// Has no request been in flight for `quiet`?
+    fn idle_for(&self, quiet: Duration) -> bool {
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let last = self.last_request_ms.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(last) >= quiet.as_millis() as u64
+    }
+
+    /// Deletes the doomed veths in one request, then drops their records
+    /// in one journal batch; their addresses are free only then. Holds the
+    /// request gate (shared), so recovery never interleaves.
+    async fn flush_doomed(self: &Arc<Self>, doomed: Vec<(Attachment, u64)>) {
+        let _g = self.gate.read().await;
+        // Recovery may have settled some meanwhile: only what is still
+        // ours and still Releasing.
+        let live: Vec<(Attachment, u64)> = {
+            let st = self.lock();
+            doomed
+                .into_iter()
+                .filter(|(a, _)| {
+                    st.attachment(&a.key).is_some_and(|x| {
+                        x.state == AttachmentState::Releasing && x.addresses == a.addresses
+                    })
+                })
+                .collect()
+        };
+        if let Err(e) = deadline("deleting doomed veths", self.kernel.delete_doomed()).await {
+            tracing::warn!(
+                count = live.len(),
+                "batched veth teardown: {e}; one by one instead"
+            );
+            for (a, id) in live {
+                self.finish_release_later(a, id);
+            }
+            return;
+        }
+        coil::failpoint::hit("del.unwired");
+        let mut b = Batch::new();
+        for (a, id) in &live {
+            b.delete_attachment(&a.key).delete_intent(*id);
+            for x in &a.addresses {
+                b.delete_address(x.addr);
+            }
+        }
+        if let Err(e) = self.commit(b).await {
+            // The veths are gone; the records stay Releasing with their
+            // intents, and the next resync drops them.
+            tracing::warn!("recording batched teardown: {e}");
+            return;
+        }
+        let mut st = self.lock();
+        for (a, _) in &live {
+            st.remove_attachment(&a.key);
+        }
+        drop(st);
+        for (a, _) in &live {
+            for x in &a.addresses {
+                self.mirror(Mirror::Delete(self.record(a, x)));
+            }
+        }
+    }
+}
+
+/// DEL's kernel teardown, batched: each released attachment's veth is
+/// doomed at once (renamed out of the pod's way, moved to a link group),
+/// and the group is deleted in one request when requests pause, when 128
+/// are waiting or after a second, whichever comes first. A veth deletion
+/// costs the kernel an RCU grace period under the rtnl lock (~20 ms, every
+/// ADD's netlink calls wait for it); one batch deletion costs about the
+/// same as one. Addresses stay reserved until their veth is gone, and a
+/// crash leaves Releasing attachments with pending Unwire intents, which
+/// recovery finishes one by one.
+const TEARDOWN_MAX: usize = 128;
+const TEARDOWN_MAX_AGE: Duration = Duration::from_secs(1);
+const TEARDOWN_QUIET: Duration = Duration::from_millis(15);
+
+async fn teardown_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<(Attachment, u64)>) {
+    let mut doomed: Vec<(Attachment, u64)> = Vec::new();
+    let mut oldest = Instant::now();
+    loop {
+        let wait = if doomed.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(5)
+        };
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some((a, id)) => {
+                    match deadline(
+                        format!("dooming the veth of {}", a.key),
+                        d.kernel.doom(&a.host_veth, &a.netns, &a.key.ifname),
+                    )
+                    .await
+                    {
+                        Ok(_) => {
+                            if doomed.is_empty() {
+                                oldest = Instant::now();
+                            }
+                            doomed.push((a, id));
+                        }
+                        Err(e) => {
+                            tracing::warn!(attachment = %a.key, "dooming its veth: {e}; deleting it now");
+                            d.finish_release_later(a, id);
+                        }
+                    }
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if !doomed.is_empty()
+            && (doomed.len() >= TEARDOWN_MAX
+                || oldest.elapsed() >= TEARDOWN_MAX_AGE
+                || d.idle_for(TEARDOWN_QUIET))
+        {
+            d.flush_doomed(std::mem::take(&mut doomed)).await;
+        }
+    }
+}
+
+impl<B: Backend> Daemon<B> {
     async fn finish_release(&self, a: &Attachment, intent: u64) -> DResult<()> {
         deadline(
             format!("removing the veth {} of {}", a.host_veth, a.key),
