@@ -313,6 +313,13 @@ impl EtcdBackend {
                 let c = self.client(i).await?;
                 match tokio::time::timeout(self.timeout, f(c)).await {
                     Ok(Ok(v)) => Ok(v),
+                    // tonic's own deadline (the same as ours) may fire
+                    // first: say it the same way.
+                    Ok(Err(e)) if timed_out(&e) => Err(Failure {
+                        kind: BackendErrorKind::Unavailable,
+                        not_sent: false,
+                        message: format!("no answer within {:?}", self.timeout),
+                    }),
                     Ok(Err(e)) => Err(Failure {
                         kind: classify(&e),
                         not_sent: never_sent(&e),
@@ -442,6 +449,13 @@ fn never_sent(e: &etcd_client::Error) -> bool {
     causes(e)
         .iter()
         .any(|c| c.downcast_ref::<tonic::ConnectError>().is_some())
+}
+
+/// Did tonic's request deadline expire?
+fn timed_out(e: &etcd_client::Error) -> bool {
+    causes(e)
+        .iter()
+        .any(|c| c.downcast_ref::<tonic::TimeoutExpired>().is_some())
 }
 
 /// A TLS failure: the member refused our client certificate, or we
@@ -673,5 +687,101 @@ impl Backend for EtcdBackend {
 
     fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(endpoints: &[String]) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints.to_vec(),
+            timeout: Duration::from_millis(300),
+            ..Default::default()
+        }
+    }
+
+    /// A local port nothing listens on.
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = l.local_addr().expect("addr");
+        drop(l);
+        format!("http://{a}")
+    }
+
+    fn put() -> Txn {
+        Txn {
+            then: vec![Op::put("/k", "v")],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn healthy_members_first_from_the_preferred_one() {
+        let eps: Vec<String> = (0..5)
+            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
+            .collect();
+        let b = EtcdBackend::connect(&opts(&eps))
+            .await
+            .expect("lazy connect");
+        b.preferred.store(1, Ordering::Relaxed);
+        assert_eq!(b.order(), vec![1, 2, 3]);
+        b.members[2].set_suspect(true);
+        b.members[3].set_suspect(true);
+        assert_eq!(b.order(), vec![1, 4, 0]);
+        for m in b.members.iter() {
+            m.set_suspect(true);
+        }
+        assert_eq!(b.order(), vec![1, 2, 3], "all suspect: plain rotation");
+        b.members[3].set_suspect(false);
+        assert_eq!(b.order(), vec![3, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_even_for_a_write() {
+        let eps = vec![closed_port(), closed_port()];
+        let b = EtcdBackend::connect(&opts(&eps))
+            .await
+            .expect("lazy connect");
+        let e = b.txn("put it", put()).await.expect_err("nothing listens");
+        assert_eq!(e.kind, BackendErrorKind::Unavailable, "{e}");
+        assert_eq!(e.op, "put it");
+        assert_eq!(e.key, "/k");
+        // Never sent: the write went on to the second member.
+        assert_eq!(e.endpoint, eps.join(","), "{e}");
+        for ep in &eps {
+            assert!(e.message.contains(ep.as_str()), "{e}");
+        }
+        // The preference moved off the first member, which is suspect.
+        assert!(b.members[0].is_suspect(Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_timed_out_is_not_repeated_but_a_read_is() {
+        // Accepts TCP connections (the kernel's backlog) but never speaks
+        // HTTP/2: requests hang until the deadline.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let eps = vec![
+            format!("http://{}", silent.local_addr().expect("addr")),
+            closed_port(),
+        ];
+        let b = EtcdBackend::connect(&opts(&eps))
+            .await
+            .expect("lazy connect");
+        let e = b.txn("put it", put()).await.expect_err("no answer");
+        assert_eq!(e.kind, BackendErrorKind::Unavailable, "{e}");
+        assert_eq!(e.endpoint, eps[0], "the write may have been applied: {e}");
+        assert!(e.message.contains("no answer within"), "{e}");
+
+        // The silent member is now suspect: the next request starts on the
+        // other one. A read is tried on every member.
+        b.members[0].set_suspect(false);
+        b.preferred.store(0, Ordering::Relaxed);
+        let e = b
+            .txn("read it", Txn::read(vec![Op::get("/k")]))
+            .await
+            .expect_err("no answer");
+        assert_eq!(e.endpoint, eps.join(","), "{e}");
     }
 }
