@@ -326,7 +326,9 @@ struct ClusterMember {
 /// [`attach`](EtcdCluster::attach)ed to the hub. Members can be killed,
 /// restarted, partitioned (their link to the hub cut) and healed. Drop
 /// stops the members it started (by pid) and deletes the namespaces it
-/// created. Needs root, `ip`, `openssl`, `curl` and etcd.
+/// created; members also die with the thread that started them (see
+/// [`start`](EtcdCluster::start)). Needs root, `ip`, `openssl`, `curl` and
+/// etcd.
 #[derive(Debug)]
 pub struct EtcdCluster {
     tag: String,
@@ -552,7 +554,9 @@ impl EtcdCluster {
     }
 
     /// Starts member `i` (again) on its data dir; returns once the process
-    /// runs (see [`wait_healthy`](Self::wait_healthy)).
+    /// runs (see [`wait_healthy`](Self::wait_healthy)). The member gets
+    /// SIGKILL if the calling thread ends first, so a test killed outright
+    /// leaves no etcd behind.
     pub fn start(&mut self, i: usize) -> Result<(), String> {
         let cluster = self
             .members
@@ -579,7 +583,20 @@ impl EtcdCluster {
         let key = d.join(format!("{}.key", m.name));
         let ca = d.join("ca.pem");
         // `ip netns exec` execs etcd: the child's pid is etcd's.
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        // If this process dies without running Drop (SIGKILL), the member
+        // dies with it. (The signal follows the thread that started the
+        // member: keep the cluster on the test's thread.)
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl, which is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .args(["netns", "exec", &m.netns])
             .arg(&self.etcd)
             .args(["--name", &m.name, "--data-dir"])
