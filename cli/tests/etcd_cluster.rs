@@ -360,8 +360,7 @@ fn a_wrong_client_certificate_is_a_clear_tls_error() {
     }
     // coild with a rogue certificate: it stops at startup saying why (the
     // member refused the certificate), or, when every member only closed
-    // the connection, serves and answers ADD with "try again later"
-    // naming the certificate as the likely cause.
+    // the connection, serves and fails the ADD naming the certificate.
     n.stop();
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("coild.sock");
@@ -436,7 +435,9 @@ fn a_wrong_client_certificate_is_a_clear_tls_error() {
             );
             let _ = coild.kill();
             let _ = coild.wait();
-            assert_eq!(r.err(), Some(11), "{r:?}");
+            // 100 when the member's refusal arrives (a bad configuration),
+            // 11 when only closed connections do (maybe transient).
+            assert!(matches!(r.err(), Some(11) | Some(100)), "{r:?}");
             let msg = format!("{} {}", r.raw, read_log()).to_lowercase();
             assert!(msg.contains("certificate"), "not a clear TLS error: {r:?}");
         }

@@ -27,6 +27,11 @@
 //!     been applied, so the adapter returns `Unavailable` and lets the store
 //!     layer (which re-reads before every compare-and-swap) decide; the
 //!     next request already goes to another member.
+//! * Before a write to a member that has not answered for [`PROBE_AFTER`],
+//!   a serializable read (answered locally, cheap) checks it is still
+//!   there: a member cut off since it last answered then fails the probe,
+//!   and the write, never sent, goes to the next member instead of
+//!   timing out where it may or may not have been applied.
 //! * An answer that refuses the request (`Rejected`: permission denied, a
 //!   bad certificate...) is returned at once: another member would say
 //!   the same.
@@ -55,6 +60,8 @@ use super::backend::{
 pub const MAX_ATTEMPTS: usize = 3;
 /// How long a member that failed is tried only after the others.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
+/// A write to a member quiet for longer is preceded by a probe.
+pub const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -113,6 +120,8 @@ struct Member {
     endpoint: String,
     client: tokio::sync::Mutex<Option<Client>>,
     suspect_until: Mutex<Option<Instant>>,
+    /// When it last answered.
+    last_ok: Mutex<Option<Instant>>,
 }
 
 impl Member {
@@ -124,6 +133,17 @@ impl Member {
     fn set_suspect(&self, suspect: bool) {
         let mut g = self.suspect_until.lock().unwrap_or_else(|e| e.into_inner());
         *g = suspect.then(|| Instant::now() + SUSPECT_FOR);
+    }
+
+    fn answered(&self) {
+        let mut g = self.last_ok.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(Instant::now());
+    }
+
+    /// Has it answered within `d`?
+    fn answered_within(&self, d: Duration) -> bool {
+        let g = self.last_ok.lock().unwrap_or_else(|e| e.into_inner());
+        g.is_some_and(|t| t.elapsed() < d)
     }
 }
 
@@ -210,6 +230,7 @@ impl EtcdBackend {
                 endpoint: e.clone(),
                 client: tokio::sync::Mutex::new(None),
                 suspect_until: Mutex::new(None),
+                last_ok: Mutex::new(None),
             })
             .collect();
         let backend = EtcdBackend {
@@ -311,6 +332,9 @@ impl EtcdBackend {
         for &i in &order {
             let attempt = async {
                 let c = self.client(i).await?;
+                if retry == Retry::NotSent && !self.members[i].answered_within(PROBE_AFTER) {
+                    self.probe(i, key, &c).await?;
+                }
                 match tokio::time::timeout(self.timeout, f(c)).await {
                     Ok(Ok(v)) => Ok(v),
                     // tonic's own deadline (the same as ours) may fire
@@ -334,6 +358,7 @@ impl EtcdBackend {
             };
             match attempt.await {
                 Ok(v) => {
+                    self.members[i].answered();
                     self.members[i].set_suspect(false);
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
@@ -368,6 +393,38 @@ impl EtcdBackend {
             }
         }
         Err(self.failed(op, key, tried))
+    }
+
+    /// Before a write to a member that has been quiet for a while: a
+    /// serializable read (answered locally, no quorum round) to check it is
+    /// still there, so a write is not lost to a member cut off since. A
+    /// probe that fails for unavailability fails the attempt as "not
+    /// sent"; one the member refuses (say, no permission on `key`) is
+    /// ignored.
+    async fn probe(&self, i: usize, key: &str, c: &Client) -> Result<(), Failure> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut kv = c.kv_client();
+        let opts = GetOptions::new().with_serializable().with_count_only();
+        let unavailable = |message: String| Failure {
+            kind: BackendErrorKind::Unavailable,
+            not_sent: true,
+            message: format!("probe before writing: {message}"),
+        };
+        match tokio::time::timeout(self.timeout, kv.get(key, Some(opts))).await {
+            Ok(Ok(_)) => {
+                self.members[i].answered();
+                Ok(())
+            }
+            Ok(Err(e)) if timed_out(&e) => {
+                Err(unavailable(format!("no answer within {:?}", self.timeout)))
+            }
+            Ok(Err(e)) if classify(&e) == BackendErrorKind::Unavailable => {
+                Err(unavailable(describe(&e)))
+            }
+            // Refused (permissions...): says nothing about reachability.
+            Ok(Err(_)) => Ok(()),
+            Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
+        }
     }
 
     /// The error of a request every tried member failed.
@@ -769,13 +826,23 @@ mod tests {
         let b = EtcdBackend::connect(&opts(&eps))
             .await
             .expect("lazy connect");
+        // Quiet for a while: the write is preceded by a probe, which times
+        // out; the write, never sent, moves on to the next member.
+        let e = b.txn("put it", put()).await.expect_err("no answer");
+        assert_eq!(e.endpoint, eps.join(","), "{e}");
+        assert!(e.message.contains("probe before writing"), "{e}");
+
+        // Answered just now: no probe, the write is sent, times out, and
+        // is not repeated elsewhere.
+        b.members[0].set_suspect(false);
+        b.members[0].answered();
+        b.preferred.store(0, Ordering::Relaxed);
         let e = b.txn("put it", put()).await.expect_err("no answer");
         assert_eq!(e.kind, BackendErrorKind::Unavailable, "{e}");
         assert_eq!(e.endpoint, eps[0], "the write may have been applied: {e}");
         assert!(e.message.contains("no answer within"), "{e}");
 
-        // The silent member is now suspect: the next request starts on the
-        // other one. A read is tried on every member.
+        // A read is tried on every member.
         b.members[0].set_suspect(false);
         b.preferred.store(0, Ordering::Relaxed);
         let e = b
