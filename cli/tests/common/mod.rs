@@ -63,12 +63,30 @@ pub struct Node {
     pub coild_bin: String,
     /// Extra environment for coild.
     pub env: Vec<(String, String)>,
+    /// TLS client material for etcd: coild gets it as COILD_ETCD_TLS_*
+    /// (as deploy/kubernetes/coil.yaml sets it), coilctl as flags.
+    pub etcd_tls: Option<EtcdTls>,
+}
+
+/// PEM files of an etcd TLS client.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Node {
     /// A node netns with forwarding on, and (for the embedded store) the
     /// pools created before coild starts.
     pub fn new(mode: StoreMode, pools: &[&[&str]]) -> Node {
+        Node::new_with(mode, pools, |_| {})
+    }
+
+    /// Like [`Node::new`], with `setup` run once the node's netns exists,
+    /// before the pools are created and coild starts (to attach the netns
+    /// to a network, set TLS material...).
+    pub fn new_with(mode: StoreMode, pools: &[&[&str]], setup: impl FnOnce(&mut Node)) -> Node {
         let netns = unique("n");
         ok(&["ip", "netns", "add", &netns]);
         ok(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
@@ -95,7 +113,9 @@ impl Node {
             extra: Vec::new(),
             coild_bin: COILD.to_string(),
             env: Vec::new(),
+            etcd_tls: None,
         };
+        setup(&mut n);
         n.set_boot_id("boot-1");
         if let StoreMode::Etcd { endpoint, .. } = &mut n.mode {
             if endpoint.is_empty() {
@@ -129,6 +149,14 @@ impl Node {
             }
             StoreMode::Etcd { endpoint, prefix } => {
                 c.args(["--etcd-endpoints", endpoint, "--etcd-prefix", prefix]);
+                if let Some(t) = &self.etcd_tls {
+                    c.arg("--etcd-tls-ca")
+                        .arg(&t.ca)
+                        .arg("--etcd-tls-cert")
+                        .arg(&t.cert)
+                        .arg("--etcd-tls-key")
+                        .arg(&t.key);
+                }
             }
         }
         c.args(args).output().expect("run coilctl")
@@ -169,6 +197,11 @@ impl Node {
                     "--etcd-timeout",
                     "1s",
                 ]);
+                if let Some(t) = &self.etcd_tls {
+                    c.env("COILD_ETCD_TLS_CA", &t.ca)
+                        .env("COILD_ETCD_TLS_CERT", &t.cert)
+                        .env("COILD_ETCD_TLS_KEY", &t.key);
+                }
             }
         }
         let log = std::fs::File::create(self.dir.path().join("coild.log")).expect("log");
