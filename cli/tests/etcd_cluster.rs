@@ -198,8 +198,10 @@ fn a_node_keeps_working_through_member_failures() {
     );
     coilctl_works(&n, Duration::from_secs(5), "member killed");
 
-    // The controller works with a member down: it frees the blocks of a
-    // node that died.
+    // The controller works with a member down: it reports a node that
+    // died unreachable (never frees its blocks for that), and the
+    // operator's `coilctl node remove` frees them, over TLS with a member
+    // down.
     let ctl = Controller::start(&mut c);
     let mut ghost = node(&mut c, None);
     let mut ghost_pods = 0;
@@ -214,17 +216,31 @@ fn a_node_keeps_working_through_member_failures() {
     ghost.kill9();
     let t = Instant::now();
     loop {
-        let o = n.coilctl(&["node", "blocks", &ghost_name, "--json"]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        if o.status.success() && v.as_array().is_some_and(Vec::is_empty) {
+        let o = n.coilctl(&["node", "list"]);
+        let listed = String::from_utf8_lossy(&o.stdout).into_owned();
+        if listed
+            .lines()
+            .any(|l| l.starts_with(&ghost_name) && l.contains("unreachable since"))
+        {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "controller never freed the dead node's blocks: {o:?}"
+            "the controller never reported the dead node: {o:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    let o = n.coilctl(&["node", "blocks", &ghost_name, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert!(
+        v.as_array().is_some_and(|a| !a.is_empty()),
+        "blocks freed on liveness expiry: {o:?}"
+    );
+    let o = n.coilctl(&["node", "remove", &ghost_name]);
+    assert!(o.status.success(), "{o:?}");
+    let o = n.coilctl(&["node", "blocks", &ghost_name, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert!(v.as_array().is_some_and(Vec::is_empty), "{o:?}");
     drop(ghost);
     drop(ctl);
 
