@@ -5,8 +5,11 @@
 # What the build needs (etcd-client compiles protobufs: protoc + headers),
 # what the tests run against (etcd, iproute2, BIRD 2, ptp + host-local as
 # the benchmark's baseline), and jq for the scripts.
+# curl and openssl: the etcd cluster tests (TLS certificates, the JSON
+# gateway); coreutils' base64 and tar are always there.
 PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server iproute2 bird2
-          containernetworking-plugins jq procps iputils-ping python3 python3-yaml)
+          containernetworking-plugins jq procps iputils-ping python3 python3-yaml
+          curl openssl)
 
 install_deps() {
 missing=()
