@@ -333,9 +333,20 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     assert_eq!(b.code, 0, "{b:?}");
     assert!(c.table119(1).contains("10.96.0.0/30"));
 
-    // A comes back (a power cycle: new boot). It serves nothing from its
-    // old block and withdraws it.
+    // A comes back (a power cycle: new boot), still cut off from etcd: it
+    // cannot see its fence yet, so it serves nothing from its old block
+    // until the store confirms it (the chaos harness found it serving).
+    c.cut(0, true);
     c.start_coild(0, "a-2");
+    let pa_early = c.pod();
+    let early = c.add(0, &pa_early, "pod-a-early");
+    assert_eq!(early.err(), Some(11), "{early:?}");
+    assert!(
+        early.out["msg"].as_str().unwrap_or("").contains("rebooted"),
+        "{early:?}"
+    );
+    assert!(pod_addr(&pa_early).is_empty());
+    c.cut(0, false);
     wait_until("A withdraws its old block", 20, || {
         !c.table119(0).contains("10.96.0.0/30")
     });

@@ -70,7 +70,7 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
     // one must not stop recovery, and none may reach table 119. A block of
     // ours whose key holds one looks lost, and re-acquiring it fails with
     // `Corrupt` naming the key (that step is reported, the rest goes on).
-    let store = match cx.store.all_blocks().await {
+    let mut store = match cx.store.all_blocks().await {
         Ok(all) => Some(
             all.into_iter()
                 .filter(|l| l.node == cx.node || blocks.contains(&l.block))
@@ -86,12 +86,17 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         Err(e) if e.is_unavailable() => None,
         Err(e) => return Err(e.into()),
     };
-    // A removal fence of this node (unknown while the store is down; a
-    // malformed fence counts as one: it is in the way of re-admission).
+    // A removal fence of this node (a malformed fence counts as one: it is
+    // in the way of re-admission). If it cannot be read, the store counts
+    // as unreachable for this plan: nothing is re-acquired, adopted or
+    // released on a store view whose fence is unknown.
     let removed = match cx.store.removal(cx.node).await {
         Ok(r) => r.is_some(),
         Err(e) if e.is_corrupt() => true,
-        Err(_) => false,
+        Err(_) => {
+            store = None;
+            false
+        }
     };
     marks.push(("store", t.elapsed().as_micros()));
     let routes = cx.kernel.host_routes().await?;
@@ -258,7 +263,9 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
                     }
                     commit(j, b)
                 }
-                Err(StoreError::NotOwner { .. }) => {
+                // Taken by another node, or this node was removed since the
+                // plan was made: never serve the block again.
+                Err(StoreError::NotOwner { .. } | StoreError::NodeRemoved { .. }) => {
                     if let Some(mut jl) = cur {
                         jl.state = LeaseState::Quarantined;
                         b.put_lease(&jl);

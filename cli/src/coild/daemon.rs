@@ -181,6 +181,8 @@ pub struct Daemon<B: Backend> {
     mirror: mpsc::Sender<Mirror>,
     /// Index updates dropped because the mirror queue was full.
     mirror_dropped: AtomicU64,
+    /// Address index entries repaired by `reconcile_index`.
+    index_repairs: AtomicU64,
     /// DEL's batched veth teardown (see `teardown_task`).
     teardown: mpsc::Sender<(Attachment, u64)>,
     /// Requests being handled, and when the last one came (ms since
@@ -208,6 +210,10 @@ pub struct Daemon<B: Backend> {
     fatal: Mutex<Option<String>>,
     /// The node carries a removal fence: no ADD is served.
     removed: AtomicBool,
+    /// The node booted since its journal was written and the store has not
+    /// yet confirmed its leases (a node removed while it was powered off
+    /// must not serve from its old blocks before it can see its fence).
+    unconfirmed: AtomicBool,
     fatal_notify: tokio::sync::Notify,
 }
 
@@ -434,11 +440,13 @@ impl<B: Backend> Daemon<B> {
             rejected: AtomicU64::new(0),
             mirror_dropped: AtomicU64::new(0),
             teardown: ttx,
+            index_repairs: AtomicU64::new(0),
             inflight: std::sync::atomic::AtomicUsize::new(0),
             last_request_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             fatal: Mutex::new(None),
             removed: AtomicBool::new(false),
+            unconfirmed: AtomicBool::new(meta.as_ref().is_some_and(|m| m.boot_id != boot_id)),
             fatal_notify: tokio::sync::Notify::new(),
             m: Latencies::default(),
         });
@@ -510,6 +518,9 @@ impl<B: Backend> Daemon<B> {
             .map_err(|e| DaemonError::Internal(format!("recovery: {e}")))?;
         if o.store.is_some() {
             self.set_removed(o.removed);
+            if !o.removed && self.unconfirmed.swap(false, Ordering::Relaxed) {
+                tracing::info!("the store confirmed this node's leases after its reboot");
+            }
         }
         if !dry_run {
             for o in &out {
@@ -1074,6 +1085,14 @@ impl<B: Backend> Daemon<B> {
                 node: self.cfg.node_name.clone(),
             }));
         }
+        if self.unconfirmed.load(Ordering::Relaxed) {
+            return Err(DaemonError::Busy(
+                "this node rebooted and the cluster store has not yet confirmed its blocks \
+                 (a node removed while powered off must not serve from them); retry when \
+                 the store answers"
+                    .into(),
+            ));
+        }
         let key = request_key(req);
         let netns = req.netns.clone().unwrap_or_default();
         let existing = self.lock().lookup(&key).cloned();
@@ -1199,6 +1218,69 @@ impl<B: Backend> Daemon<B> {
         Ok(self.result(&done, wired.host_mac, wired.pod_mac))
     }
 
+    /// Brings the address index in line with the journal for this node's
+    /// leased blocks: entries naming this node that no wired attachment
+    /// holds are deleted, wired attachments missing from it are put. The
+    /// mirror queue lives in memory, so a kill -9 during a store outage
+    /// loses its pending updates; this repairs them. Returns the repairs
+    /// made; stops quietly while the store does not answer.
+    async fn reconcile_index(&self) -> usize {
+        let me = self.cfg.node_name.clone();
+        let (blocks, wired, busy) = {
+            let st = self.lock();
+            let blocks: Vec<IpNet> = st
+                .blocks()
+                .filter(|b| b.lease.state == LeaseState::Leased)
+                .map(|b| b.lease.block)
+                .collect();
+            let mut wired: HashMap<std::net::IpAddr, AddressRecord> = HashMap::new();
+            let mut busy: BTreeSet<std::net::IpAddr> = BTreeSet::new();
+            for a in st.attachments() {
+                for x in &a.addresses {
+                    if a.state == AttachmentState::Wired {
+                        wired.insert(x.addr, self.record(a, x));
+                    } else {
+                        busy.insert(x.addr);
+                    }
+                }
+            }
+            (blocks, wired, busy)
+        };
+        let mut repairs = 0;
+        for b in blocks {
+            let Ok(entries) = self.store.addresses_in(&b).await else {
+                return repairs;
+            };
+            for e in entries.iter().filter(|e| e.node == me) {
+                let held = wired
+                    .get(&e.address)
+                    .is_some_and(|w| w.container_id == e.container_id && w.ifname == e.ifname);
+                if !held && !busy.contains(&e.address) {
+                    if let Ok(true) = self.store.delete_address(e).await {
+                        repairs += 1;
+                    }
+                }
+            }
+            for (addr, rec) in wired.iter().filter(|(a, _)| b.contains(*a)) {
+                let present = entries.iter().any(|e| {
+                    e.address == *addr
+                        && e.node == me
+                        && e.container_id == rec.container_id
+                        && e.ifname == rec.ifname
+                });
+                if !present && self.store.put_address(rec).await.is_ok() {
+                    repairs += 1;
+                }
+            }
+        }
+        if repairs > 0 {
+            tracing::info!(repairs, "address index brought in line with the journal");
+            self.index_repairs
+                .fetch_add(repairs as u64, Ordering::Relaxed);
+        }
+        repairs
+    }
+
     /// Queues an address index update without ever waiting: the index is
     /// a mirror, and a full queue (a long store outage under churn) drops
     /// the update, counted (stats `index_updates_dropped`), rather than
@@ -1264,11 +1346,27 @@ impl<B: Backend> Daemon<B> {
         if wait {
             return self.finish_release(&a, id).await;
         }
-        if let Err(
-            mpsc::error::TrySendError::Full((a, id)) | mpsc::error::TrySendError::Closed((a, id)),
-        ) = self.teardown.try_send((a, id))
-        {
-            self.finish_release_later(a, id);
+        // Doom the veth before answering (its pod end leaves the pod's way:
+        // a new ADD may reuse the ifname at once); its deletion is batched.
+        let doomed = deadline(
+            format!("dooming the veth of {}", a.key),
+            self.kernel.doom(&a.host_veth, &a.netns, &a.key.ifname),
+        )
+        .await;
+        match doomed {
+            Ok(_) => {
+                if let Err(
+                    mpsc::error::TrySendError::Full((a, id))
+                    | mpsc::error::TrySendError::Closed((a, id)),
+                ) = self.teardown.try_send((a, id))
+                {
+                    self.finish_release_later(a, id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(attachment = %a.key, "dooming its veth: {e}; deleting it now");
+                self.finish_release_later(a, id);
+            }
         }
         Ok(())
     }
@@ -1359,7 +1457,7 @@ impl<B: Backend> Daemon<B> {
 }
 
 /// DEL's kernel teardown, batched: each released attachment's veth is
-/// doomed at once (renamed out of the pod's way, moved to a link group),
+/// doomed before DEL answers (renamed out of the pod's way, moved to a link group),
 /// and the group is deleted in one request when requests pause, when 128
 /// are waiting or after a second, whichever comes first. A veth deletion
 /// costs the kernel an RCU grace period under the rtnl lock (~20 ms, every
@@ -1382,24 +1480,11 @@ async fn teardown_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<(At
         };
         tokio::select! {
             m = rx.recv() => match m {
-                Some((a, id)) => {
-                    match deadline(
-                        format!("dooming the veth of {}", a.key),
-                        d.kernel.doom(&a.host_veth, &a.netns, &a.key.ifname),
-                    )
-                    .await
-                    {
-                        Ok(_) => {
-                            if doomed.is_empty() {
-                                oldest = Instant::now();
-                            }
-                            doomed.push((a, id));
-                        }
-                        Err(e) => {
-                            tracing::warn!(attachment = %a.key, "dooming its veth: {e}; deleting it now");
-                            d.finish_release_later(a, id);
-                        }
+                Some(x) => {
+                    if doomed.is_empty() {
+                        oldest = Instant::now();
                     }
+                    doomed.push(x);
                 }
                 None => return,
             },
@@ -1534,6 +1619,18 @@ impl<B: Backend> Daemon<B> {
         if let Some(why) = self.fatal_reason() {
             return Err(DaemonError::Busy(why));
         }
+        if self.removed.load(Ordering::Relaxed) {
+            return Err(DaemonError::Busy(format!(
+                "this node was removed from the cluster; `coilctl node readmit {}`",
+                self.cfg.node_name
+            )));
+        }
+        if self.unconfirmed.load(Ordering::Relaxed) {
+            return Err(DaemonError::Busy(
+                "the cluster store has not yet confirmed this node's blocks after its reboot"
+                    .into(),
+            ));
+        }
         if self.lock().free_addresses() > 0 {
             return Ok(());
         }
@@ -1566,6 +1663,7 @@ impl<B: Backend> Daemon<B> {
             "store_bad_entries": self.store.bad_entries_seen(),
             "removed": self.removed.load(Ordering::Relaxed),
             "index_updates_dropped": self.mirror_dropped.load(Ordering::Relaxed),
+            "index_repairs": self.index_repairs.load(Ordering::Relaxed),
             "healthy": self.fatal_reason().is_none(),
         })
     }
@@ -1657,6 +1755,9 @@ async fn resync_task<B: Backend>(d: Arc<Daemon<B>>) {
                     tracing::warn!(action = %o.action, "resync: {}", o.error.as_deref().unwrap_or(""));
                 }
                 d.release_idle_blocks_gated().await;
+                if full {
+                    d.reconcile_index().await;
+                }
             }
             Err(e) => tracing::warn!("resync: {e}"),
         }
