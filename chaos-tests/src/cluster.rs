@@ -749,18 +749,35 @@ enum Sched {
     StartCtrl(usize),
 }
 
+/// The removal scenario, one stage per tick so the fault schedule (heals,
+/// restarts) goes on meanwhile.
 enum Removal {
     None,
+    /// Powered off; `coilctl node remove` retried until accepted.
     Off {
         node: usize,
         since: Instant,
         old: BTreeSet<String>,
     },
+    /// Removed; others may lease its blocks until it powers on.
     Removed {
         node: usize,
         until: Instant,
         old: BTreeSet<String>,
     },
+    /// Back up, fenced: its table 119 is checked two resyncs later.
+    Fenced {
+        node: usize,
+        check_at: Instant,
+        old: BTreeSet<String>,
+        etcd_up: bool,
+    },
+    /// `coilctl node readmit` retried until accepted.
+    Readmit {
+        node: usize,
+        deadline: Instant,
+    },
+    /// Readmitted: it must serve an ADD again.
     Readmitting {
         node: usize,
         deadline: Instant,
@@ -1381,6 +1398,11 @@ fn power_off(cl: &Cluster, i: usize) -> Removal {
     }
 }
 
+fn back_in(n: &CNode) {
+    n.out.store(false, Ordering::SeqCst);
+    n.paused.store(false, Ordering::SeqCst);
+}
+
 fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Removal {
     match r {
         Removal::None => Removal::None,
@@ -1413,8 +1435,7 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
                 ));
                 // Power it on unremoved.
                 cl.ensure_coild(n);
-                n.out.store(false, Ordering::SeqCst);
-                n.paused.store(false, Ordering::SeqCst);
+                back_in(n);
                 return Removal::None;
             }
             Removal::Off { node, since, old }
@@ -1425,30 +1446,83 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             }
             let n = &cl.nodes[node];
             // Power comes back: a power cut is a reboot (wipe set the new
-            // boot id).
+            // boot id). Whether etcd answers the admin at that moment says
+            // whether coild could know it was removed.
+            let etcd_up = status_ok(&cl.ctl(&["pool", "list"]));
             cl.ensure_coild(n);
-            fenced_checks(cl, n, &old);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let o = cl.ctl(&["node", "readmit", &n.name]);
-                if status_ok(&o) {
-                    break;
-                }
-                if Instant::now() > deadline || interrupted() {
-                    cl.violation(format!(
-                        "coilctl node readmit {} kept failing: {}",
-                        n.name,
-                        describe(&o)
-                    ));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            cl.note(format!("{} readmitted", n.name));
-            Removal::Readmitting {
+            cl.note(format!(
+                "{} powered on, fenced (etcd answering: {etcd_up})",
+                n.name
+            ));
+            fenced_adds(cl, n, &old, etcd_up);
+            Removal::Fenced {
                 node,
-                deadline: Instant::now() + Duration::from_secs(30),
+                check_at: Instant::now() + Duration::from_millis(2200),
+                old,
+                etcd_up,
             }
+        }
+        Removal::Fenced {
+            node,
+            check_at,
+            old,
+            etcd_up,
+        } => {
+            if Instant::now() < check_at {
+                return Removal::Fenced {
+                    node,
+                    check_at,
+                    old,
+                    etcd_up,
+                };
+            }
+            let n = &cl.nodes[node];
+            let table = cl.table119(n);
+            let republished: Vec<&String> = table.intersection(&old).collect();
+            if !republished.is_empty() {
+                let owners = cl.pool_leases();
+                cl.violation(format!(
+                    "removed {} publishes its old blocks {republished:?} in table 119 two \
+                     resyncs after its start (etcd answering at power-on: {etcd_up}; leased \
+                     now to: {})",
+                    n.name,
+                    match owners {
+                        None => "etcd does not answer".to_string(),
+                        Some(o) => format!(
+                            "{:?}",
+                            republished
+                                .iter()
+                                .map(|b| (b.to_string(), o.get(*b).cloned()))
+                                .collect::<Vec<_>>()
+                        ),
+                    }
+                ));
+            }
+            Removal::Readmit {
+                node,
+                deadline: Instant::now() + Duration::from_secs(60),
+            }
+        }
+        Removal::Readmit { node, deadline } => {
+            let n = &cl.nodes[node];
+            let o = cl.ctl(&["node", "readmit", &n.name]);
+            if status_ok(&o) {
+                cl.note(format!("{} readmitted", n.name));
+                return Removal::Readmitting {
+                    node,
+                    deadline: Instant::now() + Duration::from_secs(30),
+                };
+            }
+            if Instant::now() > deadline || interrupted() {
+                cl.violation(format!(
+                    "coilctl node readmit {} kept failing for 60 s: {}",
+                    n.name,
+                    describe(&o)
+                ));
+                back_in(n);
+                return Removal::None;
+            }
+            Removal::Readmit { node, deadline }
         }
         Removal::Readmitting { node, deadline } => {
             let n = &cl.nodes[node];
@@ -1458,27 +1532,40 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             let r = cni(cl, n, "ADD", &cid, Some(&ns));
             if let (0, Some(ip)) = (r.code, answered_ip(&r)) {
                 cl.c.add_ok.fetch_add(1, Ordering::Relaxed);
-                let leased = cl.leased(&n.name).unwrap_or_default();
-                if !leased.iter().any(|b| block_contains(b, ip)) {
-                    // etcd may be unreachable for a moment: ask again once.
-                    std::thread::sleep(Duration::from_secs(2));
-                    let leased = cl.leased(&n.name).unwrap_or_default();
-                    if !leased.iter().any(|b| block_contains(b, ip)) {
-                        cl.violation(format!(
-                            "readmitted {} answered {ip}, in none of its leases {leased:?}",
-                            n.name
-                        ));
-                    }
+                // Its block must be one etcd leases to it (unknown while
+                // etcd does not answer).
+                match cl.leased(&n.name) {
+                    Some(l) if !l.iter().any(|b| block_contains(b, ip)) => cl.violation(format!(
+                        "readmitted {} answered {ip}, in none of its leases {l:?}",
+                        n.name
+                    )),
+                    Some(_) => {}
+                    None => cl.note(format!(
+                        "{}: etcd did not answer to check the lease of {ip}",
+                        n.name
+                    )),
                 }
-                {
+                let other = {
                     let mut m = cl.model.lock().expect("model");
+                    let other = m.nodes.iter().enumerate().find_map(|(i, nm)| {
+                        nm.live
+                            .iter()
+                            .find(|(_, (_, a))| *a == ip)
+                            .map(|(c, _)| format!("{c} on node {i}"))
+                    });
                     m.seen.insert(ip);
-                    m.nodes[node].live.insert(cid, (ns, ip));
+                    m.nodes[node].live.insert(cid.clone(), (ns, ip));
+                    other
+                };
+                if let Some(other) = other {
+                    cl.violation(format!(
+                        "ADD of {cid} on readmitted {} answered {ip}, which {other} still holds",
+                        n.name
+                    ));
                 }
                 cl.c.readmits.fetch_add(1, Ordering::Relaxed);
                 cl.note(format!("{} serves again ({ip})", n.name));
-                n.out.store(false, Ordering::SeqCst);
-                n.paused.store(false, Ordering::SeqCst);
+                back_in(n);
                 return Removal::None;
             }
             cl.model.lock().expect("model").nodes[node]
@@ -1489,8 +1576,7 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
                     "readmitted {} did not serve an ADD within 30 s (last: exit {} {})",
                     n.name, r.code, r.out
                 ));
-                n.out.store(false, Ordering::SeqCst);
-                n.paused.store(false, Ordering::SeqCst);
+                back_in(n);
                 return Removal::None;
             }
             Removal::Readmitting { node, deadline }
@@ -1498,9 +1584,8 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
     }
 }
 
-/// A removed node back up: every ADD refused with code 11, none of its old
-/// blocks (now possibly other nodes') in its table 119.
-fn fenced_checks(cl: &Cluster, n: &CNode, old: &BTreeSet<String>) {
+/// A removed node back up: every ADD refused with code 11.
+fn fenced_adds(cl: &Cluster, n: &CNode, old: &BTreeSet<String>, etcd_up: bool) {
     for _ in 0..3 {
         let Some((cid, ns)) = new_pod(cl, n) else {
             continue;
@@ -1509,10 +1594,15 @@ fn fenced_checks(cl: &Cluster, n: &CNode, old: &BTreeSet<String>) {
         match (r.code, answered_ip(&r)) {
             (0, ip) => {
                 let block = ip.and_then(|ip| old.iter().find(|b| block_contains(b, ip)));
-                let owner = block.and_then(|b| cl.pool_leases()?.get(b).cloned());
+                let owner = match (block, cl.pool_leases()) {
+                    (None, _) => "-".to_string(),
+                    (Some(_), None) => "etcd does not answer".to_string(),
+                    (Some(b), Some(o)) => format!("{:?}", o.get(b)),
+                };
                 cl.violation(format!(
                     "removed {} answered ADD of {cid} with {ip:?} before readmit (its old block: \
-                     {block:?}, leased now to: {owner:?}; see {})",
+                     {block:?}, leased now to: {owner}; etcd answering at power-on: {etcd_up}; \
+                     see {})",
                     n.name,
                     n.coild.log.display()
                 ));
@@ -1532,21 +1622,6 @@ fn fenced_checks(cl: &Cluster, n: &CNode, old: &BTreeSet<String>) {
         cl.model.lock().expect("model").nodes[n.idx]
             .to_del
             .push((cid, Some(ns)));
-    }
-    // Two resyncs later, none of the old blocks may be published.
-    std::thread::sleep(Duration::from_millis(2200));
-    let table = cl.table119(n);
-    let republished: Vec<&String> = table.intersection(old).collect();
-    if !republished.is_empty() {
-        let owners = cl.pool_leases().unwrap_or_default();
-        cl.violation(format!(
-            "removed {} publishes its old blocks {republished:?} in table 119 (leases now: {:?})",
-            n.name,
-            republished
-                .iter()
-                .map(|b| (b.to_string(), owners.get(*b).cloned()))
-                .collect::<Vec<_>>()
-        ));
     }
 }
 
