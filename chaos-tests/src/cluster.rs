@@ -270,6 +270,17 @@ impl Cluster {
             return;
         }
         self.stop.store(true, Ordering::SeqCst);
+        // Callers finish their call (bounded), so none creates a pod
+        // namespace after the listing below.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .nodes
+            .iter()
+            .any(|n| n.inflight.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for n in &self.nodes {
             n.coild.kill();
         }
@@ -401,6 +412,9 @@ impl Cluster {
 
     fn ensure_coild(&self, n: &CNode) {
         for attempt in 0..5 {
+            if interrupted() {
+                return;
+            }
             match self.start_coild(n, None) {
                 Ok(()) => return,
                 Err(e) => {
@@ -1316,7 +1330,10 @@ fn chaos(cl: &Cluster, args: &Args, start: Instant) {
             }
         }
     }
-    // However the loop ended: everything heals and restarts.
+    if interrupted() {
+        return;
+    }
+    // The loop ended: everything heals and restarts.
     calm_down(cl, &mut sched, &mut down);
     let deadline = Instant::now() + Duration::from_secs(90);
     while !matches!(removal, Removal::None) && Instant::now() < deadline && !interrupted() {
