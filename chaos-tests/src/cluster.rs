@@ -202,6 +202,8 @@ struct Counters {
     readmits: AtomicU64,
     samples: AtomicU64,
     restarts_on_own: AtomicU64,
+    long_node_partitions_checked: AtomicU64,
+    unreachable_noted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -609,10 +611,12 @@ fn new_pod(cl: &Cluster, n: &CNode) -> Option<(String, String)> {
     sh_quiet(&["ip", "netns", "add", &ns]).then_some((cid, ns))
 }
 
-fn worker(cl: Arc<Cluster>, idx: usize, seed: u64) {
+fn worker(cl: Arc<Cluster>, idx: usize, seed: u64, max_ops: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = &cl.nodes[idx];
-    while !cl.stop.load(Ordering::SeqCst) && !interrupted() {
+    let mut ops = 0u64;
+    while !cl.stop.load(Ordering::SeqCst) && !interrupted() && ops < max_ops {
+        ops += 1;
         if n.paused.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -758,7 +762,9 @@ fn sample(cl: &Cluster, when: &str) -> usize {
 }
 
 enum Sched {
-    Heal(String),
+    /// Heal a link; for a node cut off longer than TTL + grace, first
+    /// check that it kept its blocks.
+    Heal(String, Option<usize>),
     StartEtcd(usize),
     StartCtrl(usize),
 }
@@ -773,11 +779,15 @@ enum Removal {
         since: Instant,
         old: BTreeSet<String>,
     },
-    /// Removed; others may lease its blocks until it powers on.
+    /// Removed; others may lease its blocks until it powers on. Half the
+    /// time it powers on only once etcd answers (up to 20 s late), so the
+    /// fence is checked both when coild can learn it at start and when it
+    /// cannot.
     Removed {
         node: usize,
         until: Instant,
         old: BTreeSet<String>,
+        wait_etcd: bool,
     },
     /// Back up, fenced: its table 119 is checked two resyncs later.
     Fenced {
@@ -1101,7 +1111,9 @@ pub fn main(args: &Args) -> i32 {
             let seed = args
                 .seed
                 .wrapping_add(1 + (i * workers_per_node + w) as u64);
-            std::thread::spawn(move || worker(c, i, seed))
+            // Bounded in count too: a call takes at least 10 ms.
+            let max_ops = args.duration.as_millis() as u64 / 10 + 100;
+            std::thread::spawn(move || worker(c, i, seed, max_ops))
         })
         .collect();
     chaos(&cl, args, start);
@@ -1188,7 +1200,10 @@ fn chaos(cl: &Cluster, args: &Args, start: Instant) {
         sched = later;
         for (_, s) in due {
             match s {
-                Sched::Heal(l) => {
+                Sched::Heal(l, long_node) => {
+                    if let Some(i) = long_node {
+                        kept_blocks(cl, &cl.nodes[i]);
+                    }
                     cl.link(&l, true);
                     down.remove(&l);
                 }
@@ -1296,11 +1311,13 @@ fn chaos(cl: &Cluster, args: &Args, start: Instant) {
                 Duration::from_millis(rng.gen_range(300..3000))
             };
             let what: f64 = rng.gen();
+            let mut long_node = None;
             let link = if what < 0.5 {
                 let Some(i) = pick_node(&mut rng) else {
                     continue;
                 };
                 cl.c.node_partitions.fetch_add(1, Ordering::Relaxed);
+                long_node = long.then_some(i);
                 cl.nodes[i].link.clone()
             } else if what < 0.8 {
                 cl.c.etcd_partitions.fetch_add(1, Ordering::Relaxed);
@@ -1318,7 +1335,7 @@ fn chaos(cl: &Cluster, args: &Args, start: Instant) {
                 cl.c.long_partitions.fetch_add(1, Ordering::Relaxed);
             }
             down.insert(link.clone());
-            sched.push((now + dur, Sched::Heal(link)));
+            sched.push((now + dur, Sched::Heal(link, long_node)));
         } else if dice < 0.73 {
             let Some(i) = pick_node(&mut rng) else {
                 continue;
@@ -1355,7 +1372,11 @@ fn kills(c: &Counters) -> u64 {
 /// Heals every partition, starts every process, and restarts each coild
 /// without a failpoint armed.
 fn calm_down(cl: &Cluster, sched: &mut Vec<(Instant, Sched)>, down: &mut BTreeSet<String>) {
-    sched.clear();
+    for (_, s) in std::mem::take(sched) {
+        if let Sched::Heal(_, Some(i)) = s {
+            kept_blocks(cl, &cl.nodes[i]);
+        }
+    }
     for l in std::mem::take(down) {
         cl.link(&l, true);
     }
@@ -1378,6 +1399,45 @@ fn calm_down(cl: &Cluster, sched: &mut Vec<(Instant, Sched)>, down: &mut BTreeSe
         n.coild.kill();
         cl.ensure_coild(n);
     }
+}
+
+/// A node cut off longer than liveness TTL + grace, just before it is
+/// reconnected: expiry alone frees nothing, so every block it publishes is
+/// still leased to it; and the controller has noted it unreachable.
+fn kept_blocks(cl: &Cluster, n: &CNode) {
+    if n.out.load(Ordering::SeqCst) {
+        return;
+    }
+    let table = cl.table119(n);
+    let Some(owners) = cl.pool_leases() else {
+        cl.note(format!(
+            "{}: etcd did not answer to check its blocks after a long partition",
+            n.name
+        ));
+        return;
+    };
+    for b in &table {
+        if owners.get(b) != Some(&n.name) {
+            cl.violation(format!(
+                "{} was cut off longer than liveness TTL + grace and its block {b} (in its \
+                 table 119) is now leased to {:?}",
+                n.name,
+                owners.get(b)
+            ));
+        }
+    }
+    let listed = cl
+        .ctl_json(&["node", "list", "--json"])
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    if listed
+        .iter()
+        .any(|x| x["node"] == n.name.as_str() && !x["unreachable_since"].is_null())
+    {
+        cl.c.unreachable_noted.fetch_add(1, Ordering::Relaxed);
+    }
+    cl.c.long_node_partitions_checked
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 fn reboot(cl: &Cluster, n: &CNode) {
@@ -1442,6 +1502,7 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
                     node,
                     until: Instant::now() + wait,
                     old,
+                    wait_etcd: rng.gen_bool(0.5),
                 };
             }
             if since.elapsed() > Duration::from_secs(60) {
@@ -1457,15 +1518,29 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             }
             Removal::Off { node, since, old }
         }
-        Removal::Removed { node, until, old } => {
+        Removal::Removed {
+            node,
+            until,
+            old,
+            wait_etcd,
+        } => {
+            let keep = || Removal::Removed {
+                node,
+                until,
+                old: old.clone(),
+                wait_etcd,
+            };
             if Instant::now() < until {
-                return Removal::Removed { node, until, old };
+                return keep();
             }
             let n = &cl.nodes[node];
             // Power comes back: a power cut is a reboot (wipe set the new
             // boot id). Whether etcd answers the admin at that moment says
             // whether coild could know it was removed.
             let etcd_up = status_ok(&cl.ctl(&["pool", "list"]));
+            if wait_etcd && !etcd_up && until.elapsed() < Duration::from_secs(20) {
+                return keep();
+            }
             cl.ensure_coild(n);
             cl.note(format!(
                 "{} powered on, fenced (etcd answering: {etcd_up})",
@@ -1881,6 +1956,8 @@ fn finish(cl: &Cluster, args: &Args, elapsed: Duration) -> i32 {
         "fenced_other_errors": l(&c.fenced_other_errors),
         "readmits": l(&c.readmits),
         "restarts_on_own": l(&c.restarts_on_own),
+        "long_node_partitions_checked": l(&c.long_node_partitions_checked),
+        "unreachable_noted": l(&c.unreachable_noted),
         "samples": l(&c.samples),
         "addresses_checked": seen.len(),
         "pods_at_end": pods_seen,
