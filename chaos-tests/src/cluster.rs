@@ -1969,7 +1969,7 @@ fn finish(cl: &Cluster, args: &Args, elapsed: Duration) -> i32 {
     if let Some(o) = result.as_object() {
         for (k, v) in o {
             if k != "final" {
-                println!("  {k:<20} {v}");
+                println!("  {k:<29} {v}");
             }
         }
     }
