@@ -769,6 +769,18 @@ enum Sched {
     StartCtrl(usize),
 }
 
+/// How a removed node powers on: its fence is checked both when coild can
+/// learn it at start and when it cannot.
+#[derive(Clone, Copy, Debug)]
+enum Boot {
+    /// Once etcd answers the admin (up to 20 s late).
+    WhenEtcdAnswers,
+    /// Whatever etcd's state.
+    Anyway,
+    /// With its own link down for the fenced ADDs: it cannot reach etcd.
+    CutOff,
+}
+
 /// The removal scenario, one stage per tick so the fault schedule (heals,
 /// restarts) goes on meanwhile.
 enum Removal {
@@ -779,22 +791,20 @@ enum Removal {
         since: Instant,
         old: BTreeSet<String>,
     },
-    /// Removed; others may lease its blocks until it powers on. Half the
-    /// time it powers on only once etcd answers (up to 20 s late), so the
-    /// fence is checked both when coild can learn it at start and when it
-    /// cannot.
+    /// Removed; others may lease its blocks until it powers on.
     Removed {
         node: usize,
         until: Instant,
         old: BTreeSet<String>,
-        wait_etcd: bool,
+        boot: Boot,
     },
-    /// Back up, fenced: its table 119 is checked two resyncs later.
+    /// Back up, fenced: its table 119 is checked once etcd has answered
+    /// for two resyncs (or after 30 s).
     Fenced {
         node: usize,
-        check_at: Instant,
         old: BTreeSet<String>,
-        etcd_up: bool,
+        up_since: Option<Instant>,
+        deadline: Instant,
     },
     /// `coilctl node readmit` retried until accepted.
     Readmit {
@@ -1502,7 +1512,7 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
                     node,
                     until: Instant::now() + wait,
                     old,
-                    wait_etcd: rng.gen_bool(0.5),
+                    boot: [Boot::WhenEtcdAnswers, Boot::Anyway, Boot::CutOff][rng.gen_range(0..3)],
                 };
             }
             if since.elapsed() > Duration::from_secs(60) {
@@ -1522,13 +1532,13 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             node,
             until,
             old,
-            wait_etcd,
+            boot,
         } => {
             let keep = || Removal::Removed {
                 node,
                 until,
                 old: old.clone(),
-                wait_etcd,
+                boot,
             };
             if Instant::now() < until {
                 return keep();
@@ -1538,34 +1548,56 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             // boot id). Whether etcd answers the admin at that moment says
             // whether coild could know it was removed.
             let etcd_up = status_ok(&cl.ctl(&["pool", "list"]));
-            if wait_etcd && !etcd_up && until.elapsed() < Duration::from_secs(20) {
+            if matches!(boot, Boot::WhenEtcdAnswers)
+                && !etcd_up
+                && until.elapsed() < Duration::from_secs(20)
+            {
                 return keep();
+            }
+            let cut = matches!(boot, Boot::CutOff);
+            if cut {
+                cl.link(&n.link, false);
             }
             cl.ensure_coild(n);
             cl.note(format!(
-                "{} powered on, fenced (etcd answering: {etcd_up})",
+                "{} powered on ({boot:?}), fenced (etcd answering the admin: {etcd_up})",
                 n.name
             ));
-            fenced_adds(cl, n, &old, etcd_up);
+            fenced_adds(
+                cl,
+                n,
+                &old,
+                &format!("{boot:?}, etcd answering the admin: {etcd_up}"),
+            );
+            if cut {
+                cl.link(&n.link, true);
+            }
             Removal::Fenced {
                 node,
-                check_at: Instant::now() + Duration::from_millis(2200),
                 old,
-                etcd_up,
+                up_since: None,
+                deadline: Instant::now() + Duration::from_secs(30),
             }
         }
         Removal::Fenced {
             node,
-            check_at,
             old,
-            etcd_up,
+            up_since,
+            deadline,
         } => {
-            if Instant::now() < check_at {
+            let up = status_ok(&cl.ctl(&["pool", "list"]));
+            let up_since = if up {
+                up_since.or(Some(Instant::now()))
+            } else {
+                None
+            };
+            let settled = up_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(2200));
+            if !settled && Instant::now() < deadline {
                 return Removal::Fenced {
                     node,
-                    check_at,
                     old,
-                    etcd_up,
+                    up_since,
+                    deadline,
                 };
             }
             let n = &cl.nodes[node];
@@ -1574,9 +1606,8 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
             if !republished.is_empty() {
                 let owners = cl.pool_leases();
                 cl.violation(format!(
-                    "removed {} publishes its old blocks {republished:?} in table 119 two \
-                     resyncs after its start (etcd answering at power-on: {etcd_up}; leased \
-                     now to: {})",
+                    "removed {} publishes its old blocks {republished:?} in table 119 (etcd \
+                     answering for two resyncs: {settled}; leased now to: {})",
                     n.name,
                     match owners {
                         None => "etcd does not answer".to_string(),
@@ -1677,7 +1708,7 @@ fn step_removal(cl: &Cluster, r: Removal, rng: &mut StdRng, hurry: bool) -> Remo
 }
 
 /// A removed node back up: every ADD refused with code 11.
-fn fenced_adds(cl: &Cluster, n: &CNode, old: &BTreeSet<String>, etcd_up: bool) {
+fn fenced_adds(cl: &Cluster, n: &CNode, old: &BTreeSet<String>, how: &str) {
     for _ in 0..3 {
         let Some((cid, ns)) = new_pod(cl, n) else {
             continue;
@@ -1693,7 +1724,7 @@ fn fenced_adds(cl: &Cluster, n: &CNode, old: &BTreeSet<String>, etcd_up: bool) {
                 };
                 cl.violation(format!(
                     "removed {} answered ADD of {cid} with {ip:?} before readmit (its old block: \
-                     {block:?}, leased now to: {owner}; etcd answering at power-on: {etcd_up}; \
+                     {block:?}, leased now to: {owner}; power-on: {how}; \
                      see {})",
                     n.name,
                     n.coild.log.display()
