@@ -26,12 +26,18 @@ use serde_json::{json, Value};
 /// Every failpoint coild has, cycled through by the kills.
 use coil::failpoint::ALL as FAILPOINTS;
 
+mod cluster;
+
 struct Args {
     duration: Duration,
     seed: u64,
     bin_dir: PathBuf,
     workers: usize,
+    /// --workers was given (the cluster mode's default differs).
+    workers_given: bool,
     summary: Option<PathBuf>,
+    /// The multi-node mode (cluster.rs).
+    cluster: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,7 +46,9 @@ fn parse_args() -> Result<Args, String> {
         seed: rand::thread_rng().gen(),
         bin_dir: PathBuf::from("target/chaos/debug"),
         workers: 3,
+        workers_given: false,
         summary: None,
+        cluster: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -57,11 +65,15 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => a.seed = val("--seed")?.parse().map_err(|_| "--seed N")?,
             "--bin-dir" => a.bin_dir = PathBuf::from(val("--bin-dir")?),
-            "--workers" => a.workers = val("--workers")?.parse().map_err(|_| "--workers N")?,
+            "--workers" => {
+                a.workers = val("--workers")?.parse().map_err(|_| "--workers N")?;
+                a.workers_given = true;
+            }
+            "--cluster" => a.cluster = true,
             "--summary" => a.summary = Some(PathBuf::from(val("--summary")?)),
             "-h" | "--help" => {
                 println!(
-                    "chaos-tests/run [--short|--long] [--seed N] [--duration SECS] [--workers N]"
+                    "chaos-tests/run [--cluster] [--short|--long] [--seed N] [--duration SECS] [--workers N]"
                 );
                 std::process::exit(0);
             }
@@ -608,6 +620,9 @@ fn main() {
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("chaos: run as root (network namespaces)");
         std::process::exit(2);
+    }
+    if args.cluster {
+        std::process::exit(cluster::main(&args));
     }
     let dir = tempfile::Builder::new()
         .prefix("coil-chaos-")
