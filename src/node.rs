@@ -200,12 +200,22 @@ impl NodeState {
         Some(a)
     }
 
-    /// Adds a newly leased block.
+    /// Adds a newly leased block, or replaces the record of a block known
+    /// already (a quarantined block leased again), keeping its used
+    /// addresses.
     pub fn insert_lease(&mut self, l: BlockLease) {
-        self.blocks.entry(l.block).or_insert(LeasedBlock {
-            lease: l,
-            used: BTreeSet::new(),
-        });
+        match self.blocks.get_mut(&l.block) {
+            Some(b) => b.lease = l,
+            None => {
+                self.blocks.insert(
+                    l.block,
+                    LeasedBlock {
+                        lease: l,
+                        used: BTreeSet::new(),
+                    },
+                );
+            }
+        }
     }
 
     /// Removes a block (released or lost). Its attachments stay recorded.

@@ -52,6 +52,10 @@ pub struct Context<'a, B: Backend> {
     /// routes, which is all the attachment checks need; orphans wait for a
     /// full pass.
     pub full_scan: bool,
+    /// Publish nothing in the routing table while the store has not
+    /// confirmed the node's leases since it booted (see
+    /// `Observation::hold_exports`).
+    pub hold_exports: bool,
 }
 
 /// Reads journal, store (None if unreachable) and kernel.
@@ -153,6 +157,7 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         kernel,
         live_netns,
         removed,
+        hold_exports: cx.hold_exports,
     })
 }
 

@@ -87,6 +87,11 @@ pub struct Observation {
     /// remove`, or its Kubernetes Node deleted): its blocks were freed and
     /// may be another node's now. False when the store is unreachable.
     pub removed: bool,
+    /// The node booted and the store has not confirmed its leases yet:
+    /// publish none of them (a node removed while powered off would
+    /// advertise blocks that are other nodes' now), unless this very
+    /// observation reached the store.
+    pub hold_exports: bool,
 }
 
 /// One step of a plan.
@@ -366,6 +371,23 @@ pub fn plan(o: &Observation) -> Vec<Action> {
         let by_block: BTreeMap<IpNet, &StoreLease> = store.iter().map(|l| (l.block, l)).collect();
         for l in &o.leases {
             if l.state == LeaseState::Quarantined {
+                match by_block.get(&l.block) {
+                    // Ours again in the store (re-acquired after a
+                    // re-admission, or an acquisition whose answer was
+                    // lost): the quarantine is over.
+                    Some(s) if s.node == o.node => {
+                        usable.insert(l.block);
+                        out.push(Action::AdoptLease {
+                            lease: (*s).clone(),
+                        });
+                    }
+                    // Someone else's or free, and no pod of ours uses it:
+                    // nothing left to remember.
+                    _ if affected_by(o, l.block).is_empty() => {
+                        out.push(Action::ForgetLease { block: l.block });
+                    }
+                    _ => {}
+                }
                 continue;
             }
             if l.state == LeaseState::Releasing {
@@ -422,7 +444,11 @@ pub fn plan(o: &Observation) -> Vec<Action> {
         }
     }
 
-    // 5. Table 119 equals the usable leases.
+    // 5. Table 119 equals the usable leases (none while they are
+    // unconfirmed after a boot and the store did not answer).
+    if o.hold_exports && o.store.is_none() {
+        usable.clear();
+    }
     let exported: BTreeSet<IpNet> = o.kernel.exported.iter().copied().collect();
     for b in usable.difference(&exported) {
         out.push(Action::ExportBlock { block: *b });
@@ -572,6 +598,7 @@ mod tests {
                 exported: vec![net("10.0.0.0/28")],
             },
             removed: false,
+            hold_exports: false,
         }
     }
 
@@ -704,6 +731,54 @@ mod tests {
         // Another node leased it since: the same, never a re-acquisition.
         o.store = Some(vec![store_lease("10.0.0.0/28", "n2")]);
         assert_eq!(plan(&o), p);
+    }
+
+    #[test]
+    fn a_quarantined_block_ours_again_is_adopted_else_forgotten() {
+        let mut o = healthy();
+        o.attachments.clear();
+        o.kernel.links.clear();
+        o.kernel.host_routes.clear();
+        o.leases[0].state = LeaseState::Quarantined;
+        o.kernel.exported.clear();
+        // Ours again in the store: adopted and published.
+        let p = plan(&o);
+        assert!(
+            matches!(&p[0], Action::AdoptLease { lease } if lease.block == net("10.0.0.0/28")),
+            "{p:?}"
+        );
+        assert!(p.contains(&Action::ExportBlock {
+            block: net("10.0.0.0/28")
+        }));
+        // Another node's, no pod of ours on it: forgotten.
+        o.store = Some(vec![store_lease("10.0.0.0/28", "n2")]);
+        assert_eq!(
+            plan(&o),
+            vec![Action::ForgetLease {
+                block: net("10.0.0.0/28")
+            }]
+        );
+    }
+
+    #[test]
+    fn unconfirmed_leases_are_not_published_while_the_store_is_away() {
+        let mut o = healthy();
+        o.kernel.exported.clear();
+        o.store = None;
+        o.hold_exports = true;
+        assert!(!plan(&o)
+            .iter()
+            .any(|a| matches!(a, Action::ExportBlock { .. })));
+        // What the kernel still shows is withdrawn.
+        o.kernel.exported = vec![net("10.0.0.0/28")];
+        assert!(plan(&o).contains(&Action::WithdrawBlock {
+            block: net("10.0.0.0/28")
+        }));
+        // Once the store answers, the plan decides as usual.
+        o.store = Some(vec![store_lease("10.0.0.0/28", "n1")]);
+        assert!(!plan(&o)
+            .iter()
+            .any(|a| matches!(a, Action::WithdrawBlock { .. })));
     }
 
     #[test]

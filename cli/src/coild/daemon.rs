@@ -512,6 +512,7 @@ impl<B: Backend> Daemon<B> {
             boot_id: &self.boot_id,
             mtu: self.cfg.mtu,
             full_scan,
+            hold_exports: self.unconfirmed.load(Ordering::Relaxed),
         };
         let (o, out) = coil_recovery::recover(&cx, dry_run)
             .await
