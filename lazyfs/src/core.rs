@@ -132,7 +132,8 @@ pub enum OpKind {
 }
 
 /// Fires on the `skip + 1`-th operation of kind `op` whose path contains
-/// `path_contains` (a rename's path is `"FROM -> TO"`): that operation and
+/// `path_contains` (a rename's path is `"FROM -> TO"`; a pattern ending in
+/// `$` must end the path instead): that operation and
 /// every later modifying one fail with EIO, as if the machine had died just
 /// before it, until the next [`Core::cut`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,7 +409,11 @@ impl Core {
             return Err(libc::EIO);
         }
         if let Some(t) = &mut self.trip {
-            if t.op == op && path.contains(&t.path_contains) {
+            let hit = match t.path_contains.strip_suffix('$') {
+                Some(end) => path.ends_with(end),
+                None => path.contains(&t.path_contains),
+            };
+            if t.op == op && hit {
                 if t.skip == 0 {
                     self.tripped = Some(format!("{op:?} {path}"));
                     self.trip = None;
@@ -480,7 +485,7 @@ impl Core {
         self.dir_mut(dir)?.entries.insert(name.to_vec(), ino);
         self.pending.push(NsOp {
             changes: vec![(dir, name.to_vec(), Some(ino))],
-            what: format!("{op:?} {path}").to_lowercase(),
+            what: format!("{} {path}", format!("{op:?}").to_lowercase()),
         });
         self.stats.ns_ops += 1;
         self.attr(ino)
@@ -507,7 +512,7 @@ impl Core {
         self.obj_mut(ino)?.parent = None;
         self.pending.push(NsOp {
             changes: vec![(dir, name.to_vec(), None)],
-            what: format!("{op:?} {path}").to_lowercase(),
+            what: format!("{} {path}", format!("{op:?}").to_lowercase()),
         });
         self.stats.ns_ops += 1;
         Ok(())

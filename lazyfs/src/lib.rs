@@ -118,6 +118,23 @@ impl Mount {
         self.unmount_inner()
     }
 
+    /// Detaches the mount (umount -l) and lets the server thread end in the
+    /// background; returns at once. A plain unmount waits for the kernel
+    /// to tear the connection down, which was seen to take seconds to
+    /// minutes on a loaded machine after a process with open files on it
+    /// was killed. Remount at another mountpoint afterwards: the old
+    /// session may still unmount its own path when it ends.
+    pub fn detach(mut self) {
+        lazy_unmount(&self.mountpoint);
+        if let Some(s) = self.session.take() {
+            let _ = std::thread::Builder::new()
+                .name("lazyfs-detach".into())
+                .spawn(move || {
+                    let _ = s.join();
+                });
+        }
+    }
+
     fn unmount_inner(&mut self) -> io::Result<()> {
         let Some(session) = self.session.take() else {
             return Ok(());
