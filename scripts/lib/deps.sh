@@ -4,9 +4,11 @@
 
 # What the build needs (etcd-client compiles protobufs: protoc + headers),
 # what the tests run against (etcd, iproute2, BIRD 2, ptp + host-local as
-# the benchmark's baseline), and jq for the scripts.
+# the benchmark's baseline), jq for the scripts, and fuse3 (fusermount3)
+# for the journal's power-cut test on coil-lazyfs.
 PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server iproute2 bird2
-          containernetworking-plugins jq procps iputils-ping python3 python3-yaml)
+          containernetworking-plugins jq procps iputils-ping python3 python3-yaml
+          fuse3)
 
 install_deps() {
 missing=()
