@@ -253,8 +253,17 @@ struct Expect {
 
 struct Child {
     proc: std::process::Child,
-    reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
     rx: mpsc::Receiver<String>,
+}
+
+impl Drop for Child {
+    /// Also when the supervisor panics: no child outlives the test and
+    /// pins the mount.
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
 }
 
 fn spawn_child(dir: &Path, run: u32) -> Child {
@@ -283,7 +292,11 @@ fn spawn_child(dir: &Path, run: u32) -> Child {
             }
         }
     });
-    Child { proc, reader, rx }
+    Child {
+        proc,
+        reader: Some(reader),
+        rx,
+    }
 }
 
 /// Kills the child and returns its acknowledgements.
@@ -291,7 +304,9 @@ fn kill_child(mut c: Child) -> Vec<(u32, u32)> {
     // SIGKILL: no destructor, no final checkpoint.
     let _ = c.proc.kill();
     let _ = c.proc.wait();
-    c.reader.join().expect("reader");
+    if let Some(r) = c.reader.take() {
+        r.join().expect("reader");
+    }
     c.rx.try_iter()
         .filter_map(|l| {
             let mut it = l.split_whitespace();

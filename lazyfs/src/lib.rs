@@ -124,15 +124,9 @@ impl Mount {
     /// minutes on a loaded machine after a process with open files on it
     /// was killed. Remount at another mountpoint afterwards: the old
     /// session may still unmount its own path when it ends.
-    pub fn detach(mut self) {
-        lazy_unmount(&self.mountpoint);
-        if let Some(s) = self.session.take() {
-            let _ = std::thread::Builder::new()
-                .name("lazyfs-detach".into())
-                .spawn(move || {
-                    let _ = s.join();
-                });
-        }
+    pub fn detach(self) {
+        // Drop does exactly this.
+        drop(self);
     }
 
     fn unmount_inner(&mut self) -> io::Result<()> {
@@ -171,13 +165,15 @@ fn lazy_unmount(mountpoint: &Path) {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.session.is_some() {
-            // Detach first: a join on a mount that a killed child still
-            // pins could otherwise wait.
+        if let Some(s) = self.session.take() {
+            // Detach, never wait: a process the test left running (it
+            // panicked before killing it) may still pin the mount.
             lazy_unmount(&self.mountpoint);
-            if let Some(s) = self.session.take() {
-                let _ = s.join();
-            }
+            let _ = std::thread::Builder::new()
+                .name("lazyfs-detach".into())
+                .spawn(move || {
+                    let _ = s.join();
+                });
         }
     }
 }
