@@ -22,6 +22,9 @@
 //! would have to invalidate); O_APPEND is only as good as the kernel's idea
 //! of the size. Timestamps are fixed. Test-only: never a dependency of the
 //! product crates.
+//!
+//! The `coil-lazyfs BACKING MOUNTPOINT` binary serves a mount until SIGTERM,
+//! for harnesses that are not Rust tests.
 
 pub mod core;
 mod fuse;
