@@ -48,6 +48,37 @@ pub(crate) fn sync_tree(dir: &Path) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Removes sled's unfinished snapshots (`snap.*.generating`) from
+/// `sled_dir`. sled 0.34 reads the newest `snap.*` file, an unfinished one
+/// included, and refuses to open when it is torn or empty, as a power cut
+/// or a kill -9 while sled writes it leaves it. Removing it yields exactly
+/// the state of a crash just before sled created it (sled changes nothing
+/// else until the file is complete and renamed), which sled recovers from
+/// with its previous snapshot and its log. Found by
+/// journal/tests/powercut.rs.
+pub(crate) fn remove_unfinished_sled_snapshots(sled_dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(sled_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(JournalError::io("read dir", sled_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| JournalError::io("read dir", sled_dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let path = entry.path();
+            tracing::warn!(path = %path.display(), "removing an unfinished sled snapshot");
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::io("remove", &path, e)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mode of the journal's directories.
 pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of the journal's files.
