@@ -612,6 +612,9 @@ impl Journal {
         } else {
             Vec::new()
         };
+        if !opts.read_only {
+            durable::remove_unfinished_sled_snapshots(&sled_dir)?;
+        }
         let db = open_sled(&dir, &sled_dir, opts.cache_bytes)?;
         let mut trees = Vec::with_capacity(Tree::ALL.len());
         for t in Tree::ALL {

@@ -4,12 +4,13 @@
 
 # What the build needs (etcd-client compiles protobufs: protoc + headers),
 # what the tests run against (etcd, iproute2, BIRD 2, ptp + host-local as
-# the benchmark's baseline), and jq for the scripts.
-# curl and openssl: the etcd cluster tests (TLS certificates, the JSON
-# gateway); coreutils' base64 and tar are always there.
+# the benchmark's baseline), jq for the scripts, fuse3 (fusermount3) for
+# the power-cut tests on coil-lazyfs, and curl and openssl for the etcd
+# cluster tests (TLS certificates, the JSON gateway); coreutils' base64 and
+# tar are always there.
 PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server iproute2 bird2
           containernetworking-plugins jq procps iputils-ping python3 python3-yaml
-          curl openssl)
+          curl openssl fuse3)
 
 install_deps() {
 missing=()
