@@ -63,6 +63,9 @@ pub struct Node {
     pub coild_bin: String,
     /// Extra environment for coild.
     pub env: Vec<(String, String)>,
+    /// coild's state directory (default: the node's temp dir), e.g. on a
+    /// power-cut filesystem.
+    pub state_dir: Option<PathBuf>,
     /// TLS client material for etcd: coild gets it as COILD_ETCD_TLS_*
     /// (as deploy/kubernetes/coil.yaml sets it), coilctl as flags.
     pub etcd_tls: Option<EtcdTls>,
@@ -113,6 +116,7 @@ impl Node {
             extra: Vec::new(),
             coild_bin: COILD.to_string(),
             env: Vec::new(),
+            state_dir: None,
             etcd_tls: None,
         };
         setup(&mut n);
@@ -132,7 +136,13 @@ impl Node {
     }
 
     pub fn journal_dir(&self) -> PathBuf {
-        self.dir.path().join("journal")
+        self.state().join("journal")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().to_path_buf())
     }
 
     /// Runs coilctl inside the node's netns (where its etcd is).
@@ -178,7 +188,7 @@ impl Node {
             .arg(self.dir.path().join("boot_id"))
             .args(&self.extra)
             .arg("--state-dir")
-            .arg(self.dir.path())
+            .arg(self.state())
             .arg("--socket")
             .arg(&self.socket)
             .args(["--liveness-ttl", "5s"]);
