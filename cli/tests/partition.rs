@@ -175,6 +175,19 @@ impl Cluster {
         wait_until("coild ready", 20, || Path::new(&sock).exists());
     }
 
+    /// coild's counters on node `i`.
+    fn stats(&self, i: usize) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.socket(i)) else {
+            return serde_json::Value::Null;
+        };
+        let _ = s.write_all(br#"{"stats":{}}"#);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+    }
+
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("coild{i}.log"))).unwrap_or_default()
     }
@@ -347,9 +360,14 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
     );
     assert!(pod_addr(&pa_early).is_empty());
     c.cut(0, false);
-    wait_until("A withdraws its old block", 20, || {
-        !c.table119(0).contains("10.96.0.0/30")
+    wait_until("A sees its removal fence", 20, || {
+        c.stats(0)["removed"] == true
     });
+    assert!(
+        !c.table119(0).contains("10.96.0.0/30"),
+        "A publishes its old block: {}",
+        c.table119(0)
+    );
     let pa3 = c.pod();
     let a3 = c.add(0, &pa3, "pod-a3");
     assert_eq!(a3.err(), Some(11), "{a3:?}");
