@@ -25,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::{sh_quiet, write_summary, Args, FAILPOINTS};
+use super::{call_plugin, sh_quiet, write_summary, Args, Res, FAILPOINTS};
 
 const NODES: usize = 3;
 const MEMBERS: usize = 3;
@@ -500,65 +500,8 @@ impl Cluster {
     }
 }
 
-/// A CNI call's outcome.
-struct Res {
-    code: i32,
-    out: Value,
-}
-
 fn cni(cl: &Cluster, n: &CNode, cmd: &str, cid: &str, netns: Option<&str>) -> Res {
-    let conf = format!(
-        r#"{{"cniVersion":"1.1.0","name":"chaos","type":"coil","socket":"{}"}}"#,
-        n.socket.display()
-    );
-    let mut c = Command::new(cl.bin("coil"));
-    c.env_clear()
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
-        );
-    if let Some(ns) = netns {
-        c.env("CNI_NETNS", format!("/run/netns/{ns}"));
-    }
-    let spawned = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn();
-    let mut ch = match spawned {
-        Ok(ch) => ch,
-        Err(e) => {
-            return Res {
-                code: -1,
-                out: Value::String(format!("spawn coil: {e}")),
-            }
-        }
-    };
-    if let Some(mut i) = ch.stdin.take() {
-        let _ = i.write_all(conf.as_bytes());
-    }
-    let o = match ch.wait_with_output() {
-        Ok(o) => o,
-        Err(e) => {
-            return Res {
-                code: -1,
-                out: Value::String(format!("wait coil: {e}")),
-            }
-        }
-    };
-    let raw = String::from_utf8_lossy(&o.stdout);
-    Res {
-        code: o.status.code().unwrap_or(-1),
-        out: if raw.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&raw).unwrap_or(Value::String(raw.to_string()))
-        },
-    }
+    call_plugin(&cl.bin("coil"), &n.socket, cmd, cid, netns)
 }
 
 fn answered_ip(r: &Res) -> Option<IpAddr> {

@@ -308,11 +308,23 @@ struct Res {
 }
 
 fn cni(node: &Node, cmd: &str, cid: &str, netns: Option<&str>) -> Res {
+    call_plugin(&node.bin("coil"), &node.socket, cmd, cid, netns)
+}
+
+/// Calls the `coil` plugin at `bin` as a runtime would, for the coild at
+/// `socket`; never panics (a failure to run it is a result too).
+fn call_plugin(
+    bin: &str,
+    socket: &std::path::Path,
+    cmd: &str,
+    cid: &str,
+    netns: Option<&str>,
+) -> Res {
     let conf = format!(
         r#"{{"cniVersion":"1.1.0","name":"chaos","type":"coil","socket":"{}"}}"#,
-        node.socket.display()
+        socket.display()
     );
-    let mut c = Command::new(node.bin("coil"));
+    let mut c = Command::new(bin);
     c.env_clear()
         .env("CNI_COMMAND", cmd)
         .env("CNI_CONTAINERID", cid)
@@ -322,19 +334,35 @@ fn cni(node: &Node, cmd: &str, cid: &str, netns: Option<&str>) -> Res {
             "CNI_ARGS",
             format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
         );
-    if let Some(n) = netns {
-        c.env("CNI_NETNS", format!("/run/netns/{n}"));
+    if let Some(ns) = netns {
+        c.env("CNI_NETNS", format!("/run/netns/{ns}"));
     }
-    let mut ch = c
+    let spawned = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .expect("coil");
+        .spawn();
+    let mut ch = match spawned {
+        Ok(ch) => ch,
+        Err(e) => {
+            return Res {
+                code: -1,
+                out: Value::String(format!("spawn coil: {e}")),
+            }
+        }
+    };
     if let Some(mut i) = ch.stdin.take() {
         let _ = i.write_all(conf.as_bytes());
     }
-    let o = ch.wait_with_output().expect("coil");
+    let o = match ch.wait_with_output() {
+        Ok(o) => o,
+        Err(e) => {
+            return Res {
+                code: -1,
+                out: Value::String(format!("wait coil: {e}")),
+            }
+        }
+    };
     let raw = String::from_utf8_lossy(&o.stdout);
     Res {
         code: o.status.code().unwrap_or(-1),

@@ -14,6 +14,8 @@
 //! `COIL_CRASH_KILLS` sets the number of kills (default 200);
 //! `COIL_CRASH_SEED` makes a run reproducible.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -28,26 +30,11 @@ const THREADS: u32 = 4;
 const CHILD_ENV: &str = "COIL_CRASH_CHILD_DIR";
 
 fn key(run: u32, t: u32, i: u32) -> AttachmentKey {
-    AttachmentKey::new("k8s", format!("r{run:04}-t{t}-i{i:06}"), "eth0")
+    common::run_key(run, t, i)
 }
 
 fn record(run: u32, t: u32, i: u32) -> Attachment {
-    let block: ipnet::IpNet = "10.128.0.0/16".parse().expect("net");
-    let addr = std::net::IpAddr::V4(
-        (u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i % 65536)).into(),
-    );
-    Attachment {
-        key: key(run, t, i),
-        netns: format!("/run/netns/{run}-{t}-{i}"),
-        pod_namespace: "chaos".into(),
-        pod_name: format!("pod-{run}-{t}-{i}"),
-        pool: "default".into(),
-        addresses: vec![AssignedAddress { addr, block }],
-        host_veth: format!("veth{run:x}{t:x}{i:x}"),
-        state: AttachmentState::Wired,
-        boot_id: format!("boot-{run}"),
-        created_unix: u64::from(run) << 32 | u64::from(i),
-    }
+    common::run_record(run, t, i, "chaos")
 }
 
 /// Each fourth commit of a thread also deletes the thread's record from three

@@ -177,3 +177,27 @@ pub mod raw {
         h.salt
     }
 }
+
+/// The key of record `i` of thread `t` in run `run` of the kill -9 and
+/// power-cut harnesses.
+pub fn run_key(run: u32, t: u32, i: u32) -> AttachmentKey {
+    AttachmentKey::new("k8s", format!("r{run:04}-t{t}-i{i:06}"), "eth0")
+}
+
+/// The record those harnesses commit, fully determined by (run, t, i).
+pub fn run_record(run: u32, t: u32, i: u32, pod_namespace: &str) -> Attachment {
+    let block: IpNet = "10.128.0.0/16".parse().expect("net");
+    let addr = IpAddr::V4((u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (i % 65536)).into());
+    Attachment {
+        key: run_key(run, t, i),
+        netns: format!("/run/netns/{run}-{t}-{i}"),
+        pod_namespace: pod_namespace.into(),
+        pod_name: format!("pod-{run}-{t}-{i}"),
+        pool: "default".into(),
+        addresses: vec![AssignedAddress { addr, block }],
+        host_veth: format!("veth{run:x}{t:x}{i:x}"),
+        state: AttachmentState::Wired,
+        boot_id: format!("boot-{run}"),
+        created_unix: u64::from(run) << 32 | u64::from(i),
+    }
+}
