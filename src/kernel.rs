@@ -284,10 +284,11 @@ impl Kernel {
         })
     }
 
-    /// Checks that `path` is a pod's network namespace (exists, is one,
-    /// is not coild's or the host's), without wiring anything.
-    pub async fn probe_netns(&self, path: &str) -> Result<()> {
-        open_netns(path, &self.forbidden).await.map(drop)
+    /// Opens `path` after checking it is a pod's network namespace
+    /// (exists, is one, is not coild's or the host's); pass the result to
+    /// [`Kernel::wire_in`] so the path is opened once per ADD.
+    pub async fn open_pod_netns(&self, path: &str) -> Result<File> {
+        open_netns(path, &self.forbidden).await
     }
 
     /// Which of `paths` are live pod network namespaces (recovery: a path
@@ -354,7 +355,16 @@ impl Kernel {
     /// replaced; an interface of the pod's name already in the netns is an
     /// error.
     pub async fn wire(&self, w: &WireSpec) -> Result<Wired> {
-        let ns = open_netns(&w.netns, &self.forbidden).await?;
+        self.wire_in(w, None).await
+    }
+
+    /// [`Kernel::wire`] with the pod's netns already opened (and checked)
+    /// by [`Kernel::open_pod_netns`], or opened here when None.
+    pub async fn wire_in(&self, w: &WireSpec, ns: Option<File>) -> Result<Wired> {
+        let ns = match ns {
+            Some(f) => f,
+            None => open_netns(&w.netns, &self.forbidden).await?,
+        };
         let nsh = netns_handle(&ns, &w.netns)?;
         if get_link(&nsh, &w.ifname).await?.is_some() {
             return Err(KernelError::InterfaceExists {

@@ -1095,6 +1095,8 @@ impl<B: Backend> Daemon<B> {
         let key = request_key(req);
         let netns = req.netns.clone().unwrap_or_default();
         let existing = self.lock().lookup(&key).cloned();
+        // The checked pod netns, opened once for the check and the wiring.
+        let mut opened: Option<std::fs::File> = None;
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -1119,7 +1121,7 @@ impl<B: Backend> Daemon<B> {
             None => {
                 // Before anything is reserved: the path must be a pod's own
                 // network namespace (never coild's or the host's).
-                self.kernel.probe_netns(&netns).await?;
+                opened = Some(self.kernel.open_pod_netns(&netns).await?);
                 let pool = self.pool_for(req.pod.namespace.as_deref()).await?;
                 let resv = loop {
                     if let Some(r) = self.lock().reserve(&pool) {
@@ -1172,27 +1174,28 @@ impl<B: Backend> Daemon<B> {
         let key = att.key.clone();
         let t1 = t0.elapsed();
         let spec = self.spec(&att);
-        let wired = match deadline(format!("wiring {key}"), self.kernel.wire(&spec)).await {
-            Ok(w) => w,
-            Err(e @ KernelError::Timeout(..)) => {
-                // The kernel may be half way: keep the reservation and its
-                // pending intent; a retried ADD wires it again (replacing
-                // what is there) and recovery settles it otherwise.
-                return Err(e.into());
-            }
-            Err(e) => {
-                // Undo: the kernel left nothing (wire cleans up after
-                // itself); free the reservation in the journal, then here.
-                let mut b = Batch::new();
-                b.delete_attachment(&key).delete_intent(intent);
-                for x in &att.addresses {
-                    b.delete_address(x.addr);
+        let wired =
+            match deadline(format!("wiring {key}"), self.kernel.wire_in(&spec, opened)).await {
+                Ok(w) => w,
+                Err(e @ KernelError::Timeout(..)) => {
+                    // The kernel may be half way: keep the reservation and its
+                    // pending intent; a retried ADD wires it again (replacing
+                    // what is there) and recovery settles it otherwise.
+                    return Err(e.into());
                 }
-                self.commit(b).await?;
-                self.lock().remove_attachment(&key);
-                return Err(e.into());
-            }
-        };
+                Err(e) => {
+                    // Undo: the kernel left nothing (wire cleans up after
+                    // itself); free the reservation in the journal, then here.
+                    let mut b = Batch::new();
+                    b.delete_attachment(&key).delete_intent(intent);
+                    for x in &att.addresses {
+                        b.delete_address(x.addr);
+                    }
+                    self.commit(b).await?;
+                    self.lock().remove_attachment(&key);
+                    return Err(e.into());
+                }
+            };
         let done = Attachment {
             state: AttachmentState::Wired,
             ..att
