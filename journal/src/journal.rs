@@ -400,6 +400,12 @@ struct Inner {
     crashed: AtomicBool,
     intent_next: AtomicU64,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    /// Wakes the syncer thread for a deferred commit.
+    sync_tx: Mutex<Option<mpsc::Sender<()>>>,
+    /// The newest seq written by [`Journal::commit_deferred`] (0: none).
+    deferred_seq: AtomicU64,
+    /// Mirrors `WalState::synced_seq`, readable without the lock.
+    synced_pub: AtomicU64,
     _lock: File,
 }
 
@@ -408,6 +414,7 @@ struct Inner {
 pub struct Journal {
     inner: Arc<Inner>,
     checkpointer: Option<JoinHandle<()>>,
+    syncer: Option<JoinHandle<()>>,
     report: OpenReport,
     abandoned: AtomicBool,
 }
@@ -815,7 +822,9 @@ impl Journal {
         }
 
         let (tx, rx) = mpsc::channel();
+        let (sync_tx, sync_rx) = mpsc::channel();
         let read_only = opts.read_only;
+        let synced_at_open = state.synced_seq;
         let inner = Arc::new(Inner {
             dir,
             wal_dir,
@@ -842,6 +851,9 @@ impl Journal {
             crashed: AtomicBool::new(false),
             intent_next: AtomicU64::new(intent_hwm + 1),
             tx: Mutex::new(if read_only { None } else { Some(tx) }),
+            sync_tx: Mutex::new(if read_only { None } else { Some(sync_tx) }),
+            deferred_seq: AtomicU64::new(0),
+            synced_pub: AtomicU64::new(synced_at_open),
             _lock: lock_file,
         });
         let checkpointer = if read_only {
@@ -854,10 +866,21 @@ impl Journal {
                 .map_err(|e| JournalError::io("spawn checkpointer", &inner.dir, e))?;
             Some(handle)
         };
+        let syncer = if read_only {
+            None
+        } else {
+            let worker = Arc::clone(&inner);
+            let handle = std::thread::Builder::new()
+                .name("coil-journal-sync".into())
+                .spawn(move || syncer(worker, sync_rx))
+                .map_err(|e| JournalError::io("spawn syncer", &inner.dir, e))?;
+            Some(handle)
+        };
         report.open_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let j = Journal {
             inner,
             checkpointer,
+            syncer,
             report,
             abandoned: AtomicBool::new(false),
         };
@@ -920,6 +943,54 @@ impl Journal {
     /// point; after a failed sync the journal is poisoned and refuses further
     /// commits until it is reopened.
     pub fn commit(&self, batch: Batch) -> Result<CommitInfo> {
+        let (st, seq) = match self.append(batch)? {
+            Appended::Nothing(seq) => return Ok(CommitInfo { seq }),
+            Appended::Frame(st, seq) => (st, seq),
+        };
+        self.inner.wait_synced(st, seq)?;
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(CommitInfo { seq })
+    }
+
+    /// Commits `batch` without waiting for its `fdatasync`: the frame is
+    /// written to the WAL (so it survives the process being killed: the
+    /// page cache holds it) and a background thread syncs it within
+    /// microseconds, or the next commit's group sync covers it. A power cut
+    /// before that sync may lose it (and only it and later frames: the WAL
+    /// keeps its order). Reads see it: a read first waits for the sync.
+    ///
+    /// For records whose loss in a power cut recovery handles anyway; the
+    /// caller must be able to say why (see docs/ARCHITECTURE.md, "which
+    /// record must be durable before the answer"). A failed background
+    /// sync poisons the journal like any other.
+    pub fn commit_deferred(&self, batch: Batch) -> Result<CommitInfo> {
+        let (st, seq) = match self.append(batch)? {
+            Appended::Nothing(seq) => return Ok(CommitInfo { seq }),
+            Appended::Frame(st, seq) => (st, seq),
+        };
+        self.inner.deferred_seq.fetch_max(seq, Ordering::AcqRel);
+        drop(st);
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = lock(&self.inner.sync_tx).as_ref() {
+            let _ = tx.send(());
+        }
+        Ok(CommitInfo { seq })
+    }
+
+    /// Waits until every deferred commit is durable and applied, so reads
+    /// see them.
+    fn settle(&self) -> Result<()> {
+        let want = self.inner.deferred_seq.load(Ordering::Acquire);
+        if want == 0 || self.inner.synced_pub.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let st = lock(&self.inner.state);
+        self.inner.wait_synced(st, want)
+    }
+
+    /// Writes `batch`'s frame at the WAL's end; returns with the state lock
+    /// held, or `Nothing` when there was nothing to write.
+    fn append(&self, batch: Batch) -> Result<Appended<'_>> {
         if let Some(why) = batch.invalid {
             return Err(JournalError::Invalid(why));
         }
@@ -943,9 +1014,7 @@ impl Journal {
             });
         }
         if ops.is_empty() {
-            return Ok(CommitInfo {
-                seq: st.written_seq,
-            });
+            return Ok(Appended::Nothing(st.written_seq));
         }
         let seq = st.next_seq;
         // `synced_seq` is what a sync has covered before this frame is
@@ -981,29 +1050,7 @@ impl Journal {
         st.file_len += frame.len() as u64;
         st.bytes_since_checkpoint += frame.len() as u64;
         st.pending.push((seq, ops));
-        loop {
-            if st.synced_seq >= seq {
-                let want_checkpoint = st.bytes_since_checkpoint >= inner.opts.checkpoint_bytes
-                    && !st.checkpoint_requested;
-                if want_checkpoint {
-                    st.checkpoint_requested = true;
-                }
-                drop(st);
-                inner.commits.fetch_add(1, Ordering::Relaxed);
-                if want_checkpoint {
-                    inner.request_checkpoint();
-                }
-                return Ok(CommitInfo { seq });
-            }
-            if let Some(r) = &st.poisoned {
-                return Err(JournalError::Poisoned { reason: r.clone() });
-            }
-            if st.syncing {
-                st = inner.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-            } else {
-                st = inner.lead(st);
-            }
-        }
+        Ok(Appended::Frame(st, seq))
     }
 
     /// Runs a checkpoint now: flushes and fsyncs sled, records the covered
@@ -1036,6 +1083,10 @@ impl Journal {
     }
 
     fn stop_checkpointer(&mut self) {
+        lock(&self.inner.sync_tx).take();
+        if let Some(h) = self.syncer.take() {
+            let _ = h.join();
+        }
         if let Some(tx) = lock(&self.inner.tx).take() {
             let _ = tx.send(Msg::Stop);
         }
@@ -1067,6 +1118,7 @@ impl Journal {
 
     /// Reads one raw value: memtable first, then sled.
     fn raw_get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.settle()?;
         let tables = self.inner.tables.read().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = tables.active.0[t.index()].get(key) {
             return Ok(v.clone());
@@ -1089,6 +1141,7 @@ impl Journal {
         lo: Bound<Vec<u8>>,
         hi: Bound<Vec<u8>>,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.settle()?;
         let tables = self.inner.tables.read().unwrap_or_else(|e| e.into_inner());
         let mut m: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for kv in self.inner.trees[t.index()].range((lo.clone(), hi.clone())) {
@@ -1388,7 +1441,40 @@ fn decode_address_kv(k: &[u8], v: &[u8]) -> Result<(IpAddr, AddressEntry), Decod
     Ok((addr, e))
 }
 
+/// What [`Journal::append`] did.
+enum Appended<'a> {
+    Nothing(u64),
+    Frame(MutexGuard<'a, WalState>, u64),
+}
+
 impl Inner {
+    /// Waits (leading a group sync when nobody is) until `seq` is durable
+    /// and applied; asks for a checkpoint when the WAL has grown enough.
+    fn wait_synced<'a>(&'a self, mut st: MutexGuard<'a, WalState>, seq: u64) -> Result<()> {
+        loop {
+            if st.synced_seq >= seq {
+                let want_checkpoint = st.bytes_since_checkpoint >= self.opts.checkpoint_bytes
+                    && !st.checkpoint_requested;
+                if want_checkpoint {
+                    st.checkpoint_requested = true;
+                }
+                drop(st);
+                if want_checkpoint {
+                    self.request_checkpoint();
+                }
+                return Ok(());
+            }
+            if let Some(r) = &st.poisoned {
+                return Err(JournalError::Poisoned { reason: r.clone() });
+            }
+            if st.syncing {
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            } else {
+                st = self.lead(st);
+            }
+        }
+    }
+
     /// Becomes the sync leader: fdatasyncs everything written so far, applies
     /// it to sled in WAL order, publishes the new synced sequence number.
     /// Called with the state lock held and `syncing == false`; returns with
@@ -1439,6 +1525,7 @@ impl Inner {
             Ok(()) => {
                 st.synced_seq = target;
                 st.synced_len = target_len;
+                self.synced_pub.store(target, Ordering::Release);
             }
             Err(mut why) => {
                 if let (true, Some(f)) = (injected, &file) {
@@ -1604,6 +1691,26 @@ impl Inner {
             durable::sync_dir(&self.wal_dir)?;
         }
         Ok(())
+    }
+}
+
+/// Makes deferred commits durable: one group sync per wake-up, covering
+/// every frame written by then.
+fn syncer(inner: Arc<Inner>, rx: mpsc::Receiver<()>) {
+    while rx.recv().is_ok() {
+        while rx.try_recv().is_ok() {}
+        if inner.crashed.load(Ordering::Relaxed) {
+            break;
+        }
+        let st = lock(&inner.state);
+        let target = st.written_seq;
+        if st.poisoned.is_some() {
+            break;
+        }
+        if let Err(e) = inner.wait_synced(st, target) {
+            tracing::error!(error = %e, "journal: syncing deferred commits failed");
+            break;
+        }
     }
 }
 

@@ -694,3 +694,100 @@ fn an_unfinished_sled_snapshot_does_not_stop_the_journal_from_opening() {
         j.close().expect("close");
     }
 }
+
+fn mount_or_skip(backing: &Path, mnt: &Path) -> Option<Mount> {
+    match Mount::new(backing, mnt) {
+        Ok(m) => Some(m),
+        Err(e) if std::env::var("COIL_REQUIRE_FUSE").as_deref() != Ok("1") => {
+            eprintln!("SKIPPED: cannot mount FUSE ({e}); COIL_REQUIRE_FUSE=1 makes this fail");
+            None
+        }
+        Err(e) => panic!("mount lazyfs: {e}"),
+    }
+}
+
+/// Deferred commits (the ADD's Wired record) under power cuts: whatever
+/// survives is a prefix of the commit order (never a later frame without an
+/// earlier one), every commit that waited for its sync survives, and a
+/// deferred commit followed by a synced one survives with it.
+#[test]
+fn deferred_commits_survive_a_power_cut_as_a_prefix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    let Some(fs) = mount_or_skip(&backing, &mnt) else {
+        return;
+    };
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for run in 0..20u32 {
+        let dir = mnt.join(format!("j{run}"));
+        let j = Journal::open(&dir).expect("open");
+        let n = rng.gen_range(1..40u32);
+        let mut last_synced: Option<u32> = None;
+        for i in 0..n {
+            let mut b = Batch::new();
+            b.put_attachment(&record(run, 0, i));
+            if rng.gen_bool(0.7) {
+                j.commit_deferred(b).expect("deferred commit");
+            } else {
+                j.commit(b).expect("commit");
+                last_synced = Some(i);
+            }
+        }
+        j.abandon();
+        let report = fs.cut(CutOptions::forget()).expect("cut");
+        let j =
+            Journal::open(&dir).unwrap_or_else(|e| panic!("seed {seed} run {run}: reopen: {e}"));
+        let present: Vec<u32> = (0..n)
+            .filter(|i| j.attachment(&key(run, 0, *i)).expect("read").is_some())
+            .collect();
+        let prefix: Vec<u32> = (0..present.len() as u32).collect();
+        assert_eq!(
+            present, prefix,
+            "seed {seed} run {run}: the surviving commits are not a prefix\n{report}"
+        );
+        if let Some(s) = last_synced {
+            assert!(
+                present.len() as u32 > s,
+                "seed {seed} run {run}: commit {s} waited for its sync and is lost\n{report}"
+            );
+        }
+        j.close().expect("close");
+    }
+}
+
+/// A deferred commit becomes durable by itself (the journal's syncer
+/// thread), without a later commit to carry it.
+#[test]
+fn a_deferred_commit_is_synced_without_another_commit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    let Some(fs) = mount_or_skip(&backing, &mnt) else {
+        return;
+    };
+    let dir = mnt.join("j");
+    let j = Journal::open(&dir).expect("open");
+    let before = j.stats().syncs;
+    let mut b = Batch::new();
+    b.put_attachment(&record(0, 0, 1));
+    j.commit_deferred(b).expect("deferred commit");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while j.stats().syncs == before {
+        assert!(
+            Instant::now() < deadline,
+            "the deferred commit was never synced"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    j.abandon();
+    let report = fs.cut(CutOptions::forget()).expect("cut");
+    let j = Journal::open(&dir).expect("reopen");
+    assert_eq!(
+        j.attachment(&key(0, 0, 1)).expect("read"),
+        Some(record(0, 0, 1)),
+        "a synced deferred commit is lost\n{report}"
+    );
+    j.close().expect("close");
+}
