@@ -298,6 +298,19 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
             let Some(att) = j.attachment(key)? else {
                 return Ok(());
             };
+            let spec = wire_spec(&att, cx.mtu);
+            // An ADD that wired the pod and answered, but whose Wired record
+            // did not reach the disk (it is committed without waiting for
+            // its sync), leaves a complete wiring: adopt it, and leave the
+            // running pod's interface alone.
+            if matches!(cx.kernel.check(&spec).await, Ok(d) if d.is_empty()) {
+                let mut b = Batch::new();
+                b.put_attachment(&Attachment {
+                    state: AttachmentState::Wired,
+                    ..att
+                });
+                return commit(j, b);
+            }
             let intent = new_intent(j, IntentOp::Wire { key: key.clone() });
             let mut b = Batch::new();
             b.put_intent(&intent);
@@ -305,7 +318,7 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
             // Whatever is left of the old wiring goes first (its pod end
             // would hold the interface name).
             cx.kernel.unwire(&att.host_veth).await?;
-            cx.kernel.wire(&wire_spec(&att, cx.mtu)).await?;
+            cx.kernel.wire(&spec).await?;
             let mut b = Batch::new();
             b.put_attachment(&Attachment {
                 state: AttachmentState::Wired,

@@ -685,6 +685,20 @@ impl<B: Backend> Daemon<B> {
         r
     }
 
+    /// A deferred journal commit (written now, synced in the background):
+    /// only for records recovery can do without after a power cut.
+    fn commit_deferred(&self, b: Batch) -> DResult<()> {
+        let r = self
+            .journal
+            .commit_deferred(b)
+            .map(|_| ())
+            .map_err(DaemonError::from);
+        if let Err(DaemonError::Journal(e)) = &r {
+            self.journal_failed(e);
+        }
+        r
+    }
+
     /// After a failed sync the journal refuses every commit until it is
     /// reopened: stop coild (non-zero exit) instead of limping on.
     fn journal_failed(&self, e: &JournalError) {
@@ -1204,7 +1218,11 @@ impl<B: Backend> Daemon<B> {
         b.put_attachment(&done).delete_intent(intent);
         coil::failpoint::hit("add.wired");
         let t2 = t0.elapsed();
-        self.commit(b).await?;
+        // Written, not waited for: the durable Reserved record and its Wire
+        // intent already make recovery keep this pod (it adopts the wiring);
+        // see "Which record must be durable before the answer" in
+        // docs/ARCHITECTURE.md.
+        self.commit_deferred(b)?;
         self.lock().insert_attachment(done.clone());
         tracing::debug!(
             attachment = %key,
