@@ -236,3 +236,39 @@ fn a_wrong_client_certificate_is_a_prompt_tls_error() {
         assert!(m.contains("certificate"), "{what}: not a TLS error: {e}");
     }
 }
+
+/// A lease is kept alive on one open stream; when that stream's member is
+/// cut off, the next keep-alive fails over to a new stream on another
+/// member within the lease's TTL, and the lease never expires.
+#[test]
+fn keep_alive_moves_to_another_member_when_its_stream_is_cut_off() {
+    let mut c = EtcdCluster::new().expect("cluster");
+    let client = ClientNetns::new(&mut c, "ka");
+    let o = opts(&c, &c.tls.cert.clone(), &c.tls.key.clone());
+    let b = client.run(async move { EtcdBackend::connect(&o).await.expect("connect") });
+    let b2 = b.clone();
+    let id = client.run(async move { b2.lease_grant(6).await.expect("grant") });
+    // Find the member the stream is on: cut each in turn until a
+    // keep-alive has to move; the lease must live through all of it.
+    for victim in 0..3 {
+        let b2 = b.clone();
+        let ttl = client.run(async move { b2.lease_keep_alive(id).await.expect("keep alive") });
+        assert!(ttl > 0, "lease expired before member {victim} was cut off");
+        c.partition(victim).expect("partition");
+        let b2 = b.clone();
+        let (ttl, took) = client.run(async move {
+            let t = Instant::now();
+            let r = b2.lease_keep_alive(id).await;
+            (r, t.elapsed())
+        });
+        let ttl = ttl.unwrap_or_else(|e| panic!("keep-alive with member {victim} cut off: {e}"));
+        assert!(ttl > 0, "the lease expired with member {victim} cut off");
+        assert!(
+            took < Duration::from_secs(5),
+            "the keep-alive took {took:?} with member {victim} cut off (TTL 6 s)"
+        );
+        c.heal(victim).expect("heal");
+        c.wait_healthy(&[0, 1, 2], Duration::from_secs(30))
+            .expect("healthy again");
+    }
+}

@@ -43,6 +43,7 @@
 //! with what it answered, so "store unavailable" says which members were
 //! down and how.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -167,7 +168,22 @@ pub struct EtcdBackend {
     endpoints: String,
     timeout: Duration,
     requests: Arc<AtomicU64>,
+    /// Open keep-alive streams, one per lease kept alive (a node keeps one):
+    /// each keep-alive is one message on it, not a new gRPC stream (a new
+    /// stream per keep-alive was half of an idle node's load on etcd, and
+    /// ended each one with code Unavailable in etcd's metrics).
+    keepalives: Arc<tokio::sync::Mutex<HashMap<i64, KeepAlive>>>,
 }
+
+/// A lease's open keep-alive stream.
+struct KeepAlive {
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+/// More open keep-alive streams than this are dropped (leases abandoned by
+/// their holder without expiring here).
+const MAX_KEEPALIVE_STREAMS: usize = 16;
 
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +257,7 @@ impl EtcdBackend {
             endpoints: endpoints.clone(),
             timeout: opts.timeout,
             requests: Arc::new(AtomicU64::new(0)),
+            keepalives: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
         };
         // Connect to every member at once; one success is enough (the
         // others are connected again on first use).
@@ -705,23 +722,59 @@ impl Backend for EtcdBackend {
 
     async fn lease_keep_alive(&self, id: i64) -> Result<i64, BackendError> {
         let key = format!("lease {id:x}");
-        // Open the stream, send one keep-alive, read its answer: as a whole
-        // on one member, and idempotent.
+        let mut open = self.keepalives.lock().await;
+        // The lease's open stream: one message each way. Any failure (the
+        // member went away, no answer in time) drops the stream, and the
+        // keep-alive is tried again on a new one below, which may be on
+        // another member; an answer that comes late is never read as the
+        // answer to a later keep-alive, since its stream is gone.
+        if let Some(ka) = open.get_mut(&id) {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::timeout(self.timeout, async {
+                ka.keeper.keep_alive().await?;
+                ka.stream.message().await
+            })
+            .await;
+            match sent {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => return Ok(r.ttl()),
+                Ok(Ok(Some(_))) => {
+                    // Expired: etcd answers TTL 0.
+                    open.remove(&id);
+                    return Ok(0);
+                }
+                _ => {
+                    open.remove(&id);
+                }
+            }
+        }
+        // Open a stream, send one keep-alive, read its answer: as a whole
+        // on one member, and idempotent. The stream stays open for the next.
         let res = self
             .call("keep lease alive", &key, Retry::Always, |c| async move {
                 let (mut keeper, mut stream) = c.lease_client().keep_alive(id).await?;
                 keeper.keep_alive().await?;
-                Ok(stream.message().await?.map(|r| r.ttl()).unwrap_or(0))
+                let ttl = stream.message().await?.map(|r| r.ttl()).unwrap_or(0);
+                Ok((keeper, stream, ttl))
             })
             .await;
         match res {
+            Ok((keeper, stream, ttl)) => {
+                if ttl > 0 {
+                    if open.len() >= MAX_KEEPALIVE_STREAMS {
+                        open.clear();
+                    }
+                    open.insert(id, KeepAlive { keeper, stream });
+                }
+                Ok(ttl)
+            }
             // etcd answers an expired lease with "lease not found".
             Err(e) if e.message.contains("lease not found") => Ok(0),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
     async fn lease_revoke(&self, id: i64) -> Result<(), BackendError> {
+        self.keepalives.lock().await.remove(&id);
         match self
             .call(
                 "revoke lease",
