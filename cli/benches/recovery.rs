@@ -8,7 +8,13 @@
 //!   veths (and so their pod ends) and routes are wiped; time from
 //!   `coilctl node repair` (through coild) until all 250 are wired again.
 //!
-//! Knob: COIL_BENCH_RECOVERY_SIZES (default "1000,10000,100000").
+//! Knob: COIL_BENCH_RECOVERY_SIZES (default "1000,10000"). The records are
+//! real kernel state (one netns and one veth per pod), built at roughly
+//! 1-3 ms per pod, so 100000 records (50,000 netns) takes many minutes and
+//! loads the machine: the benchmark says how long each size will take
+//! before it starts. Every network namespace it makes is named `crb*` or
+//! `crw*`; leftovers of an earlier run are deleted at start, and an
+//! interrupt (SIGINT, SIGTERM, SIGHUP) deletes them before exiting 130.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
@@ -45,6 +51,75 @@ fn quiet(args: &[&str]) {
         .status();
 }
 
+/// Prefixes of every network namespace this benchmark creates.
+const NETNS_PREFIXES: [&str; 2] = ["crb", "crw"];
+
+/// Deletes every network namespace this benchmark may have made (by name
+/// prefix, so a run killed earlier is cleaned up too). Returns how many.
+fn delete_bench_netns() -> usize {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return 0;
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| NETNS_PREFIXES.iter().any(|p| n.starts_with(p)))
+        .collect();
+    if names.is_empty() {
+        return 0;
+    }
+    let lines: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
+    let f = std::env::temp_dir().join(format!("coil-bench-netns-del-{}", std::process::id()));
+    if std::fs::write(&f, lines).is_ok() {
+        quiet(&["ip", "-force", "-batch", &f.display().to_string()]);
+        let _ = std::fs::remove_file(&f);
+    }
+    names.len()
+}
+
+/// The write end of the interrupt pipe (-1 until installed).
+static INTERRUPT_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    let fd = INTERRUPT_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; one byte from a local.
+    unsafe {
+        libc::write(fd, (&b as *const u8).cast(), 1);
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: deletes the benchmark's namespaces and
+/// exits 130. The handler only writes a byte to a pipe that a thread of
+/// its own waits on. (Not a blocked signal mask and sigwait: children
+/// would inherit the mask, and coild would ignore the TERM that stops it;
+/// caught signals go back to their defaults at exec.)
+fn clean_up_on_interrupt() {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: plain libc calls on locals; the handler is async-signal-safe.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            eprintln!("cannot install the interrupt clean-up; an interrupt may leave crb*/crw* namespaces behind");
+            return;
+        }
+        INTERRUPT_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(s, on_interrupt as *const () as libc::sighandler_t);
+        }
+    }
+    let rd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = 0u8;
+        // SAFETY: reads one byte into a local from our own pipe.
+        let n = unsafe { libc::read(rd, (&mut b as *mut u8).cast(), 1) };
+        if n == 1 {
+            eprintln!("interrupted (signal {b}): deleting the benchmark's network namespaces");
+            let n = delete_bench_netns();
+            eprintln!("deleted {n} network namespaces");
+            std::process::exit(130);
+        }
+    });
+}
+
 fn wait_socket(p: &Path, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -58,8 +133,12 @@ fn wait_socket(p: &Path, limit: Duration) -> Option<Duration> {
 
 /// Builds a node netns with `records` journal records in steady state and
 /// measures coild's time to ready.
-fn ready_ms(records: usize) -> Option<f64> {
+fn ready_ms(records: usize, ms_per_pod: f64) -> Option<(f64, f64)> {
     let pods = records / 2;
+    eprintln!(
+        "  {records} records: building {pods} pods' kernel state, about {:.0} s",
+        pods as f64 * ms_per_pod / 1000.0
+    );
     let ns = format!("crb{records}");
     quiet(&["ip", "netns", "del", &ns]);
     sh(&["ip", "netns", "add", &ns]);
@@ -187,6 +266,7 @@ fn ready_ms(records: usize) -> Option<f64> {
         del_pod_netns(dir.path(), pods);
         return None;
     }
+    let build_ms_per_pod = made.elapsed().as_secs_f64() * 1000.0 / pods.max(1) as f64;
     eprintln!(
         "  {records} records: {pods} pods wired in {:?}",
         made.elapsed()
@@ -238,7 +318,7 @@ fn ready_ms(records: usize) -> Option<f64> {
     // Deleting the netns tears its veths down in the kernel's own time.
     quiet(&["ip", "netns", "del", &ns]);
     del_pod_netns(dir.path(), pods);
-    ready.map(|_| elapsed.as_secs_f64() * 1000.0)
+    ready.map(|_| (elapsed.as_secs_f64() * 1000.0, build_ms_per_pod))
 }
 
 fn del_pod_netns(dir: &Path, pods: usize) {
@@ -389,15 +469,28 @@ fn main() {
         eprintln!("the recovery benchmark needs root");
         std::process::exit(2);
     }
+    clean_up_on_interrupt();
+    let stale = delete_bench_netns();
+    if stale > 0 {
+        eprintln!("deleted {stale} network namespaces left by an earlier, interrupted run");
+    }
     let sizes: Vec<usize> = std::env::var("COIL_BENCH_RECOVERY_SIZES")
-        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .unwrap_or_else(|_| "1000,10000".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let mut figs = Vec::new();
+    // Building one pod's state takes a few ms, more the more links the
+    // node has (measured here: 2.5 ms each for 500 pods, 8 ms for 5,000):
+    // the estimate scales the last size's rate by the square root of the
+    // growth.
+    let mut last: (f64, f64) = (500.0, 3.0);
     for n in sizes {
-        match ready_ms(n) {
-            Some(ms) => {
+        let pods = (n / 2).max(1) as f64;
+        let est = last.1 * (pods / last.0).max(1.0).sqrt();
+        match ready_ms(n, est) {
+            Some((ms, per_pod)) => {
+                last = (pods, per_pod);
                 let tag = if n >= 1000 && n % 1000 == 0 {
                     format!("{}k", n / 1000)
                 } else {
