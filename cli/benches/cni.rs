@@ -11,6 +11,9 @@
 //! cni.burst100.wall_ms (and baseline.burst100.wall_ms); cni.plugin.maxrss_kib
 //! (and baseline.plugin.maxrss_kib); coild.rss_kib.250pods;
 //! cni.add.etcd_requests (etcd mode, leased blocks with room);
+//! coild.idle.etcd_requests_per_s and coild.idle.etcd_keepalives_per_s
+//! (an idle coild for 30 s, counted by etcd's own gRPC metrics: unary
+//! requests, and keep-alive messages on open streams);
 //! cni.churn.cycle_ms, cni.churn.add.p50_ms/p99_ms, cni.churn.del.p50_ms and
 //! baseline.churn.* (20 pod netns reused, ADD then DEL, 300 cycles);
 //! cni.floor.add_ms (spawn of a trivial binary + the wiring primitive +
@@ -380,6 +383,49 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool) -> Coild {
     }
 }
 
+/// etcd's gRPC counters (inside the node netns, where the bench's etcd
+/// listens on 127.0.0.1:2379).
+struct EtcdGrpc {
+    /// Unary calls received (Txn, Range, LeaseGrant, ...).
+    unary: f64,
+    /// Messages received on LeaseKeepAlive streams.
+    keepalive_msgs: f64,
+    /// LeaseKeepAlive streams started.
+    keepalive_streams: f64,
+}
+
+fn etcd_grpc(node_ns: &str) -> EtcdGrpc {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node_ns,
+            "curl",
+            "-sf",
+            "http://127.0.0.1:2379/metrics",
+        ])
+        .output()
+        .expect("curl etcd metrics");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = |name: &str, with: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && with.iter().all(|w| l.contains(w)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    EtcdGrpc {
+        unary: sum("grpc_server_msg_received_total", &["grpc_type=\"unary\""]),
+        keepalive_msgs: sum(
+            "grpc_server_msg_received_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        ),
+        keepalive_streams: sum(
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        ),
+    }
+}
+
 fn rss_kib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -593,6 +639,30 @@ fn main() {
         let _ = call(&node, COIL, &env("DEL", p, true), conf.as_bytes());
     }
     drop(pods);
+    // An idle node's load on etcd, by etcd's own counters.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = Duration::from_secs(30);
+    let m0 = etcd_grpc(node_ns);
+    std::thread::sleep(idle);
+    let m1 = etcd_grpc(node_ns);
+    let per_s = |a: f64, b: f64| (b - a) / idle.as_secs_f64();
+    let unary = per_s(m0.unary, m1.unary);
+    let keepalives = per_s(m0.keepalive_msgs, m1.keepalive_msgs);
+    let streams = m1.keepalive_streams - m0.keepalive_streams;
+    println!(
+        "idle coild, 30 s, by etcd's metrics: {unary:.3} unary requests/s, {keepalives:.3} keep-alive messages/s on {streams} new stream(s) (target: <= 0.2 requests/s per idle node)"
+    );
+    figs.push(("coild.idle.etcd_requests_per_s".into(), unary, "requests/s"));
+    figs.push((
+        "coild.idle.etcd_keepalives_per_s".into(),
+        keepalives,
+        "messages/s",
+    ));
+    figs.push((
+        "coild.idle.etcd_keepalive_streams".into(),
+        streams,
+        "streams opened in 30 s",
+    ));
     drop(ce);
     let _ = Command::new("ip").args(["netns", "del", node_ns]).status();
 
