@@ -69,7 +69,8 @@ struct Args {
     /// Where the kernel boot id is read [default: /proc/sys/kernel/random/boot_id].
     #[arg(long, env = "COILD_BOOT_ID_FILE")]
     boot_id_file: Option<PathBuf>,
-    /// TTL of the node's liveness lease, like 10s [default: 10s].
+    /// TTL of the node's liveness lease, like 30s; kept alive every third
+    /// of it [default: 30s].
     #[arg(long, env = "COILD_LIVENESS_TTL")]
     liveness_ttl: Option<String>,
     /// How often to resync table 119, host routes and leases [default: 30s].
@@ -198,7 +199,12 @@ impl Args {
         coil::store::model::validate_node_name(&node_name).map_err(|e| e.to_string())?;
         let ttl = match self.liveness_ttl.or(file.liveness_ttl) {
             Some(t) => crate::ctl_config::parse_duration(&t)?,
-            None => Duration::from_secs(10),
+            // A keep-alive every 10 s: 0.1 message/s per idle node, so
+            // liveness stays within the load an idle node may put on etcd
+            // (0.2 requests/s). Nothing is freed on liveness expiry (only
+            // a node's removal frees its blocks); a longer TTL only makes
+            // the controller note an unreachable node later.
+            None => Duration::from_secs(30),
         };
         let mtu = self.mtu.or(file.mtu).unwrap_or(1500);
         if !(576..=65535).contains(&mtu) {
