@@ -564,6 +564,91 @@ async fn corrupt_entries_are_named<B: Backend>(s: &Store<B>) {
 }
 contract!(corrupt_entries_are_named);
 
+/// A resync's view: the asked blocks' leases (whoever holds them), nothing
+/// of the rest of the cluster, the removal fence, and bad entries skipped.
+async fn node_view_reads_only_the_asked_blocks<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("default", &["10.9.0.0/24"], 2))
+        .await
+        .expect("create");
+    let mine = s.acquire_block("default", "node-a").await.expect("acquire");
+    let lost = s.acquire_block("default", "node-a").await.expect("acquire");
+    let mut taken: HashSet<IpNet> = [mine.block, lost.block].into_iter().collect();
+    for _ in 0..10 {
+        taken.insert(
+            s.acquire_block("default", "node-b")
+                .await
+                .expect("acquire")
+                .block,
+        );
+    }
+    // `lost` now belongs to node-c (released, then taken).
+    s.release_block(&lost).await.expect("release");
+    let stolen = loop {
+        let l = s.acquire_block("default", "node-c").await.expect("acquire");
+        taken.insert(l.block);
+        if l.block == lost.block {
+            break l;
+        }
+    };
+    // A block of the pool nobody holds.
+    let gone: IpNet = (0..64u32)
+        .map(|i| net(&format!("10.9.0.{}/30", i * 4)))
+        .find(|b| !taken.contains(b))
+        .expect("a free block");
+    let ask = vec![
+        ("default".to_string(), mine.block),
+        ("default".to_string(), lost.block),
+        ("default".to_string(), gone),
+    ];
+    let v = s
+        .node_view("node-a", &ask)
+        .await
+        .expect("view")
+        .expect("small enough");
+    assert!(!v.removed);
+    let got: Vec<(IpNet, String)> = v.leases.iter().map(|l| (l.block, l.node.clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (mine.block, "node-a".to_string()),
+            (stolen.block, "node-c".to_string())
+        ],
+        "the view holds exactly the asked blocks that have an entry"
+    );
+    // A bad entry under an asked key is skipped (and counted), not fatal.
+    let prefix = s.keys().block("default", &gone);
+    put_raw(s, &prefix, b"{not json").await;
+    let before = s.bad_entries_seen();
+    let v = s
+        .node_view("node-a", &ask)
+        .await
+        .expect("view")
+        .expect("small");
+    assert_eq!(v.leases.len(), 2);
+    assert!(s.bad_entries_seen() > before);
+    // The fence.
+    s.remove_node("node-a", "test", true, None)
+        .await
+        .expect("remove");
+    let v = s
+        .node_view("node-a", &ask)
+        .await
+        .expect("view")
+        .expect("small");
+    assert!(v.removed);
+    // Too many blocks for one transaction: the caller must list instead.
+    let many: Vec<(String, IpNet)> = (0..=coil::store::NODE_VIEW_MAX_BLOCKS)
+        .map(|i| {
+            (
+                "default".to_string(),
+                net(&format!("10.10.{}.0/30", i % 250)),
+            )
+        })
+        .collect();
+    assert!(s.node_view("node-a", &many).await.expect("view").is_none());
+}
+contract!(node_view_reads_only_the_asked_blocks);
+
 async fn put_raw<B: Backend>(s: &Store<B>, key: &str, value: &[u8]) {
     s.backend()
         .txn(

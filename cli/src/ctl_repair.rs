@@ -420,6 +420,7 @@ async fn run_recovery<B: Backend>(
         boot_id,
         mtu: opts.mtu,
         full_scan: true,
+        store_scan: true,
         hold_exports: false,
     };
     match coil_recovery::recover(&cx, opts.dry_run).await {

@@ -159,6 +159,7 @@ async fn recovery_proceeds_past_bad_store_entries() {
         boot_id: "boot-1",
         mtu: 1500,
         full_scan: true,
+        store_scan: true,
         hold_exports: false,
     };
     let seen = s.bad_entries_seen();

@@ -52,6 +52,13 @@ pub struct Context<'a, B: Backend> {
     /// routes, which is all the attachment checks need; orphans wait for a
     /// full pass.
     pub full_scan: bool,
+    /// List every block in the store, to find leases of this node that its
+    /// journal lacks. Needed at a start, by `node repair`, and whenever an
+    /// acquisition intent is pending (the only way such a lease arises);
+    /// without it (a periodic resync) the store is asked only about the
+    /// journal's blocks and the node's removal fence, at a cost that does
+    /// not grow with the cluster.
+    pub store_scan: bool,
     /// Publish nothing in the routing table while the store has not
     /// confirmed the node's leases since it booted (see
     /// `Observation::hold_exports`).
@@ -74,32 +81,56 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
     // one must not stop recovery, and none may reach table 119. A block of
     // ours whose key holds one looks lost, and re-acquiring it fails with
     // `Corrupt` naming the key (that step is reported, the rest goes on).
-    let mut store = match cx.store.all_blocks().await {
-        Ok(all) => Some(
-            all.into_iter()
-                .filter(|l| l.node == cx.node || blocks.contains(&l.block))
-                .map(|l| StoreLease {
-                    pool: l.pool,
-                    block: l.block,
-                    node: l.node,
-                    epoch: l.epoch,
-                    acquired_unix: l.acquired_unix,
-                })
-                .collect(),
-        ),
-        Err(e) if e.is_unavailable() => None,
-        Err(e) => return Err(e.into()),
+    let to_store = |l: coil::store::BlockLease| StoreLease {
+        pool: l.pool,
+        block: l.block,
+        node: l.node,
+        epoch: l.epoch,
+        acquired_unix: l.acquired_unix,
     };
-    // A removal fence of this node (a malformed fence counts as one: it is
-    // in the way of re-admission). If it cannot be read, the store counts
-    // as unreachable for this plan: nothing is re-acquired, adopted or
-    // released on a store view whose fence is unknown.
-    let removed = match cx.store.removal(cx.node).await {
-        Ok(r) => r.is_some(),
-        Err(e) if e.is_corrupt() => true,
-        Err(_) => {
-            store = None;
-            false
+    let acquiring = intents
+        .iter()
+        .any(|i| matches!(i.op, IntentOp::AcquireBlock { .. }));
+    // The cheap view first (the journal's blocks and the fence, one read);
+    // every block only when this node may hold a lease its journal lacks.
+    let view = if cx.store_scan || acquiring {
+        Ok(None)
+    } else {
+        let mine: Vec<(String, IpNet)> = leases.iter().map(|l| (l.pool.clone(), l.block)).collect();
+        cx.store.node_view(cx.node, &mine).await
+    };
+    let (store, removed) = match view {
+        Ok(Some(v)) => (
+            Some(v.leases.into_iter().map(to_store).collect::<Vec<_>>()),
+            v.removed,
+        ),
+        Err(e) if e.is_unavailable() => (None, false),
+        Err(e) => return Err(e.into()),
+        Ok(None) => {
+            let mut store = match cx.store.all_blocks().await {
+                Ok(all) => Some(
+                    all.into_iter()
+                        .filter(|l| l.node == cx.node || blocks.contains(&l.block))
+                        .map(to_store)
+                        .collect::<Vec<_>>(),
+                ),
+                Err(e) if e.is_unavailable() => None,
+                Err(e) => return Err(e.into()),
+            };
+            // A removal fence of this node (a malformed fence counts as
+            // one: it is in the way of re-admission). If it cannot be
+            // read, the store counts as unreachable for this plan: nothing
+            // is re-acquired, adopted or released on a store view whose
+            // fence is unknown.
+            let removed = match cx.store.removal(cx.node).await {
+                Ok(r) => r.is_some(),
+                Err(e) if e.is_corrupt() => true,
+                Err(_) => {
+                    store = None;
+                    false
+                }
+            };
+            (store, removed)
         }
     };
     marks.push(("store", t.elapsed().as_micros()));

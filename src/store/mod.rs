@@ -1110,6 +1110,58 @@ impl<B: Backend> Store<B> {
         Ok(self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools)))
     }
 
+    /// What a node's periodic resync needs from the store, in one read
+    /// transaction whose cost does not grow with the cluster: the store's
+    /// entries for `blocks` (the node's journal leases; a block with no
+    /// entry is absent from the answer, a bad entry is skipped, counted and
+    /// logged) and whether the node has a removal fence (a malformed fence
+    /// counts as one: it is in the way of re-admission). A full listing of
+    /// every block ([`Store::all_blocks`]) is only needed when the node may
+    /// hold a lease its journal lacks (an acquisition in flight at a crash).
+    /// `None` when there are more blocks than one transaction may read.
+    pub async fn node_view(
+        &self,
+        node: &str,
+        blocks: &[(String, IpNet)],
+    ) -> Result<Option<NodeView>> {
+        model::validate_node_name(node)?;
+        if blocks.len() > NODE_VIEW_MAX_BLOCKS {
+            return Ok(None);
+        }
+        let mut ops = vec![
+            Op::prefix(&self.keys.pools()),
+            Op::get(self.keys.removed(node)),
+        ];
+        ops.extend(
+            blocks
+                .iter()
+                .map(|(pool, b)| Op::get(self.keys.block(pool, b))),
+        );
+        let mut r = self.backend.txn("read node view", Txn::read(ops)).await?;
+        let pools = pools_by_name(&self.keys, &r.kvs(0));
+        let removed = match r.kvs(1).first() {
+            None => false,
+            Some(kv) => {
+                if let Err(b) =
+                    read_keyed::<RemovalRecord>(kv, &self.keys.removed_prefix(), |v| &v.node)
+                {
+                    let e = self.refuse(b);
+                    tracing::error!("{e}; counted as a removal fence");
+                }
+                true
+            }
+        };
+        let mut kvs = Vec::new();
+        for i in 0..blocks.len() {
+            kvs.extend(r.kvs(i + 2));
+        }
+        let leases = self.logged(
+            "read node view",
+            self.sift(&kvs, |kv| read_lease_in(&self.keys, kv, &pools)),
+        );
+        Ok(Some(NodeView { leases, removed }))
+    }
+
     /// The valid leases of `node` (bad entries are skipped, counted and
     /// logged).
     pub async fn node_blocks(&self, node: &str) -> Result<Vec<BlockLease>> {
@@ -1901,6 +1953,19 @@ fn read_pool(keys: &Keys, kv: &KeyValue) -> std::result::Result<Pool, BadEntry> 
 
 /// The valid pools among `kvs`, by name (bad ones are left out: a lease of
 /// a pool whose entry is bad cannot be validated, so it is bad too).
+/// Blocks one [`Store::node_view`] reads at most (etcd's default limit is
+/// 128 operations per transaction; two go to the pools and the fence).
+pub const NODE_VIEW_MAX_BLOCKS: usize = 120;
+
+/// See [`Store::node_view`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// The store's valid leases of the blocks asked for (whoever holds them).
+    pub leases: Vec<BlockLease>,
+    /// The node has a removal fence (or a malformed one).
+    pub removed: bool,
+}
+
 fn pools_by_name(keys: &Keys, kvs: &[KeyValue]) -> HashMap<String, Pool> {
     kvs.iter()
         .filter_map(|kv| read_pool(keys, kv).ok())

@@ -207,7 +207,7 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
             answer(&mut s, &reply).await
         }
         SocketRequest::Repair { apply } => {
-            let a = match d.recover(!apply, true).await {
+            let a = match d.recover(!apply, true, true).await {
                 Ok(out) => RepairAnswer {
                     node: d.config().node_name.clone(),
                     applied: apply,
