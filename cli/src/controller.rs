@@ -120,6 +120,8 @@ pub struct ControllerMetrics {
     pub errors: std::sync::atomic::AtomicU64,
     /// Node lists that failed or were ignored by the sanity guard.
     pub kube_lists_ignored: std::sync::atomic::AtomicU64,
+    /// Per pool, as of the leader's last pass: (name, blocks, leased).
+    pub pools: std::sync::Mutex<Vec<(String, u64, u64)>>,
 }
 
 /// Where the controller learns which Nodes exist, and how far it trusts a
@@ -295,6 +297,15 @@ pub async fn pass<B: Backend>(
             }
         }
     }
+    // Pool capacity for the alert rules (one read per pool; pools are few).
+    let mut pools = Vec::new();
+    for p in store.list_pools().await? {
+        match store.pool_usage(&p.name).await {
+            Ok(u) => pools.push((p.name.clone(), p.total_blocks(), u.leases.len() as u64)),
+            Err(e) => tracing::warn!(pool = %p.name, "reading its usage: {e}"),
+        }
+    }
+    *m.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
     let n = store.gc_address_index(identity).await?;
     if n > 0 {
         tracing::info!(entries = n, "collected address index entries with no lease");
@@ -481,6 +492,27 @@ fn controller_metrics(m: &ControllerMetrics) -> String {
         "Kubernetes Node lists that failed or looked wrong, so were not acted on.",
         m.kube_lists_ignored.load(Ordering::Relaxed),
     );
+    // Only the leader's pass fills these (a follower's would be stale).
+    let pools = m.pools.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let leading = m.is_leader.load(Ordering::Relaxed) == 1;
+    for (name, help, col) in [
+        (
+            "coil_pool_blocks",
+            "Blocks in the pool (as of the leader's last pass).",
+            1,
+        ),
+        (
+            "coil_pool_blocks_leased",
+            "Blocks of the pool leased to nodes (as of the leader's last pass).",
+            2,
+        ),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (pool, total, leased) in pools.iter().filter(|_| leading) {
+            let v = if col == 1 { total } else { leased };
+            out.push_str(&format!("{name}{{pool=\"{pool}\"}} {v}\n"));
+        }
+    }
     out
 }
 
@@ -556,6 +588,25 @@ mod tests {
             unreachable_since: None,
             removed: None,
         }
+    }
+
+    #[test]
+    fn pool_gauges_are_exported_by_the_leader_only() {
+        let m = ControllerMetrics::default();
+        *m.pools.lock().expect("pools") = vec![("default".into(), 16, 3)];
+        let follower = controller_metrics(&m);
+        assert!(follower.contains("# TYPE coil_pool_blocks gauge"));
+        assert!(!follower.contains("coil_pool_blocks{"), "{follower}");
+        m.is_leader.store(1, std::sync::atomic::Ordering::Relaxed);
+        let leader = controller_metrics(&m);
+        assert!(
+            leader.contains("coil_pool_blocks{pool=\"default\"} 16\n"),
+            "{leader}"
+        );
+        assert!(
+            leader.contains("coil_pool_blocks_leased{pool=\"default\"} 3\n"),
+            "{leader}"
+        );
     }
 
     #[test]

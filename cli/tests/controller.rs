@@ -122,6 +122,11 @@ async fn liveness_expiry_frees_nothing_only_removal_does() {
     // Liveness expiry is no proof of death: every block is still leased.
     let blocks = s.all_blocks().await.expect("blocks");
     assert_eq!(blocks.len(), 3, "a block was freed on liveness expiry");
+    // The pool gauges the alert rules use: 16 blocks of 16 addresses, 3 leased.
+    assert_eq!(
+        *m.pools.lock().expect("pools"),
+        vec![("default".to_string(), 16, 3)]
+    );
     assert_eq!(
         m.blocks_released.load(std::sync::atomic::Ordering::Relaxed),
         0
