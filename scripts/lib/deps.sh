@@ -6,11 +6,13 @@
 # what the tests run against (etcd, iproute2, BIRD 2, ptp + host-local as
 # the benchmark's baseline), jq for the scripts, fuse3 (fusermount3) for
 # the power-cut tests on coil-lazyfs, and curl and openssl for the etcd
-# cluster tests (TLS certificates, the JSON gateway); coreutils' base64 and
-# tar are always there.
+# cluster tests (TLS certificates, the JSON gateway), and prometheus for
+# its promtool (scripts/validate-manifests checks the alert rules with it;
+# policy-rc.d below keeps its service from starting); coreutils' base64
+# and tar are always there.
 PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server iproute2 bird2
           containernetworking-plugins jq procps iputils-ping python3 python3-yaml
-          curl openssl fuse3)
+          curl openssl fuse3 prometheus)
 
 install_deps() {
 missing=()
