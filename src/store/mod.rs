@@ -1546,32 +1546,37 @@ impl<B: Backend> Store<B> {
     /// entry's node (garbage of a crashed mirror or a released block),
     /// fenced per entry and by leadership. Returns how many were deleted.
     pub async fn gc_address_index(&self, leader: &str) -> Result<usize> {
+        // The leases first, at revision R. The index is then read in pages
+        // (one read of all of it outgrows gRPC's 4 MiB answers at about
+        // 15,000 pods), and only entries written at or before R are judged
+        // against the leases of R: an entry written later may belong to a
+        // block leased after R. An entry stale at R stays stale unless it
+        // is written again, and every delete is fenced on the entry's mod
+        // revision (and on leadership).
         let mut r = self
             .backend
             .txn(
-                "read index and blocks",
+                "read blocks for index gc",
                 Txn::read(vec![
-                    Op::prefix(&self.keys.addresses()),
                     Op::prefix(&self.keys.blocks()),
                     Op::prefix(&self.keys.pools()),
                 ]),
             )
             .await?;
-        let entries = r.kvs(0);
-        let pools = pools_by_name(&self.keys, &r.kvs(2));
-        let listed = self.sift(&r.kvs(1), |kv| read_lease_in(&self.keys, kv, &pools));
+        let snapshot = r.revision;
+        let pools = pools_by_name(&self.keys, &r.kvs(1));
+        let listed = self.sift(&r.kvs(0), |kv| read_lease_in(&self.keys, kv, &pools));
         for b in &listed.bad {
             self.log_bad("gc address index", b);
         }
-        let leases = listed.items;
         // A bad block entry may be the lease of addresses in use: the index
         // entries of its pool are left alone while it is there, and all of
         // them if its key does not even name a pool.
-        let mut shielded: BTreeSet<&str> = BTreeSet::new();
+        let mut shielded: BTreeSet<String> = BTreeSet::new();
         for b in &listed.bad {
             match self.keys.split_block_key(&b.key) {
                 Some((pool, _)) => {
-                    shielded.insert(pool);
+                    shielded.insert(pool.to_string());
                 }
                 None => {
                     tracing::warn!(key = %b.key, "bad block entry of no pool: the address index is not garbage-collected while it is there");
@@ -1579,41 +1584,77 @@ impl<B: Backend> Store<B> {
                 }
             }
         }
+        // Leases by block start: the block holding an address is the one
+        // starting at or before it (blocks never overlap).
+        let by_start: BTreeMap<IpAddr, BlockLease> = listed
+            .items
+            .into_iter()
+            .map(|l| (l.block.network(), l))
+            .collect();
+        let owned = |rec: &AddressRecord| {
+            by_start
+                .range(..=rec.address)
+                .next_back()
+                .is_some_and(|(_, l)| l.block.contains(&rec.address) && l.node == rec.node)
+        };
+        let prefix = self.keys.addresses();
+        let end = backend::prefix_end(prefix.as_bytes());
+        let mut cursor = prefix.as_bytes().to_vec();
         let mut deleted = 0;
-        for kv in entries {
-            // A bad index entry is skipped, never deleted.
-            let rec = match read_address(&self.keys, &kv) {
-                Ok(rec) => rec,
-                Err(b) => {
-                    self.note_bad("gc address index", &b);
+        loop {
+            let mut page = self
+                .backend
+                .txn(
+                    "read index page",
+                    Txn::read(vec![Op::Range {
+                        start: cursor.clone(),
+                        end: end.clone(),
+                        limit: INDEX_PAGE,
+                        keys_only: false,
+                    }]),
+                )
+                .await?;
+            let entries = page.kvs(0);
+            let full = entries.len() as i64 >= INDEX_PAGE;
+            if let Some(last) = entries.last() {
+                cursor = last.key.clone();
+                cursor.push(0);
+            }
+            for kv in entries {
+                if kv.mod_revision > snapshot {
                     continue;
                 }
-            };
-            if shielded.contains(rec.pool.as_str()) {
-                continue;
-            }
-            let owned = leases
-                .iter()
-                .any(|l| l.block.contains(&rec.address) && l.node == rec.node);
-            if owned {
-                continue;
-            }
-            let txn = Txn {
-                when: vec![
-                    Cmp::ModRevision {
+                // A bad index entry is skipped, never deleted.
+                let rec = match read_address(&self.keys, &kv) {
+                    Ok(rec) => rec,
+                    Err(b) => {
+                        self.note_bad("gc address index", &b);
+                        continue;
+                    }
+                };
+                if shielded.contains(rec.pool.as_str()) || owned(&rec) {
+                    continue;
+                }
+                let txn = Txn {
+                    when: vec![
+                        Cmp::ModRevision {
+                            key: kv.key.clone(),
+                            op: CmpOp::Equal,
+                            rev: kv.mod_revision,
+                        },
+                        self.leader_guard(leader),
+                    ],
+                    then: vec![Op::Delete {
                         key: kv.key.clone(),
-                        op: CmpOp::Equal,
-                        rev: kv.mod_revision,
-                    },
-                    self.leader_guard(leader),
-                ],
-                then: vec![Op::Delete {
-                    key: kv.key.clone(),
-                }],
-                otherwise: vec![],
-            };
-            if self.backend.txn("gc address index", txn).await?.succeeded {
-                deleted += 1;
+                    }],
+                    otherwise: vec![],
+                };
+                if self.backend.txn("gc address index", txn).await?.succeeded {
+                    deleted += 1;
+                }
+            }
+            if !full {
+                break;
             }
         }
         Ok(deleted)
@@ -1953,6 +1994,10 @@ fn read_pool(keys: &Keys, kv: &KeyValue) -> std::result::Result<Pool, BadEntry> 
 
 /// The valid pools among `kvs`, by name (bad ones are left out: a lease of
 /// a pool whose entry is bad cannot be validated, so it is bad too).
+/// Address index entries read per page by [`Store::gc_address_index`]
+/// (about 250 bytes each: well under gRPC's 4 MiB answers).
+const INDEX_PAGE: i64 = 2000;
+
 /// Blocks one [`Store::node_view`] reads at most (etcd's default limit is
 /// 128 operations per transaction; two go to the pools and the fence).
 pub const NODE_VIEW_MAX_BLOCKS: usize = 120;
