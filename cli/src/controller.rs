@@ -205,10 +205,22 @@ pub fn unreachable_nodes<'a>(
 
 /// One pass as the leader: note unreachable nodes, remove nodes whose
 /// Kubernetes Node is gone, collect the index.
+/// What the leader carries from one pass to the next.
+#[derive(Debug, Default)]
+pub struct PassState {
+    /// When each node was first seen without liveness.
+    pub dead_since: HashMap<String, Instant>,
+    /// Where the address index sweep goes on (a few pages per pass).
+    pub index_cursor: Vec<u8>,
+}
+
+/// Address index pages (2,000 entries each) swept per pass.
+const INDEX_PAGES_PER_PASS: usize = 5;
+
 pub async fn pass<B: Backend>(
     store: &Store<B>,
     identity: &str,
-    dead_since: &mut HashMap<String, Instant>,
+    state: &mut PassState,
     grace: Duration,
     kube: Option<&KubeNodes>,
     m: &ControllerMetrics,
@@ -248,7 +260,7 @@ pub async fn pass<B: Backend>(
             tracing::warn!(node = %n.node, "clearing its unreachable note: {e}");
         }
     }
-    let unreachable = unreachable_nodes(&nodes, dead_since, now);
+    let unreachable = unreachable_nodes(&nodes, &mut state.dead_since, now);
     m.nodes_unreachable
         .store(unreachable.len() as u64, Ordering::Relaxed);
     m.blocks_unreachable.store(
@@ -306,7 +318,10 @@ pub async fn pass<B: Backend>(
         }
     }
     *m.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
-    let n = store.gc_address_index(identity).await?;
+    let (n, next) = store
+        .gc_address_index_pages(identity, &state.index_cursor, INDEX_PAGES_PER_PASS)
+        .await?;
+    state.index_cursor = next.unwrap_or_default();
     if n > 0 {
         tracing::info!(entries = n, "collected address index entries with no lease");
     }
@@ -529,7 +544,7 @@ pub async fn run<B: Backend>(
 ) {
     use std::sync::atomic::Ordering;
     let mut lease: Option<i64> = None;
-    let mut dead_since: HashMap<String, Instant> = HashMap::new();
+    let mut state = PassState::default();
     let ttl_secs = ttl.as_secs().max(2) as i64;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     loop {
@@ -540,7 +555,7 @@ pub async fn run<B: Backend>(
                     tracing::info!(identity, "elected leader");
                     lease = Some(id);
                     // Grace timers start afresh with each leadership.
-                    dead_since.clear();
+                    state = PassState::default();
                     true
                 }
                 Ok(None) => false,
@@ -556,7 +571,7 @@ pub async fn run<B: Backend>(
         }
         m.is_leader.store(u64::from(leading), Ordering::Relaxed);
         if leading {
-            if let Err(e) = pass(store, identity, &mut dead_since, grace, kube, m).await {
+            if let Err(e) = pass(store, identity, &mut state, grace, kube, m).await {
                 m.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("pass: {e}");
             }

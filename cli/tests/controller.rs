@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
 use coil::testkit;
-use coil_cli::controller::{pass, ControllerMetrics, KubeNodes};
+use coil_cli::controller::{pass, ControllerMetrics, KubeNodes, PassState};
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
@@ -99,7 +99,7 @@ async fn liveness_expiry_frees_nothing_only_removal_does() {
         .expect("campaign")
         .expect("leader");
     let m = ControllerMetrics::default();
-    let mut since = HashMap::new();
+    let mut since = PassState::default();
     let grace = Duration::from_millis(500);
     // "dying" stops heartbeating; passes go on far past the grace period.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -496,7 +496,7 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         .expect("campaign")
         .expect("leader");
     let m = ControllerMetrics::default();
-    let mut since = HashMap::new();
+    let mut since = PassState::default();
     // A grace of an hour: only the API's word can make "deleted" due now.
     pass(
         &s,
@@ -658,7 +658,7 @@ async fn a_failed_cut_or_suspect_node_list_frees_nothing() {
     let ncases = cases.len() as u64;
     for (what, answers) in cases {
         *pages.lock().expect("pages") = answers.into_iter().collect();
-        let mut since = HashMap::new();
+        let mut since = PassState::default();
         pass(
             &s,
             "me",
@@ -686,7 +686,7 @@ async fn a_failed_cut_or_suspect_node_list_frees_nothing() {
     ]
     .into_iter()
     .collect();
-    let mut since = HashMap::new();
+    let mut since = PassState::default();
     pass(
         &s,
         "me",

@@ -183,7 +183,7 @@ struct KeepAlive {
 
 /// More open keep-alive streams than this are dropped (leases abandoned by
 /// their holder without expiring here).
-const MAX_KEEPALIVE_STREAMS: usize = 16;
+const MAX_KEEPALIVE_STREAMS: usize = 256;
 
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
