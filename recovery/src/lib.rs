@@ -88,9 +88,9 @@ pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
         epoch: l.epoch,
         acquired_unix: l.acquired_unix,
     };
-    let acquiring = intents.iter().any(|i| {
-        i.state == IntentState::Pending && matches!(i.op, IntentOp::AcquireBlock { .. })
-    });
+    let acquiring = intents
+        .iter()
+        .any(|i| i.state == IntentState::Pending && matches!(i.op, IntentOp::AcquireBlock { .. }));
     // The cheap view first (the journal's blocks and the fence, one read);
     // every block only when this node may hold a lease its journal lacks.
     let view = if cx.store_scan || acquiring {
