@@ -743,6 +743,52 @@ async fn index_gc_pages_through_a_large_index<B: Backend>(s: &Store<B>) {
 }
 contract!(index_gc_pages_through_a_large_index);
 
+/// A listing of every block answers past gRPC's default 4 MiB (about
+/// 30,000 leases, some 15,000 nodes): it must still be read, since a coild
+/// start, `node repair` and the controller's pass need it.
+async fn a_listing_past_four_mebibytes_is_read<B: Backend>(s: &Store<B>) {
+    s.create_pool(&spec("wide", &["10.64.0.0/11"], 5))
+        .await
+        .expect("create");
+    let total = 32_000u32;
+    let mut batch: Vec<Op> = Vec::new();
+    for i in 0..total {
+        let block: IpNet = IpNet::new(
+            IpAddr::V4(std::net::Ipv4Addr::from(0x0a40_0000u32 + i * 32)),
+            27,
+        )
+        .expect("block");
+        let lease = BlockLease {
+            pool: "wide".into(),
+            block,
+            node: format!("node-with-a-long-name-{:05}", i / 2),
+            acquired_unix: 1_800_000_000,
+            epoch: 0,
+        };
+        batch.push(Op::put(
+            s.keys().block("wide", &block),
+            serde_json::to_vec(&lease).expect("json"),
+        ));
+        if batch.len() == 100 {
+            s.backend()
+                .txn(
+                    "test",
+                    Txn {
+                        then: std::mem::take(&mut batch),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("write");
+        }
+    }
+    let all = s.all_blocks().await.expect("list every block");
+    assert_eq!(all.len(), total as usize);
+    let nodes = s.nodes().await.expect("list nodes");
+    assert_eq!(nodes.len(), total as usize / 2);
+}
+contract!(a_listing_past_four_mebibytes_is_read);
+
 async fn put_raw<B: Backend>(s: &Store<B>, key: &str, value: &[u8]) {
     s.backend()
         .txn(

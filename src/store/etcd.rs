@@ -57,6 +57,13 @@ use super::backend::{
     Backend, BackendError, BackendErrorKind, Cmp, CmpOp, KeyValue, Op, OpResult, Txn, TxnResult,
 };
 
+/// The largest answer read from etcd. gRPC's default of 4 MiB is reached
+/// by a listing of every block near 15,000 nodes, which a coild start, a
+/// `node repair` and the controller's pass read: past it they failed with
+/// "decoded message length too large". The address index, the one prefix
+/// that grows with pods, is read in pages instead.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 /// Members one request is sent to at most before it fails.
 pub const MAX_ATTEMPTS: usize = 3;
 /// How long a member that failed is tried only after the others.
@@ -688,7 +695,12 @@ impl Backend for EtcdBackend {
         let resp = self
             .call(op, &key, retry, |c| {
                 let t = t.clone();
-                async move { c.kv_client().txn(t).await }
+                async move {
+                    c.kv_client()
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .txn(t)
+                        .await
+                }
             })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
