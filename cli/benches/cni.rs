@@ -31,7 +31,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const COIL: &str = env!("CARGO_BIN_EXE_coil");
+/// The plugin measured: `COIL_BENCH_PLUGIN` (scripts/bench sets it to the
+/// statically linked build the image ships), else this build's.
+static COIL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("COIL_BENCH_PLUGIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_coil").to_string())
+});
 const COILD: &str = env!("CARGO_BIN_EXE_coild");
 const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
 const CNI_PATH: &str = "/usr/lib/cni";
@@ -458,6 +462,7 @@ fn main() {
         eprintln!("the baseline needs Debian's containernetworking-plugins ({CNI_PATH}/ptp)");
         std::process::exit(2);
     }
+    eprintln!("coil plugin measured: {}", COIL.as_str());
     let n: usize = std::env::var("COIL_BENCH_PODS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -487,7 +492,7 @@ fn main() {
     let coild = start_coild(node_ns, &coild_dir, false);
     let coil = Plugin {
         name: "cni",
-        bin: COIL.to_string(),
+        bin: COIL.clone(),
         conf: format!(
             r#"{{"cniVersion":"1.0.0","name":"bench","type":"coil","socket":"{}"}}"#,
             coild.socket.display()
@@ -606,7 +611,7 @@ fn main() {
     let pods = Pods::new("ce", 21);
     let first = call(
         &node,
-        COIL,
+        &COIL,
         &env("ADD", &pods.names[0], true),
         conf.as_bytes(),
     );
@@ -614,7 +619,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let before = coild_stats(&ce.socket);
     for p in &pods.names[1..] {
-        let c = call(&node, COIL, &env("ADD", p, true), conf.as_bytes());
+        let c = call(&node, &COIL, &env("ADD", p, true), conf.as_bytes());
         assert!(c.ok, "ADD {p} (etcd mode)");
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -636,7 +641,7 @@ fn main() {
         "requests/ADD incl. async index mirror",
     ));
     for p in &pods.names {
-        let _ = call(&node, COIL, &env("DEL", p, true), conf.as_bytes());
+        let _ = call(&node, &COIL, &env("DEL", p, true), conf.as_bytes());
     }
     drop(pods);
     // An idle node's load on etcd, by etcd's own counters.
