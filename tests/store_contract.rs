@@ -583,13 +583,10 @@ async fn node_view_reads_only_the_asked_blocks<B: Backend>(s: &Store<B>) {
     }
     // `lost` now belongs to node-c (released, then taken).
     s.release_block(&lost).await.expect("release");
-    let stolen = loop {
-        let l = s.acquire_block("default", "node-c").await.expect("acquire");
-        taken.insert(l.block);
-        if l.block == lost.block {
-            break l;
-        }
-    };
+    let stolen = s
+        .acquire_specific("default", lost.block, "node-c")
+        .await
+        .expect("acquire the freed block");
     // A block of the pool nobody holds.
     let gone: IpNet = (0..64u32)
         .map(|i| net(&format!("10.9.0.{}/30", i * 4)))
