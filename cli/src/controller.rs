@@ -309,15 +309,11 @@ pub async fn pass<B: Backend>(
             }
         }
     }
-    // Pool capacity for the alert rules (one read per pool; pools are few).
-    let mut pools = Vec::new();
-    for p in store.list_pools().await? {
-        match store.pool_usage(&p.name).await {
-            Ok(u) => pools.push((p.name.clone(), p.total_blocks(), u.leases.len() as u64)),
-            Err(e) => tracing::warn!(pool = %p.name, "reading its usage: {e}"),
-        }
+    // Pool capacity for the alert rules: one read of the block keys.
+    match store.pool_capacity().await {
+        Ok(pools) => *m.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools,
+        Err(e) => tracing::warn!("reading the pools' capacity: {e}"),
     }
-    *m.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
     let (n, next) = store
         .gc_address_index_pages(identity, &state.index_cursor, INDEX_PAGES_PER_PASS)
         .await?;

@@ -530,6 +530,45 @@ impl<B: Backend> Store<B> {
         Ok(self.sift(&kvs, |kv| read_pool(&self.keys, kv)))
     }
 
+    /// Every valid pool's size in blocks and how many of its block keys
+    /// are taken (a bad entry occupies its key like a lease), in one read of
+    /// the block keys without their values: what the controller exports for
+    /// the pool alerts on each pass.
+    pub async fn pool_capacity(&self) -> Result<Vec<(String, u64, u64)>> {
+        let mut r = self
+            .backend
+            .txn(
+                "read pool capacity",
+                Txn::read(vec![
+                    Op::prefix(&self.keys.pools()),
+                    Op::Range {
+                        start: self.keys.blocks().into_bytes(),
+                        end: backend::prefix_end(self.keys.blocks().as_bytes()),
+                        limit: 0,
+                        keys_only: true,
+                    },
+                ]),
+            )
+            .await?;
+        let pools = self.logged(
+            "read pool capacity",
+            self.sift(&r.kvs(0), |kv| read_pool(&self.keys, kv)),
+        );
+        let mut taken: HashMap<String, u64> = HashMap::new();
+        for kv in r.kvs(1) {
+            if let Some((pool, _)) = self.keys.split_block_key(&kv.key_str()) {
+                *taken.entry(pool.to_string()).or_default() += 1;
+            }
+        }
+        Ok(pools
+            .into_iter()
+            .map(|p| {
+                let leased = taken.get(&p.name).copied().unwrap_or(0);
+                (p.name.clone(), p.total_blocks(), leased)
+            })
+            .collect())
+    }
+
     /// A pool and its leased blocks, read at one revision.
     pub async fn pool_usage(&self, name: &str) -> Result<PoolUsage> {
         model::validate_pool_name(name)?;
