@@ -246,6 +246,30 @@ pub fn start_etcd_in_netns(
 /// Merges benchmark figures into `COIL_BENCH_SUMMARY` (default
 /// target/bench/summary.json at the workspace root) as
 /// `{"name": {"value": number, "unit": "..."}}`.
+/// A counter or gauge of etcd's /metrics on a plain-HTTP client endpoint
+/// (`http://127.0.0.1:PORT`): the sum over lines that start with `name` and
+/// contain every one of `with` (label matchers such as
+/// `grpc_method="LeaseKeepAlive"`). The tests and benchmarks count etcd's
+/// load with etcd's own counters.
+pub fn etcd_metric(endpoint: &str, name: &str, with: &[&str]) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("connecting to etcd at {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("asking etcd for /metrics: {e}"))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .map_err(|e| format!("reading etcd's /metrics: {e}"))?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(name) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 pub fn write_bench_summary(figures: &[(String, f64, &str)]) -> Result<PathBuf, String> {
     let path = std::env::var("COIL_BENCH_SUMMARY")
         .map(PathBuf::from)

@@ -3,28 +3,11 @@
 //! (an idle node used to open a stream per keep-alive). Real etcd on a
 //! private loopback port.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::Backend;
-use coil::testkit::TestEtcd;
-
-/// A counter of etcd's /metrics on its client port: the sum over lines that
-/// start with `name` and contain every one of `labels`.
-fn etcd_metric(endpoint: &str, name: &str, labels: &[&str]) -> f64 {
-    let addr = endpoint.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to etcd");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("read metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use coil::testkit::{etcd_metric, TestEtcd};
 
 fn streams(endpoint: &str) -> f64 {
     etcd_metric(
@@ -32,6 +15,7 @@ fn streams(endpoint: &str) -> f64 {
         "grpc_server_started_total",
         &["grpc_method=\"LeaseKeepAlive\""],
     )
+    .expect("etcd metrics")
 }
 
 #[test]

@@ -697,32 +697,12 @@ async fn index_gc_pages_through_a_large_index<B: Backend>(s: &Store<B>) {
                 serde_json::to_vec(&rec).expect("json"),
             ));
             if batch.len() == 100 {
-                s.backend()
-                    .txn(
-                        "test",
-                        Txn {
-                            then: std::mem::take(&mut batch),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .expect("write");
+                put_batch(s, std::mem::take(&mut batch)).await;
             }
             n += 1;
         }
     }
-    if !batch.is_empty() {
-        s.backend()
-            .txn(
-                "test",
-                Txn {
-                    then: batch,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("write");
-    }
+    put_batch(s, batch).await;
     assert!(n >= 20_000, "the index must outgrow one read");
     let deleted = s.gc_address_index(leader).await.expect("gc");
     assert_eq!(
@@ -767,16 +747,7 @@ async fn a_listing_past_four_mebibytes_is_read<B: Backend>(s: &Store<B>) {
             serde_json::to_vec(&lease).expect("json"),
         ));
         if batch.len() == 100 {
-            s.backend()
-                .txn(
-                    "test",
-                    Txn {
-                        then: std::mem::take(&mut batch),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .expect("write");
+            put_batch(s, std::mem::take(&mut batch)).await;
         }
     }
     let all = s.all_blocks().await.expect("list every block");
@@ -785,6 +756,24 @@ async fn a_listing_past_four_mebibytes_is_read<B: Backend>(s: &Store<B>) {
     assert_eq!(nodes.len(), total as usize / 2);
 }
 contract!(a_listing_past_four_mebibytes_is_read);
+
+/// Writes raw puts in one transaction (tests that need many entries fast;
+/// nothing if `ops` is empty).
+async fn put_batch<B: Backend>(s: &Store<B>, ops: Vec<Op>) {
+    if ops.is_empty() {
+        return;
+    }
+    s.backend()
+        .txn(
+            "test",
+            Txn {
+                then: ops,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("write");
+}
 
 async fn put_raw<B: Backend>(s: &Store<B>, key: &str, value: &[u8]) {
     s.backend()

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
-use coil::testkit::TestEtcd;
+use coil::testkit::{etcd_metric, TestEtcd};
 use coil_cli::controller::{pass, ControllerMetrics};
 
 const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
@@ -48,23 +48,9 @@ fn node_name(i: usize) -> String {
     format!("node-{i:05}")
 }
 
-/// A counter or gauge of etcd's /metrics: the sum over lines that start
-/// with `name` and contain every one of `with`.
-fn etcd_metric(endpoint: &str, name: &str, with: &[&str]) -> f64 {
-    let out = Command::new("curl")
-        .args(["-sf", &format!("{endpoint}/metrics")])
-        .output()
-        .expect("curl etcd metrics");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with(name) && with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Requests etcd has received: unary calls plus keep-alive messages.
 fn etcd_requests(endpoint: &str) -> f64 {
-    etcd_metric(endpoint, "grpc_server_msg_received_total", &[])
+    etcd_metric(endpoint, "grpc_server_msg_received_total", &[]).expect("etcd metrics")
 }
 
 /// Runs coilctl against `endpoint`; returns (ms, ok).
@@ -309,7 +295,7 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
     }
 
     // 6. etcd's database.
-    let db = etcd_metric(&ep, "etcd_mvcc_db_total_size_in_bytes", &[]);
+    let db = etcd_metric(&ep, "etcd_mvcc_db_total_size_in_bytes", &[]).expect("etcd metrics");
     eprintln!("  etcd database: {:.1} MiB", db / 1048576.0);
     figs.push((format!("scale.{n}.etcd_db_bytes"), db, "bytes"));
     eprintln!(
