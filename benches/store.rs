@@ -31,6 +31,7 @@ fn spec() -> PoolSpec {
         name: "default".into(),
         subnets: vec!["10.128.0.0/10".parse().expect("net")],
         block_size: 8,
+        ipv6_block_size: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn spec(name: &str, subnets: &[&str], bs: u8) -> PoolSpec {
         name: name.into(),
         subnets: subnets.iter().map(|s| net(s)).collect(),
         block_size: bs,
+        ipv6_block_size: None,
     }
 }
 
@@ -189,7 +190,16 @@ async fn bad_input_changes_nothing<B: Backend>(s: &Store<B>) {
         spec("ok", &["10.0.0.0/24"], 25),
         spec("ok", &["10.0.0.0/24"], 9),
         spec("ok", &["10.0.0.0/8"], 2),
-        spec("ok", &["10.0.0.0/24", "fd00::/120"], 4),
+        // An IPv6 block size without an IPv6 subnet; an IPv6 block size too
+        // big for its subnet.
+        PoolSpec {
+            ipv6_block_size: Some(4),
+            ..spec("ok", &["10.0.0.0/24"], 4)
+        },
+        PoolSpec {
+            ipv6_block_size: Some(9),
+            ..spec("ok", &["10.0.0.0/24", "fd00::/120"], 4)
+        },
         spec("ok", &["10.0.0.0/24", "10.0.0.128/25"], 4),
         spec("ok", &["fd00::/64"], 40),
     ];
@@ -222,7 +232,7 @@ async fn acquire_release_exhaust<B: Backend>(s: &Store<B>) {
     let blocks: HashSet<IpNet> = got.iter().map(|l| l.block).collect();
     assert_eq!(blocks.len(), 16, "a block was leased twice");
     match s.acquire_block("default", "node-0").await {
-        Err(StoreError::Exhausted { pool, blocks }) => {
+        Err(StoreError::Exhausted { pool, blocks, .. }) => {
             assert_eq!(pool, "default");
             assert_eq!(blocks, 16);
         }
@@ -759,6 +769,126 @@ contract!(a_listing_past_four_mebibytes_is_read);
 
 /// Writes raw puts in one transaction (tests that need many entries fast;
 /// nothing if `ops` is empty).
+async fn dual_stack_pools_lease_each_family_apart<B: Backend>(s: &Store<B>) {
+    use coil::store::Family;
+    // 4 IPv4 blocks of 4 addresses, 2 IPv6 blocks of 256.
+    let p = s
+        .create_pool(&PoolSpec {
+            name: "dual".into(),
+            subnets: vec![net("fd00:77::/119"), net("10.77.0.0/28")],
+            block_size: 2,
+            ipv6_block_size: Some(8),
+        })
+        .await
+        .expect("create");
+    assert_eq!(p.families(), vec![Family::Ipv4, Family::Ipv6]);
+    assert_eq!(p.total_blocks(), 6);
+    // Read back as it was written.
+    let back = s.get_pool("dual").await.expect("get").expect("pool");
+    assert_eq!(back.ipv6, p.ipv6);
+    // An IPv6 subnet overlapping the dual pool's is refused for another pool.
+    assert!(matches!(
+        s.create_pool(&spec("other", &["fd00:77::100/120"], 4))
+            .await,
+        Err(StoreError::SubnetOverlap { .. })
+    ));
+    let mut v6 = Vec::new();
+    for i in 0..2 {
+        let l = s
+            .acquire_block_of("dual", Some(Family::Ipv6), &format!("n{i}"))
+            .await
+            .expect("v6 block");
+        assert_eq!(l.block.prefix_len(), 120, "{}", l.block);
+        assert!(net("fd00:77::/119").contains(&l.block));
+        v6.push(l);
+    }
+    assert_ne!(v6[0].block, v6[1].block);
+    // The IPv6 half is exhausted while the IPv4 half has every block free.
+    match s.acquire_block_of("dual", Some(Family::Ipv6), "n0").await {
+        Err(
+            e @ StoreError::Exhausted {
+                family: Family::Ipv6,
+                blocks: 2,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("ipv6"), "{e}");
+        }
+        other => panic!("expected IPv6 exhaustion, got {other:?}"),
+    }
+    let mut v4 = Vec::new();
+    for i in 0..4 {
+        let l = s
+            .acquire_block_of("dual", Some(Family::Ipv4), &format!("n{i}"))
+            .await
+            .expect("v4 block");
+        assert_eq!(l.block.prefix_len(), 30);
+        v4.push(l);
+    }
+    assert!(matches!(
+        s.acquire_block("dual", "n0").await,
+        Err(StoreError::Exhausted {
+            family: Family::Ipv4,
+            blocks: 4,
+            ..
+        })
+    ));
+    // Leases of both families list, release and show per family.
+    assert_eq!(s.all_blocks().await.expect("all").len(), 6);
+    let cap = s.pool_capacity().await.expect("capacity");
+    assert_eq!(
+        cap,
+        vec![
+            ("dual".to_string(), Family::Ipv4, 4, 4),
+            ("dual".to_string(), Family::Ipv6, 2, 2)
+        ]
+    );
+    s.release_block(&v6[0]).await.expect("release v6");
+    let again = s
+        .acquire_block_of("dual", Some(Family::Ipv6), "n9")
+        .await
+        .expect("freed v6 block");
+    assert_eq!(again.block, v6[0].block);
+    // The address index takes both families; address info finds each.
+    let addr6 = coil::node::address_at(&again.block, 5).expect("address");
+    let a6 = AddressRecord {
+        address: addr6,
+        node: "n9".into(),
+        block: again.block,
+        pool: "dual".into(),
+        network: "k8s".into(),
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+        pod_namespace: "ns".into(),
+        pod_name: "p".into(),
+    };
+    s.put_address(&a6).await.expect("put v6 address");
+    let info = s.address_info(addr6).await.expect("info");
+    assert_eq!(info.pool.as_deref(), Some("dual"));
+    assert_eq!(info.block, Some(again.block));
+    assert_eq!(info.lease.map(|l| l.node), Some("n9".to_string()));
+    assert_eq!(info.record, Some(a6));
+    // A single-family pool refuses a subnet of the other family, and a
+    // dual pool takes one of either.
+    s.create_pool(&spec("single", &["10.78.0.0/28"], 2))
+        .await
+        .expect("single");
+    let e = s
+        .add_subnet("single", net("fd00:78::/120"))
+        .await
+        .expect_err("other family");
+    assert!(e.to_string().contains("ipv4 only"), "{e}");
+    let grown = s
+        .add_subnet("dual", net("fd00:79::/120"))
+        .await
+        .expect("v6 subnet");
+    assert_eq!(grown.family_range(Family::Ipv6).count(), 3);
+    assert_eq!(grown.family_range(Family::Ipv4).count(), 4);
+    // Nothing the store holds is bad.
+    assert_eq!(s.check().await.expect("check"), vec![]);
+}
+contract!(dual_stack_pools_lease_each_family_apart);
+
 async fn put_batch<B: Backend>(s: &Store<B>, ops: Vec<Op>) {
     if ops.is_empty() {
         return;

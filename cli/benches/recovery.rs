@@ -162,6 +162,7 @@ fn ready_ms(records: usize, ms_per_pod: f64) -> Option<(f64, f64)> {
             name: "default".into(),
             subnets: vec![subnet],
             block_size: 8,
+            ipv6_block_size: None,
         })
         .await
         .expect("pool");

@@ -114,6 +114,7 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
                 name: "default".into(),
                 subnets: vec!["10.0.0.0/11".parse().expect("net")],
                 block_size: BLOCK_SIZE,
+                ipv6_block_size: None,
             })
             .await
             .expect("pool")

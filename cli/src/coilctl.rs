@@ -82,15 +82,23 @@ enum Cmd {
 enum PoolCmd {
     /// Create a pool: `pool create NAME SUBNET... --block-size N` (or v1's
     /// `pool create NAME SUBNET SIZE`). A pool named like a namespace serves
-    /// that namespace; `default` serves the rest.
+    /// that namespace; `default` serves the rest. With IPv4 and IPv6
+    /// subnets (`--ipv6 SUBNET`) the pool is dual-stack: each pod gets one
+    /// address of each family.
     Create {
         name: String,
-        /// Subnets (CIDR), all of one family; v1's trailing SIZE is accepted.
+        /// Subnets (CIDR); v1's trailing SIZE is accepted.
         #[arg(required = true, value_name = "SUBNET")]
         args: Vec<String>,
         /// log2 of the addresses per block (5 = 32 addresses).
         #[arg(long, short = 's')]
         block_size: Option<u8>,
+        /// An IPv6 subnet of a dual-stack pool (repeatable).
+        #[arg(long, value_name = "SUBNET")]
+        ipv6: Vec<String>,
+        /// log2 of the addresses per IPv6 block (default: --block-size).
+        #[arg(long, value_name = "N")]
+        ipv6_block_size: Option<u8>,
     },
     /// Add a subnet to a pool.
     AddSubnet { name: String, subnet: String },
@@ -275,7 +283,17 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 name,
                 args,
                 block_size,
-            } => ctl_store::parse_create(&name, &args, block_size),
+                ipv6,
+                ipv6_block_size,
+            } => ctl_store::parse_create(
+                &name,
+                &args,
+                block_size,
+                &ctl_store::Ipv6Args {
+                    subnets: ipv6,
+                    block_size: ipv6_block_size,
+                },
+            ),
             PoolCmd::AddSubnet { name, subnet } => {
                 ctl_store::parse_pool_name(&name).and_then(|n| {
                     Ok(StoreCmd::AddSubnet(

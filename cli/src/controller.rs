@@ -121,7 +121,7 @@ pub struct ControllerMetrics {
     /// Node lists that failed or were ignored by the sanity guard.
     pub kube_lists_ignored: std::sync::atomic::AtomicU64,
     /// Per pool, as of the leader's last pass: (name, blocks, leased).
-    pub pools: std::sync::Mutex<Vec<(String, u64, u64)>>,
+    pub pools: std::sync::Mutex<Vec<(String, coil::store::Family, u64, u64)>>,
 }
 
 /// Where the controller learns which Nodes exist, and how far it trusts a
@@ -519,9 +519,11 @@ fn controller_metrics(m: &ControllerMetrics) -> String {
         ),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (pool, total, leased) in pools.iter().filter(|_| leading) {
+        for (pool, family, total, leased) in pools.iter().filter(|_| leading) {
             let v = if col == 1 { total } else { leased };
-            out.push_str(&format!("{name}{{pool=\"{pool}\"}} {v}\n"));
+            out.push_str(&format!(
+                "{name}{{pool=\"{pool}\",family=\"{family}\"}} {v}\n"
+            ));
         }
     }
     out
@@ -604,18 +606,25 @@ mod tests {
     #[test]
     fn pool_gauges_are_exported_by_the_leader_only() {
         let m = ControllerMetrics::default();
-        *m.pools.lock().expect("pools") = vec![("default".into(), 16, 3)];
+        *m.pools.lock().expect("pools") = vec![
+            ("default".into(), coil::store::Family::Ipv4, 16, 3),
+            ("default".into(), coil::store::Family::Ipv6, 256, 1),
+        ];
         let follower = controller_metrics(&m);
         assert!(follower.contains("# TYPE coil_pool_blocks gauge"));
         assert!(!follower.contains("coil_pool_blocks{"), "{follower}");
         m.is_leader.store(1, std::sync::atomic::Ordering::Relaxed);
         let leader = controller_metrics(&m);
         assert!(
-            leader.contains("coil_pool_blocks{pool=\"default\"} 16\n"),
+            leader.contains("coil_pool_blocks{pool=\"default\",family=\"ipv4\"} 16\n"),
             "{leader}"
         );
         assert!(
-            leader.contains("coil_pool_blocks_leased{pool=\"default\"} 3\n"),
+            leader.contains("coil_pool_blocks_leased{pool=\"default\",family=\"ipv4\"} 3\n"),
+            "{leader}"
+        );
+        assert!(
+            leader.contains("coil_pool_blocks{pool=\"default\",family=\"ipv6\"} 256\n"),
             "{leader}"
         );
     }

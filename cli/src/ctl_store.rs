@@ -15,7 +15,7 @@ use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::EtcdBackend;
 use coil::store::model::{self, parse_subnet};
 use coil::store::remote::RemoteBackend;
-use coil::store::{Backend, BadEntry, BlockLease, PoolSpec, Store, StoreError};
+use coil::store::{Backend, BadEntry, BlockLease, Family, Pool, PoolSpec, Store, StoreError};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
@@ -50,12 +50,22 @@ fn bad(e: StoreError) -> String {
     e.to_string()
 }
 
-/// Parses `pool create NAME SUBNET... [--block-size N]`, also accepting
-/// v1's `pool create NAME SUBNET SIZE`.
+/// The IPv6 part of `pool create`: `--ipv6 SUBNET`... and
+/// `--ipv6-block-size N`.
+#[derive(Debug, Default)]
+pub struct Ipv6Args {
+    pub subnets: Vec<String>,
+    pub block_size: Option<u8>,
+}
+
+/// Parses `pool create NAME SUBNET... [--block-size N] [--ipv6 SUBNET]...
+/// [--ipv6-block-size N]`, also accepting v1's `pool create NAME SUBNET
+/// SIZE`.
 pub fn parse_create(
     name: &str,
     args: &[String],
     block_size: Option<u8>,
+    ipv6: &Ipv6Args,
 ) -> Result<StoreCmd, String> {
     let (subnets, bs) = match block_size {
         Some(bs) => (args, bs),
@@ -78,14 +88,26 @@ pub fn parse_create(
     if subnets.is_empty() {
         return Err("pool create needs at least one SUBNET".into());
     }
+    let v6: Vec<IpNet> = ipv6
+        .subnets
+        .iter()
+        .map(|s| parse_subnet(s))
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
+    if let Some(s) = v6.iter().find(|s| !matches!(s, IpNet::V6(_))) {
+        return Err(format!("--ipv6 {s}: not an IPv6 subnet"));
+    }
+    let mut all: Vec<IpNet> = subnets
+        .iter()
+        .map(|s| parse_subnet(s))
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
+    all.extend(v6);
     let spec = PoolSpec {
         name: name.to_string(),
-        subnets: subnets
-            .iter()
-            .map(|s| parse_subnet(s))
-            .collect::<Result<_, _>>()
-            .map_err(bad)?,
+        subnets: all,
         block_size: bs,
+        ipv6_block_size: ipv6.block_size,
     };
     model::validate_spec(&spec).map_err(bad)?;
     Ok(StoreCmd::CreatePool(spec))
@@ -276,6 +298,46 @@ fn bad_json(bad: &[BadEntry]) -> Value {
     )
 }
 
+/// "ipv4", "ipv6", or "ipv4+ipv6" for a dual-stack pool.
+fn families_label(p: &Pool) -> String {
+    p.families()
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// The block size, "4/8" (IPv4/IPv6) for a dual-stack pool.
+fn block_size_label(p: &Pool) -> String {
+    p.families()
+        .iter()
+        .filter_map(|f| p.block_size_of(*f))
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A pool's shape in JSON: the first family's fields as before dual-stack,
+/// and `families` and `ipv6` (a dual-stack pool's IPv6 part).
+fn pool_json(p: &Pool) -> Value {
+    let mut v = json!({
+        "pool": p.name,
+        "family": p.family,
+        "families": p.families(),
+        "block_size": p.block_size,
+        "subnets": p.subnets,
+        "blocks": p.total_blocks(),
+    });
+    if let Some(part) = &p.ipv6 {
+        v["ipv6"] = json!({
+            "block_size": part.block_size,
+            "subnets": part.subnets,
+            "blocks": p.family_range(Family::Ipv6).count(),
+        });
+    }
+    v
+}
+
 fn lease_json(l: &BlockLease) -> Value {
     json!({
         "pool": l.pool,
@@ -291,26 +353,24 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
         StoreCmd::CreatePool(spec) => {
             let p = s.create_pool(&spec).await?;
             if json {
-                print_json(
-                    &json!({"pool": p.name, "family": p.family, "block_size": p.block_size,
-                    "subnets": p.subnets, "blocks": p.total_blocks()}),
-                );
+                print_json(&pool_json(&p));
             } else {
-                println!(
-                    "created pool {} ({}, {} blocks of {} addresses)",
-                    p.name,
-                    p.family,
-                    p.total_blocks(),
-                    p.addresses_per_block()
-                );
+                let parts: Vec<String> = p
+                    .families()
+                    .iter()
+                    .map(|f| {
+                        let n = p.family_range(*f).count();
+                        let bs = p.block_size_of(*f).unwrap_or(0);
+                        format!("{n} {f} blocks of {} addresses", 1u128 << bs)
+                    })
+                    .collect();
+                println!("created pool {} ({})", p.name, parts.join(", "));
             }
         }
         StoreCmd::AddSubnet(name, subnet) => {
             let p = s.add_subnet(&name, subnet).await?;
             if json {
-                print_json(
-                    &json!({"pool": p.name, "subnets": p.subnets, "blocks": p.total_blocks()}),
-                );
+                print_json(&pool_json(&p));
             } else {
                 println!(
                     "added {subnet} to pool {} (now {} blocks)",
@@ -348,8 +408,7 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 .collect();
             // (subnet, blocks, leased, occupied by bad entries)
             let per_subnet: Vec<(IpNet, u64, usize, usize)> = p
-                .subnets
-                .iter()
+                .all_subnets()
                 .map(|sn| {
                     let leased = u.leases.iter().filter(|l| sn.contains(&l.block)).count();
                     let bad = occupied.iter().filter(|b| sn.contains(*b)).count();
@@ -359,10 +418,8 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
             let total = p.total_blocks();
             let free = |n: u64, leased: usize, bad: usize| n.saturating_sub((leased + bad) as u64);
             if json {
-                print_json(&json!({
-                    "pool": p.name,
-                    "family": p.family,
-                    "block_size": p.block_size,
+                let mut v = pool_json(p);
+                let more = json!({
                     "addresses_per_block": p.addresses_per_block().to_string(),
                     "blocks": total,
                     "leased": u.leases.len(),
@@ -375,18 +432,31 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                     "nodes": by_node,
                     "leases": u.leases.iter().map(lease_json).collect::<Vec<_>>(),
                     "bad_entries": bad_json(&u.bad),
-                }));
+                });
+                if let (Some(o), Value::Object(m)) = (v.as_object_mut(), more) {
+                    o.extend(m);
+                }
+                print_json(&v);
                 warn_bad(&u.bad, "");
                 return Ok(exit::OK);
             }
             println!("pool:        {}", p.name);
-            println!("family:      {}", p.family);
-            println!(
-                "block size:  {} ({} addresses, /{})",
-                p.block_size,
-                p.addresses_per_block(),
-                p.block_prefix()
-            );
+            if p.is_dual() {
+                println!("family:      {} (dual-stack)", families_label(p));
+            } else {
+                println!("family:      {}", p.family);
+            }
+            for f in p.families() {
+                let (Some(bs), Some(prefix)) = (p.block_size_of(f), p.block_prefix_of(f)) else {
+                    continue;
+                };
+                let label = if p.is_dual() {
+                    format!("{f} blocks:")
+                } else {
+                    "block size:".to_string()
+                };
+                println!("{label:<12} {bs} ({} addresses, /{prefix})", 1u128 << bs);
+            }
             if occupied.is_empty() {
                 println!(
                     "blocks:      {} leased, {} free, {} total",
@@ -453,8 +523,9 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                     pools
                         .iter()
                         .map(|p| {
-                            json!({"pool": p.name, "family": p.family, "block_size": p.block_size,
-                            "subnets": p.subnets, "blocks": p.total_blocks(), "leased": leased(&p.name)})
+                            let mut v = pool_json(p);
+                            v["leased"] = json!(leased(&p.name));
+                            v
                         })
                         .collect(),
                 ));
@@ -472,12 +543,11 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
             for p in &pools {
                 t.row(vec![
                     p.name.clone(),
-                    p.family.to_string(),
-                    p.block_size.to_string(),
+                    families_label(p),
+                    block_size_label(p),
                     p.total_blocks().to_string(),
                     leased(&p.name).to_string(),
-                    p.subnets
-                        .iter()
+                    p.all_subnets()
                         .map(|s| s.to_string())
                         .collect::<Vec<_>>()
                         .join(","),
@@ -661,21 +731,49 @@ mod tests {
 
     #[test]
     fn create_forms() {
-        match parse_create("default", &v(&["10.0.0.0/16", "5"]), None) {
+        let none = Ipv6Args::default();
+        match parse_create("default", &v(&["10.0.0.0/16", "5"]), None, &none) {
             Ok(StoreCmd::CreatePool(s)) => {
                 assert_eq!(s.block_size, 5);
                 assert_eq!(s.subnets.len(), 1);
             }
             other => panic!("{other:?}"),
         }
-        match parse_create("default", &v(&["10.0.0.0/16", "10.1.0.0/16"]), Some(4)) {
+        match parse_create(
+            "default",
+            &v(&["10.0.0.0/16", "10.1.0.0/16"]),
+            Some(4),
+            &none,
+        ) {
             Ok(StoreCmd::CreatePool(s)) => assert_eq!(s.subnets.len(), 2),
             other => panic!("{other:?}"),
         }
-        assert!(parse_create("default", &v(&["10.0.0.0/16"]), None).is_err());
-        assert!(parse_create("default", &v(&["10.0.0.0/16", "x"]), None).is_err());
-        assert!(parse_create("Bad", &v(&["10.0.0.0/16"]), Some(5)).is_err());
-        assert!(parse_create("ok", &v(&[]), Some(5)).is_err());
+        assert!(parse_create("default", &v(&["10.0.0.0/16"]), None, &none).is_err());
+        assert!(parse_create("default", &v(&["10.0.0.0/16", "x"]), None, &none).is_err());
+        assert!(parse_create("Bad", &v(&["10.0.0.0/16"]), Some(5), &none).is_err());
+        assert!(parse_create("ok", &v(&[]), Some(5), &none).is_err());
+        let dual = Ipv6Args {
+            subnets: v(&["fd00:10::/112"]),
+            block_size: Some(8),
+        };
+        match parse_create("default", &v(&["10.0.0.0/16"]), Some(5), &dual) {
+            Ok(StoreCmd::CreatePool(s)) => {
+                assert_eq!(s.subnets.len(), 2);
+                assert_eq!(s.ipv6_block_size, Some(8));
+            }
+            other => panic!("{other:?}"),
+        }
+        let wrong = Ipv6Args {
+            subnets: v(&["10.1.0.0/16"]),
+            block_size: None,
+        };
+        let e = parse_create("default", &v(&["10.0.0.0/16"]), Some(5), &wrong).expect_err("v4");
+        assert!(e.contains("not an IPv6 subnet"), "{e}");
+        let lone = Ipv6Args {
+            subnets: vec![],
+            block_size: Some(8),
+        };
+        assert!(parse_create("default", &v(&["10.0.0.0/16"]), Some(5), &lone).is_err());
     }
 
     #[test]

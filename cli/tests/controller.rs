@@ -72,6 +72,7 @@ async fn liveness_expiry_frees_nothing_only_removal_does() {
         name: "default".into(),
         subnets: vec!["10.66.0.0/24".parse().expect("net")],
         block_size: 4,
+        ipv6_block_size: None,
     })
     .await
     .expect("pool");
@@ -125,7 +126,7 @@ async fn liveness_expiry_frees_nothing_only_removal_does() {
     // The pool gauges the alert rules use: 16 blocks of 16 addresses, 3 leased.
     assert_eq!(
         *m.pools.lock().expect("pools"),
-        vec![("default".to_string(), 16, 3)]
+        vec![("default".to_string(), coil::store::Family::Ipv4, 16, 3)]
     );
     assert_eq!(
         m.blocks_released.load(std::sync::atomic::Ordering::Relaxed),
@@ -215,6 +216,7 @@ async fn the_controller_binary_keeps_an_unreachable_nodes_blocks_and_serves_metr
         name: "default".into(),
         subnets: vec!["10.67.0.0/24".parse().expect("net")],
         block_size: 4,
+        ipv6_block_size: None,
     })
     .await
     .expect("pool");
@@ -473,6 +475,7 @@ async fn a_deleted_node_object_skips_the_grace_but_never_frees_a_live_node() {
         name: "default".into(),
         subnets: vec!["10.68.0.0/24".parse().expect("net")],
         block_size: 4,
+        ipv6_block_size: None,
     })
     .await
     .expect("pool");
@@ -571,6 +574,7 @@ async fn a_failed_cut_or_suspect_node_list_frees_nothing() {
         name: "default".into(),
         subnets: vec!["10.69.0.0/24".parse().expect("net")],
         block_size: 4,
+        ipv6_block_size: None,
     })
     .await
     .expect("pool");

@@ -93,6 +93,7 @@ async fn recovery_proceeds_past_bad_store_entries() {
         name: "default".into(),
         subnets: vec![net("10.64.0.0/24")],
         block_size: 5,
+        ipv6_block_size: None,
     })
     .await
     .expect("pool");

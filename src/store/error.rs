@@ -29,8 +29,12 @@ pub enum StoreError {
     #[error("pool {pool} still has {addresses} address(es) in use; it cannot be removed even with --force")]
     PoolNotEmpty { pool: String, addresses: usize },
     /// Every block of the pool is leased.
-    #[error("pool {pool} is exhausted: all {blocks} blocks are leased")]
-    Exhausted { pool: String, blocks: u64 },
+    #[error("pool {pool} is exhausted: all {blocks} {family} blocks are leased")]
+    Exhausted {
+        pool: String,
+        family: super::Family,
+        blocks: u64,
+    },
     #[error("block {block} is not leased")]
     NotLeased { block: IpNet },
     #[error("block {block} is leased by {owner}, not {node}")]

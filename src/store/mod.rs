@@ -292,7 +292,7 @@ impl<B: Backend> Store<B> {
     /// subnet of any pool; the overlap check and the creation are fenced in
     /// one transaction.
     pub async fn create_pool(&self, spec: &PoolSpec) -> Result<Pool> {
-        let family = model::validate_spec(spec)?;
+        model::validate_spec(spec)?;
         let pool_key = self.keys.pool(&spec.name);
         let mut subnets = spec.subnets.clone();
         subnets.sort();
@@ -311,14 +311,7 @@ impl<B: Backend> Store<B> {
                     });
                 }
             }
-            let pool = Pool {
-                name: spec.name.clone(),
-                family,
-                block_size: spec.block_size,
-                subnets: subnets.clone(),
-                created_unix: now_unix(),
-                revision: 0,
-            };
+            let pool = spec.to_pool(now_unix());
             let mut when = vec![
                 Cmp::CreateRevision {
                     key: pool_key.clone().into_bytes(),
@@ -378,11 +371,20 @@ impl<B: Backend> Store<B> {
             self.backoff(attempt).await;
             let (existing, registered, _, rev) = self.read_registry(name).await?;
             let mut pool = existing.ok_or_else(|| StoreError::PoolNotFound(name.to_string()))?;
-            model::validate_subnet(&subnet, pool.family, pool.block_size)?;
-            if pool.subnets.len() >= model::MAX_SUBNETS_PER_POOL {
+            let family = Family::of(&subnet);
+            let block_size = pool.block_size_of(family).ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "subnet {subnet} is {family}, but pool {name} is {} only (a pool gets \
+                     a second family when it is created: coilctl pool create NAME \
+                     IPV4-SUBNET --ipv6 IPV6-SUBNET)",
+                    pool.family
+                ))
+            })?;
+            model::validate_subnet(&subnet, family, block_size)?;
+            let n = pool.all_subnets().count();
+            if n >= model::MAX_SUBNETS_PER_POOL {
                 return Err(StoreError::Invalid(format!(
-                    "pool {name} already has {} subnets, the most a pool holds",
-                    pool.subnets.len()
+                    "pool {name} already has {n} subnets, the most a pool holds"
                 )));
             }
             if let Some(o) = find_overlap(&subnet, &registered) {
@@ -393,8 +395,16 @@ impl<B: Backend> Store<B> {
                 });
             }
             let pool_rev = pool.revision;
-            pool.subnets.push(subnet);
-            pool.subnets.sort();
+            match pool.ipv6.as_mut() {
+                Some(part) if family == Family::Ipv6 => {
+                    part.subnets.push(subnet);
+                    part.subnets.sort();
+                }
+                _ => {
+                    pool.subnets.push(subnet);
+                    pool.subnets.sort();
+                }
+            }
             let when = vec![
                 Cmp::ModRevision {
                     key: pool_key.clone().into_bytes(),
@@ -531,10 +541,11 @@ impl<B: Backend> Store<B> {
     }
 
     /// Every valid pool's size in blocks and how many of its block keys
-    /// are taken (a bad entry occupies its key like a lease), in one read of
-    /// the block keys without their values: what the controller exports for
-    /// the pool alerts on each pass.
-    pub async fn pool_capacity(&self) -> Result<Vec<(String, u64, u64)>> {
+    /// are taken (a bad entry occupies its key like a lease), per address
+    /// family (one family can run out while the other has room), in one
+    /// read of the block keys without their values: what the controller
+    /// exports for the pool alerts on each pass.
+    pub async fn pool_capacity(&self) -> Result<Vec<(String, Family, u64, u64)>> {
         let mut r = self
             .backend
             .txn(
@@ -554,17 +565,28 @@ impl<B: Backend> Store<B> {
             "read pool capacity",
             self.sift(&r.kvs(0), |kv| read_pool(&self.keys, kv)),
         );
-        let mut taken: HashMap<String, u64> = HashMap::new();
+        let by_name: HashMap<&str, &Pool> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        let mut taken: HashMap<(String, Family), u64> = HashMap::new();
         for kv in r.kvs(1) {
-            if let Some((pool, _)) = self.keys.split_block_key(&kv.key_str()) {
-                *taken.entry(pool.to_string()).or_default() += 1;
+            let key = kv.key_str();
+            let Some((pool, _)) = self.keys.split_block_key(&key) else {
+                continue;
+            };
+            let Some(p) = by_name.get(pool) else {
+                continue;
+            };
+            if let Some(b) = self.keys.block_of_key(p, &key) {
+                *taken.entry((pool.to_string(), Family::of(&b))).or_default() += 1;
             }
         }
         Ok(pools
-            .into_iter()
-            .map(|p| {
-                let leased = taken.get(&p.name).copied().unwrap_or(0);
-                (p.name.clone(), p.total_blocks(), leased)
+            .iter()
+            .flat_map(|p| {
+                let taken = &taken;
+                p.families().into_iter().map(move |f| {
+                    let leased = taken.get(&(p.name.clone(), f)).copied().unwrap_or(0);
+                    (p.name.clone(), f, p.family_range(f).count() as u64, leased)
+                })
             })
             .collect())
     }
@@ -605,7 +627,7 @@ impl<B: Backend> Store<B> {
             let usage = self.pool_usage(name).await?;
             let pool = usage.pool;
             let mut reads = Vec::new();
-            for s in &pool.subnets {
+            for s in pool.all_subnets() {
                 let (a, b) = self.keys.address_range(s);
                 reads.push(Op::Range {
                     start: a.into_bytes(),
@@ -621,7 +643,7 @@ impl<B: Backend> Store<B> {
                 .txn("read pool usage", Txn::read(reads))
                 .await?;
             let rev = r.revision;
-            let n = pool.subnets.len();
+            let n = pool.all_subnets().count();
             let addresses: usize = (0..n).map(|i| r.kvs(i).len()).sum();
             // pool_usage above already counted and logged the bad entries.
             let listed = partition(&r.kvs(n), |kv| read_lease(&self.keys, kv, Some(&pool)));
@@ -680,7 +702,7 @@ impl<B: Backend> Store<B> {
                     end: backend::prefix_end(blocks_prefix.as_bytes()),
                 },
             ];
-            for s in &pool.subnets {
+            for s in pool.all_subnets() {
                 let (a, b) = self.keys.address_range(s);
                 when.push(Cmp::RangeUnchangedBefore {
                     start: a.into_bytes(),
@@ -753,7 +775,21 @@ impl<B: Backend> Store<B> {
     /// chosen. After `RANDOM_PROBES` full windows it reads the pool's
     /// whole block range, which either yields a free block or proves
     /// exhaustion. Typically one request per acquisition.
+    ///
+    /// The block is of the pool's first family (IPv4 in a dual-stack pool);
+    /// [`Store::acquire_block_of`] names the family.
     pub async fn acquire_block(&self, pool_name: &str, node: &str) -> Result<BlockLease> {
+        self.acquire_block_of(pool_name, None, node).await
+    }
+
+    /// Leases a free block of `family` (None: the pool's first family) of
+    /// `pool` to `node`; see [`Store::acquire_block`].
+    pub async fn acquire_block_of(
+        &self,
+        pool_name: &str,
+        family: Option<Family>,
+        node: &str,
+    ) -> Result<BlockLease> {
         model::validate_pool_name(pool_name)?;
         model::validate_node_name(node)?;
         let mut pool = match self.cached_pool(pool_name) {
@@ -771,20 +807,28 @@ impl<B: Backend> Store<B> {
         let mut full_windows = 0u32;
         let mut lost_races = 0u32;
         for _ in 0..self.retry.attempts {
-            let total = pool.total_blocks();
+            let family = family.unwrap_or(pool.family);
+            let range = pool.family_range(family);
+            if range.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "pool {pool_name} has no {family} subnet"
+                )));
+            }
             let index = match next.take() {
                 Some(i) => i,
-                None if full_windows >= RANDOM_PROBES => match self.scan_for_free(&pool).await? {
-                    Scan::Free(i, p) => {
-                        pool = p;
-                        i
+                None if full_windows >= RANDOM_PROBES => {
+                    match self.scan_for_free(&pool, family).await? {
+                        Scan::Free(i, p) => {
+                            pool = p;
+                            i
+                        }
+                        Scan::Changed(p) => {
+                            pool = p;
+                            continue;
+                        }
                     }
-                    Scan::Changed(p) => {
-                        pool = p;
-                        continue;
-                    }
-                },
-                None => rand::thread_rng().gen_range(0..total),
+                }
+                None => rand::thread_rng().gen_range(range),
             };
             let Some((block, subnet)) = pool.block_at(index) else {
                 continue;
@@ -940,7 +984,7 @@ impl<B: Backend> Store<B> {
 
     /// Reads every leased key of the pool at one revision and picks a random
     /// free block, or proves the pool exhausted.
-    async fn scan_for_free(&self, pool: &Pool) -> Result<Scan> {
+    async fn scan_for_free(&self, pool: &Pool, family: Family) -> Result<Scan> {
         let prefix = self.keys.pool_blocks(&pool.name);
         let mut r = self
             .backend
@@ -973,12 +1017,15 @@ impl<B: Backend> Store<B> {
         let occupied = leased
             .iter()
             .filter_map(|k| std::str::from_utf8(k).ok())
-            .filter(|k| self.keys.block_of_key(pool, k).is_some())
+            .filter_map(|k| self.keys.block_of_key(pool, k))
+            .filter(|b| Family::of(b) == family)
             .count();
-        let total = pool.total_blocks();
+        let range = pool.family_range(family);
+        let total = range.end - range.start;
         if occupied as u64 >= total {
             return Err(StoreError::Exhausted {
                 pool: pool.name.clone(),
+                family,
                 blocks: total,
             });
         }
@@ -986,7 +1033,7 @@ impl<B: Backend> Store<B> {
         // without building the whole free list.
         let start = rand::thread_rng().gen_range(0..total);
         for step in 0..total {
-            let i = (start + step) % total;
+            let i = range.start + (start + step) % total;
             if let Some((b, _)) = pool.block_at(i) {
                 if !leased.contains(self.keys.block(&pool.name, &b).as_bytes()) {
                     return Ok(Scan::Free(i, current));
@@ -995,6 +1042,7 @@ impl<B: Backend> Store<B> {
         }
         Err(StoreError::Exhausted {
             pool: pool.name.clone(),
+            family,
             blocks: total,
         })
     }
@@ -1913,7 +1961,7 @@ impl<B: Backend> Store<B> {
                 }
             } else if rest.starts_with("pools/") {
                 read_pool(&self.keys, kv).and_then(|p| {
-                    for s in &p.subnets {
+                    for s in p.all_subnets() {
                         match registered(s) {
                             Some(r) if r.pool == p.name => {}
                             Some(r) => {
@@ -1939,7 +1987,7 @@ impl<B: Backend> Store<B> {
             } else if rest.starts_with("subnets/") {
                 read_subnet(&self.keys, kv).and_then(|r| {
                     match pools.get(&r.pool) {
-                        Some(p) if p.subnets.contains(&r.subnet) => Ok(()),
+                        Some(p) if p.all_subnets().any(|s| *s == r.subnet) => Ok(()),
                         _ => Err(bad_entry(
                             kv,
                             format!(
@@ -2174,6 +2222,7 @@ mod tests {
             subnets: vec!["10.0.0.0/24".parse().expect("net")],
             created_unix: 0,
             revision: 1,
+            ipv6: None,
         }
     }
 

@@ -80,15 +80,34 @@ impl std::fmt::Display for Family {
     }
 }
 
+/// The IPv6 half of a dual-stack pool: its own block size and subnets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolPart {
+    /// log2 of the number of addresses in one IPv6 block.
+    pub block_size: u8,
+    /// IPv6 subnets in address order.
+    pub subnets: Vec<IpNet>,
+}
+
 /// An address pool as stored (`pools/<name>`).
+///
+/// A single-family pool has `family`, `block_size` and `subnets`. A
+/// dual-stack pool is an IPv4 pool (`family` ipv4) with an `ipv6` part:
+/// every pod of the pool gets one address of each family, and a node leases
+/// the blocks of the two families independently (see docs/dual-stack.md).
+/// A pool written before dual-stack existed has no `ipv6` and reads as it
+/// always did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pool {
     pub name: String,
     pub family: Family,
-    /// log2 of the number of addresses in one block.
+    /// log2 of the number of addresses in one block of `family`.
     pub block_size: u8,
-    /// Subnets in address order.
+    /// Subnets of `family` in address order.
     pub subnets: Vec<IpNet>,
+    /// The IPv6 part of a dual-stack pool (then `family` is ipv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<PoolPart>,
     pub created_unix: u64,
     /// The store revision of this version of the pool (not stored in the
     /// value; filled in on read). Writes that depend on the pool's shape are
@@ -98,35 +117,100 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Blocks in one subnet.
+    /// The families whose addresses every pod of this pool gets, IPv4 first.
+    pub fn families(&self) -> Vec<Family> {
+        match &self.ipv6 {
+            Some(_) => vec![Family::Ipv4, Family::Ipv6],
+            None => vec![self.family],
+        }
+    }
+
+    /// Does the pool hold both families?
+    pub fn is_dual(&self) -> bool {
+        self.ipv6.is_some()
+    }
+
+    /// The block size of the pool's `family` blocks, if it has that family.
+    pub fn block_size_of(&self, family: Family) -> Option<u8> {
+        match &self.ipv6 {
+            Some(p) if family == Family::Ipv6 => Some(p.block_size),
+            _ if family == self.family => Some(self.block_size),
+            _ => None,
+        }
+    }
+
+    /// The pool's subnets of `family` (empty if it has none).
+    pub fn subnets_of(&self, family: Family) -> &[IpNet] {
+        match &self.ipv6 {
+            Some(p) if family == Family::Ipv6 => &p.subnets,
+            _ if family == self.family => &self.subnets,
+            _ => &[],
+        }
+    }
+
+    /// Every subnet of the pool: the first family's, then the IPv6 part's.
+    /// Block indices follow this order.
+    pub fn all_subnets(&self) -> impl Iterator<Item = &IpNet> + '_ {
+        self.subnets
+            .iter()
+            .chain(self.ipv6.iter().flat_map(|p| p.subnets.iter()))
+    }
+
+    /// Blocks in one subnet (of either family).
     pub fn blocks_in(&self, subnet: &IpNet) -> u64 {
-        1u64 << (subnet.max_prefix_len() - subnet.prefix_len() - self.block_size)
+        let bs = self.block_size_of(Family::of(subnet)).unwrap_or(0);
+        let host = subnet.max_prefix_len() - subnet.prefix_len();
+        1u64 << host.saturating_sub(bs).min(63)
     }
 
-    /// Blocks in the whole pool.
+    /// Blocks in the whole pool, both families.
     pub fn total_blocks(&self) -> u64 {
-        self.subnets.iter().map(|s| self.blocks_in(s)).sum()
+        self.all_subnets().map(|s| self.blocks_in(s)).sum()
     }
 
-    /// Addresses in one block.
+    /// The pool indices of `family`'s blocks: `start..end`.
+    pub fn family_range(&self, family: Family) -> std::ops::Range<u64> {
+        let mut start = 0u64;
+        for s in self.all_subnets() {
+            if Family::of(s) == family {
+                break;
+            }
+            start += self.blocks_in(s);
+        }
+        let n: u64 = self
+            .subnets_of(family)
+            .iter()
+            .map(|s| self.blocks_in(s))
+            .sum();
+        start..start + n
+    }
+
+    /// Addresses in one block of the pool's first family.
     pub fn addresses_per_block(&self) -> u128 {
         1u128 << self.block_size
     }
 
-    /// Prefix length of this pool's blocks.
+    /// Prefix length of the pool's first family's blocks.
     pub fn block_prefix(&self) -> u8 {
         self.family.bits() - self.block_size
     }
 
-    /// The `index`th block of the pool (subnets in address order), with the
-    /// subnet it lies in.
+    /// Prefix length of `family`'s blocks, if the pool has that family.
+    pub fn block_prefix_of(&self, family: Family) -> Option<u8> {
+        self.block_size_of(family).map(|bs| family.bits() - bs)
+    }
+
+    /// The `index`th block of the pool (subnets in the order of
+    /// [`Pool::all_subnets`]), with the subnet it lies in.
     pub fn block_at(&self, index: u64) -> Option<(IpNet, IpNet)> {
         let mut rest = index;
-        for s in &self.subnets {
+        for s in self.all_subnets() {
             let n = self.blocks_in(s);
             if rest < n {
-                let start = addr_to_u128(s.network()) + (u128::from(rest) << self.block_size);
-                let net = net_from_u128(self.family, start, self.block_prefix())?;
+                let family = Family::of(s);
+                let bs = self.block_size_of(family)?;
+                let start = addr_to_u128(s.network()) + (u128::from(rest) << bs);
+                let net = net_from_u128(family, start, family.bits() - bs)?;
                 return Some((net, *s));
             }
             rest -= n;
@@ -137,7 +221,7 @@ impl Pool {
     /// The first and last pool index of the subnet that holds `index`.
     pub fn subnet_span(&self, index: u64) -> Option<(u64, u64)> {
         let mut base = 0u64;
-        for s in &self.subnets {
+        for s in self.all_subnets() {
             let n = self.blocks_in(s);
             if index < base + n {
                 return Some((base, base + n - 1));
@@ -149,14 +233,15 @@ impl Pool {
 
     /// The pool index of `block`, if it is one of this pool's blocks.
     pub fn index_of(&self, block: &IpNet) -> Option<u64> {
-        if block.prefix_len() != self.block_prefix() || Family::of(block) != self.family {
+        let family = Family::of(block);
+        let bs = self.block_size_of(family)?;
+        if block.prefix_len() != family.bits() - bs {
             return None;
         }
         let mut base = 0u64;
-        for s in &self.subnets {
+        for s in self.all_subnets() {
             if s.contains(block) {
-                let off =
-                    (addr_to_u128(block.network()) - addr_to_u128(s.network())) >> self.block_size;
+                let off = (addr_to_u128(block.network()) - addr_to_u128(s.network())) >> bs;
                 return Some(base + off as u64);
             }
             base += self.blocks_in(s);
@@ -166,20 +251,80 @@ impl Pool {
 
     /// The block of this pool that holds `addr`.
     pub fn block_of(&self, addr: IpAddr) -> Option<IpNet> {
-        if !self.subnets.iter().any(|s| s.contains(&addr)) {
+        let family = Family::of_addr(&addr);
+        let bs = self.block_size_of(family)?;
+        if !self.subnets_of(family).iter().any(|s| s.contains(&addr)) {
             return None;
         }
-        let start = (addr_to_u128(addr) >> self.block_size) << self.block_size;
-        net_from_u128(self.family, start, self.block_prefix())
+        let start = (addr_to_u128(addr) >> bs) << bs;
+        net_from_u128(family, start, family.bits() - bs)
     }
 }
 
-/// What an administrator asks for when creating a pool.
+/// What an administrator asks for when creating a pool. `subnets` may hold
+/// both families: then the pool is dual-stack, and its IPv6 blocks have
+/// `ipv6_block_size` (default `block_size`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSpec {
     pub name: String,
     pub subnets: Vec<IpNet>,
     pub block_size: u8,
+    pub ipv6_block_size: Option<u8>,
+}
+
+impl PoolSpec {
+    /// A single-family (or same-block-size dual-stack) spec.
+    pub fn new(name: impl Into<String>, subnets: Vec<IpNet>, block_size: u8) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            subnets,
+            block_size,
+            ipv6_block_size: None,
+        }
+    }
+
+    /// The block size of `family`'s blocks under this spec.
+    pub fn block_size_of(&self, family: Family) -> u8 {
+        match family {
+            Family::Ipv4 => self.block_size,
+            Family::Ipv6 => self.ipv6_block_size.unwrap_or(self.block_size),
+        }
+    }
+
+    /// The pool this spec describes (subnets sorted), not yet validated.
+    pub fn to_pool(&self, created_unix: u64) -> Pool {
+        let mut v4: Vec<IpNet> = Vec::new();
+        let mut v6: Vec<IpNet> = Vec::new();
+        for s in &self.subnets {
+            match Family::of(s) {
+                Family::Ipv4 => v4.push(*s),
+                Family::Ipv6 => v6.push(*s),
+            }
+        }
+        v4.sort();
+        v6.sort();
+        let (family, subnets, ipv6) = match (v4.is_empty(), v6.is_empty()) {
+            (false, false) => (
+                Family::Ipv4,
+                v4,
+                Some(PoolPart {
+                    block_size: self.block_size_of(Family::Ipv6),
+                    subnets: v6,
+                }),
+            ),
+            (true, _) => (Family::Ipv6, v6, None),
+            (false, true) => (Family::Ipv4, v4, None),
+        };
+        Pool {
+            name: self.name.clone(),
+            family,
+            block_size: self.block_size_of(family),
+            subnets,
+            ipv6,
+            created_unix,
+            revision: 0,
+        }
+    }
 }
 
 /// A block lease as stored (`blocks/<pool>/<hex>`). Present only while the
@@ -534,8 +679,13 @@ impl Keys {
         if name != pool.name {
             return None;
         }
-        let start = unhex(pool.family, h)?;
-        let net = net_from_u128(pool.family, addr_to_u128(start), pool.block_prefix())?;
+        let family = match h.len() {
+            8 => Family::Ipv4,
+            32 => Family::Ipv6,
+            _ => return None,
+        };
+        let start = unhex(family, h)?;
+        let net = net_from_u128(family, addr_to_u128(start), pool.block_prefix_of(family)?)?;
         if net.network() != start || pool.index_of(&net).is_none() {
             return None;
         }
@@ -591,21 +741,37 @@ pub fn validate_pool_entry(keys: &Keys, key: &str, pool: &Pool) -> Result<(), St
             pool.name
         ));
     }
-    for s in &pool.subnets {
+    for s in pool.all_subnets() {
         canonical(s, "subnet")?;
     }
-    let family = validate_spec(&PoolSpec {
-        name: pool.name.clone(),
-        subnets: pool.subnets.clone(),
-        block_size: pool.block_size,
-    })
-    .map_err(|e| e.to_string())?;
-    if family != pool.family {
+    if let Some(s) = pool.subnets.iter().find(|s| Family::of(s) != pool.family) {
         return Err(format!(
-            "the pool says {} but its subnets are {family}",
-            pool.family
+            "the pool says {} but its subnet {s} is {}",
+            pool.family,
+            Family::of(s)
         ));
     }
+    if let Some(part) = &pool.ipv6 {
+        if pool.family != Family::Ipv4 {
+            return Err(format!(
+                "the pool says {} and has an ipv6 part; only an ipv4 pool may",
+                pool.family
+            ));
+        }
+        if let Some(s) = part.subnets.iter().find(|s| Family::of(s) != Family::Ipv6) {
+            return Err(format!("the pool's ipv6 part holds {s}"));
+        }
+        if part.subnets.is_empty() {
+            return Err("the pool's ipv6 part has no subnet".to_string());
+        }
+    }
+    validate_spec(&PoolSpec {
+        name: pool.name.clone(),
+        subnets: pool.all_subnets().copied().collect(),
+        block_size: pool.block_size,
+        ipv6_block_size: pool.ipv6.as_ref().map(|p| p.block_size),
+    })
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -635,32 +801,34 @@ pub fn validate_lease(
         .ok_or_else(|| format!("pool {key_pool:?} does not exist or its entry is bad"))?;
     let b = lease.block;
     canonical(&b, "block")?;
-    if Family::of(&b) != pool.family {
+    let family = Family::of(&b);
+    let (Some(bs), Some(prefix)) = (pool.block_size_of(family), pool.block_prefix_of(family))
+    else {
+        let families: Vec<String> = pool.families().iter().map(|f| f.to_string()).collect();
         return Err(format!(
-            "block {b} is {}, but pool {} is {}",
-            Family::of(&b),
+            "block {b} is {family}, but pool {} is {}",
             pool.name,
-            pool.family
+            families.join(" and ")
         ));
-    }
+    };
     if keys.block(&pool.name, &b) != key {
-        let named =
-            unhex(pool.family, key_hex).map_or_else(|| key_hex.to_string(), |a| a.to_string());
+        let named = [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .find_map(|f| unhex(f, key_hex))
+            .map_or_else(|| key_hex.to_string(), |a| a.to_string());
         return Err(format!(
             "the value names block {b}, but the key names the block at {named}"
         ));
     }
-    if b.prefix_len() != pool.block_prefix() {
+    if b.prefix_len() != prefix {
         return Err(format!(
-            "block {b} is a /{}, but pool {}'s blocks are /{} (block size {})",
+            "block {b} is a /{}, but pool {}'s {family} blocks are /{prefix} (block size {bs})",
             b.prefix_len(),
             pool.name,
-            pool.block_prefix(),
-            pool.block_size
         ));
     }
     if pool.index_of(&b).is_none() {
-        let subnets: Vec<String> = pool.subnets.iter().map(|s| s.to_string()).collect();
+        let subnets: Vec<String> = pool.all_subnets().map(|s| s.to_string()).collect();
         return Err(format!(
             "block {b} lies outside pool {}'s subnets ({})",
             pool.name,
@@ -879,20 +1047,34 @@ pub fn check_not_reserved(subnet: &IpNet) -> Result<(), StoreError> {
     }
 }
 
-/// Validates a whole pool spec and returns its family.
-pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
+/// Validates a whole pool spec and returns the families its pods get
+/// addresses of (IPv4 first).
+pub fn validate_spec(spec: &PoolSpec) -> Result<Vec<Family>, StoreError> {
     validate_pool_name(&spec.name)?;
-    let first = spec
-        .subnets
-        .first()
-        .ok_or_else(|| StoreError::Invalid(format!("pool {} needs a subnet", spec.name)))?;
-    let family = Family::of(first);
-    if spec.block_size > family.max_block_size() {
+    if spec.subnets.is_empty() {
         return Err(StoreError::Invalid(format!(
-            "block size {} is out of range for {family}: 0..={}",
-            spec.block_size,
-            family.max_block_size()
+            "pool {} needs a subnet",
+            spec.name
         )));
+    }
+    let families: Vec<Family> = [Family::Ipv4, Family::Ipv6]
+        .into_iter()
+        .filter(|f| spec.subnets.iter().any(|s| Family::of(s) == *f))
+        .collect();
+    if spec.ipv6_block_size.is_some() && !families.contains(&Family::Ipv6) {
+        return Err(StoreError::Invalid(format!(
+            "pool {} has an IPv6 block size but no IPv6 subnet",
+            spec.name
+        )));
+    }
+    for family in &families {
+        let bs = spec.block_size_of(*family);
+        if bs > family.max_block_size() {
+            return Err(StoreError::Invalid(format!(
+                "block size {bs} is out of range for {family}: 0..={}",
+                family.max_block_size()
+            )));
+        }
     }
     if spec.subnets.len() > MAX_SUBNETS_PER_POOL {
         return Err(StoreError::Invalid(format!(
@@ -901,7 +1083,8 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
         )));
     }
     for (i, s) in spec.subnets.iter().enumerate() {
-        validate_subnet(s, family, spec.block_size)?;
+        let family = Family::of(s);
+        validate_subnet(s, family, spec.block_size_of(family))?;
         check_not_reserved(s)?;
         if let Some(o) = spec.subnets[..i].iter().find(|o| overlaps(o, s)) {
             return Err(StoreError::Invalid(format!(
@@ -909,7 +1092,7 @@ pub fn validate_spec(spec: &PoolSpec) -> Result<Family, StoreError> {
             )));
         }
     }
-    Ok(family)
+    Ok(families)
 }
 
 /// Do two networks share any address? (Same network, or containment in
@@ -947,6 +1130,7 @@ mod tests {
             subnets,
             created_unix: 0,
             revision: 0,
+            ipv6: None,
         }
     }
 
@@ -985,6 +1169,107 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_pool_indexes_both_families_apart() {
+        let spec = PoolSpec {
+            name: "d".into(),
+            subnets: vec![net("fd00:10::/112"), net("10.0.0.0/24"), net("10.9.0.0/26")],
+            block_size: 4,
+            ipv6_block_size: Some(8),
+        };
+        assert!(validate_spec(&spec).is_ok());
+        let p = spec.to_pool(0);
+        assert_eq!(p.family, Family::Ipv4);
+        assert_eq!(p.families(), vec![Family::Ipv4, Family::Ipv6]);
+        assert_eq!(p.subnets, vec![net("10.0.0.0/24"), net("10.9.0.0/26")]);
+        assert_eq!(p.block_size_of(Family::Ipv6), Some(8));
+        assert_eq!(p.total_blocks(), 16 + 4 + 256);
+        assert_eq!(p.family_range(Family::Ipv4), 0..20);
+        assert_eq!(p.family_range(Family::Ipv6), 20..276);
+        assert_eq!(p.block_at(20).map(|b| b.0), Some(net("fd00:10::/120")));
+        assert_eq!(p.block_at(275).map(|b| b.0), Some(net("fd00:10::ff00/120")));
+        for i in 0..276 {
+            let (b, _) = p.block_at(i).expect("block");
+            assert_eq!(p.index_of(&b), Some(i), "{b}");
+        }
+        // A block of the wrong size for its family is none of the pool's.
+        assert_eq!(p.index_of(&net("fd00:10::/124")), None);
+        assert_eq!(p.index_of(&net("10.0.0.0/24")), None);
+        assert_eq!(
+            p.block_of("fd00:10::1ff".parse().expect("ip")),
+            Some(net("fd00:10::100/120"))
+        );
+        assert_eq!(
+            p.block_of("10.0.0.17".parse().expect("ip")),
+            Some(net("10.0.0.16/28"))
+        );
+        // Stored and read back, the pool keeps its IPv6 part; an old pool
+        // value (no ipv6 field) reads as single-family.
+        let json = serde_json::to_string(&p).expect("encode");
+        let back: Pool = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, p);
+        let old = r#"{"name":"p","family":"ipv4","block_size":4,"subnets":["10.0.0.0/24"],"created_unix":0}"#;
+        let old: Pool = serde_json::from_str(old).expect("old pool");
+        assert_eq!(old.ipv6, None);
+        assert_eq!(old.families(), vec![Family::Ipv4]);
+        assert_eq!(old.family_range(Family::Ipv6), 16..16);
+        // Keys of both families name their own blocks.
+        let k = Keys::new("/coil/").expect("keys");
+        for b in ["10.9.0.16/28", "fd00:10::ff00/120"] {
+            assert_eq!(k.block_of_key(&p, &k.block("d", &net(b))), Some(net(b)));
+        }
+        // A block size for IPv6 without an IPv6 subnet is an error.
+        let e = validate_spec(&PoolSpec {
+            name: "d".into(),
+            subnets: vec![net("10.0.0.0/24")],
+            block_size: 4,
+            ipv6_block_size: Some(8),
+        })
+        .expect_err("no v6 subnet");
+        assert!(e.to_string().contains("no IPv6 subnet"), "{e}");
+        // Each family is checked with its own block size.
+        let e = validate_spec(&PoolSpec {
+            name: "d".into(),
+            subnets: vec![net("10.0.0.0/24"), net("fd00::/120")],
+            block_size: 4,
+            ipv6_block_size: Some(9),
+        })
+        .expect_err("v6 block too big");
+        assert!(e.to_string().contains("fd00::/120"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_dual_stack_pool_entry_is_refused() {
+        let k = Keys::new("/coil/").expect("keys");
+        let good = PoolSpec {
+            name: "d".into(),
+            subnets: vec![net("10.0.0.0/24"), net("fd00::/112")],
+            block_size: 4,
+            ipv6_block_size: None,
+        }
+        .to_pool(0);
+        assert_eq!(validate_pool_entry(&k, &k.pool("d"), &good), Ok(()));
+        let mut v6_first = good.clone();
+        v6_first.family = Family::Ipv6;
+        v6_first.subnets = vec![net("fd00:1::/112")];
+        assert!(validate_pool_entry(&k, &k.pool("d"), &v6_first).is_err());
+        let mut v4_in_v6 = good.clone();
+        if let Some(p) = v4_in_v6.ipv6.as_mut() {
+            p.subnets.push(net("10.1.0.0/24"));
+        }
+        assert!(validate_pool_entry(&k, &k.pool("d"), &v4_in_v6).is_err());
+        let mut empty = good.clone();
+        if let Some(p) = empty.ipv6.as_mut() {
+            p.subnets.clear();
+        }
+        assert!(validate_pool_entry(&k, &k.pool("d"), &empty).is_err());
+        let mut overlapping = good;
+        if let Some(p) = overlapping.ipv6.as_mut() {
+            p.subnets.push(net("fd00::100/120"));
+        }
+        assert!(validate_pool_entry(&k, &k.pool("d"), &overlapping).is_err());
+    }
+
+    #[test]
     fn ipv6_blocks_are_real_ipv6() {
         let p = pool(&["fd00:10::/112"], 8);
         assert_eq!(p.total_blocks(), 256);
@@ -1015,6 +1300,7 @@ mod tests {
             name: name.into(),
             subnets: subnets.iter().map(|s| net(s)).collect(),
             block_size: bs,
+            ipv6_block_size: None,
         };
         assert!(validate_spec(&spec("default", &["10.0.0.0/16"], 5)).is_ok());
         assert!(validate_spec(&spec("Default", &["10.0.0.0/16"], 5)).is_err());
@@ -1025,7 +1311,11 @@ mod tests {
         assert!(validate_spec(&spec("ok", &["10.0.0.0/24"], 9)).is_err());
         // 2^20 blocks in one subnet
         assert!(validate_spec(&spec("ok", &["10.0.0.0/8"], 4)).is_err());
-        assert!(validate_spec(&spec("ok", &["10.0.0.0/16", "fd00::/112"], 5)).is_err());
+        // Both families: a dual-stack pool, IPv4 first.
+        assert_eq!(
+            validate_spec(&spec("ok", &["fd00::/112", "10.0.0.0/16"], 5)).expect("dual"),
+            vec![Family::Ipv4, Family::Ipv6]
+        );
         assert!(validate_spec(&spec("ok", &["10.0.0.0/16", "10.0.4.0/24"], 5)).is_err());
         assert!(validate_spec(&spec("v6", &["fd00::/104"], 8)).is_ok());
         assert!(validate_spec(&spec("v6", &["fd00::/64"], 33)).is_err());
@@ -1040,6 +1330,7 @@ mod tests {
             name: "p".into(),
             subnets: vec![net(subnet)],
             block_size: bs,
+            ipv6_block_size: None,
         };
         for (subnet, bs, range) in [
             ("0.0.0.0/24", 4, "0.0.0.0/8"),
@@ -1123,6 +1414,7 @@ mod entry_tests {
             subnets: vec![net("10.64.0.0/16"), net("10.70.0.0/24")],
             created_unix: 1,
             revision: 3,
+            ipv6: None,
         }
     }
 
