@@ -113,6 +113,14 @@ pub struct LeasedBlock {
 }
 
 impl LeasedBlock {
+    /// Is this a usable (leased, not quarantined or releasing) `family`
+    /// block of `pool`?
+    pub fn usable_in(&self, pool: &str, family: Family) -> bool {
+        self.lease.pool == pool
+            && self.lease.state == LeaseState::Leased
+            && Family::of(&self.lease.block) == family
+    }
+
     pub fn free(&self) -> u64 {
         block_len(&self.lease.block) - self.used.len() as u64
     }
@@ -223,14 +231,15 @@ impl NodeState {
         self.blocks.remove(block)
     }
 
-    /// Reserves an address from a usable block of `pool` (the fullest one
-    /// with room, to keep blocks releasable), marking it used at once so a
-    /// concurrent ADD cannot take it. None when no leased block has room.
-    pub fn reserve(&mut self, pool: &str) -> Option<Reservation> {
+    /// Reserves a `family` address from a usable block of `pool` (the
+    /// fullest one with room, to keep blocks releasable), marking it used at
+    /// once so a concurrent ADD cannot take it. None when no leased block
+    /// of that family has room.
+    pub fn reserve(&mut self, pool: &str, family: Family) -> Option<Reservation> {
         let block = self
             .blocks
             .values()
-            .filter(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased && b.free() > 0)
+            .filter(|b| b.usable_in(pool, family) && b.free() > 0)
             .min_by_key(|b| (b.free(), b.lease.block))
             .map(|b| b.lease.block)?;
         let b = self.blocks.get_mut(&block)?;
@@ -260,11 +269,20 @@ impl NodeState {
             .sum()
     }
 
-    /// Does the node lease a usable block of `pool`?
-    pub fn has_pool(&self, pool: &str) -> bool {
+    /// Does the node lease a usable `family` block of `pool` with room?
+    pub fn has_room(&self, pool: &str, family: Family) -> bool {
         self.blocks
             .values()
-            .any(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased)
+            .any(|b| b.usable_in(pool, family) && b.free() > 0)
+    }
+
+    /// The families of the usable blocks the node leases from `pool`,
+    /// IPv4 first.
+    pub fn families_of(&self, pool: &str) -> Vec<Family> {
+        [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .filter(|f| self.blocks.values().any(|b| b.usable_in(pool, *f)))
+            .collect()
     }
 }
 
@@ -343,6 +361,24 @@ mod tests {
     }
 
     #[test]
+    fn each_family_reserves_from_its_own_blocks() {
+        let mut s =
+            NodeState::from_records(vec![lease("10.0.0.0/31"), lease("fd00::/127")], vec![]);
+        assert_eq!(s.families_of("default"), vec![Family::Ipv4, Family::Ipv6]);
+        let a = s.reserve("default", Family::Ipv4).expect("v4");
+        let b = s.reserve("default", Family::Ipv6).expect("v6");
+        assert_eq!(a.block, net("10.0.0.0/31"));
+        assert_eq!(b.block, net("fd00::/127"));
+        assert!(b.addr.is_ipv6());
+        assert!(s.reserve("default", Family::Ipv6).is_some());
+        assert!(s.reserve("default", Family::Ipv6).is_none(), "v6 full");
+        assert!(s.has_room("default", Family::Ipv4), "v4 untouched");
+        s.unreserve(&b);
+        assert!(s.has_room("default", Family::Ipv6));
+        assert_eq!(s.families_of("other"), Vec::<Family>::new());
+    }
+
+    #[test]
     fn ipv6_offsets() {
         let b = net("fd00::100/120");
         assert_eq!(
@@ -371,16 +407,21 @@ mod tests {
             boot_id: "b".into(),
             created_unix: 0,
         });
-        let r = s.reserve("default").expect("room");
+        let r = s.reserve("default", Family::Ipv4).expect("room");
         assert_eq!(r.block, net("10.0.0.4/30"), "fullest block first");
         assert_eq!(s.free_addresses(), 8 - 2);
         s.unreserve(&r);
         assert_eq!(s.free_addresses(), 8 - 1);
-        assert!(s.reserve("other").is_none());
+        assert!(s.reserve("other", Family::Ipv4).is_none());
+        assert!(
+            s.reserve("default", Family::Ipv6).is_none(),
+            "no IPv6 block"
+        );
         for _ in 0..7 {
-            assert!(s.reserve("default").is_some());
+            assert!(s.reserve("default", Family::Ipv4).is_some());
         }
-        assert!(s.reserve("default").is_none(), "all 8 used");
+        assert!(s.reserve("default", Family::Ipv4).is_none(), "all 8 used");
+        assert!(!s.has_room("default", Family::Ipv4));
         s.remove_attachment(&AttachmentKey::new("k8s", "c", "eth0"));
         assert_eq!(s.free_addresses(), 1);
     }

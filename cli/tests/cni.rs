@@ -314,6 +314,155 @@ fn ipv6_pools_work() {
     assert_eq!(n.del(&p, "v6").code, 0);
 }
 
+fn dual_pool(v4: &str, v6: &str, bs: &str, bs6: &str) -> Vec<String> {
+    [
+        "pool",
+        "create",
+        "default",
+        v4,
+        "--ipv6",
+        v6,
+        "--block-size",
+        bs,
+        "--ipv6-block-size",
+        bs6,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The addresses of an ADD result, without their prefix lengths.
+fn ips(r: &Cni) -> Vec<String> {
+    r.out["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["address"].as_str())
+                .map(|s| s.split('/').next().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn dual_stack_pods_get_one_address_of_each_family() {
+    let mut n = node(&[dual_pool("10.89.0.0/24", "fd00:89::/112", "4", "8")]);
+    let mut seen = Vec::new();
+    for (i, v) in VERSIONS.iter().enumerate() {
+        let pod = n.pod();
+        let cid = format!("dual{i}");
+        let r = n.call("ADD", v, &pod, &cid, "eth0", "");
+        assert_eq!(r.code, 0, "{v}: {r:?}");
+        let ips_ = r.out["ips"].as_array().cloned().unwrap_or_default();
+        assert_eq!(ips_.len(), 2, "{v}: {r:?}");
+        let a4 = ips_[0]["address"].as_str().unwrap_or_default();
+        let a6 = ips_[1]["address"].as_str().unwrap_or_default();
+        assert!(
+            a4.starts_with("10.89.0.") && a4.ends_with("/32"),
+            "{v}: {a4}"
+        );
+        assert!(
+            a6.starts_with("fd00:89::") && a6.ends_with("/128"),
+            "{v}: {a6}"
+        );
+        assert_eq!(ips_[0]["gateway"], "169.254.1.1");
+        assert_eq!(ips_[1]["gateway"], "fe80::1");
+        assert_eq!(ips_[1]["interface"], 1);
+        match *v {
+            "0.3.0" | "0.3.1" | "0.4.0" => {
+                assert_eq!(ips_[0]["version"], "4");
+                assert_eq!(ips_[1]["version"], "6");
+            }
+            _ => assert!(ips_[1].get("version").is_none()),
+        }
+        let dsts: Vec<&str> = r.out["routes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["dst"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(dsts, vec!["0.0.0.0/0", "::/0"], "{v}: {r:?}");
+        for a in ips(&r) {
+            assert!(!seen.contains(&a), "address {a} handed out twice");
+            seen.push(a);
+        }
+        // The kernel holds what the result says.
+        let addrs = ok(&["ip", "-n", &pod, "-o", "addr", "show", "eth0"]);
+        for a in ips(&r) {
+            assert!(addrs.contains(&a), "{addrs}");
+        }
+        let r6 = ok(&["ip", "-6", "-n", &pod, "route"]);
+        assert!(r6.contains("default via fe80::1 dev eth0"), "{r6}");
+        if *v != "0.3.0" && *v != "0.3.1" {
+            let c = n.call("CHECK", v, &pod, &cid, "eth0", "");
+            assert_eq!(c.code, 0, "{v}: {c:?}");
+        }
+    }
+    // Two pods reach each other over both families; the node publishes
+    // one block of each family in table 119.
+    let (a, b) = (n.pod(), n.pod());
+    let ra = n.add(&a, "pa");
+    let rb = n.add(&b, "pb");
+    assert_eq!((ra.code, rb.code), (0, 0), "{ra:?} {rb:?}");
+    for ip in ips(&rb) {
+        assert!(ping(&a, &ip), "pod a cannot reach pod b at {ip}");
+    }
+    let t4 = n.table119();
+    assert_eq!(t4.lines().count(), 1, "{t4}");
+    let t6 = ok(&["ip", "-6", "-n", &n.netns, "route", "show", "table", "119"]);
+    assert_eq!(t6.lines().count(), 1, "{t6}");
+    assert!(t6.contains("/120 dev lo proto 30"), "{t6}");
+    // The address index and coilctl know the IPv6 address's pod.
+    let v6 = ips(&rb)[1].clone();
+    n.wait_for("the IPv6 address in the index", 10, |n| {
+        let o = n.coilctl(&["address", "info", &v6, "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        v["assignment"]["container_id"] == "pb"
+    });
+    let o = n.coilctl(&["pool", "show", "default", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["families"], serde_json::json!(["ipv4", "ipv6"]), "{v}");
+    assert_eq!(v["leased"], 2, "{v}");
+    // DEL takes both away, and the host routes with them.
+    assert_eq!(n.del(&b, "pb").code, 0);
+    let host6 = ok(&["ip", "-6", "-n", &n.netns, "route"]);
+    assert!(!host6.contains(&v6), "{host6}");
+    n.stop();
+}
+
+#[test]
+fn exhausting_one_family_takes_nothing_from_the_other() {
+    // IPv4: one block of 4 addresses; IPv6: one block of 2.
+    let mut n = node(&[dual_pool("10.88.0.0/30", "fd00:88::/127", "2", "1")]);
+    let (p1, p2) = (n.pod(), n.pod());
+    assert_eq!(n.add(&p1, "ex1").code, 0);
+    assert_eq!(n.add(&p2, "ex2").code, 0);
+    // Three ADDs fail on IPv6. Had each kept the IPv4 address it reserved
+    // first, the IPv4 block (2 left) would run out and the third would
+    // fail on IPv4.
+    for i in 0..3 {
+        let p = n.pod();
+        let r = n.add(&p, &format!("ex-fail{i}"));
+        assert_eq!(r.err(), Some(101), "{r:?}");
+        let msg = r.out["msg"].as_str().unwrap_or("").to_string();
+        assert!(msg.contains("exhausted") && msg.contains("ipv6"), "{msg}");
+        assert!(ok(&["ip", "-n", &p, "link"]).lines().count() <= 2);
+    }
+    assert_eq!(n.coil_links().len(), 2);
+    // With an IPv6 address free again (once p1's veth is torn down), the
+    // next pod gets both.
+    assert_eq!(n.del(&p1, "ex1").code, 0);
+    let p3 = n.pod();
+    let mut r = n.add(&p3, "ex3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while r.code != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        r = n.add(&p3, "ex3");
+    }
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(ips(&r).len(), 2, "{r:?}");
+    n.stop();
+}
+
 #[test]
 fn bad_input_gets_its_code_and_leaves_nothing() {
     let mut n = node(&[default_pool("10.99.0.0/24", "4")]);

@@ -21,10 +21,10 @@ use coil::journal::{
     Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
 };
 use coil::kernel::{gateway_for, Kernel, KernelError, WireSpec};
-use coil::node::{host_veth_name, veth_alias, NodeState};
+use coil::node::{host_veth_name, veth_alias, NodeState, Reservation};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
-use coil::store::{AddressRecord, Backend, NodeRecord, Store, StoreError};
+use coil::store::{AddressRecord, Backend, Family, NodeRecord, Store, StoreError};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
@@ -137,6 +137,10 @@ const TEARDOWN_QUEUE: usize = 1024;
 /// so the cache is bounded).
 const POOL_CACHE_MAX: usize = 1024;
 
+/// A cached pool: its families (None: there is no such pool), and when
+/// the store said so.
+type PoolShape = (Option<Vec<Family>>, Instant);
+
 /// Longest a kernel operation of a request may take (wiring a pod takes
 /// about a millisecond; the bound is for a kernel stuck on the rtnl lock or
 /// a netns path on a hung mount).
@@ -177,7 +181,8 @@ pub struct Daemon<B: Backend> {
     boot_id: String,
     state: Mutex<NodeState>,
     pool_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pool_cache: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Pools by name: their families (None: no such pool), and when read.
+    pool_cache: Mutex<HashMap<String, PoolShape>>,
     mirror: mpsc::Sender<Mirror>,
     /// Index updates dropped because the mirror queue was full.
     mirror_dropped: AtomicU64,
@@ -550,14 +555,17 @@ impl<B: Backend> Daemon<B> {
     }
 
     /// Releases blocks that stayed empty for two resyncs in a row, keeping
-    /// `min_blocks`. Called under the exclusive gate.
+    /// `min_blocks` of each address family (so a node that served
+    /// dual-stack pods keeps a block of each family, and can tell the
+    /// pool's families from its blocks during a store outage). Called
+    /// under the exclusive gate.
     async fn release_idle_blocks(&self) {
-        let (idle_now, leased) = {
+        let (idle_now, mut leased) = {
             let st = self.lock();
-            let leased = st
-                .blocks()
-                .filter(|b| b.lease.state == LeaseState::Leased)
-                .count();
+            let mut leased: HashMap<Family, usize> = HashMap::new();
+            for b in st.blocks().filter(|b| b.lease.state == LeaseState::Leased) {
+                *leased.entry(Family::of(&b.lease.block)).or_default() += 1;
+            }
             let idle: Vec<BlockLease> = st
                 .blocks()
                 .filter(|b| b.lease.state == LeaseState::Leased && b.used.is_empty())
@@ -579,14 +587,14 @@ impl<B: Backend> Daemon<B> {
             }
             ripe
         };
-        let mut keep = leased;
         for l in ripe {
-            if keep <= self.cfg.min_blocks {
-                break;
+            let keep = leased.entry(Family::of(&l.block)).or_default();
+            if *keep <= self.cfg.min_blocks {
+                continue;
             }
             match self.release_block(&l).await {
                 Ok(()) => {
-                    keep -= 1;
+                    *keep -= 1;
                     self.idle
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -914,57 +922,72 @@ impl<B: Backend> Daemon<B> {
         }
     }
 
-    /// The pool for a pod: the pool named like its namespace if there is
-    /// one, else `default`. Answered from leased blocks or a short cache
-    /// when possible, so the hot path makes no store call.
-    async fn pool_for(&self, namespace: Option<&str>) -> DResult<String> {
-        let Some(ns) = namespace else {
-            return Ok("default".into());
-        };
-        if ns == "default" || coil::store::model::validate_pool_name(ns).is_err() {
-            return Ok("default".into());
+    /// The pool for a pod and the families its pods get: the pool named
+    /// like its namespace if there is one, else `default`.
+    async fn pool_for(&self, namespace: Option<&str>) -> DResult<(String, Vec<Family>)> {
+        if let Some(ns) = namespace {
+            if ns != "default" && coil::store::model::validate_pool_name(ns).is_ok() {
+                if let Some(families) = self.pool_shape(ns).await? {
+                    return Ok((ns.to_string(), families));
+                }
+            }
         }
-        if self.lock().has_pool(ns) {
-            return Ok(ns.to_string());
+        match self.pool_shape("default").await? {
+            Some(families) => Ok(("default".into(), families)),
+            None => Err(StoreError::PoolNotFound("default".into()).into()),
         }
+    }
+
+    /// The families of pool `name` (None: there is no such pool), from a
+    /// cache that lives `pool_cache_ttl`, so the hot path makes at most one
+    /// store call per pool and period. When the store cannot say (outage,
+    /// bad entry), the stale entry answers, else the families of the
+    /// blocks this node leases from the pool (idle release keeps one block
+    /// of each family a pool's pods use, see `release_idle_blocks`).
+    async fn pool_shape(&self, name: &str) -> DResult<Option<Vec<Family>>> {
         let cached = self
             .pool_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(ns)
-            .copied();
-        let exists = match cached {
-            Some((e, t)) if t.elapsed() < self.cfg.pool_cache_ttl => e,
-            _ => {
-                self.add_store_calls.fetch_add(1, Ordering::Relaxed);
-                match self.store.get_pool(ns).await {
-                    Ok(p) => {
-                        let e = p.is_some();
-                        let mut cache = self.pool_cache.lock().unwrap_or_else(|e| e.into_inner());
-                        if cache.len() >= POOL_CACHE_MAX {
-                            let ttl = self.cfg.pool_cache_ttl;
-                            cache.retain(|_, (_, t)| t.elapsed() < ttl);
-                            if cache.len() >= POOL_CACHE_MAX {
-                                cache.clear();
-                            }
-                        }
-                        cache.insert(ns.to_string(), (e, Instant::now()));
-                        e
-                    }
-                    // During a store outage a stale answer beats none.
-                    Err(e) if e.is_unavailable() => match cached {
-                        Some((e, _)) => e,
-                        None => return Err(e.into()),
-                    },
-                    Err(e) => return Err(e.into()),
-                }
+            .get(name)
+            .cloned();
+        if let Some((f, t)) = &cached {
+            if t.elapsed() < self.cfg.pool_cache_ttl {
+                return Ok(f.clone());
             }
-        };
-        Ok(if exists {
-            ns.to_string()
-        } else {
-            "default".into()
-        })
+        }
+        self.add_store_calls.fetch_add(1, Ordering::Relaxed);
+        match self.store.get_pool(name).await {
+            Ok(p) => {
+                let f = p.map(|p| p.families());
+                let mut cache = self.pool_cache.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= POOL_CACHE_MAX {
+                    let ttl = self.cfg.pool_cache_ttl;
+                    cache.retain(|_, (_, t)| t.elapsed() < ttl);
+                    if cache.len() >= POOL_CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(name.to_string(), (f.clone(), Instant::now()));
+                Ok(f)
+            }
+            // A stale answer, or what the node's own blocks say, beats none.
+            Err(e) => {
+                if let Some((f, _)) = cached {
+                    return Ok(f);
+                }
+                let held = self.lock().families_of(name);
+                if held.is_empty() {
+                    return Err(e.into());
+                }
+                tracing::warn!(
+                    pool = name,
+                    families = ?held,
+                    "reading the pool: {e}; serving the families of this node's blocks"
+                );
+                Ok(Some(held))
+            }
+        }
     }
 
     async fn pool_lock(&self, pool: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -976,16 +999,12 @@ impl<B: Backend> Daemon<B> {
             .clone()
     }
 
-    /// Leases one more block of `pool` (intent first), unless another ADD
-    /// did while we waited for the pool's lock.
-    async fn acquire_block(&self, pool: &str) -> DResult<()> {
+    /// Leases one more `family` block of `pool` (intent first), unless
+    /// another ADD did while we waited for the pool's lock.
+    async fn acquire_block(&self, pool: &str, family: Family) -> DResult<()> {
         let lock = self.pool_lock(pool).await;
         let _g = lock.lock().await;
-        let has_room = self
-            .lock()
-            .blocks()
-            .any(|b| b.lease.pool == pool && b.lease.state == LeaseState::Leased && b.free() > 0);
-        if has_room {
+        if self.lock().has_room(pool, family) {
             return Ok(());
         }
         let id = self.journal.next_intent_id();
@@ -1002,7 +1021,10 @@ impl<B: Backend> Daemon<B> {
         self.commit(b).await?;
         coil::failpoint::hit("acquire.intent");
         self.add_store_calls.fetch_add(1, Ordering::Relaxed);
-        let got = self.store.acquire_block(pool, &self.cfg.node_name).await;
+        let got = self
+            .store
+            .acquire_block_of(pool, Some(family), &self.cfg.node_name)
+            .await;
         if matches!(got, Err(StoreError::NodeRemoved { .. })) {
             self.set_removed(true);
         }
@@ -1138,23 +1160,38 @@ impl<B: Backend> Daemon<B> {
                 // Before anything is reserved: the path must be a pod's own
                 // network namespace (never coild's or the host's).
                 opened = Some(self.kernel.open_pod_netns(&netns).await?);
-                let pool = self.pool_for(req.pod.namespace.as_deref()).await?;
-                let resv = loop {
-                    if let Some(r) = self.lock().reserve(&pool) {
-                        break r;
-                    }
-                    self.acquire_block(&pool).await?;
-                };
+                let (pool, families) = self.pool_for(req.pod.namespace.as_deref()).await?;
+                // One address of each family, or none: a family that cannot
+                // be served gives back what the others reserved.
+                let mut resvs: Vec<Reservation> = Vec::with_capacity(families.len());
+                for family in families {
+                    let r = loop {
+                        if let Some(r) = self.lock().reserve(&pool, family) {
+                            break r;
+                        }
+                        if let Err(e) = self.acquire_block(&pool, family).await {
+                            let mut st = self.lock();
+                            for r in &resvs {
+                                st.unreserve(r);
+                            }
+                            return Err(e);
+                        }
+                    };
+                    resvs.push(r);
+                }
                 let att = Attachment {
                     key: key.clone(),
                     netns: netns.clone(),
                     pod_namespace: req.pod.namespace.clone().unwrap_or_default(),
                     pod_name: req.pod.name.clone().unwrap_or_default(),
                     pool: pool.clone(),
-                    addresses: vec![AssignedAddress {
-                        addr: resv.addr,
-                        block: resv.block,
-                    }],
+                    addresses: resvs
+                        .iter()
+                        .map(|r| AssignedAddress {
+                            addr: r.addr,
+                            block: r.block,
+                        })
+                        .collect(),
                     host_veth: host_veth_name(&key),
                     state: AttachmentState::Reserved,
                     boot_id: self.boot_id.clone(),
@@ -1168,17 +1205,22 @@ impl<B: Backend> Daemon<B> {
                     state: IntentState::Pending,
                     created_unix: att.created_unix,
                 })
-                .put_attachment(&att)
-                .put_address(
-                    resv.addr,
-                    &AddressEntry {
-                        attachment: key.clone(),
-                        block: resv.block,
-                    },
-                )
-                .put_lease(&resv.lease);
+                .put_attachment(&att);
+                for r in &resvs {
+                    b.put_address(
+                        r.addr,
+                        &AddressEntry {
+                            attachment: key.clone(),
+                            block: r.block,
+                        },
+                    )
+                    .put_lease(&r.lease);
+                }
                 if let Err(e) = self.commit(b).await {
-                    self.lock().unreserve(&resv);
+                    let mut st = self.lock();
+                    for r in &resvs {
+                        st.unreserve(r);
+                    }
                     return Err(e);
                 }
                 self.lock().insert_attachment(att.clone());

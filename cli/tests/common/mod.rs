@@ -80,7 +80,7 @@ pub struct EtcdTls {
 }
 
 impl Node {
-    /// A node netns with forwarding on, and (for the embedded store) the
+    /// A node netns with forwarding on (both families), and (for the embedded store) the
     /// pools created before coild starts.
     pub fn new(mode: StoreMode, pools: &[&[&str]]) -> Node {
         Node::new_with(mode, pools, |_| {})
@@ -101,6 +101,7 @@ impl Node {
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
         ]);
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("coild.sock");
