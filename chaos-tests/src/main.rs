@@ -293,10 +293,20 @@ impl Node {
             .collect()
     }
 
+    /// The blocks published in table 119, both families.
     fn table119(&self) -> BTreeSet<String> {
-        String::from_utf8_lossy(&self.in_ns(&["ip", "route", "show", "table", "119"]).stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(String::from))
+        ["-4", "-6"]
+            .iter()
+            .flat_map(|f| {
+                String::from_utf8_lossy(
+                    &self
+                        .in_ns(&["ip", f, "route", "show", "table", "119"])
+                        .stdout,
+                )
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(String::from))
+                .collect::<Vec<_>>()
+            })
             .collect()
     }
 }
@@ -394,7 +404,8 @@ struct Counters {
 #[derive(Default)]
 struct Model {
     /// ADD answered success, not deleted since: cid -> (netns, address).
-    live: BTreeMap<String, (String, IpAddr)>,
+    /// Live pods: netns and the addresses ADD answered (one per family).
+    live: BTreeMap<String, (String, Vec<IpAddr>)>,
     /// Must be DELeted (failed ADD, or chosen), with its netns if it still
     /// exists.
     to_del: Vec<(String, Option<String>)>,
@@ -494,21 +505,36 @@ fn one_op(sh: &Shared, rng: &mut StdRng) -> bool {
             return false;
         }
         let r = cni(node, "ADD", &cid, Some(&ns));
-        let ip = r.out["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse::<IpAddr>().ok());
-        match (r.code, ip) {
-            (0, Some(ip)) => {
+        let ips: Vec<IpAddr> = r.out["ips"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["address"].as_str())
+                    .filter_map(|a| a.split('/').next()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        match r.code {
+            0 => {
                 sh.c.add_ok.fetch_add(1, Ordering::Relaxed);
-                let mut m = sh.model.lock().expect("model");
-                if let Some((other, _)) = m.live.iter().find(|(_, (_, a))| *a == ip) {
-                    let v = format!("ADD of {cid} answered {ip}, which {other} still holds");
-                    drop(m);
-                    sh.violation(v);
-                    m = sh.model.lock().expect("model");
+                // The pool is dual-stack: one address of each family.
+                let v4 = ips.iter().filter(|a| a.is_ipv4()).count();
+                let v6 = ips.iter().filter(|a| a.is_ipv6()).count();
+                if (v4, v6) != (1, 1) {
+                    sh.violation(format!(
+                        "ADD of {cid} answered {ips:?}, not one IPv4 and one IPv6 address"
+                    ));
                 }
-                m.live.insert(cid, (ns, ip));
+                let mut m = sh.model.lock().expect("model");
+                for ip in &ips {
+                    if let Some((other, _)) = m.live.iter().find(|(_, (_, a))| a.contains(ip)) {
+                        let v = format!("ADD of {cid} answered {ip}, which {other} still holds");
+                        drop(m);
+                        sh.violation(v);
+                        m = sh.model.lock().expect("model");
+                    }
+                }
+                m.live.insert(cid, (ns, ips));
                 true
             }
             _ => {
@@ -594,7 +620,7 @@ fn reboot(sh: &Shared) {
     sh.node.kill_coild();
     {
         let mut m = sh.model.lock().expect("model");
-        let live: Vec<(String, (String, IpAddr))> =
+        let live: Vec<(String, (String, Vec<IpAddr>))> =
             std::mem::take(&mut m.live).into_iter().collect();
         for (cid, (ns, _)) in live {
             let _ = sh_quiet(&["ip", "netns", "del", &ns]);
@@ -676,6 +702,8 @@ fn main() {
         "create",
         "default",
         "10.60.0.0/22",
+        "--ipv6",
+        "fd00:60::/118",
         "--block-size",
         "3",
     ]);
@@ -852,7 +880,7 @@ fn pod_addrs(ns: &str) -> Vec<IpAddr> {
 
 fn finish(sh: &Shared, args: &Args, elapsed: Duration) -> i32 {
     let node = &sh.node;
-    let live: Vec<(String, (String, IpAddr))> = sh
+    let live: Vec<(String, (String, Vec<IpAddr>))> = sh
         .model
         .lock()
         .expect("model")
@@ -862,24 +890,31 @@ fn finish(sh: &Shared, args: &Args, elapsed: Duration) -> i32 {
         .collect();
     // 1. Every successful ADD is still wired; 2. no address twice.
     let mut seen: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for (cid, (ns, ip)) in &live {
+    for (cid, (ns, ips)) in &live {
         let addrs = pod_addrs(ns);
-        if !addrs.contains(ip) {
-            sh.violation(format!(
-                "{cid}: ADD answered {ip} but the pod has {addrs:?}"
-            ));
-        }
-        let route = String::from_utf8_lossy(
-            &node
-                .in_ns(&["ip", "route", "show", &format!("{ip}/32")])
-                .stdout,
-        )
-        .to_string();
-        if !route.contains("dev coil") {
-            sh.violation(format!("{cid}: no host route to {ip} ({route:?})"));
-        }
-        if let Some(other) = seen.insert(*ip, cid.clone()) {
-            sh.violation(format!("address {ip} assigned to both {other} and {cid}"));
+        for ip in ips {
+            if !addrs.contains(ip) {
+                sh.violation(format!(
+                    "{cid}: ADD answered {ip} but the pod has {addrs:?}"
+                ));
+            }
+            let (fam, host) = if ip.is_ipv4() {
+                ("-4", 32)
+            } else {
+                ("-6", 128)
+            };
+            let route = String::from_utf8_lossy(
+                &node
+                    .in_ns(&["ip", fam, "route", "show", &format!("{ip}/{host}")])
+                    .stdout,
+            )
+            .to_string();
+            if !route.contains("dev coil") {
+                sh.violation(format!("{cid}: no host route to {ip} ({route:?})"));
+            }
+            if let Some(other) = seen.insert(*ip, cid.clone()) {
+                sh.violation(format!("address {ip} assigned to both {other} and {cid}"));
+            }
         }
     }
     // 3. Table 119 equals the node's leases in etcd.
@@ -914,12 +949,13 @@ fn finish(sh: &Shared, args: &Args, elapsed: Duration) -> i32 {
         let last = node.stats();
         let links = node.coil_links();
         let blocks = node.table119().len();
-        if last["attachments"] == 0 && links.is_empty() && blocks <= 1 {
+        // coild keeps one empty block of each family (min-blocks 1).
+        if last["attachments"] == 0 && links.is_empty() && blocks <= 2 {
             break last;
         }
         if Instant::now() > deadline {
             sh.violation(format!(
-                "after deleting every pod: stats {last}, links {links:?}, {blocks} block(s) in table 119 (min 1)"
+                "after deleting every pod: stats {last}, links {links:?}, {blocks} block(s) in table 119 (min 1 per family)"
             ));
             break last;
         }
