@@ -137,19 +137,28 @@ impl Two {
         assert_eq!(r.code, 0, "DEL: {r:?}");
     }
 
+    /// Blocks in node `i`'s table 119, IPv4 then IPv6.
     fn table119(&self, i: usize) -> Vec<String> {
-        String::from_utf8_lossy(
-            &in_ns(&self.ns[i], &["ip", "route", "show", "table", "119"]).stdout,
-        )
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
-        .collect()
+        ["-4", "-6"]
+            .iter()
+            .flat_map(|f| {
+                String::from_utf8_lossy(
+                    &in_ns(&self.ns[i], &["ip", f, "route", "show", "table", "119"]).stdout,
+                )
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(String::from))
+                .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn main_has(&self, i: usize, block: &str) -> bool {
-        !String::from_utf8_lossy(&in_ns(&self.ns[i], &["ip", "route", "show", block]).stdout)
-            .trim()
-            .is_empty()
+        let family = if block.contains(':') { "-6" } else { "-4" };
+        !String::from_utf8_lossy(
+            &in_ns(&self.ns[i], &["ip", family, "route", "show", block]).stdout,
+        )
+        .trim()
+        .is_empty()
     }
 }
 
@@ -162,8 +171,11 @@ fn pod_ip(pod: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn two_nodes_route_pods_over_bgp() {
+/// Two node netns joined by a veth (IPv4 10.251.0.0/24, and IPv6
+/// fd00:251::/64 when `dual`), etcd on node 1, a default pool (dual-stack
+/// when `dual`), and BIRD on both nodes from the deploy/ template for the
+/// families, its BGP sessions established.
+fn two_nodes(dual: bool) -> Two {
     let mut t = Two {
         ns: [unique("g"), unique("g")],
         link: ["10.251.0.1".into(), "10.251.0.2".into()],
@@ -181,6 +193,7 @@ fn two_nodes_route_pods_over_bgp() {
                 "-qw",
                 "net.ipv4.ip_forward=1",
                 "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv6.conf.all.forwarding=1",
             ],
         );
     }
@@ -189,58 +202,56 @@ fn two_nodes_route_pods_over_bgp() {
         "ip", "link", "add", &a, "netns", &t.ns[0], "type", "veth", "peer", "name", &b, "netns",
         &t.ns[1],
     ]);
-    ok(&[
-        "ip",
-        "-n",
-        &t.ns[0],
-        "addr",
-        "add",
-        "10.251.0.1/24",
-        "dev",
-        &a,
-    ]);
-    ok(&[
-        "ip",
-        "-n",
-        &t.ns[1],
-        "addr",
-        "add",
-        "10.251.0.2/24",
-        "dev",
-        &b,
-    ]);
-    ok(&["ip", "-n", &t.ns[0], "link", "set", &a, "up"]);
-    ok(&["ip", "-n", &t.ns[1], "link", "set", &b, "up"]);
+    for (i, dev) in [(0, &a), (1, &b)] {
+        let v4 = format!("10.251.0.{}/24", i + 1);
+        ok(&["ip", "-n", &t.ns[i], "addr", "add", &v4, "dev", dev]);
+        if dual {
+            let v6 = format!("fd00:251::{}/64", i + 1);
+            ok(&[
+                "ip", "-n", &t.ns[i], "addr", "add", &v6, "dev", dev, "nodad",
+            ]);
+        }
+        ok(&["ip", "-n", &t.ns[i], "link", "set", dev, "up"]);
+    }
 
     // One etcd, on node 1, reachable from node 2 over the link.
     let etcd =
         coil::testkit::start_etcd_in_netns(&t.ns[0], t.dir.path(), Some("http://10.251.0.1:2379"))
             .expect("etcd");
     t.procs.push(Proc(Some(etcd)));
-    let o = t.coilctl(&[
+    let mut pool = vec![
         "pool",
         "create",
         "default",
         "10.252.0.0/24",
         "--block-size",
         "4",
-    ]);
+    ];
+    if dual {
+        pool.extend(["--ipv6", "fd00:252::/120", "--ipv6-block-size", "4"]);
+    }
+    let o = t.coilctl(&pool);
     assert!(o.status.success(), "{o:?}");
 
     // BIRD on both nodes from the deploy/ template.
-    let tmpl = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bird/bird.conf.tmpl"),
-    )
+    let tmpl = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(if dual {
+        "../deploy/bird/bird-dualstack.conf.tmpl"
+    } else {
+        "../deploy/bird/bird.conf.tmpl"
+    }))
     .expect("template");
     for i in 0..2 {
         let j = 1 - i;
         let conf = tmpl
             .replace("@ROUTER_ID@", &t.link[i])
             .replace("@LOCAL_IP@", &t.link[i])
+            .replace("@LOCAL_IP6@", &format!("fd00:251::{}", i + 1))
             .replace("@LOCAL_AS@", &(64601 + i).to_string())
             .replace("@PEER_IP@", &t.link[j])
+            .replace("@PEER_IP6@", &format!("fd00:251::{}", j + 1))
             .replace("@PEER_AS@", &(64601 + j).to_string())
             .replace("@TABLE@", "119");
+        assert!(!conf.contains('@'), "a placeholder is left: {conf}");
         let cf = t.dir.path().join(format!("bird{i}.conf"));
         std::fs::write(&cf, conf).expect("bird conf");
         let o = in_ns(&t.ns[i], &["bird", "-p", "-c", &cf.display().to_string()]);
@@ -267,6 +278,11 @@ fn two_nodes_route_pods_over_bgp() {
         );
         assert!(o.status.success(), "bird: {o:?}");
     }
+    let sessions: &[&str] = if dual {
+        &["coil_peer", "coil_peer6"]
+    } else {
+        &["coil_peer"]
+    };
     for i in 0..2 {
         let ctl = t
             .dir
@@ -274,14 +290,19 @@ fn two_nodes_route_pods_over_bgp() {
             .join(format!("bird{i}.ctl"))
             .display()
             .to_string();
-        wait_until("BGP Established", 40, || {
-            String::from_utf8_lossy(
-                &sh(&["birdc", "-s", &ctl, "show", "protocols", "coil_peer"]).stdout,
-            )
-            .contains("Established")
-        });
+        for p in sessions {
+            wait_until(&format!("BGP {p} Established"), 40, || {
+                String::from_utf8_lossy(&sh(&["birdc", "-s", &ctl, "show", "protocols", p]).stdout)
+                    .contains("Established")
+            });
+        }
     }
+    t
+}
 
+#[test]
+fn two_nodes_route_pods_over_bgp() {
+    let mut t = two_nodes(false);
     // Node 1 keeps no idle block, so a release is visible.
     t.start_coild(0, "0");
     t.start_coild(1, "1");
@@ -361,6 +382,60 @@ fn two_nodes_route_pods_over_bgp() {
         }
     }
     assert!(got, "node 2 leased the freed block {}", b3[0]);
+}
+
+/// The addresses of `pod`'s eth0 of one family ("-4" or "-6"), global only.
+fn pod_ip_of(pod: &str, family: &str) -> String {
+    String::from_utf8_lossy(
+        &sh(&[
+            "ip", "-n", pod, "-o", family, "addr", "show", "eth0", "scope", "global",
+        ])
+        .stdout,
+    )
+    .split_whitespace()
+    .nth(3)
+    .and_then(|a| a.split('/').next())
+    .unwrap_or_default()
+    .to_string()
+}
+
+#[test]
+fn two_nodes_route_dual_stack_pods_over_bgp() {
+    let mut t = two_nodes(true);
+    // Node 1 keeps no idle block, so a release is visible.
+    t.start_coild(0, "0");
+    t.start_coild(1, "1");
+    let p1 = t.add(0, "dual-a");
+    let p2 = t.add(1, "dual-b");
+    // Each node publishes one block of each family.
+    let b1 = t.table119(0);
+    let b2 = t.table119(1);
+    assert_eq!(b1.len(), 2, "{b1:?}");
+    assert_eq!(b2.len(), 2, "{b2:?}");
+    for (i, blocks) in [(1, &b1), (0, &b2)] {
+        for b in blocks.iter() {
+            wait_until(&format!("node {} learns {b}", i + 1), 30, || {
+                t.main_has(i, b)
+            });
+        }
+    }
+    for family in ["-4", "-6"] {
+        let (ip1, ip2) = (pod_ip_of(&p1, family), pod_ip_of(&p2, family));
+        assert!(!ip1.is_empty() && !ip2.is_empty(), "{family}: {ip1} {ip2}");
+        wait_until(&format!("pod a reaches pod b over {ip2}"), 20, || {
+            ping(&p1, &ip2)
+        });
+        assert!(ping(&p2, &ip1), "pod b reaches pod a over {ip1}");
+    }
+    // Node 1's only pod goes: both its blocks are released and withdrawn
+    // from node 2's main tables.
+    t.del(0, "dual-a", &p1);
+    wait_until("node 1 releases its empty blocks", 30, || {
+        t.table119(0).is_empty()
+    });
+    for b in &b1 {
+        wait_until(&format!("node 2 forgets {b}"), 30, || !t.main_has(1, b));
+    }
 }
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
