@@ -446,16 +446,20 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
             } else {
                 println!("family:      {}", p.family);
             }
-            for f in p.families() {
+            for (i, f) in p.families().into_iter().enumerate() {
                 let (Some(bs), Some(prefix)) = (p.block_size_of(f), p.block_prefix_of(f)) else {
                     continue;
                 };
-                let label = if p.is_dual() {
-                    format!("{f} blocks:")
+                let label = if i == 0 { "block size:" } else { "" };
+                let family = if p.is_dual() {
+                    format!("{f} ")
                 } else {
-                    "block size:".to_string()
+                    String::new()
                 };
-                println!("{label:<12} {bs} ({} addresses, /{prefix})", 1u128 << bs);
+                println!(
+                    "{label:<12} {family}{bs} ({} addresses, /{prefix})",
+                    1u128 << bs
+                );
             }
             if occupied.is_empty() {
                 println!(

@@ -126,6 +126,80 @@ fn pool_lifecycle_through_the_binary() {
 }
 
 #[test]
+fn dual_stack_pool_through_the_binary() {
+    let c = Ctl::new("ctl-dual");
+    let created = c.json(&[
+        "pool",
+        "create",
+        "default",
+        "10.72.0.0/24",
+        "--ipv6",
+        "fd00:72::/112",
+        "--block-size",
+        "5",
+        "--ipv6-block-size",
+        "8",
+    ]);
+    assert_eq!(created["families"], serde_json::json!(["ipv4", "ipv6"]));
+    assert_eq!(created["ipv6"]["block_size"], 8);
+    assert_eq!(created["ipv6"]["blocks"], 256);
+    assert_eq!(created["blocks"], 8 + 256);
+    // The IPv6 part grows; a single-family pool refuses the other family.
+    let o = c.run(&["pool", "add-subnet", "default", "fd00:73::/112"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = c.run(&["pool", "create", "v4only", "10.73.0.0/24", "-s", "5"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = c.run(&["pool", "add-subnet", "v4only", "fd00:74::/112"]);
+    one_line_error(&o, 2, "ipv4 only");
+    // Bad dual-stack input: exit 2, nothing created.
+    let o = c.run(&[
+        "pool",
+        "create",
+        "bad",
+        "10.74.0.0/24",
+        "--ipv6",
+        "10.75.0.0/24",
+        "-s",
+        "5",
+    ]);
+    one_line_error(&o, 2, "not an IPv6 subnet");
+    let o = c.run(&[
+        "pool",
+        "create",
+        "bad",
+        "10.74.0.0/24",
+        "-s",
+        "5",
+        "--ipv6-block-size",
+        "8",
+    ]);
+    one_line_error(&o, 2, "no IPv6 subnet");
+    let o = c.run(&["pool", "show", "bad"]);
+    one_line_error(&o, 1, "pool bad not found");
+
+    let show = c.json(&["pool", "show", "default"]);
+    assert_eq!(show["blocks"], 8 + 512);
+    let subnets: Vec<&str> = show["subnets"]
+        .as_array()
+        .expect("subnets")
+        .iter()
+        .filter_map(|s| s["subnet"].as_str())
+        .collect();
+    assert_eq!(subnets, ["10.72.0.0/24", "fd00:72::/112", "fd00:73::/112"]);
+    let o = c.run(&["pool", "show", "default"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("ipv4+ipv6 (dual-stack)"), "{text}");
+    assert!(text.contains("ipv6 8 (256 addresses, /120)"), "{text}");
+    let o = c.run(&["pool", "list"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("default"))
+        .expect("default row");
+    assert!(row.contains("ipv4+ipv6") && row.contains("5/8"), "{text}");
+}
+
+#[test]
 fn bad_input_is_one_line_exit_2_and_changes_nothing() {
     let c = Ctl::new("ctl-bad");
     let o = c.run(&[
