@@ -331,6 +331,84 @@ fn a_lost_journal_is_rebuilt_from_the_store_and_the_kernel() {
     assert_eq!(n.wait_links(1).len(), 1);
 }
 
+/// The addresses of an ADD result, in order.
+fn ips_of(r: &Cni) -> Vec<String> {
+    r.out["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["address"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn dual_stack_pods_survive_a_kill_and_a_lost_journal() {
+    let mut n = Node::new(
+        StoreMode::Etcd {
+            endpoint: String::new(),
+            prefix: "/coil/".into(),
+        },
+        &[&[
+            "pool",
+            "create",
+            "default",
+            "10.84.0.0/24",
+            "--ipv6",
+            "fd00:84::/120",
+            "--block-size",
+            "4",
+        ]],
+    );
+    let pa = n.pod();
+    let pb = n.pod();
+    let ra = n.add(&pa, "dual-a");
+    let rb = n.add(&pb, "dual-b");
+    assert_eq!((ra.code, rb.code), (0, 0), "{ra:?} {rb:?}");
+    assert_eq!(ips_of(&ra).len(), 2, "{ra:?}");
+    // kill -9 and restart: both pods keep both addresses.
+    n.kill9();
+    n.start();
+    let again = n.add(&pa, "dual-a");
+    assert_eq!(ips_of(&again), ips_of(&ra), "{again:?}");
+    // The journal is destroyed; rebuilt from the store and the kernel, it
+    // knows both pods with both addresses and both blocks.
+    n.stop();
+    let j = n.journal_dir();
+    for e in std::fs::read_dir(j.join("wal")).expect("wal") {
+        let p = e.expect("entry").path();
+        std::fs::write(&p, b"garbage garbage garbage garbage garbage").expect("corrupt");
+    }
+    let o = n.coilctl(&["node", "repair", &n.name, "--rebuild", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["extra"]["attachments"], 2, "{v}");
+    assert_eq!(v["extra"]["leases"], 2, "one block of each family: {v}");
+    n.start();
+    for (p, cid, r) in [(&pa, "dual-a", &ra), (&pb, "dual-b", &rb)] {
+        let again = n.add(p, cid);
+        assert_eq!(ips_of(&again), ips_of(r), "{again:?}");
+    }
+    let p3 = n.pod();
+    let r3 = n.add(&p3, "dual-c");
+    assert_eq!(ips_of(&r3).len(), 2, "{r3:?}");
+    for a in ips_of(&r3) {
+        assert!(
+            !ips_of(&ra).contains(&a) && !ips_of(&rb).contains(&a),
+            "{a} twice"
+        );
+    }
+    // Table 119 holds the node's two blocks, one per family.
+    let t6 = ok(&["ip", "-6", "-n", &n.netns, "route", "show", "table", "119"]);
+    assert_eq!(t6.lines().count(), 1, "{t6}");
+    assert_eq!(n.table119().lines().count(), 1, "{}", n.table119());
+    for (p, cid) in [(&pa, "dual-a"), (&pb, "dual-b"), (&p3, "dual-c")] {
+        assert_eq!(n.del(p, cid).code, 0);
+    }
+    assert!(n.wait_links(0).is_empty(), "{:?}", n.coil_links());
+}
+
 #[test]
 fn empty_blocks_are_released_down_to_the_minimum() {
     let mut n = embedded("10.86.0.0/26", "2");
