@@ -8,6 +8,7 @@
 //! directly inside the pod's netns (moving a link costs ~20 ms).
 
 use std::fs::File;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
@@ -900,4 +901,117 @@ fn route_dst(r: &RouteMessage) -> Option<IpNet> {
         }
         _ => None,
     })
+}
+
+/// What coild and recovery need of the kernel: the seam between the node's
+/// logic and netlink. [`Kernel`] is the rtnetlink adapter;
+/// [`crate::kernel_mem::MemKernel`] an in-memory model of the same
+/// behaviour, so the daemon and recovery run in-process without root (and
+/// recovery can be timed on 100,000 attachments without creating 100,000
+/// veths). Every method means what the [`Kernel`] method of the same name
+/// documents.
+pub trait KernelOps: Send + Sync + 'static {
+    /// A pod's network namespace, opened and checked by
+    /// [`KernelOps::open_pod_netns`], handed to [`KernelOps::wire_in`].
+    type Netns: Send + 'static;
+
+    /// The routing table coil publishes blocks in.
+    fn table(&self) -> u32;
+    fn open_pod_netns(&self, path: &str) -> impl Future<Output = Result<Self::Netns>> + Send;
+    fn live_netns(
+        &self,
+        paths: Vec<String>,
+    ) -> impl Future<Output = std::collections::BTreeSet<String>> + Send;
+    fn names_of(&self, indexes: &[u32]) -> impl Future<Output = Result<Vec<(u32, String)>>> + Send;
+    fn wire(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send;
+    fn wire_in(
+        &self,
+        w: &WireSpec,
+        ns: Option<Self::Netns>,
+    ) -> impl Future<Output = Result<Wired>> + Send;
+    fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send;
+    fn doom(
+        &self,
+        host_veth: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    fn delete_doomed(&self) -> impl Future<Output = Result<()>> + Send;
+    fn unwire(&self, host_veth: &str) -> impl Future<Output = Result<bool>> + Send;
+    #[allow(clippy::type_complexity)]
+    fn links(&self) -> impl Future<Output = Result<Vec<(u32, String, Option<String>)>>> + Send;
+    fn del_host_route(&self, dst: IpNet, oif: u32) -> impl Future<Output = Result<()>> + Send;
+    fn export_block(&self, block: IpNet) -> impl Future<Output = Result<()>> + Send;
+    fn withdraw_block(&self, block: IpNet) -> impl Future<Output = Result<()>> + Send;
+    fn exported_blocks(&self) -> impl Future<Output = Result<Vec<IpNet>>> + Send;
+    fn host_routes(&self) -> impl Future<Output = Result<Vec<(IpNet, u32)>>> + Send;
+    fn check(&self, w: &WireSpec) -> impl Future<Output = Result<Vec<String>>> + Send;
+}
+
+impl KernelOps for Kernel {
+    type Netns = File;
+
+    fn table(&self) -> u32 {
+        Kernel::table(self)
+    }
+    fn open_pod_netns(&self, path: &str) -> impl Future<Output = Result<File>> + Send {
+        Kernel::open_pod_netns(self, path)
+    }
+    fn live_netns(
+        &self,
+        paths: Vec<String>,
+    ) -> impl Future<Output = std::collections::BTreeSet<String>> + Send {
+        Kernel::live_netns(self, paths)
+    }
+    fn names_of(&self, indexes: &[u32]) -> impl Future<Output = Result<Vec<(u32, String)>>> + Send {
+        Kernel::names_of(self, indexes)
+    }
+    fn wire(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send {
+        Kernel::wire(self, w)
+    }
+    fn wire_in(
+        &self,
+        w: &WireSpec,
+        ns: Option<File>,
+    ) -> impl Future<Output = Result<Wired>> + Send {
+        Kernel::wire_in(self, w, ns)
+    }
+    fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send {
+        Kernel::wire_info(self, w)
+    }
+    fn doom(
+        &self,
+        host_veth: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        Kernel::doom(self, host_veth, netns, ifname)
+    }
+    fn delete_doomed(&self) -> impl Future<Output = Result<()>> + Send {
+        Kernel::delete_doomed(self)
+    }
+    fn unwire(&self, host_veth: &str) -> impl Future<Output = Result<bool>> + Send {
+        Kernel::unwire(self, host_veth)
+    }
+    fn links(&self) -> impl Future<Output = Result<Vec<(u32, String, Option<String>)>>> + Send {
+        Kernel::links(self)
+    }
+    fn del_host_route(&self, dst: IpNet, oif: u32) -> impl Future<Output = Result<()>> + Send {
+        Kernel::del_host_route(self, dst, oif)
+    }
+    fn export_block(&self, block: IpNet) -> impl Future<Output = Result<()>> + Send {
+        Kernel::export_block(self, block)
+    }
+    fn withdraw_block(&self, block: IpNet) -> impl Future<Output = Result<()>> + Send {
+        Kernel::withdraw_block(self, block)
+    }
+    fn exported_blocks(&self) -> impl Future<Output = Result<Vec<IpNet>>> + Send {
+        Kernel::exported_blocks(self)
+    }
+    fn host_routes(&self) -> impl Future<Output = Result<Vec<(IpNet, u32)>>> + Send {
+        Kernel::host_routes(self)
+    }
+    fn check(&self, w: &WireSpec) -> impl Future<Output = Result<Vec<String>>> + Send {
+        Kernel::check(self, w)
+    }
 }

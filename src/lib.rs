@@ -14,6 +14,7 @@ pub mod api;
 pub mod cni;
 pub mod failpoint;
 pub mod kernel;
+pub mod kernel_mem;
 pub mod netns;
 pub mod node;
 pub mod store;

@@ -15,7 +15,7 @@ use coil::journal::{
     Attachment, AttachmentKey, AttachmentState, Batch, BlockLease, Intent, IntentOp, IntentState,
     Journal, JournalError, LeaseState,
 };
-use coil::kernel::{Kernel, KernelError, WireSpec};
+use coil::kernel::{Kernel, KernelError, KernelOps, WireSpec};
 use coil::node::veth_alias;
 use coil::store::{Backend, Store, StoreError};
 use ipnet::IpNet;
@@ -40,10 +40,10 @@ type Result<T, E = RecoveryError> = std::result::Result<T, E>;
 
 /// What recovery works on. The journal is shared with coild.
 #[derive(Debug)]
-pub struct Context<'a, B: Backend> {
+pub struct Context<'a, B: Backend, K: KernelOps = Kernel> {
     pub journal: &'a Arc<Journal>,
     pub store: &'a Store<B>,
-    pub kernel: &'a Kernel,
+    pub kernel: &'a K,
     pub node: &'a str,
     pub boot_id: &'a str,
     pub mtu: u32,
@@ -66,7 +66,7 @@ pub struct Context<'a, B: Backend> {
 }
 
 /// Reads journal, store (None if unreachable) and kernel.
-pub async fn observe<B: Backend>(cx: &Context<'_, B>) -> Result<Observation> {
+pub async fn observe<B: Backend, K: KernelOps>(cx: &Context<'_, B, K>) -> Result<Observation> {
     let t = std::time::Instant::now();
     let mut marks: Vec<(&str, u128)> = Vec::new();
     let j = cx.journal;
@@ -237,8 +237,8 @@ fn a_mtu(mtu: u32) -> u32 {
 
 /// Releases an attachment: Releasing + intent durable, kernel state
 /// removed, then its records. Idempotent.
-pub async fn release_attachment<B: Backend>(
-    cx: &Context<'_, B>,
+pub async fn release_attachment<B: Backend, K: KernelOps>(
+    cx: &Context<'_, B, K>,
     key: &AttachmentKey,
 ) -> Result<()> {
     let j = cx.journal;
@@ -261,7 +261,7 @@ pub async fn release_attachment<B: Backend>(
     commit(j, b)
 }
 
-async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
+async fn apply_one<B: Backend, K: KernelOps>(cx: &Context<'_, B, K>, a: &Action) -> Result<()> {
     let j = cx.journal;
     match a {
         Action::AdoptLease { lease } => {
@@ -422,7 +422,10 @@ async fn apply_one<B: Backend>(cx: &Context<'_, B>, a: &Action) -> Result<()> {
 pub const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Applies a plan in order, continuing past failures (each is reported).
-pub async fn apply<B: Backend>(cx: &Context<'_, B>, plan: &[Action]) -> Vec<Outcome> {
+pub async fn apply<B: Backend, K: KernelOps>(
+    cx: &Context<'_, B, K>,
+    plan: &[Action],
+) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(plan.len());
     for a in plan {
         coil::failpoint::hit("recovery.step");
@@ -450,8 +453,8 @@ pub async fn apply<B: Backend>(cx: &Context<'_, B>, plan: &[Action]) -> Vec<Outc
 }
 
 /// observe -> plan -> apply, once.
-pub async fn recover<B: Backend>(
-    cx: &Context<'_, B>,
+pub async fn recover<B: Backend, K: KernelOps>(
+    cx: &Context<'_, B, K>,
     dry_run: bool,
 ) -> Result<(Observation, Vec<Outcome>)> {
     let o = observe(cx).await?;

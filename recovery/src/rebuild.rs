@@ -14,7 +14,7 @@ use coil::journal::{
     AddressEntry, AssignedAddress, Attachment, AttachmentState, Batch, BlockLease, Journal,
     LeaseState, NodeMeta,
 };
-use coil::kernel::Kernel;
+use coil::kernel::KernelOps;
 use coil::node::{host_veth_name, parse_alias};
 use coil::store::{Backend, Store};
 use serde::Serialize;
@@ -35,10 +35,10 @@ pub struct RebuildReport {
 
 /// Moves `dir` aside (if present) and writes a new journal from what the
 /// store and the kernel hold.
-pub async fn rebuild<B: Backend>(
+pub async fn rebuild<B: Backend, K: KernelOps>(
     dir: &Path,
     store: &Store<B>,
-    kernel: &Kernel,
+    kernel: &K,
     node: &str,
     boot_id: &str,
 ) -> Result<RebuildReport, RecoveryError> {

@@ -20,7 +20,7 @@ use coil::journal::{
     AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
     Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
 };
-use coil::kernel::{gateway_for, Kernel, KernelError, WireSpec};
+use coil::kernel::{gateway_for, Kernel, KernelError, KernelOps, WireSpec};
 use coil::node::{host_veth_name, veth_alias, NodeState, Reservation};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
@@ -173,11 +173,11 @@ enum Mirror {
 }
 
 /// The node daemon.
-pub struct Daemon<B: Backend> {
+pub struct Daemon<B: Backend, K: KernelOps = Kernel> {
     cfg: DaemonConfig,
     journal: Arc<Journal>,
     store: Store<B>,
-    kernel: Kernel,
+    kernel: K,
     boot_id: String,
     state: Mutex<NodeState>,
     pool_locks: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -222,7 +222,7 @@ pub struct Daemon<B: Backend> {
     fatal_notify: tokio::sync::Notify,
 }
 
-impl<B: Backend> std::fmt::Debug for Daemon<B> {
+impl<B: Backend, K: KernelOps> std::fmt::Debug for Daemon<B, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
             .field("node", &self.cfg.node_name)
@@ -250,8 +250,9 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Opens the journal and checks it; refuses an untrustworthy one.
-fn open_journal(dir: &PathBuf) -> Result<Journal, FatalError> {
+/// Opens the journal and checks it, as coild does before it starts;
+/// refuses an untrustworthy one, naming the command that shows why.
+pub fn open_journal(dir: &PathBuf) -> Result<Journal, FatalError> {
     // The journal creates its directory (and missing parents) itself and
     // fsyncs each new entry's parent: created here first, a power cut right
     // after the first commits could lose the whole journal (found by
@@ -380,6 +381,22 @@ impl<B: Backend> Daemon<B> {
         journal: Arc<Journal>,
         store: Store<B>,
     ) -> Result<Arc<Daemon<B>>, FatalError> {
+        let kernel = Kernel::new(cfg.table_id, cfg.protocol_id)
+            .map_err(|e| FatalError::new(coil::exit::PROBLEMS, format!("netlink: {e}")))?;
+        Daemon::start_with(cfg, journal, store, kernel).await
+    }
+}
+
+impl<B: Backend, K: KernelOps> Daemon<B, K> {
+    /// [`Daemon::start`] over any kernel: the rtnetlink adapter, or the
+    /// in-memory model (`coil::kernel_mem::MemKernel`) with which the
+    /// driver runs in-process without root.
+    pub async fn start_with(
+        cfg: DaemonConfig,
+        journal: Arc<Journal>,
+        store: Store<B>,
+        kernel: K,
+    ) -> Result<Arc<Daemon<B, K>>, FatalError> {
         let fatal = |e: String| FatalError::new(coil::exit::PROBLEMS, e);
         let boot_id = read_boot_id(&cfg.boot_id_file)?;
         let meta = journal.node_meta().map_err(|e| fatal(e.to_string()))?;
@@ -393,8 +410,6 @@ impl<B: Backend> Daemon<B> {
                 )));
             }
         }
-        let kernel = Kernel::new(cfg.table_id, cfg.protocol_id)
-            .map_err(|e| fatal(format!("netlink: {e}")))?;
         if meta.is_none() {
             // A fresh journal on a node that has coil state means the
             // journal was lost: starting would treat every pod as an orphan.
@@ -1134,7 +1149,7 @@ impl<B: Backend> Daemon<B> {
         let netns = req.netns.clone().unwrap_or_default();
         let existing = self.lock().lookup(&key).cloned();
         // The checked pod netns, opened once for the check and the wiring.
-        let mut opened: Option<std::fs::File> = None;
+        let mut opened: Option<K::Netns> = None;
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -1533,7 +1548,10 @@ const TEARDOWN_MAX: usize = 128;
 const TEARDOWN_MAX_AGE: Duration = Duration::from_secs(1);
 const TEARDOWN_QUIET: Duration = Duration::from_millis(15);
 
-async fn teardown_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<(Attachment, u64)>) {
+async fn teardown_task<B: Backend, K: KernelOps>(
+    d: Arc<Daemon<B, K>>,
+    mut rx: mpsc::Receiver<(Attachment, u64)>,
+) {
     let mut doomed: Vec<(Attachment, u64)> = Vec::new();
     let mut oldest = Instant::now();
     loop {
@@ -1564,7 +1582,7 @@ async fn teardown_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<(At
     }
 }
 
-impl<B: Backend> Daemon<B> {
+impl<B: Backend, K: KernelOps> Daemon<B, K> {
     async fn finish_release(&self, a: &Attachment, intent: u64) -> DResult<()> {
         deadline(
             format!("removing the veth {} of {}", a.host_veth, a.key),
@@ -1751,7 +1769,10 @@ fn journal_lease(l: &coil::store::BlockLease) -> BlockLease {
 /// Applies address index updates in the background. While the store does
 /// not answer they queue (bounded) and are retried in order, so the index
 /// catches up when the store is back.
-async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<Mirror>) {
+async fn mirror_task<B: Backend, K: KernelOps>(
+    d: Arc<Daemon<B, K>>,
+    mut rx: mpsc::Receiver<Mirror>,
+) {
     const MAX_PENDING: usize = 100_000;
     let mut pending: std::collections::VecDeque<Mirror> = std::collections::VecDeque::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -1790,7 +1811,7 @@ async fn mirror_task<B: Backend>(d: Arc<Daemon<B>>, mut rx: mpsc::Receiver<Mirro
 
 /// Watches the journal's health once a second (a failed sync in any
 /// writer poisons it; then coild stops, see [`serve_until`]).
-async fn journal_watch<B: Backend>(d: Arc<Daemon<B>>) {
+async fn journal_watch<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -1803,7 +1824,7 @@ async fn journal_watch<B: Backend>(d: Arc<Daemon<B>>) {
 
 /// Re-runs recovery every `resync_interval`: table 119, host routes and
 /// aliases, lease losses, pending releases, idle blocks.
-async fn resync_task<B: Backend>(d: Arc<Daemon<B>>) {
+async fn resync_task<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) {
     let mut tick = tokio::time::interval(d.cfg.resync_interval);
     tick.tick().await;
     let mut n: u64 = 0;
@@ -1832,7 +1853,7 @@ async fn resync_task<B: Backend>(d: Arc<Daemon<B>>) {
 
 /// Keeps the node's liveness key alive; re-registers after expiry or an
 /// outage.
-async fn liveness_task<B: Backend>(d: Arc<Daemon<B>>) {
+async fn liveness_task<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) {
     let ttl = d.cfg.liveness_ttl.as_secs().max(2) as i64;
     let period = Duration::from_secs((ttl as u64 / 3).max(1));
     let rec = NodeRecord {

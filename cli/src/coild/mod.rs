@@ -16,7 +16,7 @@ use coil::exit;
 use coil::store::etcd::{EtcdOptions, TlsPem};
 use serde::Deserialize;
 
-pub use daemon::{Daemon, DaemonConfig, StoreChoice};
+pub use daemon::{open_journal, Daemon, DaemonConfig, StoreChoice};
 pub use server::serve;
 
 #[derive(Parser, Debug, Default)]
