@@ -1,0 +1,311 @@
+//! coild's driver in-process, without root: the real daemon, journal and
+//! embedded store over the in-memory kernel model (`MemKernel`). A "kill"
+//! drops the daemon's runtime mid-flight (its tasks and volatile state are
+//! gone; what the journal holds stays, as does the kernel); a "reboot"
+//! also empties the kernel and changes the boot id. The same behaviour is
+//! tested against the real kernel, as root, in cni.rs and recovery.rs.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coil::cni::{parse_request, Response};
+use coil::kernel::KernelOps;
+use coil::kernel_mem::MemKernel;
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::{PoolSpec, Store};
+use coil_cli::coild::{open_journal, Daemon, DaemonConfig, StoreChoice};
+use serde_json::Value;
+
+type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+
+/// One run of coild: its runtime and the daemon.
+struct Run {
+    rt: Option<tokio::runtime::Runtime>,
+    d: Option<Arc<D>>,
+}
+
+impl Run {
+    /// kill -9, as far as a process can do it to itself: every task is
+    /// dropped at its next await.
+    fn kill(&mut self) {
+        self.d = None;
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+
+    fn d(&self) -> &Arc<D> {
+        self.d.as_ref().expect("running")
+    }
+
+    fn call(&self, cmd: &str, cid: &str, netns: Option<&str>, extra: &str) -> Response {
+        let mut env: Vec<(String, String)> = vec![
+            ("CNI_COMMAND".into(), cmd.into()),
+            ("CNI_CONTAINERID".into(), cid.into()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_PATH".into(), "/opt/cni/bin".into()),
+            (
+                "CNI_ARGS".into(),
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"),
+            ),
+        ];
+        if let Some(n) = netns {
+            env.push(("CNI_NETNS".into(), n.into()));
+        }
+        let conf = format!(r#"{{"cniVersion":"1.1.0","name":"k8s","type":"coil"{extra}}}"#);
+        let req = parse_request(
+            |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+            conf.as_bytes(),
+        )
+        .expect("request");
+        let d = self.d().clone();
+        self.rt
+            .as_ref()
+            .expect("running")
+            .block_on(async move { d.handle(req).await })
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    kernel: MemKernel,
+}
+
+impl Node {
+    fn new() -> Node {
+        let n = Node {
+            dir: tempfile::tempdir().expect("tempdir"),
+            kernel: MemKernel::default(),
+        };
+        n.set_boot("boot-1");
+        n
+    }
+
+    fn set_boot(&self, id: &str) {
+        std::fs::write(self.dir.path().join("boot_id"), format!("{id}\n")).expect("boot id");
+    }
+
+    fn cfg(&self) -> DaemonConfig {
+        let p = |f: &str| -> PathBuf { self.dir.path().join(f) };
+        DaemonConfig {
+            node_name: "driver-node".into(),
+            store: StoreChoice::Embedded,
+            table_id: 119,
+            protocol_id: 30,
+            mtu: 1500,
+            socket: p("coild.sock"),
+            journal_dir: p("journal"),
+            boot_id_file: p("boot_id"),
+            liveness_ttl: Duration::from_secs(30),
+            pool_cache_ttl: Duration::from_secs(10),
+            // No background resync: each test runs recovery when it means to.
+            resync_interval: Duration::from_secs(3600),
+            min_blocks: 1,
+            metrics_addr: None,
+        }
+    }
+
+    /// Starts coild; the first start creates the pool `default` first.
+    fn start(&self, pool: &[&str]) -> Run {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cfg = self.cfg();
+        let kernel = self.kernel.clone();
+        let pool: Vec<IpAddrNet> = pool.iter().map(|s| s.parse().expect("subnet")).collect();
+        let d = rt.block_on(async move {
+            let journal = Arc::new(open_journal(&cfg.journal_dir).expect("journal"));
+            let backend = Arc::new(EmbeddedBackend::open(journal.clone()).expect("embedded"));
+            let store = Store::open_lazy(backend.clone(), "/coil/").expect("store");
+            if !pool.is_empty() {
+                store
+                    .create_pool(&PoolSpec::new("default", pool, 2))
+                    .await
+                    .expect("pool");
+            }
+            Daemon::start_with(cfg, journal, store, kernel)
+                .await
+                .expect("coild starts")
+        });
+        Run {
+            rt: Some(rt),
+            d: Some(d),
+        }
+    }
+
+    fn pod(&self, name: &str) -> String {
+        let p = format!("/run/netns/{name}");
+        self.kernel.add_netns(&p);
+        p
+    }
+}
+
+type IpAddrNet = ipnet::IpNet;
+
+fn ok(r: &Response) -> &Value {
+    assert!(r.ok, "{}", r.stdout);
+    &r.stdout
+}
+
+fn ips(r: &Response) -> Vec<IpAddr> {
+    ok(r)["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["address"].as_str())
+                .filter_map(|s| s.split('/').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn code(r: &Response) -> u64 {
+    assert!(!r.ok, "expected an error: {}", r.stdout);
+    r.stdout["code"].as_u64().unwrap_or(0)
+}
+
+/// Waits (bounded) until DEL's background teardown has removed the links.
+fn wait_links(k: &MemKernel, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while k.link_names().len() != want {
+        assert!(
+            Instant::now() < deadline,
+            "links: {:?}, want {want}",
+            k.link_names()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn block_on<F: std::future::Future>(run: &Run, f: F) -> F::Output {
+    run.rt.as_ref().expect("running").block_on(f)
+}
+
+#[test]
+fn add_check_del_gc_run_without_root() {
+    let n = Node::new();
+    let run = n.start(&["10.40.0.0/28", "fd00:40::/124"]);
+    let pa = n.pod("pa");
+    let a = run.call("ADD", "pa", Some(&pa), "");
+    let got = ips(&a);
+    assert_eq!(got.len(), 2, "dual-stack: {}", a.stdout);
+    // The kernel holds what the answer says.
+    let mut on_pod = n.kernel.pod_addresses(&pa, "eth0").expect("eth0");
+    on_pod.sort();
+    let mut want = got.clone();
+    want.sort();
+    assert_eq!(on_pod, want);
+    assert!(run.call("CHECK", "pa", Some(&pa), "").ok);
+    // Drift is reported by CHECK (107 lists it).
+    let host6: IpAddrNet = format!("{}/128", got[1]).parse().expect("net");
+    n.kernel.drop_host_route(host6);
+    let c = run.call("CHECK", "pa", Some(&pa), "");
+    assert_eq!(code(&c), 107, "{}", c.stdout);
+    // A repeated ADD answers the same addresses.
+    assert_eq!(ips(&run.call("ADD", "pa", Some(&pa), "")), got);
+    // A missing netns is 103 and takes nothing.
+    let r = run.call("ADD", "ghost", Some("/run/netns/ghost"), "");
+    assert_eq!(code(&r), 103, "{}", r.stdout);
+    // GC keeps what is listed and releases the rest of its network.
+    let pb = n.pod("pb");
+    ips(&run.call("ADD", "pb", Some(&pb), ""));
+    let keep = r#","cni.dev/valid-attachments":[{"containerID":"pb","ifname":"eth0"}]"#.to_string();
+    let g = run.call("GC", "", None, &keep);
+    ok(&g);
+    wait_links(&n.kernel, 1);
+    assert_eq!(n.kernel.link_names().len(), 1);
+    assert!(n.kernel.pod_addresses(&pb, "eth0").is_some());
+    // DEL, twice, and DEL without a netns.
+    assert!(run.call("DEL", "pb", Some(&pb), "").ok);
+    assert!(run.call("DEL", "pb", Some(&pb), "").ok);
+    assert!(run.call("DEL", "never", None, "").ok);
+    wait_links(&n.kernel, 0);
+    let routes = block_on(&run, n.kernel.host_routes()).expect("routes");
+    assert!(
+        routes.iter().all(|(d, _)| !got.contains(&d.addr())),
+        "{routes:?}"
+    );
+}
+
+#[test]
+fn a_failed_wire_takes_nothing_and_a_killed_coild_recovers() {
+    let n = Node::new();
+    let mut run = n.start(&["10.41.0.0/28"]);
+    let p0 = n.pod("p0");
+    n.kernel.fail_next_wires(1);
+    let r = run.call("ADD", "p0", Some(&p0), "");
+    assert_eq!(code(&r), 104, "{}", r.stdout);
+    assert!(n.kernel.link_names().is_empty());
+    assert_eq!(run.d().stats()["attachments"], 0);
+    // Five pods, then kill coild.
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let p = n.pod(&format!("k{i}"));
+        held.push((
+            format!("k{i}"),
+            p.clone(),
+            ips(&run.call("ADD", &format!("k{i}"), Some(&p), "")),
+        ));
+    }
+    run.kill();
+    // While it is down: one pod's veth is deleted by hand, another pod's
+    // netns is deleted (its veth goes with it).
+    assert!(n.kernel.drop_link(&n.kernel.link_names()[0]));
+    n.kernel.remove_netns(&held[4].1);
+    let run = n.start(&[]);
+    // Four pods are wired again with the addresses they had; the fifth is
+    // released.
+    assert_eq!(run.d().stats()["attachments"], 4, "{}", run.d().stats());
+    let wired: BTreeSet<IpAddr> = n
+        .kernel
+        .wired_addresses()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    for (cid, p, a) in &held[..4] {
+        assert!(wired.contains(&a[0]), "{cid} lost {a:?}: {wired:?}");
+        assert!(run.call("CHECK", cid, Some(p), "").ok, "{cid}");
+    }
+    // The released address is free again, and nothing is handed out twice.
+    let mut seen: BTreeSet<IpAddr> = held[..4].iter().map(|h| h.2[0]).collect();
+    for i in 0..8 {
+        let p = n.pod(&format!("m{i}"));
+        let a = ips(&run.call("ADD", &format!("m{i}"), Some(&p), ""));
+        assert!(seen.insert(a[0]), "{} handed out twice", a[0]);
+    }
+    let exported = block_on(&run, n.kernel.exported_blocks()).expect("exported");
+    assert!(!exported.is_empty());
+}
+
+#[test]
+fn a_reboot_releases_every_pod_of_the_old_boot() {
+    let n = Node::new();
+    let mut run = n.start(&["10.42.0.0/28"]);
+    for i in 0..3 {
+        let p = n.pod(&format!("r{i}"));
+        ips(&run.call("ADD", &format!("r{i}"), Some(&p), ""));
+    }
+    run.kill();
+    n.kernel.reboot();
+    n.set_boot("boot-2");
+    let run = n.start(&[]);
+    assert_eq!(run.d().stats()["attachments"], 0, "{}", run.d().stats());
+    assert!(n.kernel.link_names().is_empty());
+    // The embedded store confirms the leases at once: the node serves and
+    // republishes its block.
+    let p = n.pod("after");
+    assert_eq!(ips(&run.call("ADD", "after", Some(&p), "")).len(), 1);
+    let exported = block_on(&run, n.kernel.exported_blocks()).expect("exported");
+    assert_eq!(exported.len(), 1, "{exported:?}");
+}
