@@ -20,10 +20,15 @@
 //! Figures `scale.N.*` go to target/bench/summary.json. Nodes share etcd
 //! connections (one per 50 nodes; a real node has its own), which makes
 //! etcd's connection count, not its request load, smaller than a real
-//! cluster's. coild's and the controller's RSS are not measured here (the
-//! nodes are tasks, not processes). The run prints how long each size is
+//! cluster's. Memory is measured on real processes at each size: the
+//! `coil-controller` binary leading for a few passes, and coild (this
+//! benchmark re-run as a child: the real daemon over the etcd store, with
+//! the in-memory kernel model so it needs no netns) starting as a new node
+//! and taking 30 pods; their peak RSS (VmHWM) is `scale.N.controller_rss_kib`
+//! and `scale.N.coild_rss_kib`. The run prints how long each size is
 //! expected to take; 5,000 nodes take a few minutes.
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::Arc;
@@ -35,6 +40,9 @@ use coil::testkit::{etcd_metric, TestEtcd};
 use coil_cli::controller::{pass, ControllerMetrics};
 
 const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
+const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
+/// Set in the child that runs coild for the RSS figure.
+const CHILD_ENV: &str = "COIL_SCALE_COILD_CHILD";
 const NODES_PER_CONNECTION: usize = 50;
 const BLOCK_SIZE: u8 = 5;
 const STEADY: Duration = Duration::from_secs(30);
@@ -242,7 +250,24 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
         "requests/s",
     ));
 
-    // 4. The controller's pass, as leader.
+    // 4. Memory of the real programs at this size (before this process
+    // campaigns, so the controller leads).
+    match controller_rss(&ep) {
+        Some(kib) => {
+            eprintln!("  coil-controller peak RSS: {:.1} MiB", kib / 1024.0);
+            figs.push((format!("scale.{n}.controller_rss_kib"), kib, "KiB"));
+        }
+        None => eprintln!("  coil-controller RSS: not measured"),
+    }
+    match coild_rss(&ep) {
+        Some(kib) => {
+            eprintln!("  coild peak RSS (new node, 30 pods): {:.1} MiB", kib / 1024.0);
+            figs.push((format!("scale.{n}.coild_rss_kib"), kib, "KiB"));
+        }
+        None => eprintln!("  coild RSS: not measured"),
+    }
+
+    // 5. The controller's pass, as leader.
     let (pass_ms, passes) = rt.block_on(async {
         admin
             .campaign("bench-controller", 60)
@@ -272,7 +297,7 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
     eprintln!("  controller pass: {pass_ms:.0} ms (best of {passes})");
     figs.push((format!("scale.{n}.controller_pass_ms"), pass_ms, "ms"));
 
-    // 5. The CLI at this size.
+    // 6. The CLI at this size.
     let probe = &nodes[n / 2];
     let probe_addr = match probe.blocks[0].1.network() {
         IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + 1).to_string(),
@@ -295,7 +320,7 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
         }
     }
 
-    // 6. etcd's database.
+    // 7. etcd's database.
     let db = etcd_metric(&ep, "etcd_mvcc_db_total_size_in_bytes", &[]).expect("etcd metrics");
     eprintln!("  etcd database: {:.1} MiB", db / 1048576.0);
     figs.push((format!("scale.{n}.etcd_db_bytes"), db, "bytes"));
@@ -308,7 +333,148 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
     drop(etcd);
 }
 
+/// Peak RSS (VmHWM) of process `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Stops a child this benchmark started (SIGTERM, then waits).
+fn stop(mut c: std::process::Child) {
+    if let Ok(pid) = i32::try_from(c.id()) {
+        // SAFETY: signalling a child process this benchmark spawned.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let _ = c.wait();
+}
+
+/// The coil-controller binary leading over this store for a few passes
+/// (one a second); its peak RSS.
+fn controller_rss(ep: &str) -> Option<f64> {
+    let c = Command::new(CONTROLLER)
+        .args([
+            "--etcd-endpoints",
+            ep,
+            "--interval",
+            "1s",
+            "--identity",
+            "bench-rss",
+        ])
+        .env("COIL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_secs(6));
+    let kib = vm_hwm_kib(c.id());
+    stop(c);
+    kib
+}
+
+/// coild as a new node of this cluster, run by this benchmark's own binary
+/// as a child (see [`coild_child`]); its peak RSS once it serves 30 pods.
+fn coild_rss(ep: &str) -> Option<f64> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().ok()?;
+    let exe = std::env::current_exe().ok()?;
+    let mut c = Command::new(exe)
+        .env(CHILD_ENV, ep)
+        .env("COIL_SCALE_CHILD_DIR", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .ok()?;
+    let mut line = String::new();
+    let out = c.stdout.take()?;
+    let _ = std::io::BufReader::new(out).read_line(&mut line);
+    let kib = if line.trim() == "ready" {
+        std::thread::sleep(Duration::from_secs(2));
+        vm_hwm_kib(c.id())
+    } else {
+        eprintln!("  coild child: {line:?}");
+        None
+    };
+    drop(c.stdin.take());
+    let _ = c.wait();
+    kib
+}
+
+/// The child of [`coild_rss`]: the real daemon over the etcd store and
+/// the in-memory kernel, started as node `scale-rss-node`, then 30 ADDs;
+/// prints "ready" and runs until its stdin closes.
+fn coild_child(ep: &str) {
+    use std::io::Read;
+    let dir = std::path::PathBuf::from(std::env::var("COIL_SCALE_CHILD_DIR").unwrap_or_default());
+    std::fs::write(dir.join("boot_id"), "rss-boot\n").expect("boot id");
+    let opts = EtcdOptions {
+        endpoints: vec![ep.to_string()],
+        ..Default::default()
+    };
+    let cfg = coil_cli::coild::DaemonConfig {
+        node_name: "scale-rss-node".into(),
+        store: coil_cli::coild::StoreChoice::Etcd {
+            opts: opts.clone(),
+            prefix: "/coil/".into(),
+        },
+        table_id: 119,
+        protocol_id: 30,
+        mtu: 1500,
+        socket: dir.join("coild.sock"),
+        journal_dir: dir.join("journal"),
+        boot_id_file: dir.join("boot_id"),
+        liveness_ttl: Duration::from_secs(30),
+        pool_cache_ttl: Duration::from_secs(10),
+        resync_interval: Duration::from_secs(30),
+        min_blocks: 1,
+        metrics_addr: None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let kernel = coil::kernel_mem::MemKernel::new(119);
+    let d = rt.block_on(async {
+        let journal = Arc::new(coil_cli::coild::open_journal(&cfg.journal_dir).expect("journal"));
+        let b = EtcdBackend::connect(&opts).await.expect("etcd");
+        let store = Store::open_lazy(b, "/coil/").expect("store");
+        coil_cli::coild::Daemon::start_with(cfg, journal, store, kernel.clone())
+            .await
+            .expect("coild starts")
+    });
+    for i in 0..30 {
+        let netns = format!("/run/netns/rss{i}");
+        kernel.add_netns(&netns);
+        let env = [
+            ("CNI_COMMAND", "ADD".to_string()),
+            ("CNI_CONTAINERID", format!("rss{i}")),
+            ("CNI_IFNAME", "eth0".to_string()),
+            ("CNI_NETNS", netns),
+        ];
+        let req = coil::cni::parse_request(
+            |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
+            br#"{"cniVersion":"1.1.0","name":"k8s","type":"coil"}"#,
+        )
+        .expect("request");
+        let dd = d.clone();
+        let r = rt.block_on(async move { dd.handle(req).await });
+        assert!(r.ok, "ADD: {}", r.stdout);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(d);
+    rt.shutdown_timeout(Duration::from_secs(5));
+}
+
 fn main() {
+    if let Ok(ep) = std::env::var(CHILD_ENV) {
+        coild_child(&ep);
+        return;
+    }
     let sizes: Vec<usize> = std::env::var("COIL_BENCH_SCALE_NODES")
         .unwrap_or_else(|_| "500,1000,5000".into())
         .split(',')
