@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod kernel_mem;
 pub mod netns;
 pub mod node;
+pub mod planted;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;

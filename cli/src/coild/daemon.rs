@@ -1420,7 +1420,18 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         })
         .put_attachment(&releasing);
         self.commit(b).await?;
-        self.lock().insert_attachment(releasing);
+        if coil::planted::on(coil::planted::Bug::ReuseWhileTearingDown) {
+            // Planted (tests only): the addresses look free while the veth
+            // still holds them.
+            let mut st = self.lock();
+            st.remove_attachment(key);
+            st.insert_attachment(Attachment {
+                addresses: Vec::new(),
+                ..releasing
+            });
+        } else {
+            self.lock().insert_attachment(releasing);
+        }
         coil::failpoint::hit("del.releasing");
         if wait {
             return self.finish_release(&a, id).await;

@@ -1,0 +1,452 @@
+//! (Shared by sim.rs and sim_planted.rs.)
+//!
+//! A seeded fault-injection run of coild's real driver, in-process and
+//! without root: the daemon, its journal and the embedded store over the
+//! in-memory kernel (`MemKernel`). A schedule drawn from the seed mixes
+//! what kubelet and a runtime send (ADD, DEL, DEL twice, DEL without a
+//! netns, CHECK, GC with a partial list) with what goes wrong around them
+//! (a pod's netns deleted, a wire that fails, coild killed and restarted,
+//! the node rebooted, a resync), and the invariants are checked after
+//! every step:
+//!
+//! 1. no address is on two live veths in the kernel;
+//! 2. no address is in two attachments of the journal, and each lies in a
+//!    block the journal leases;
+//! 3. every pod whose ADD succeeded, and that was not deleted since (DEL,
+//!    GC, its netns gone, a reboot), still holds exactly the addresses it
+//!    was given, in the journal and on its interface;
+//! 4. two live pods were never given the same address;
+//! 5. table 119 holds only blocks the journal leases.
+//!
+//! The schedule replays from its seed (`COIL_SIM_SEED=N`, `COIL_SIM_STEPS=N`
+//! run more); the daemon's own timing (its background teardown) is not
+//! simulated, so a replay is the same schedule, not the same interleaving.
+//! A failure prints the seed and the last steps.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coil::cni::{parse_request, Response};
+use coil::journal::{Journal, LeaseState};
+use coil::kernel::KernelOps;
+use coil::kernel_mem::MemKernel;
+use coil::store::embedded::EmbeddedBackend;
+use coil::store::{PoolSpec, Store};
+use coil_cli::coild::{open_journal, Daemon, DaemonConfig, StoreChoice};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+
+struct Coild {
+    rt: tokio::runtime::Runtime,
+    d: Arc<D>,
+    journal: Arc<Journal>,
+}
+
+struct Sim {
+    dir: tempfile::TempDir,
+    kernel: MemKernel,
+    coild: Option<Coild>,
+    boot: u32,
+    /// Live pods: container id -> (netns, the addresses ADD answered).
+    live: BTreeMap<String, (String, Vec<IpAddr>)>,
+    /// Pods whose netns exists but which are not live (failed ADD, DEL'd).
+    idle: BTreeMap<String, String>,
+    next: u32,
+    trace: VecDeque<String>,
+    seed: u64,
+    steps: u64,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let s = Sim {
+            dir: tempfile::tempdir().expect("tempdir"),
+            kernel: MemKernel::default(),
+            coild: None,
+            boot: 1,
+            live: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            next: 0,
+            trace: VecDeque::new(),
+            seed,
+            steps: 0,
+        };
+        s.write_boot();
+        s
+    }
+
+    fn write_boot(&self) {
+        std::fs::write(
+            self.dir.path().join("boot_id"),
+            format!("boot-{}\n", self.boot),
+        )
+        .expect("boot id");
+    }
+
+    fn note(&mut self, s: String) {
+        if self.trace.len() == 40 {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("step {}: {s}", self.steps));
+    }
+
+    fn fail(&self, why: String) -> ! {
+        let trace: Vec<&String> = self.trace.iter().collect();
+        panic!(
+            "seed {} step {}: {why}\nreplay: COIL_SIM_SEED={} COIL_SIM_STEPS={} cargo test -p coil-cli --test sim\nlast steps:\n{}",
+            self.seed,
+            self.steps,
+            self.seed,
+            self.steps,
+            trace
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
+    fn cfg(&self) -> DaemonConfig {
+        let p = |f: &str| self.dir.path().join(f);
+        DaemonConfig {
+            node_name: "sim-node".into(),
+            store: StoreChoice::Embedded,
+            table_id: 119,
+            protocol_id: 30,
+            mtu: 1500,
+            socket: p("coild.sock"),
+            journal_dir: p("journal"),
+            boot_id_file: p("boot_id"),
+            liveness_ttl: Duration::from_secs(30),
+            pool_cache_ttl: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(3600),
+            min_blocks: 1,
+            metrics_addr: None,
+        }
+    }
+
+    fn start(&mut self, first: bool) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cfg = self.cfg();
+        let kernel = self.kernel.clone();
+        let started = rt.block_on(async move {
+            let journal = Arc::new(open_journal(&cfg.journal_dir).map_err(|e| e.msg)?);
+            let backend =
+                Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?);
+            let store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
+            if first {
+                // IPv4: 8 blocks of 4; IPv6: 4 blocks of 2, so IPv6 runs
+                // out first and blocks come and go.
+                store
+                    .create_pool(&PoolSpec {
+                        name: "default".into(),
+                        subnets: vec![
+                            "10.50.0.0/27".parse().expect("net"),
+                            "fd00:50::/125".parse().expect("net"),
+                        ],
+                        block_size: 2,
+                        ipv6_block_size: Some(1),
+                    })
+                    .await
+                    .expect("pool");
+            }
+            let d = Daemon::start_with(cfg, journal.clone(), store, kernel)
+                .await
+                .map_err(|e| e.msg)?;
+            Ok::<_, String>((d, journal))
+        });
+        match started {
+            Ok((d, journal)) => self.coild = Some(Coild { rt, d, journal }),
+            Err(e) => self.fail(format!("coild did not start: {e}")),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(c) = self.coild.take() {
+            let Coild { rt, d, journal } = c;
+            drop(d);
+            drop(journal);
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+
+    fn call(&self, cmd: &str, cid: &str, netns: Option<&str>, extra: &str) -> Response {
+        let c = self.coild.as_ref().expect("running");
+        let mut env: Vec<(&str, String)> = vec![
+            ("CNI_COMMAND", cmd.into()),
+            ("CNI_IFNAME", "eth0".into()),
+            ("CNI_PATH", "/opt/cni/bin".into()),
+        ];
+        if !cid.is_empty() {
+            env.push(("CNI_CONTAINERID", cid.into()));
+        }
+        if let Some(n) = netns {
+            env.push(("CNI_NETNS", n.into()));
+        }
+        let conf = format!(r#"{{"cniVersion":"1.1.0","name":"k8s","type":"coil"{extra}}}"#);
+        let req = parse_request(
+            |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
+            conf.as_bytes(),
+        )
+        .expect("request");
+        let d = c.d.clone();
+        c.rt.block_on(async move { d.handle(req).await })
+    }
+
+    fn new_pod(&mut self) -> (String, String) {
+        self.next += 1;
+        let cid = format!("p{}", self.next);
+        let netns = format!("/run/netns/{cid}");
+        self.kernel.add_netns(&netns);
+        (cid, netns)
+    }
+
+    fn pick<'a>(rng: &mut StdRng, keys: impl Iterator<Item = &'a String>) -> Option<String> {
+        let v: Vec<&String> = keys.collect();
+        if v.is_empty() {
+            None
+        } else {
+            Some(v[rng.gen_range(0..v.len())].clone())
+        }
+    }
+
+    fn step(&mut self, rng: &mut StdRng) {
+        self.steps += 1;
+        if self.coild.is_none() {
+            self.note("start coild".into());
+            self.start(false);
+            self.check();
+            return;
+        }
+        let roll = rng.gen_range(0..100);
+        match roll {
+            0..=34 => {
+                let (cid, netns) = match Self::pick(rng, self.idle.keys()) {
+                    Some(cid) if rng.gen_bool(0.3) => {
+                        let n = self.idle.remove(&cid).unwrap_or_default();
+                        (cid, n)
+                    }
+                    _ => self.new_pod(),
+                };
+                let r = self.call("ADD", &cid, Some(&netns), "");
+                if r.ok {
+                    let ips = answer_ips(&r);
+                    self.note(format!("ADD {cid} -> {ips:?}"));
+                    for (other, (_, held)) in &self.live {
+                        if let Some(a) = ips.iter().find(|a| held.contains(a)) {
+                            self.fail(format!("ADD {cid} answered {a}, which {other} holds"));
+                        }
+                    }
+                    let v4 = ips.iter().filter(|a| a.is_ipv4()).count();
+                    let v6 = ips.iter().filter(|a| a.is_ipv6()).count();
+                    if (v4, v6) != (1, 1) {
+                        self.fail(format!("ADD {cid} answered {ips:?} from a dual-stack pool"));
+                    }
+                    self.live.insert(cid, (netns, ips));
+                } else {
+                    self.note(format!("ADD {cid} failed: {}", r.stdout["msg"]));
+                    // The runtime DELs after a failed ADD.
+                    let _ = self.call("DEL", &cid, Some(&netns), "");
+                    self.idle.insert(cid, netns);
+                }
+            }
+            35..=54 => {
+                if let Some(cid) = Self::pick(rng, self.live.keys()) {
+                    let (netns, _) = self.live.remove(&cid).unwrap_or_default();
+                    let twice = rng.gen_bool(0.2);
+                    let without = rng.gen_bool(0.2);
+                    let r = self.call("DEL", &cid, (!without).then_some(netns.as_str()), "");
+                    self.note(format!("DEL {cid} (netns given: {})", !without));
+                    if !r.ok {
+                        self.fail(format!("DEL {cid} failed: {}", r.stdout));
+                    }
+                    if twice && !self.call("DEL", &cid, Some(&netns), "").ok {
+                        self.fail(format!("second DEL of {cid} failed"));
+                    }
+                    self.idle.insert(cid, netns);
+                }
+            }
+            55..=59 => {
+                let cid = format!("never{}", rng.gen_range(0..5));
+                self.note(format!("DEL unknown {cid}"));
+                if !self.call("DEL", &cid, None, "").ok {
+                    self.fail(format!("DEL of unknown {cid} failed"));
+                }
+            }
+            60..=68 => {
+                if let Some(cid) = Self::pick(rng, self.live.keys()) {
+                    let netns = self.live[&cid].0.clone();
+                    let r = self.call("CHECK", &cid, Some(&netns), "");
+                    self.note(format!("CHECK {cid}"));
+                    if !r.ok {
+                        self.fail(format!("CHECK of live {cid}: {}", r.stdout));
+                    }
+                }
+            }
+            69..=71 => {
+                // GC listing all live pods but one.
+                let mut keep: Vec<String> = self.live.keys().cloned().collect();
+                let dropped = if keep.is_empty() {
+                    None
+                } else {
+                    Some(keep.remove(rng.gen_range(0..keep.len())))
+                };
+                let list: Vec<String> = keep
+                    .iter()
+                    .map(|c| format!(r#"{{"containerID":"{c}","ifname":"eth0"}}"#))
+                    .collect();
+                let extra = format!(r#","cni.dev/valid-attachments":[{}]"#, list.join(","));
+                self.note(format!("GC dropping {dropped:?}"));
+                let r = self.call("GC", "", None, &extra);
+                if !r.ok {
+                    self.fail(format!("GC failed: {}", r.stdout));
+                }
+                if let Some(d) = dropped {
+                    if let Some((n, _)) = self.live.remove(&d) {
+                        self.idle.insert(d, n);
+                    }
+                }
+            }
+            72..=76 => {
+                if let Some(cid) = Self::pick(rng, self.live.keys()) {
+                    let (netns, _) = self.live.remove(&cid).unwrap_or_default();
+                    self.note(format!("netns of {cid} deleted"));
+                    self.kernel.remove_netns(&netns);
+                }
+            }
+            77..=80 => {
+                self.note("next wire fails".into());
+                self.kernel.fail_next_wires(1);
+            }
+            81..=88 => {
+                self.note("kill coild".into());
+                self.kill();
+                return;
+            }
+            89..=90 => {
+                self.note("reboot".into());
+                self.kill();
+                self.kernel.reboot();
+                self.boot += 1;
+                self.write_boot();
+                self.live.clear();
+                self.idle.clear();
+                return;
+            }
+            _ => {
+                self.note("resync".into());
+                let c = self.coild.as_ref().expect("running");
+                let d = c.d.clone();
+                let _ =
+                    c.rt.block_on(async move { d.recover(false, true, true).await });
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        let Some(c) = self.coild.as_ref() else {
+            return;
+        };
+        // 1. The kernel.
+        let mut seen: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (a, veth) in self.kernel.wired_addresses() {
+            if let Some(o) = seen.insert(a, veth.clone()) {
+                self.fail(format!("{a} is on two live veths: {o} and {veth}"));
+            }
+        }
+        // 2. The journal.
+        let leases = c.journal.leases().expect("leases");
+        let leased: Vec<ipnet::IpNet> = leases
+            .iter()
+            .filter(|l| l.state != LeaseState::Releasing)
+            .map(|l| l.block)
+            .collect();
+        let atts = c.journal.attachments().expect("attachments");
+        let mut owner: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for a in &atts {
+            for x in &a.addresses {
+                if let Some(o) = owner.insert(x.addr, a.key.to_string()) {
+                    self.fail(format!(
+                        "{} is in two attachments: {o} and {}",
+                        x.addr, a.key
+                    ));
+                }
+                if !leases.iter().any(|l| l.block.contains(&x.addr)) {
+                    self.fail(format!("{} of {} lies in no leased block", x.addr, a.key));
+                }
+            }
+        }
+        // 3. Every live pod keeps what it was given.
+        for (cid, (netns, ips)) in &self.live {
+            let Some(a) = atts.iter().find(|a| a.key.container_id == *cid) else {
+                self.fail(format!("live pod {cid} has no attachment"));
+            };
+            let mut have: Vec<IpAddr> = a.addresses.iter().map(|x| x.addr).collect();
+            let mut want = ips.clone();
+            have.sort();
+            want.sort();
+            if have != want {
+                self.fail(format!(
+                    "live pod {cid} was given {want:?}, the journal says {have:?}"
+                ));
+            }
+            let mut on = self.kernel.pod_addresses(netns, "eth0").unwrap_or_default();
+            on.sort();
+            if on != want {
+                self.fail(format!(
+                    "live pod {cid} was given {want:?}, its eth0 has {on:?}"
+                ));
+            }
+        }
+        // 5. Table 119.
+        let exported =
+            c.rt.block_on(self.kernel.exported_blocks())
+                .expect("exported");
+        let unknown: BTreeSet<_> = exported.iter().filter(|b| !leased.contains(b)).collect();
+        if !unknown.is_empty() {
+            self.fail(format!(
+                "table 119 holds {unknown:?}, which the journal does not lease"
+            ));
+        }
+    }
+}
+
+fn answer_ips(r: &Response) -> Vec<IpAddr> {
+    r.stdout["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["address"].as_str())
+                .filter_map(|s| s.split('/').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `steps` steps of the schedule drawn from `seed`; returns the steps
+/// taken and how many times coild was killed or the node rebooted. Panics
+/// with the seed, a replay command and the last steps on a violation.
+pub fn run(seed: u64, steps: u64) -> (u64, u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sim = Sim::new(seed);
+    sim.start(true);
+    let mut kills = 0;
+    for _ in 0..steps {
+        let was_running = sim.coild.is_some();
+        sim.step(&mut rng);
+        if was_running && sim.coild.is_none() {
+            kills += 1;
+        }
+    }
+    sim.kill();
+    (sim.steps, kills)
+}
