@@ -261,7 +261,10 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
     }
     match coild_rss(&ep) {
         Some(kib) => {
-            eprintln!("  coild peak RSS (new node, 30 pods): {:.1} MiB", kib / 1024.0);
+            eprintln!(
+                "  coild peak RSS (new node, 30 pods): {:.1} MiB",
+                kib / 1024.0
+            );
             figs.push((format!("scale.{n}.coild_rss_kib"), kib, "KiB"));
         }
         None => eprintln!("  coild RSS: not measured"),
