@@ -12,6 +12,10 @@ pub enum Bug {
     /// the pod's veth (holding them) still exists, so an ADD can get an
     /// address that is still on an interface.
     ReuseWhileTearingDown = 1,
+    /// ADD wires the pod before its reservation and Wire intent are
+    /// durable, so a crash in between leaves an address on an interface
+    /// that the journal does not know and may hand out again.
+    WireBeforeIntent = 2,
 }
 
 #[cfg(feature = "planted")]
@@ -35,4 +39,10 @@ pub fn on(bug: Bug) -> bool {
 #[cfg(feature = "planted")]
 pub fn plant(bug: Bug) {
     PLANTED.fetch_or(bug as u32, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Removes every planted bug (tests only).
+#[cfg(feature = "planted")]
+pub fn clear() {
+    PLANTED.store(0, std::sync::atomic::Ordering::Relaxed);
 }

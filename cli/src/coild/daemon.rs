@@ -1212,6 +1212,17 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                     boot_id: self.boot_id.clone(),
                     created_unix: coil::journal::now_unix(),
                 };
+                if coil::planted::on(coil::planted::Bug::WireBeforeIntent) {
+                    // Planted (tests only): the kernel before the journal.
+                    if let Err(e) = self.kernel.wire_in(&self.spec(&att), opened.take()).await {
+                        let mut st = self.lock();
+                        for r in &resvs {
+                            st.unreserve(r);
+                        }
+                        return Err(e.into());
+                    }
+                    coil::failpoint::hit("add.wired");
+                }
                 let id = self.journal.next_intent_id();
                 let mut b = Batch::new();
                 b.put_intent(&Intent {

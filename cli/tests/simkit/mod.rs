@@ -6,8 +6,10 @@
 //! what kubelet and a runtime send (ADD, DEL, DEL twice, DEL without a
 //! netns, CHECK, GC with a partial list) with what goes wrong around them
 //! (a pod's netns deleted, a wire that fails, coild killed and restarted,
-//! the node rebooted, a resync), and the invariants are checked after
-//! every step:
+//! the node rebooted, a resync, and coild crashing inside a request at
+//! one of its failpoints: the request unwinds there, before any later
+//! effect, and the daemon's runtime is dropped), and the invariants are
+//! checked after every step:
 //!
 //! 1. no address is on two live veths in the kernel;
 //! 2. no address is in two attachments of the journal, and each lies in a
@@ -29,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coil::cni::{parse_request, Response};
+use coil::failpoint::{arm_in_process, take_fired, Crash};
 use coil::journal::{Journal, LeaseState};
 use coil::kernel::KernelOps;
 use coil::kernel_mem::MemKernel;
@@ -39,6 +42,30 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+
+/// Failpoints a request reaches, with the request that reaches them.
+const REQUEST_FAILPOINTS: [(&str, &str); 6] = [
+    ("add.reserved", "ADD"),
+    ("add.wired", "ADD"),
+    ("add.recorded", "ADD"),
+    ("acquire.intent", "ADD"),
+    ("acquire.leased", "ADD"),
+    ("del.releasing", "DEL"),
+];
+
+/// An in-process failpoint's panic is a simulated crash, not a test
+/// failure: keep it out of the output.
+fn quiet_crashes() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<Crash>().is_none() {
+                default(info);
+            }
+        }));
+    });
+}
 
 struct Coild {
     rt: tokio::runtime::Runtime,
@@ -59,6 +86,8 @@ struct Sim {
     trace: VecDeque<String>,
     seed: u64,
     steps: u64,
+    /// Crashes at failpoints inside requests and resyncs.
+    crashes: u64,
 }
 
 impl Sim {
@@ -74,6 +103,7 @@ impl Sim {
             trace: VecDeque::new(),
             seed,
             steps: 0,
+            crashes: 0,
         };
         s.write_boot();
         s
@@ -175,6 +205,27 @@ impl Sim {
             drop(d);
             drop(journal);
             rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// [`Sim::call`] with a failpoint armed: Err(name) when coild crashed
+    /// there (the caller then kills it).
+    fn call_armed(
+        &self,
+        fp: &str,
+        cmd: &str,
+        cid: &str,
+        netns: Option<&str>,
+    ) -> Result<Response, String> {
+        arm_in_process(fp);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.call(cmd, cid, netns, "")
+        }));
+        let fired = take_fired();
+        match (r, fired) {
+            (Ok(resp), None) => Ok(resp),
+            (_, Some(name)) => Err(name),
+            (Err(p), None) => std::panic::resume_unwind(p),
         }
     }
 
@@ -322,16 +373,72 @@ impl Sim {
                     self.kernel.remove_netns(&netns);
                 }
             }
-            77..=80 => {
+            77..=79 => {
                 self.note("next wire fails".into());
                 self.kernel.fail_next_wires(1);
             }
-            81..=88 => {
+            80..=84 => {
+                let (fp, cmd) = REQUEST_FAILPOINTS[rng.gen_range(0..REQUEST_FAILPOINTS.len())];
+                let target = if cmd == "DEL" {
+                    Self::pick(rng, self.live.keys()).map(|cid| {
+                        let (n, _) = self.live.remove(&cid).unwrap_or_default();
+                        (cid, n)
+                    })
+                } else {
+                    None
+                };
+                let (cid, netns, cmd) = match target {
+                    Some((cid, n)) => (cid, n, "DEL"),
+                    None => {
+                        let (cid, n) = self.new_pod();
+                        (cid, n, "ADD")
+                    }
+                };
+                match self.call_armed(fp, cmd, &cid, Some(&netns)) {
+                    Ok(r) if cmd == "ADD" && r.ok => {
+                        self.note(format!("ADD {cid} with {fp} armed (not reached)"));
+                        let ips = answer_ips(&r);
+                        for (other, (_, held)) in &self.live {
+                            if let Some(a) = ips.iter().find(|a| held.contains(a)) {
+                                self.fail(format!("ADD {cid} answered {a}, which {other} holds"));
+                            }
+                        }
+                        self.live.insert(cid, (netns, ips));
+                    }
+                    Ok(r) => {
+                        self.note(format!(
+                            "{cmd} {cid} with {fp} armed (not reached): ok={}",
+                            r.ok
+                        ));
+                        if cmd == "DEL" && !r.ok {
+                            self.fail(format!("DEL {cid} failed: {}", r.stdout));
+                        }
+                        if cmd == "ADD" {
+                            let _ = self.call("DEL", &cid, Some(&netns), "");
+                        }
+                        self.idle.insert(cid, netns);
+                    }
+                    Err(name) => {
+                        self.note(format!("coild crashed at {name} during {cmd} {cid}"));
+                        self.crashes += 1;
+                        self.kill();
+                        self.start(false);
+                        self.check();
+                        // The runtime DELs the failed ADD, or retries the DEL.
+                        let r = self.call("DEL", &cid, Some(&netns), "");
+                        if !r.ok {
+                            self.fail(format!("DEL {cid} after the crash failed: {}", r.stdout));
+                        }
+                        self.idle.insert(cid, netns);
+                    }
+                }
+            }
+            85..=90 => {
                 self.note("kill coild".into());
                 self.kill();
                 return;
             }
-            89..=90 => {
+            91..=92 => {
                 self.note("reboot".into());
                 self.kill();
                 self.kernel.reboot();
@@ -342,11 +449,27 @@ impl Sim {
                 return;
             }
             _ => {
-                self.note("resync".into());
+                let fp = ["recovery.step", "recovery.applied", "none"][rng.gen_range(0..3)];
+                self.note(format!("resync ({fp} armed)"));
                 let c = self.coild.as_ref().expect("running");
                 let d = c.d.clone();
-                let _ =
-                    c.rt.block_on(async move { d.recover(false, true, true).await });
+                if fp != "none" {
+                    arm_in_process(fp);
+                }
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    c.rt.block_on(async move { d.recover(false, true, true).await })
+                }));
+                let fired = take_fired();
+                match (r, fired) {
+                    (_, Some(name)) => {
+                        self.note(format!("coild crashed at {name} during a resync"));
+                        self.crashes += 1;
+                        self.kill();
+                        return;
+                    }
+                    (Err(p), None) => std::panic::resume_unwind(p),
+                    (Ok(_), None) => {}
+                }
             }
         }
         self.check();
@@ -433,9 +556,11 @@ fn answer_ips(r: &Response) -> Vec<IpAddr> {
 }
 
 /// Runs `steps` steps of the schedule drawn from `seed`; returns the steps
-/// taken and how many times coild was killed or the node rebooted. Panics
+/// taken and how many times coild was killed, crashed at a failpoint or
+/// the node rebooted. Panics
 /// with the seed, a replay command and the last steps on a violation.
 pub fn run(seed: u64, steps: u64) -> (u64, u64) {
+    quiet_crashes();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut sim = Sim::new(seed);
     sim.start(true);
@@ -448,5 +573,5 @@ pub fn run(seed: u64, steps: u64) -> (u64, u64) {
         }
     }
     sim.kill();
-    (sim.steps, kills)
+    (sim.steps, kills + sim.crashes)
 }
