@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::journal::{Attachment, AttachmentKey, BlockLease, LeaseState};
+use crate::kernel::WireSpec;
 use crate::store::model::{addr_to_u128, net_from_u128, Family};
 
 /// Host end of a pod's veth: `coil` + 11 hex digits of a 64-bit FNV-1a
@@ -73,6 +74,20 @@ pub fn parse_alias(alias: &str) -> Option<AttachmentKey> {
         return None;
     }
     Some(AttachmentKey::new(network, cid, ifname))
+}
+
+/// What `a` looks like in the kernel: the one builder of a [`WireSpec`]
+/// from an attachment, for coild's ADD and CHECK and for recovery's
+/// roll-forward (an MTU of 0 means the default 1500).
+pub fn wire_spec(a: &Attachment, mtu: u32) -> WireSpec {
+    WireSpec {
+        netns: a.netns.clone(),
+        ifname: a.key.ifname.clone(),
+        host_veth: a.host_veth.clone(),
+        alias: veth_alias(&a.key),
+        addresses: a.addresses.iter().map(|x| x.addr).collect(),
+        mtu: if mtu == 0 { 1500 } else { mtu },
+    }
 }
 
 /// The address at `offset` inside `block`.

@@ -34,7 +34,7 @@ use coil::journal::{
     AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
     Journal, LeaseState, NodeMeta,
 };
-use coil::node::{host_veth_name, veth_alias};
+use coil::node::host_veth_name;
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::{PoolSpec, Store};
 use ipnet::IpNet;
@@ -260,15 +260,7 @@ fn ready_ms(records: usize, ms_per_pod: f64) -> Option<(f64, f64)> {
     let wired = rt.block_on(async {
         let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30).await?;
         for a in &atts {
-            k.wire(&coil::kernel::WireSpec {
-                netns: a.netns.clone(),
-                ifname: a.key.ifname.clone(),
-                host_veth: a.host_veth.clone(),
-                alias: veth_alias(&a.key),
-                addresses: a.addresses.iter().map(|x| x.addr).collect(),
-                mtu: 1500,
-            })
-            .await?;
+            k.wire(&coil::node::wire_spec(a, 1500)).await?;
         }
         for l in &leases {
             k.export_block(l.block).await?;
@@ -363,16 +355,9 @@ fn ready_ms_model(records: usize) -> (f64, u64) {
     rt.block_on(async {
         for a in &atts {
             k.add_netns(&a.netns);
-            k.wire(&coil::kernel::WireSpec {
-                netns: a.netns.clone(),
-                ifname: a.key.ifname.clone(),
-                host_veth: a.host_veth.clone(),
-                alias: veth_alias(&a.key),
-                addresses: a.addresses.iter().map(|x| x.addr).collect(),
-                mtu: 1500,
-            })
-            .await
-            .expect("model wire");
+            k.wire(&coil::node::wire_spec(a, 1500))
+                .await
+                .expect("model wire");
         }
         for l in &leases {
             k.export_block(l.block).await.expect("export");

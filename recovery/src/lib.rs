@@ -15,8 +15,8 @@ use coil::journal::{
     Attachment, AttachmentKey, AttachmentState, Batch, BlockLease, Intent, IntentOp, IntentState,
     Journal, JournalError, LeaseState,
 };
-use coil::kernel::{Kernel, KernelError, KernelOps, WireSpec};
-use coil::node::veth_alias;
+use coil::kernel::{Kernel, KernelError, KernelOps};
+use coil::node::wire_spec;
 use coil::store::{Backend, Store, StoreError};
 use ipnet::IpNet;
 use serde::Serialize;
@@ -213,25 +213,6 @@ fn new_intent(j: &Journal, op: IntentOp) -> Intent {
         op,
         state: IntentState::Pending,
         created_unix: coil::journal::now_unix(),
-    }
-}
-
-fn wire_spec(a: &Attachment, mtu: u32) -> WireSpec {
-    WireSpec {
-        netns: a.netns.clone(),
-        ifname: a.key.ifname.clone(),
-        host_veth: a.host_veth.clone(),
-        alias: veth_alias(&a.key),
-        addresses: a.addresses.iter().map(|x| x.addr).collect(),
-        mtu: a_mtu(mtu),
-    }
-}
-
-fn a_mtu(mtu: u32) -> u32 {
-    if mtu == 0 {
-        1500
-    } else {
-        mtu
     }
 }
 

@@ -21,7 +21,7 @@ use coil::journal::{
     Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
 };
 use coil::kernel::{gateway_for, Kernel, KernelError, KernelOps, WireSpec};
-use coil::node::{host_veth_name, veth_alias, NodeState, Reservation};
+use coil::node::{host_veth_name, NodeState, Reservation};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, Backend, Family, NodeRecord, Store, StoreError};
@@ -1076,14 +1076,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     }
 
     fn spec(&self, a: &Attachment) -> WireSpec {
-        WireSpec {
-            netns: a.netns.clone(),
-            ifname: a.key.ifname.clone(),
-            host_veth: a.host_veth.clone(),
-            alias: veth_alias(&a.key),
-            addresses: a.addresses.iter().map(|x| x.addr).collect(),
-            mtu: self.cfg.mtu,
-        }
+        coil::node::wire_spec(a, self.cfg.mtu)
     }
 
     fn result(&self, a: &Attachment, host_mac: String, pod_mac: String) -> AddResult {
