@@ -332,19 +332,6 @@ fn dual_pool(v4: &str, v6: &str, bs: &str, bs6: &str) -> Vec<String> {
     .collect()
 }
 
-/// The addresses of an ADD result, without their prefix lengths.
-fn ips(r: &Cni) -> Vec<String> {
-    r.out["ips"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["address"].as_str())
-                .map(|s| s.split('/').next().unwrap_or_default().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn dual_stack_pods_get_one_address_of_each_family() {
     let mut n = node(&[dual_pool("10.89.0.0/24", "fd00:89::/112", "4", "8")]);
@@ -381,13 +368,13 @@ fn dual_stack_pods_get_one_address_of_each_family() {
             .map(|a| a.iter().filter_map(|x| x["dst"].as_str()).collect())
             .unwrap_or_default();
         assert_eq!(dsts, vec!["0.0.0.0/0", "::/0"], "{v}: {r:?}");
-        for a in ips(&r) {
+        for a in r.ips() {
             assert!(!seen.contains(&a), "address {a} handed out twice");
             seen.push(a);
         }
         // The kernel holds what the result says.
         let addrs = ok(&["ip", "-n", &pod, "-o", "addr", "show", "eth0"]);
-        for a in ips(&r) {
+        for a in r.ips() {
             assert!(addrs.contains(&a), "{addrs}");
         }
         let r6 = ok(&["ip", "-6", "-n", &pod, "route"]);
@@ -403,7 +390,7 @@ fn dual_stack_pods_get_one_address_of_each_family() {
     let ra = n.add(&a, "pa");
     let rb = n.add(&b, "pb");
     assert_eq!((ra.code, rb.code), (0, 0), "{ra:?} {rb:?}");
-    for ip in ips(&rb) {
+    for ip in rb.ips() {
         assert!(ping(&a, &ip), "pod a cannot reach pod b at {ip}");
     }
     let t4 = n.table119();
@@ -412,7 +399,7 @@ fn dual_stack_pods_get_one_address_of_each_family() {
     assert_eq!(t6.lines().count(), 1, "{t6}");
     assert!(t6.contains("/120 dev lo proto 30"), "{t6}");
     // The address index and coilctl know the IPv6 address's pod.
-    let v6 = ips(&rb)[1].clone();
+    let v6 = rb.ips()[1].clone();
     n.wait_for("the IPv6 address in the index", 10, |n| {
         let o = n.coilctl(&["address", "info", &v6, "--json"]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
@@ -459,7 +446,7 @@ fn exhausting_one_family_takes_nothing_from_the_other() {
         r = n.add(&p3, "ex3");
     }
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(ips(&r).len(), 2, "{r:?}");
+    assert_eq!(r.ips().len(), 2, "{r:?}");
     n.stop();
 }
 

@@ -7,19 +7,18 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coil::cni::{parse_request, Response};
 use coil::kernel::KernelOps;
 use coil::kernel_mem::MemKernel;
-use coil::store::embedded::EmbeddedBackend;
-use coil::store::{PoolSpec, Store};
-use coil_cli::coild::{open_journal, Daemon, DaemonConfig, StoreChoice};
+use coil::store::PoolSpec;
 use serde_json::Value;
 
-type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+mod simkit;
+
+use simkit::D;
 
 /// One run of coild: its runtime and the daemon.
 struct Run {
@@ -94,50 +93,16 @@ impl Node {
         std::fs::write(self.dir.path().join("boot_id"), format!("{id}\n")).expect("boot id");
     }
 
-    fn cfg(&self) -> DaemonConfig {
-        let p = |f: &str| -> PathBuf { self.dir.path().join(f) };
-        DaemonConfig {
-            node_name: "driver-node".into(),
-            store: StoreChoice::Embedded,
-            table_id: 119,
-            protocol_id: 30,
-            mtu: 1500,
-            socket: p("coild.sock"),
-            journal_dir: p("journal"),
-            boot_id_file: p("boot_id"),
-            liveness_ttl: Duration::from_secs(30),
-            pool_cache_ttl: Duration::from_secs(10),
-            // No background resync: each test runs recovery when it means to.
-            resync_interval: Duration::from_secs(3600),
-            min_blocks: 1,
-            metrics_addr: None,
-        }
-    }
-
     /// Starts coild; the first start creates the pool `default` first.
     fn start(&self, pool: &[&str]) -> Run {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let cfg = self.cfg();
-        let kernel = self.kernel.clone();
         let pool: Vec<IpAddrNet> = pool.iter().map(|s| s.parse().expect("subnet")).collect();
-        let d = rt.block_on(async move {
-            let journal = Arc::new(open_journal(&cfg.journal_dir).expect("journal"));
-            let backend = Arc::new(EmbeddedBackend::open(journal.clone()).expect("embedded"));
-            let store = Store::open_lazy(backend.clone(), "/coil/").expect("store");
-            if !pool.is_empty() {
-                store
-                    .create_pool(&PoolSpec::new("default", pool, 2))
-                    .await
-                    .expect("pool");
-            }
-            Daemon::start_with(cfg, journal, store, kernel)
-                .await
-                .expect("coild starts")
-        });
+        let spec = (!pool.is_empty()).then(|| PoolSpec::new("default", pool, 2));
+        let (rt, d, _journal) = simkit::start_inproc(
+            simkit::inproc_config(self.dir.path(), "driver-node"),
+            self.kernel.clone(),
+            spec,
+        )
+        .expect("coild starts");
         Run {
             rt: Some(rt),
             d: Some(d),

@@ -303,11 +303,7 @@ fn a_lost_journal_is_rebuilt_from_the_store_and_the_kernel() {
     assert_eq!(rb.code, 0);
     n.stop();
     // The journal is destroyed.
-    let j = n.journal_dir();
-    for e in std::fs::read_dir(j.join("wal")).expect("wal") {
-        let p = e.expect("entry").path();
-        std::fs::write(&p, b"garbage garbage garbage garbage garbage").expect("corrupt");
-    }
+    destroy_journal(&n.journal_dir());
     let o = n.coilctl(&["node", "repair", &n.name, "--rebuild", "--json"]);
     assert!(o.status.success(), "{o:?}");
     let v: Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -329,18 +325,6 @@ fn a_lost_journal_is_rebuilt_from_the_store_and_the_kernel() {
     assert_eq!(n.del(&pa, "rebuild-a").code, 0);
     assert_eq!(n.del(&pb, "rebuild-b").code, 0);
     assert_eq!(n.wait_links(1).len(), 1);
-}
-
-/// The addresses of an ADD result, in order.
-fn ips_of(r: &Cni) -> Vec<String> {
-    r.out["ips"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["address"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -366,20 +350,16 @@ fn dual_stack_pods_survive_a_kill_and_a_lost_journal() {
     let ra = n.add(&pa, "dual-a");
     let rb = n.add(&pb, "dual-b");
     assert_eq!((ra.code, rb.code), (0, 0), "{ra:?} {rb:?}");
-    assert_eq!(ips_of(&ra).len(), 2, "{ra:?}");
+    assert_eq!(ra.ips().len(), 2, "{ra:?}");
     // kill -9 and restart: both pods keep both addresses.
     n.kill9();
     n.start();
     let again = n.add(&pa, "dual-a");
-    assert_eq!(ips_of(&again), ips_of(&ra), "{again:?}");
+    assert_eq!(again.ips(), ra.ips(), "{again:?}");
     // The journal is destroyed; rebuilt from the store and the kernel, it
     // knows both pods with both addresses and both blocks.
     n.stop();
-    let j = n.journal_dir();
-    for e in std::fs::read_dir(j.join("wal")).expect("wal") {
-        let p = e.expect("entry").path();
-        std::fs::write(&p, b"garbage garbage garbage garbage garbage").expect("corrupt");
-    }
+    destroy_journal(&n.journal_dir());
     let o = n.coilctl(&["node", "repair", &n.name, "--rebuild", "--json"]);
     assert!(o.status.success(), "{o:?}");
     let v: Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -388,14 +368,14 @@ fn dual_stack_pods_survive_a_kill_and_a_lost_journal() {
     n.start();
     for (p, cid, r) in [(&pa, "dual-a", &ra), (&pb, "dual-b", &rb)] {
         let again = n.add(p, cid);
-        assert_eq!(ips_of(&again), ips_of(r), "{again:?}");
+        assert_eq!(again.ips(), r.ips(), "{again:?}");
     }
     let p3 = n.pod();
     let r3 = n.add(&p3, "dual-c");
-    assert_eq!(ips_of(&r3).len(), 2, "{r3:?}");
-    for a in ips_of(&r3) {
+    assert_eq!(r3.ips().len(), 2, "{r3:?}");
+    for a in r3.ips() {
         assert!(
-            !ips_of(&ra).contains(&a) && !ips_of(&rb).contains(&a),
+            !ra.ips().contains(&a) && !rb.ips().contains(&a),
             "{a} twice"
         );
     }

@@ -428,6 +428,28 @@ impl Cni {
             .unwrap_or_default()
             .to_string()
     }
+
+    /// Every address of the answer, in order, without prefix lengths.
+    pub fn ips(&self) -> Vec<String> {
+        self.out["ips"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["address"].as_str())
+                    .map(|s| s.split('/').next().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Overwrites the journal's WAL segments in `dir` with garbage (a lost or
+/// destroyed journal).
+pub fn destroy_journal(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir.join("wal")).expect("wal") {
+        let p = e.expect("entry").path();
+        std::fs::write(&p, b"garbage garbage garbage garbage garbage").expect("corrupt");
+    }
 }
 
 /// Calls the plugin. `env` entries with an empty value are left unset.

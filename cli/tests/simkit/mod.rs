@@ -1,4 +1,4 @@
-//! (Shared by sim.rs and sim_planted.rs.)
+//! (Shared by sim.rs, sim_planted.rs and driver.rs.)
 //!
 //! A seeded fault-injection run of coild's real driver, in-process and
 //! without root: the daemon, its journal and the embedded store over the
@@ -25,6 +25,8 @@
 //! simulated, so a replay is the same schedule, not the same interleaving.
 //! A failure prints the seed and the last steps.
 
+#![allow(dead_code)]
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -41,7 +43,57 @@ use coil_cli::coild::{open_journal, Daemon, DaemonConfig, StoreChoice};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+pub type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+
+/// coild's configuration for an in-process run in `dir`: the embedded
+/// store, and no background resync (a test runs recovery when it means
+/// to).
+pub fn inproc_config(dir: &std::path::Path, node: &str) -> DaemonConfig {
+    let p = |f: &str| dir.join(f);
+    DaemonConfig {
+        node_name: node.into(),
+        store: StoreChoice::Embedded,
+        table_id: 119,
+        protocol_id: 30,
+        mtu: 1500,
+        socket: p("coild.sock"),
+        journal_dir: p("journal"),
+        boot_id_file: p("boot_id"),
+        liveness_ttl: Duration::from_secs(30),
+        pool_cache_ttl: Duration::from_secs(10),
+        resync_interval: Duration::from_secs(3600),
+        min_blocks: 1,
+        metrics_addr: None,
+    }
+}
+
+/// Starts coild in-process over `kernel`, in a runtime of its own, as
+/// coild's `run` does (journal opened and verified, embedded store),
+/// creating `pool` first when given.
+pub fn start_inproc(
+    cfg: DaemonConfig,
+    kernel: MemKernel,
+    pool: Option<PoolSpec>,
+) -> Result<(tokio::runtime::Runtime, Arc<D>, Arc<Journal>), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let started = rt.block_on(async move {
+        let journal = Arc::new(open_journal(&cfg.journal_dir).map_err(|e| e.msg)?);
+        let backend = Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?);
+        let store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
+        if let Some(spec) = pool {
+            store.create_pool(&spec).await.map_err(|e| e.to_string())?;
+        }
+        let d = Daemon::start_with(cfg, journal.clone(), store, kernel)
+            .await
+            .map_err(|e| e.msg)?;
+        Ok::<_, String>((d, journal))
+    });
+    started.map(|(d, j)| (rt, d, j))
+}
 
 /// Failpoints a request reaches, with the request that reaches them.
 const REQUEST_FAILPOINTS: [(&str, &str); 6] = [
@@ -145,61 +197,24 @@ impl Sim {
         );
     }
 
-    fn cfg(&self) -> DaemonConfig {
-        let p = |f: &str| self.dir.path().join(f);
-        DaemonConfig {
-            node_name: "sim-node".into(),
-            store: StoreChoice::Embedded,
-            table_id: 119,
-            protocol_id: 30,
-            mtu: 1500,
-            socket: p("coild.sock"),
-            journal_dir: p("journal"),
-            boot_id_file: p("boot_id"),
-            liveness_ttl: Duration::from_secs(30),
-            pool_cache_ttl: Duration::from_secs(10),
-            resync_interval: Duration::from_secs(3600),
-            min_blocks: 1,
-            metrics_addr: None,
-        }
-    }
-
     fn start(&mut self, first: bool) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let cfg = self.cfg();
-        let kernel = self.kernel.clone();
-        let started = rt.block_on(async move {
-            let journal = Arc::new(open_journal(&cfg.journal_dir).map_err(|e| e.msg)?);
-            let backend =
-                Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?);
-            let store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
-            if first {
-                // IPv4: 8 blocks of 4; IPv6: 4 blocks of 2, so IPv6 runs
-                // out first and blocks come and go.
-                store
-                    .create_pool(&PoolSpec {
-                        name: "default".into(),
-                        subnets: vec![
-                            "10.50.0.0/27".parse().expect("net"),
-                            "fd00:50::/125".parse().expect("net"),
-                        ],
-                        block_size: 2,
-                        ipv6_block_size: Some(1),
-                    })
-                    .await
-                    .expect("pool");
-            }
-            let d = Daemon::start_with(cfg, journal.clone(), store, kernel)
-                .await
-                .map_err(|e| e.msg)?;
-            Ok::<_, String>((d, journal))
+        // IPv4: 8 blocks of 4; IPv6: 4 blocks of 2, so IPv6 runs out first
+        // and blocks come and go.
+        let pool = first.then(|| PoolSpec {
+            name: "default".into(),
+            subnets: vec![
+                "10.50.0.0/27".parse().expect("net"),
+                "fd00:50::/125".parse().expect("net"),
+            ],
+            block_size: 2,
+            ipv6_block_size: Some(1),
         });
-        match started {
-            Ok((d, journal)) => self.coild = Some(Coild { rt, d, journal }),
+        match start_inproc(
+            inproc_config(self.dir.path(), "sim-node"),
+            self.kernel.clone(),
+            pool,
+        ) {
+            Ok((rt, d, journal)) => self.coild = Some(Coild { rt, d, journal }),
             Err(e) => self.fail(format!("coild did not start: {e}")),
         }
     }
