@@ -876,8 +876,59 @@ async fn dual_stack_pools_lease_each_family_apart<B: Backend>(s: &Store<B>) {
     let e = s
         .add_subnet("single", net("fd00:78::/120"))
         .await
-        .expect_err("other family");
+        .expect_err("other family without a block size");
     assert!(e.to_string().contains("ipv4 only"), "{e}");
+    // With a block size, the other family makes the pool dual-stack; its
+    // IPv4 lease stays where it is.
+    let before = s.acquire_block("single", "n1").await.expect("v4 lease");
+    let e = s
+        .add_subnet_with("single", net("fd00:78::/120"), Some(40))
+        .await
+        .expect_err("block size out of range");
+    assert!(e.is_bad_input(), "{e}");
+    let dual = s
+        .add_subnet_with("single", net("fd00:78::/120"), Some(4))
+        .await
+        .expect("dual now");
+    assert_eq!(dual.families(), vec![Family::Ipv4, Family::Ipv6]);
+    assert_eq!(dual.block_size_of(Family::Ipv4), Some(2));
+    assert_eq!(dual.block_size_of(Family::Ipv6), Some(4));
+    assert_eq!(
+        s.node_blocks("n1")
+            .await
+            .expect("blocks")
+            .iter()
+            .filter(|l| l.pool == "single")
+            .map(|l| l.block)
+            .collect::<Vec<_>>(),
+        vec![before.block]
+    );
+    let v6 = s
+        .acquire_block_of("single", Some(Family::Ipv6), "n1")
+        .await
+        .expect("v6 lease");
+    assert!(net("fd00:78::/120").contains(&v6.block));
+    // A block size for a family the pool has must match it.
+    let e = s
+        .add_subnet_with("single", net("10.78.1.0/28"), Some(3))
+        .await
+        .expect_err("mismatched block size");
+    assert!(e.to_string().contains("block size 2"), "{e}");
+    s.add_subnet_with("single", net("10.78.1.0/28"), Some(2))
+        .await
+        .expect("matching block size");
+    // An IPv6 pool gains an IPv4 half the same way (IPv4 becomes first).
+    s.create_pool(&spec("v6only", &["fd00:7a::/120"], 4))
+        .await
+        .expect("v6 pool");
+    let p = s
+        .add_subnet_with("v6only", net("10.79.0.0/28"), Some(2))
+        .await
+        .expect("dual from v6");
+    assert_eq!(p.family, Family::Ipv4);
+    assert_eq!(p.subnets, vec![net("10.79.0.0/28")]);
+    assert_eq!(p.block_size_of(Family::Ipv6), Some(4));
+    assert_eq!(p.subnets_of(Family::Ipv6), &[net("fd00:7a::/120")]);
     let grown = s
         .add_subnet("dual", net("fd00:79::/120"))
         .await

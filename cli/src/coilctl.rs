@@ -100,8 +100,16 @@ enum PoolCmd {
         #[arg(long, value_name = "N")]
         ipv6_block_size: Option<u8>,
     },
-    /// Add a subnet to a pool.
-    AddSubnet { name: String, subnet: String },
+    /// Add a subnet to a pool. A subnet of a family the pool lacks makes
+    /// it dual-stack (its pods from then on get an address of each
+    /// family) and needs --block-size for that family's blocks.
+    AddSubnet {
+        name: String,
+        subnet: String,
+        /// log2 of the addresses per block of a family new to the pool.
+        #[arg(long, short = 's')]
+        block_size: Option<u8>,
+    },
     /// Remove a pool (refused while blocks are leased).
     Remove {
         name: String,
@@ -294,14 +302,17 @@ pub fn main(args: Vec<OsString>) -> i32 {
                     block_size: ipv6_block_size,
                 },
             ),
-            PoolCmd::AddSubnet { name, subnet } => {
-                ctl_store::parse_pool_name(&name).and_then(|n| {
-                    Ok(StoreCmd::AddSubnet(
-                        n,
-                        ctl_store::parse_new_subnet(&subnet)?,
-                    ))
-                })
-            }
+            PoolCmd::AddSubnet {
+                name,
+                subnet,
+                block_size,
+            } => ctl_store::parse_pool_name(&name).and_then(|n| {
+                Ok(StoreCmd::AddSubnet(
+                    n,
+                    ctl_store::parse_new_subnet(&subnet)?,
+                    block_size,
+                ))
+            }),
             PoolCmd::Remove { name, force } => {
                 ctl_store::parse_pool_name(&name).map(|n| StoreCmd::RemovePool(n, force))
             }

@@ -26,7 +26,7 @@ use crate::output::Table;
 #[derive(Debug, Clone)]
 pub enum StoreCmd {
     CreatePool(PoolSpec),
-    AddSubnet(String, IpNet),
+    AddSubnet(String, IpNet, Option<u8>),
     RemovePool(String, bool),
     ShowPool(String),
     ListPools,
@@ -367,14 +367,15 @@ async fn exec<B: Backend>(s: &Store<B>, json: bool, cmd: StoreCmd) -> Result<i32
                 println!("created pool {} ({})", p.name, parts.join(", "));
             }
         }
-        StoreCmd::AddSubnet(name, subnet) => {
-            let p = s.add_subnet(&name, subnet).await?;
+        StoreCmd::AddSubnet(name, subnet, block_size) => {
+            let p = s.add_subnet_with(&name, subnet, block_size).await?;
             if json {
                 print_json(&pool_json(&p));
             } else {
                 println!(
-                    "added {subnet} to pool {} (now {} blocks)",
+                    "added {subnet} to pool {} ({}, now {} blocks)",
                     p.name,
+                    families_label(&p),
                     p.total_blocks()
                 );
             }

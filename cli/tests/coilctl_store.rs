@@ -151,6 +151,21 @@ fn dual_stack_pool_through_the_binary() {
     assert!(o.status.success(), "{o:?}");
     let o = c.run(&["pool", "add-subnet", "v4only", "fd00:74::/112"]);
     one_line_error(&o, 2, "ipv4 only");
+    // With a block size for its blocks, the new family makes it dual-stack.
+    let grown = c.json(&[
+        "pool",
+        "add-subnet",
+        "v4only",
+        "fd00:74::/112",
+        "--block-size",
+        "8",
+    ]);
+    assert_eq!(
+        grown["families"],
+        serde_json::json!(["ipv4", "ipv6"]),
+        "{grown}"
+    );
+    assert_eq!(grown["ipv6"]["block_size"], 8, "{grown}");
     // Bad dual-stack input: exit 2, nothing created.
     let o = c.run(&[
         "pool",

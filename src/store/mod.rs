@@ -364,6 +364,20 @@ impl<B: Backend> Store<B> {
 
     /// Adds a subnet to a pool, refusing overlaps with every pool.
     pub async fn add_subnet(&self, name: &str, subnet: IpNet) -> Result<Pool> {
+        self.add_subnet_with(name, subnet, None).await
+    }
+
+    /// Adds a subnet to a pool, refusing overlaps with every pool. A subnet
+    /// of a family the pool lacks gives the pool that family (an IPv4
+    /// pool becomes dual-stack: its pods from then on get an IPv6 address
+    /// too), with `block_size` for its blocks, which it then needs; for a
+    /// family the pool has, `block_size` may only repeat that family's.
+    pub async fn add_subnet_with(
+        &self,
+        name: &str,
+        subnet: IpNet,
+        block_size: Option<u8>,
+    ) -> Result<Pool> {
         model::validate_pool_name(name)?;
         model::check_not_reserved(&subnet)?;
         let pool_key = self.keys.pool(name);
@@ -372,15 +386,6 @@ impl<B: Backend> Store<B> {
             let (existing, registered, _, rev) = self.read_registry(name).await?;
             let mut pool = existing.ok_or_else(|| StoreError::PoolNotFound(name.to_string()))?;
             let family = Family::of(&subnet);
-            let block_size = pool.block_size_of(family).ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "subnet {subnet} is {family}, but pool {name} is {} only (a pool gets \
-                     a second family when it is created: coilctl pool create NAME \
-                     IPV4-SUBNET --ipv6 IPV6-SUBNET)",
-                    pool.family
-                ))
-            })?;
-            model::validate_subnet(&subnet, family, block_size)?;
             let n = pool.all_subnets().count();
             if n >= model::MAX_SUBNETS_PER_POOL {
                 return Err(StoreError::Invalid(format!(
@@ -395,14 +400,54 @@ impl<B: Backend> Store<B> {
                 });
             }
             let pool_rev = pool.revision;
-            match pool.ipv6.as_mut() {
-                Some(part) if family == Family::Ipv6 => {
-                    part.subnets.push(subnet);
-                    part.subnets.sort();
+            match (pool.block_size_of(family), block_size) {
+                (Some(have), Some(asked)) if have != asked => {
+                    return Err(StoreError::Invalid(format!(
+                        "pool {name}'s {family} blocks have block size {have}, not {asked}; \
+                         leave the block size out"
+                    )))
                 }
-                _ => {
-                    pool.subnets.push(subnet);
-                    pool.subnets.sort();
+                (Some(have), _) => {
+                    model::validate_subnet(&subnet, family, have)?;
+                    match pool.ipv6.as_mut() {
+                        Some(part) if family == Family::Ipv6 => {
+                            part.subnets.push(subnet);
+                            part.subnets.sort();
+                        }
+                        _ => {
+                            pool.subnets.push(subnet);
+                            pool.subnets.sort();
+                        }
+                    }
+                }
+                (None, None) => {
+                    return Err(StoreError::Invalid(format!(
+                        "subnet {subnet} is {family}, but pool {name} is {} only; to give \
+                         its pods {family} addresses too, add it with a block size for its \
+                         {family} blocks (coilctl pool add-subnet {name} {subnet} \
+                         --block-size N)",
+                        pool.family
+                    )))
+                }
+                (None, Some(bs)) => {
+                    // A second family: the pool's shape is rebuilt from all
+                    // its subnets (IPv4 first; block indices are not stored,
+                    // leases are keyed by address, so none moves).
+                    let (v4_bs, v6_bs) = match family {
+                        Family::Ipv4 => (bs, pool.block_size),
+                        Family::Ipv6 => (pool.block_size, bs),
+                    };
+                    let spec = PoolSpec {
+                        name: name.to_string(),
+                        subnets: pool.all_subnets().copied().chain([subnet]).collect(),
+                        block_size: v4_bs,
+                        ipv6_block_size: Some(v6_bs),
+                    };
+                    model::validate_spec(&spec)?;
+                    pool = Pool {
+                        revision: pool_rev,
+                        ..spec.to_pool(pool.created_unix)
+                    };
                 }
             }
             let when = vec![
