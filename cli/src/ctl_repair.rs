@@ -17,7 +17,7 @@ use coil::journal::{Journal, JournalError};
 use coil::kernel::Kernel;
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::EtcdBackend;
-use coil::store::{Backend, Store};
+use coil::store::{AnyBackend, Backend, Store};
 use serde_json::{json, Value};
 
 use crate::ctl_config::{StoreArgs, StoreConfig, StoreKind};
@@ -352,43 +352,29 @@ async fn offline(cfg: &StoreConfig, opts: &RepairOpts) -> Result<i32, Fail> {
             ));
         }
     }
-    let code = match cfg.kind {
-        StoreKind::Embedded => {
-            let b =
-                EmbeddedBackend::open(j.clone()).map_err(|e| (e.to_string(), exit::PROBLEMS))?;
-            let store =
-                Store::open_lazy(b, &cfg.prefix).map_err(|e| (e.to_string(), exit::USAGE))?;
-            run_recovery(
-                &j,
-                &store,
-                &kernel,
-                &node,
-                &boot_id,
-                opts,
-                "offline",
-                Value::Null,
-            )
-            .await
-        }
-        StoreKind::Etcd => {
-            let b = EtcdBackend::connect(&cfg.etcd)
+    let backend = match cfg.kind {
+        StoreKind::Embedded => AnyBackend::Embedded(Arc::new(
+            EmbeddedBackend::open(j.clone()).map_err(|e| (e.to_string(), exit::PROBLEMS))?,
+        )),
+        StoreKind::Etcd => AnyBackend::Etcd(Box::new(
+            EtcdBackend::connect(&cfg.etcd)
                 .await
-                .map_err(|e| (e.to_string(), exit::UNAVAILABLE))?;
-            let store =
-                Store::open_lazy(b, &cfg.prefix).map_err(|e| (e.to_string(), exit::USAGE))?;
-            run_recovery(
-                &j,
-                &store,
-                &kernel,
-                &node,
-                &boot_id,
-                opts,
-                "offline",
-                Value::Null,
-            )
-            .await
-        }
+                .map_err(|e| (e.to_string(), exit::UNAVAILABLE))?,
+        )),
     };
+    let store = Store::open_lazy(backend, &cfg.prefix).map_err(|e| (e.to_string(), exit::USAGE))?;
+    let code = run_recovery(
+        &j,
+        &store,
+        &kernel,
+        &node,
+        &boot_id,
+        opts,
+        "offline",
+        Value::Null,
+    )
+    .await;
+    drop(store);
     close(j);
     Ok(code)
 }

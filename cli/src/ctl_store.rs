@@ -15,7 +15,9 @@ use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::EtcdBackend;
 use coil::store::model::{self, parse_subnet};
 use coil::store::remote::RemoteBackend;
-use coil::store::{Backend, BadEntry, BlockLease, Family, Pool, PoolSpec, Store, StoreError};
+use coil::store::{
+    AnyBackend, Backend, BadEntry, BlockLease, Family, Pool, PoolSpec, Store, StoreError,
+};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
@@ -180,61 +182,64 @@ impl From<StoreError> for Failure {
 }
 
 async fn dispatch(cfg: &StoreConfig, json: bool, cmd: StoreCmd) -> Result<i32, Failure> {
-    match cfg.kind {
-        StoreKind::Etcd => {
-            let b = EtcdBackend::connect(&cfg.etcd)
+    // The embedded store's journal, when this process opened it (closed
+    // cleanly at the end).
+    let mut own_journal: Option<Arc<Journal>> = None;
+    let backend = match cfg.kind {
+        StoreKind::Etcd => AnyBackend::Etcd(Box::new(
+            EtcdBackend::connect(&cfg.etcd)
                 .await
-                .map_err(StoreError::from)?;
-            let s = Store::open(b, &cfg.prefix).await?;
-            exec(&s, json, cmd).await
-        }
-        StoreKind::Embedded => {
-            let j = match Journal::open(&cfg.journal_dir) {
-                Ok(j) => Arc::new(j),
-                Err(JournalError::Locked { .. }) => {
-                    // coild owns the store: go through its socket.
-                    let b = RemoteBackend::new(
-                        cfg.socket.clone(),
-                        cfg.etcd.timeout.max(Duration::from_secs(5)),
-                    );
-                    let s = Store::open(b, &cfg.prefix).await.map_err(|e| {
-                        if e.is_unavailable() {
-                            Failure::Other(
-                                format!(
-                                    "the journal {} is locked (coild runs) but coild's socket does not answer: {e}",
-                                    cfg.journal_dir.display()
-                                ),
-                                exit::UNAVAILABLE,
-                            )
-                        } else {
-                            Failure::Store(e)
-                        }
-                    })?;
-                    return exec(&s, json, cmd).await;
-                }
-                Err(e) => {
-                    return Err(Failure::Other(
-                        format!("opening the embedded store: {e}"),
-                        if e.is_corruption() {
-                            exit::PROBLEMS
-                        } else {
-                            exit::UNAVAILABLE
-                        },
-                    ))
-                }
-            };
-            let b = EmbeddedBackend::open(j.clone()).map_err(StoreError::from)?;
-            let s = Store::open(b, &cfg.prefix).await?;
-            let r = exec(&s, json, cmd).await;
-            drop(s);
-            if let Ok(j) = Arc::try_unwrap(j) {
-                if let Err(e) = j.close() {
-                    eprintln!("coilctl: closing the journal: {e}");
-                }
+                .map_err(StoreError::from)?,
+        )),
+        StoreKind::Embedded => match Journal::open(&cfg.journal_dir) {
+            Ok(j) => {
+                let j = Arc::new(j);
+                own_journal = Some(j.clone());
+                AnyBackend::Embedded(Arc::new(
+                    EmbeddedBackend::open(j).map_err(StoreError::from)?,
+                ))
             }
-            r
+            // coild owns the store: go through its socket.
+            Err(JournalError::Locked { .. }) => AnyBackend::Remote(RemoteBackend::new(
+                cfg.socket.clone(),
+                cfg.etcd.timeout.max(Duration::from_secs(5)),
+            )),
+            Err(e) => {
+                return Err(Failure::Other(
+                    format!("opening the embedded store: {e}"),
+                    if e.is_corruption() {
+                        exit::PROBLEMS
+                    } else {
+                        exit::UNAVAILABLE
+                    },
+                ))
+            }
+        },
+    };
+    let remote = matches!(backend, AnyBackend::Remote(_));
+    let s = Store::open(backend, &cfg.prefix).await.map_err(|e| {
+        if remote && e.is_unavailable() {
+            Failure::Other(
+                format!(
+                    "the journal {} is locked (coild runs) but coild's socket does not answer: {e}",
+                    cfg.journal_dir.display()
+                ),
+                exit::UNAVAILABLE,
+            )
+        } else {
+            Failure::Store(e)
+        }
+    })?;
+    let r = exec(&s, json, cmd).await;
+    drop(s);
+    if let Some(j) = own_journal {
+        if let Ok(j) = Arc::try_unwrap(j) {
+            if let Err(e) = j.close() {
+                eprintln!("coilctl: closing the journal: {e}");
+            }
         }
     }
+    r
 }
 
 fn print_json(v: &Value) {

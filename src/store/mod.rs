@@ -6,6 +6,7 @@
 //! or the node's journal for single-node use. The key layout is in
 //! docs/etcd-schema.md.
 
+pub mod any;
 pub mod backend;
 pub mod embedded;
 mod error;
@@ -24,6 +25,7 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use any::AnyBackend;
 pub use backend::{Backend, BackendError, BackendErrorKind};
 use backend::{Cmp, CmpOp, KeyValue, Op, Txn};
 pub use error::StoreError;

@@ -24,7 +24,7 @@ use coil::kernel::{gateway_for, Kernel, KernelError, KernelOps, WireSpec};
 use coil::node::{host_veth_name, NodeState, Reservation};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
-use coil::store::{AddressRecord, Backend, Family, NodeRecord, Store, StoreError};
+use coil::store::{AddressRecord, AnyBackend, Backend, Family, NodeRecord, Store, StoreError};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
@@ -306,28 +306,25 @@ pub async fn run(
         journal = %cfg.journal_dir.display(),
         "journal opened and verified"
     );
-    match cfg.store.clone() {
+    let (backend, prefix) = match cfg.store.clone() {
         StoreChoice::Embedded => {
             let b = EmbeddedBackend::open(journal.clone()).map_err(|e| {
                 FatalError::new(coil::exit::PROBLEMS, format!("embedded store: {e}"))
             })?;
-            let store = Store::open_lazy(Arc::new(b), "/coil/")
-                .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
-            let d = Daemon::start(cfg, journal.clone(), store).await?;
-            start_metrics(&d).await?;
-            serve_until(d, shutdown).await?;
+            (AnyBackend::Embedded(Arc::new(b)), "/coil/".to_string())
         }
         StoreChoice::Etcd { opts, prefix } => {
             let b = EtcdBackend::connect(&opts)
                 .await
                 .map_err(|e| FatalError::new(coil::exit::UNAVAILABLE, format!("etcd: {e}")))?;
-            let store = Store::open_lazy(b, &prefix)
-                .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
-            let d = Daemon::start(cfg, journal.clone(), store).await?;
-            start_metrics(&d).await?;
-            serve_until(d, shutdown).await?;
+            (AnyBackend::Etcd(Box::new(b)), prefix)
         }
-    }
+    };
+    let store = Store::open_lazy(backend, &prefix)
+        .map_err(|e| FatalError::new(coil::exit::USAGE, e.to_string()))?;
+    let d = Daemon::start(cfg, journal.clone(), store).await?;
+    start_metrics(&d).await?;
+    serve_until(d, shutdown).await?;
     match Arc::try_unwrap(journal) {
         Ok(j) => j
             .close()
