@@ -936,7 +936,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
 
     /// The pool for a pod and the families its pods get: the pool named
     /// like its namespace if there is one, else `default`.
-    async fn pool_for(&self, namespace: Option<&str>) -> DResult<(String, Vec<Family>)> {
+    async fn pool_for(self: &Arc<Self>, namespace: Option<&str>) -> DResult<(String, Vec<Family>)> {
         if let Some(ns) = namespace {
             if ns != "default" && coil::store::model::validate_pool_name(ns).is_ok() {
                 if let Some(families) = self.pool_shape(ns).await? {
@@ -951,43 +951,30 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     }
 
     /// The families of pool `name` (None: there is no such pool), from a
-    /// cache that lives `pool_cache_ttl`, so the hot path makes at most one
-    /// store call per pool and period. When the store cannot say (outage,
-    /// bad entry), the stale entry answers, else the families of the
-    /// blocks this node leases from the pool (idle release keeps one block
-    /// of each family a pool's pods use, see `release_idle_blocks`).
-    async fn pool_shape(&self, name: &str) -> DResult<Option<Vec<Family>>> {
+    /// cache of the store's answer. An entry older than `pool_cache_ttl`
+    /// still answers at once and is refreshed in the background, so an ADD
+    /// waits for the store only the first time a pool is asked for after a
+    /// start (a store that hangs must not stall every ADD at each expiry).
+    /// When that first read fails (outage, bad entry), the families of the
+    /// blocks this node leases from the pool answer (idle release keeps one
+    /// block of each family, see `release_idle_blocks`) and are cached.
+    async fn pool_shape(self: &Arc<Self>, name: &str) -> DResult<Option<Vec<Family>>> {
         let cached = self
             .pool_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned();
-        if let Some((f, t)) = &cached {
-            if t.elapsed() < self.cfg.pool_cache_ttl {
-                return Ok(f.clone());
+        if let Some((f, t)) = cached {
+            if t.elapsed() >= self.cfg.pool_cache_ttl {
+                self.refresh_pool_shape(name);
             }
+            return Ok(f);
         }
         self.add_store_calls.fetch_add(1, Ordering::Relaxed);
-        match self.store.get_pool(name).await {
-            Ok(p) => {
-                let f = p.map(|p| p.families());
-                let mut cache = self.pool_cache.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= POOL_CACHE_MAX {
-                    let ttl = self.cfg.pool_cache_ttl;
-                    cache.retain(|_, (_, t)| t.elapsed() < ttl);
-                    if cache.len() >= POOL_CACHE_MAX {
-                        cache.clear();
-                    }
-                }
-                cache.insert(name.to_string(), (f.clone(), Instant::now()));
-                Ok(f)
-            }
-            // A stale answer, or what the node's own blocks say, beats none.
+        match self.read_pool_shape(name).await {
+            Ok(f) => Ok(f),
             Err(e) => {
-                if let Some((f, _)) = cached {
-                    return Ok(f);
-                }
                 let held = self.lock().families_of(name);
                 if held.is_empty() {
                     return Err(e.into());
@@ -997,9 +984,50 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                     families = ?held,
                     "reading the pool: {e}; serving the families of this node's blocks"
                 );
+                self.cache_pool_shape(name, Some(held.clone()));
                 Ok(Some(held))
             }
         }
+    }
+
+    /// Reads pool `name`'s families from the store and caches them.
+    async fn read_pool_shape(&self, name: &str) -> Result<Option<Vec<Family>>, StoreError> {
+        let f = self.store.get_pool(name).await?.map(|p| p.families());
+        self.cache_pool_shape(name, f.clone());
+        Ok(f)
+    }
+
+    fn cache_pool_shape(&self, name: &str, f: Option<Vec<Family>>) {
+        let mut cache = self.pool_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= POOL_CACHE_MAX && !cache.contains_key(name) {
+            let ttl = self.cfg.pool_cache_ttl;
+            cache.retain(|_, (_, t)| t.elapsed() < ttl);
+            if cache.len() >= POOL_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(name.to_string(), (f, Instant::now()));
+    }
+
+    /// Refreshes a stale cache entry off the ADD path. The entry's clock
+    /// restarts first, so one refresh runs per pool and period, and a
+    /// refresh that fails keeps the old answer for another period.
+    fn refresh_pool_shape(self: &Arc<Self>, name: &str) {
+        if let Some(e) = self
+            .pool_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(name)
+        {
+            e.1 = Instant::now();
+        }
+        let d = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = d.read_pool_shape(&name).await {
+                tracing::debug!(pool = %name, "refreshing the pool's families: {e}");
+            }
+        });
     }
 
     async fn pool_lock(&self, pool: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -1119,7 +1147,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         }
     }
 
-    async fn add(&self, req: &Request) -> DResult<AddResult> {
+    async fn add(self: &Arc<Self>, req: &Request) -> DResult<AddResult> {
         let t0 = Instant::now();
         if self.removed.load(Ordering::Relaxed) {
             // Its old blocks may be another node's now: serve no address.
