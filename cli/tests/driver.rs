@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use coil::cni::{parse_request, Response};
 use coil::kernel::KernelOps;
 use coil::kernel_mem::MemKernel;
-use coil::store::PoolSpec;
+use coil::store::{PoolSpec, Store};
 use serde_json::Value;
 
 mod simkit;
@@ -273,4 +273,59 @@ fn a_reboot_releases_every_pod_of_the_old_boot() {
     assert_eq!(ips(&run.call("ADD", "after", Some(&p), "")).len(), 1);
     let exported = block_on(&run, n.kernel.exported_blocks()).expect("exported");
     assert_eq!(exported.len(), 1, "{exported:?}");
+}
+
+#[test]
+fn a_pool_made_dual_stack_serves_new_pods_both_families() {
+    let n = Node::new();
+    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.pool_cache_ttl = Duration::from_millis(100);
+    let (rt, d, _journal) = simkit::start_inproc(
+        cfg,
+        n.kernel.clone(),
+        Some(PoolSpec::new(
+            "default",
+            vec!["10.43.0.0/28".parse().expect("net")],
+            2,
+        )),
+    )
+    .expect("coild starts");
+    let run = Run {
+        rt: Some(rt),
+        d: Some(d),
+    };
+    let p0 = n.pod("before");
+    assert_eq!(ips(&run.call("ADD", "before", Some(&p0), "")).len(), 1);
+    // The operator adds an IPv6 half to the running pool.
+    let backend = run.d().store_backend().clone();
+    block_on(&run, async move {
+        Store::open_lazy(backend, "/coil/")
+            .expect("store")
+            .add_subnet_with("default", "fd00:43::/124".parse().expect("net"), Some(2))
+            .await
+            .expect("add the IPv6 half")
+    });
+    // Once the cached answer is stale, the next ADD still answers at once
+    // from it and refreshes it in the background; within a bounded time
+    // new pods get both families. The pod wired before keeps its one.
+    std::thread::sleep(Duration::from_millis(150));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    let got = loop {
+        i += 1;
+        let cid = format!("after{i}");
+        let p = n.pod(&cid);
+        let a = ips(&run.call("ADD", &cid, Some(&p), ""));
+        if a.len() == 2 || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[1].is_ipv6(), "{got:?}");
+    assert_eq!(
+        n.kernel.pod_addresses(&p0, "eth0").map(|a| a.len()),
+        Some(1)
+    );
+    assert!(run.call("CHECK", "before", Some(&p0), "").ok);
 }

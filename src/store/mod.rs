@@ -850,6 +850,16 @@ impl<B: Backend> Store<B> {
                 p
             }
         };
+        if family.is_some_and(|f| pool.family_range(f).is_empty()) {
+            // The cached pool may predate the family's half of it (added
+            // to the running pool): read it again before refusing.
+            let p = self
+                .get_pool(pool_name)
+                .await?
+                .ok_or_else(|| StoreError::PoolNotFound(pool_name.to_string()))?;
+            self.remember_pool(&p);
+            pool = p;
+        }
         let mut next: Option<u64> = None;
         let mut full_windows = 0u32;
         let mut lost_races = 0u32;
