@@ -5,7 +5,8 @@
 //! in-memory kernel (`MemKernel`). A schedule drawn from the seed mixes
 //! what kubelet and a runtime send (ADD, DEL, DEL twice, DEL without a
 //! netns, CHECK, GC with a partial list) with what goes wrong around them
-//! (a pod's netns deleted, a wire that fails, coild killed and restarted,
+//! (a pod's netns deleted, a wire that fails, the store down and up again,
+//! coild killed and restarted,
 //! the node rebooted, a resync, and coild crashing inside a request at
 //! one of its failpoints: the request unwinds there, before any later
 //! effect, and the daemon's runtime is dropped), and the invariants are
@@ -37,13 +38,64 @@ use coil::failpoint::{arm_in_process, take_fired, Crash};
 use coil::journal::{Journal, LeaseState};
 use coil::kernel::KernelOps;
 use coil::kernel_mem::MemKernel;
+use coil::store::backend::{Txn, TxnResult};
 use coil::store::embedded::EmbeddedBackend;
+use coil::store::{Backend, BackendError, BackendErrorKind};
 use coil::store::{PoolSpec, Store};
 use coil_cli::coild::{open_journal, Daemon, DaemonConfig, StoreChoice};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub type D = Daemon<Arc<EmbeddedBackend>, MemKernel>;
+pub type D = Daemon<Flaky, MemKernel>;
+
+/// The embedded store behind a switch that makes every call fail as an
+/// unreachable etcd would (`BackendErrorKind::Unavailable`): a store
+/// outage at the Backend seam. Clones share the switch.
+#[derive(Debug, Clone)]
+pub struct Flaky {
+    inner: Arc<EmbeddedBackend>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self, op: &str) -> Result<(), BackendError> {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BackendError {
+                kind: BackendErrorKind::Unavailable,
+                op: op.to_string(),
+                key: "-".into(),
+                endpoint: "simulated store".into(),
+                message: "the store is down (simulated outage)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Flaky {
+    async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResult, BackendError> {
+        self.check(op)?;
+        self.inner.txn(op, txn).await
+    }
+    async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, BackendError> {
+        self.check("lease grant")?;
+        self.inner.lease_grant(ttl_secs).await
+    }
+    async fn lease_keep_alive(&self, id: i64) -> Result<i64, BackendError> {
+        self.check("lease keep-alive")?;
+        self.inner.lease_keep_alive(id).await
+    }
+    async fn lease_revoke(&self, id: i64) -> Result<(), BackendError> {
+        self.check("lease revoke")?;
+        self.inner.lease_revoke(id).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn requests(&self) -> u64 {
+        self.inner.requests()
+    }
+}
 
 /// coild's configuration for an in-process run in `dir`: the embedded
 /// store, and no background resync (a test runs recovery when it means
@@ -75,6 +127,16 @@ pub fn start_inproc(
     kernel: MemKernel,
     pool: Option<PoolSpec>,
 ) -> Result<(tokio::runtime::Runtime, Arc<D>, Arc<Journal>), String> {
+    start_inproc_with(cfg, kernel, pool, Arc::default())
+}
+
+/// [`start_inproc`] with the store's outage switch (`down`).
+pub fn start_inproc_with(
+    cfg: DaemonConfig,
+    kernel: MemKernel,
+    pool: Option<PoolSpec>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(tokio::runtime::Runtime, Arc<D>, Arc<Journal>), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -82,7 +144,10 @@ pub fn start_inproc(
         .map_err(|e| e.to_string())?;
     let started = rt.block_on(async move {
         let journal = Arc::new(open_journal(&cfg.journal_dir).map_err(|e| e.msg)?);
-        let backend = Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?);
+        let backend = Flaky {
+            inner: Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?),
+            down: down.clone(),
+        };
         let store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
         if let Some(spec) = pool {
             store.create_pool(&spec).await.map_err(|e| e.to_string())?;
@@ -140,6 +205,8 @@ struct Sim {
     steps: u64,
     /// Crashes at failpoints inside requests and resyncs.
     crashes: u64,
+    /// The simulated store outage switch (kept across restarts).
+    store_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sim {
@@ -161,6 +228,7 @@ impl Sim {
             seed,
             steps: 0,
             crashes: 0,
+            store_down: Arc::default(),
         };
         s.write_boot();
         s
@@ -209,10 +277,16 @@ impl Sim {
             block_size: 2,
             ipv6_block_size: Some(1),
         });
-        match start_inproc(
+        // The pool is created with the store up.
+        if first {
+            self.store_down
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        match start_inproc_with(
             inproc_config(self.dir.path(), "sim-node"),
             self.kernel.clone(),
             pool,
+            self.store_down.clone(),
         ) {
             Ok((rt, d, journal)) => self.coild = Some(Coild { rt, d, journal }),
             Err(e) => self.fail(format!("coild did not start: {e}")),
@@ -393,9 +467,15 @@ impl Sim {
                     self.kernel.remove_netns(&netns);
                 }
             }
-            77..=79 => {
+            77..=78 => {
                 self.note("next wire fails".into());
                 self.kernel.fail_next_wires(1);
+            }
+            79 => {
+                let down = !self.store_down.load(std::sync::atomic::Ordering::Relaxed);
+                self.note(format!("store {}", if down { "down" } else { "up" }));
+                self.store_down
+                    .store(down, std::sync::atomic::Ordering::Relaxed);
             }
             80..=84 => {
                 let (fp, cmd) = REQUEST_FAILPOINTS[rng.gen_range(0..REQUEST_FAILPOINTS.len())];
