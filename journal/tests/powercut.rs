@@ -645,7 +645,7 @@ fn a_new_journal_survives_a_power_cut_right_after_its_first_commit() {
     j.commit(b).expect("commit");
     j.abandon();
     let report = fs.cut(CutOptions::forget()).expect("cut");
-    let j = Journal::open(&dir).unwrap_or_else(|e| panic!("reopen: {e}\n{report}"));
+    let j = reopen(&dir).unwrap_or_else(|e| panic!("reopen: {e}\n{report}"));
     assert_eq!(
         j.attachment(&key(0, 0, 0)).expect("read"),
         Some(record(0, 0, 0)),
@@ -695,6 +695,22 @@ fn an_unfinished_sled_snapshot_does_not_stop_the_journal_from_opening() {
     }
 }
 
+/// Opens a journal that was just abandoned in this process. Its lock may
+/// still be held for a moment by a child another test of this binary is
+/// spawning: a fork copies every descriptor, the lock file's too, until
+/// the child's exec closes it (CLOEXEC). Retried briefly on Locked, only.
+fn reopen(dir: &Path) -> Result<Journal, coil_journal::JournalError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Journal::open(dir) {
+            Err(coil_journal::JournalError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
+}
+
 fn mount_or_skip(backing: &Path, mnt: &Path) -> Option<Mount> {
     match Mount::new(backing, mnt) {
         Ok(m) => Some(m),
@@ -737,8 +753,7 @@ fn deferred_commits_survive_a_power_cut_as_a_prefix() {
         }
         j.abandon();
         let report = fs.cut(CutOptions::forget()).expect("cut");
-        let j =
-            Journal::open(&dir).unwrap_or_else(|e| panic!("seed {seed} run {run}: reopen: {e}"));
+        let j = reopen(&dir).unwrap_or_else(|e| panic!("seed {seed} run {run}: reopen: {e}"));
         let present: Vec<u32> = (0..n)
             .filter(|i| j.attachment(&key(run, 0, *i)).expect("read").is_some())
             .collect();
@@ -783,7 +798,7 @@ fn a_deferred_commit_is_synced_without_another_commit() {
     }
     j.abandon();
     let report = fs.cut(CutOptions::forget()).expect("cut");
-    let j = Journal::open(&dir).expect("reopen");
+    let j = reopen(&dir).expect("reopen");
     assert_eq!(
         j.attachment(&key(0, 0, 1)).expect("read"),
         Some(record(0, 0, 1)),
