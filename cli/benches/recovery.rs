@@ -138,6 +138,15 @@ fn wait_socket(p: &Path, limit: Duration) -> Option<Duration> {
     None
 }
 
+/// The runtime the benchmark drives coil's async code with.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt")
+}
+
 /// A journal in `dir/journal` for `pods` wired pods (one address each, in
 /// blocks of 256 leased in the embedded store), as coild leaves it: the
 /// node's meta, the leases, the attachments and their address entries.
@@ -243,11 +252,7 @@ fn ready_ms(records: usize, ms_per_pod: f64) -> Option<(f64, f64)> {
     sh(&["ip", "netns", "add", &ns]);
     sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
+    let rt = runtime();
     let made = Instant::now();
     let (j, leases, atts) = build_journal(&rt, dir.path(), pods);
     // Kernel state for every pod, through coil's own kernel adapter (one
@@ -345,11 +350,7 @@ fn ready_ms_model(records: usize) -> (f64, u64) {
     use coil::kernel::KernelOps;
     let pods = records / 2;
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("rt");
+    let rt = runtime();
     let (j, leases, atts) = build_journal(&rt, dir.path(), pods);
     let k = coil::kernel_mem::MemKernel::new(119);
     rt.block_on(async {

@@ -124,15 +124,8 @@ fn ok(r: &Response) -> &Value {
 }
 
 fn ips(r: &Response) -> Vec<IpAddr> {
-    ok(r)["ips"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["address"].as_str())
-                .filter_map(|s| s.split('/').next()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    ok(r);
+    simkit::answer_ips(r)
 }
 
 fn code(r: &Response) -> u64 {

@@ -16,12 +16,17 @@ fn embedded(subnet: &str, bs: &str) -> Node {
 }
 
 fn etcd_node(subnet: &str, bs: &str) -> Node {
+    etcd_node_with(&["pool", "create", "default", subnet, "--block-size", bs])
+}
+
+/// A node on its own etcd, with the pool `pool` (coilctl's arguments).
+fn etcd_node_with(pool: &[&str]) -> Node {
     Node::new(
         StoreMode::Etcd {
             endpoint: String::new(),
             prefix: "/coil/".into(),
         },
-        &[&["pool", "create", "default", subnet, "--block-size", bs]],
+        &[pool],
     )
 }
 
@@ -329,22 +334,16 @@ fn a_lost_journal_is_rebuilt_from_the_store_and_the_kernel() {
 
 #[test]
 fn dual_stack_pods_survive_a_kill_and_a_lost_journal() {
-    let mut n = Node::new(
-        StoreMode::Etcd {
-            endpoint: String::new(),
-            prefix: "/coil/".into(),
-        },
-        &[&[
-            "pool",
-            "create",
-            "default",
-            "10.84.0.0/24",
-            "--ipv6",
-            "fd00:84::/120",
-            "--block-size",
-            "4",
-        ]],
-    );
+    let mut n = etcd_node_with(&[
+        "pool",
+        "create",
+        "default",
+        "10.84.0.0/24",
+        "--ipv6",
+        "fd00:84::/120",
+        "--block-size",
+        "4",
+    ]);
     let pa = n.pod();
     let pb = n.pod();
     let ra = n.add(&pa, "dual-a");

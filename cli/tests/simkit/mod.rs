@@ -643,7 +643,8 @@ impl Sim {
     }
 }
 
-fn answer_ips(r: &Response) -> Vec<IpAddr> {
+/// The addresses of a CNI answer, in order.
+pub fn answer_ips(r: &Response) -> Vec<IpAddr> {
     r.stdout["ips"]
         .as_array()
         .map(|a| {
