@@ -681,7 +681,7 @@ async fn index_gc_pages_through_a_large_index<B: Backend>(s: &Store<B>) {
         };
         for i in 0..64u32 {
             // Every 23rd entry names a node that does not lease the block.
-            let node = if (bi as u32 * 64 + i) % 23 == 0 {
+            let node = if (bi as u32 * 64 + i).is_multiple_of(23) {
                 "n2"
             } else {
                 "n1"

@@ -72,11 +72,15 @@ struct Args {
     /// Serve Prometheus metrics on this address (loopback recommended).
     #[arg(long, env = "COIL_CONTROLLER_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Kubernetes API (plain HTTP, e.g. a `kubectl proxy` sidecar): a node
-    /// whose Node object is gone and whose liveness is gone has its blocks
-    /// freed without waiting for the grace period.
-    #[arg(long, env = "COIL_CONTROLLER_KUBE_API")]
-    kube_api: Option<String>,
+    /// Watch Kubernetes Nodes: a node whose Node object is deleted and
+    /// whose liveness is gone has its blocks freed without waiting for the
+    /// grace period. The client is configured from `--kubeconfig`, else
+    /// `KUBECONFIG` or `~/.kube/config`, else the in-cluster service account.
+    #[arg(long, env = "COIL_CONTROLLER_KUBE")]
+    kube: bool,
+    /// Kubeconfig for `--kube` (implies it).
+    #[arg(long, env = "COIL_CONTROLLER_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Ignore a Node list (for that pass) that would free the blocks of
     /// more than this fraction of the nodes holding blocks at once.
     #[arg(
@@ -128,7 +132,7 @@ pub struct ControllerMetrics {
 /// list.
 #[derive(Debug, Clone)]
 pub struct KubeNodes {
-    pub api: crate::kube::KubeApi,
+    pub nodes: crate::kube::NodeWatch,
     /// A list that would make more than this fraction of the nodes holding
     /// blocks due at once is ignored for the pass.
     pub max_deleted_fraction: f64,
@@ -229,7 +233,7 @@ pub async fn pass<B: Backend>(
     let nodes = store.nodes().await?;
     // Without a trustworthy list nothing is removed this pass.
     let existing = match kube {
-        Some(k) => match k.api.node_names().await {
+        Some(k) => match k.nodes.snapshot() {
             Ok(names) => match judge_node_list(&nodes, &names, k.max_deleted_fraction) {
                 Ok(()) => Some(names),
                 Err(why) => {
@@ -387,6 +391,21 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Err(code) => return code,
     };
     rt.block_on(async move {
+        // A bad Kubernetes configuration is a usage error, found first.
+        let kube = if a.kube || a.kubeconfig.is_some() {
+            match crate::kube::client(a.kubeconfig.as_deref()).await {
+                Ok(c) => Some(KubeNodes {
+                    nodes: crate::kube::NodeWatch::start(c),
+                    max_deleted_fraction: a.kube_max_deleted_fraction,
+                }),
+                Err(e) => {
+                    eprintln!("coil-controller: {e}");
+                    return exit::USAGE;
+                }
+            }
+        } else {
+            None
+        };
         let b = match EtcdBackend::connect(&opts).await {
             Ok(b) => b,
             Err(e) => {
@@ -412,21 +431,6 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 }
             }
         }
-        let kube = match a
-            .kube_api
-            .as_deref()
-            .map(crate::kube::KubeApi::new)
-            .transpose()
-        {
-            Ok(k) => k.map(|api| KubeNodes {
-                api,
-                max_deleted_fraction: a.kube_max_deleted_fraction,
-            }),
-            Err(e) => {
-                eprintln!("coil-controller: {e}");
-                return exit::USAGE;
-            }
-        };
         run(
             &store,
             &identity,

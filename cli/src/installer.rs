@@ -13,9 +13,10 @@
 //! - `COIL_PATH` (default: the directory of this program): where to find
 //!   the `coil` binary to copy (`coil`, else `hypercoil`);
 //! - `COIL_ENABLE_IPV6_FORWARDING=1` also turns on IPv6 forwarding;
-//! - `COIL_NODE_NAME`, `COIL_BOOT_TAINT` (comma-separated taint keys) and
-//!   `COIL_KUBE_API` (plain HTTP, e.g. a `kubectl proxy` sidecar): remove
-//!   the node's boot taints once the plugin is in place.
+//! - `COIL_NODE_NAME` and `COIL_BOOT_TAINT` (comma-separated taint keys):
+//!   remove the node's boot taints once the plugin is in place, through
+//!   the Kubernetes API (the pod's service account, or the kubeconfig in
+//!   `COIL_KUBECONFIG`, else `KUBECONFIG`).
 //!
 //! Every file is written to a temporary file in the target directory,
 //! fsynced, renamed over the final name and the directory fsynced, so a
@@ -43,8 +44,9 @@ Environment:
                     [default: this program's directory]
   COIL_ENABLE_IPV6_FORWARDING=1   also turn on IPv6 forwarding
   COIL_BOOT_TAINT   comma-separated taint keys to remove from the node once
-                    the plugin is in place; needs COIL_NODE_NAME and
-                    COIL_KUBE_API (plain HTTP, e.g. a kubectl proxy sidecar)";
+                    the plugin is in place; needs COIL_NODE_NAME
+  COIL_KUBECONFIG   kubeconfig for that [default: KUBECONFIG, ~/.kube/config,
+                    else the in-cluster service account]";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -227,21 +229,24 @@ fn run() -> Result<Vec<String>, (String, i32)> {
         .collect();
     if !taints.is_empty() {
         let node = env_or("COIL_NODE_NAME", "");
-        let api = env_or("COIL_KUBE_API", "");
-        if node.is_empty() || api.is_empty() {
-            return Err((
-                "COIL_BOOT_TAINT needs COIL_NODE_NAME and COIL_KUBE_API".into(),
-                exit::USAGE,
-            ));
+        if node.is_empty() {
+            return Err(("COIL_BOOT_TAINT needs COIL_NODE_NAME".into(), exit::USAGE));
         }
-        let k = crate::kube::KubeApi::new(&api).map_err(|e| (e, exit::USAGE))?;
+        let kubeconfig = std::env::var_os("COIL_KUBECONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| (format!("runtime: {e}"), exit::PROBLEMS))?;
-        let changed = rt
-            .block_on(k.remove_taints(&node, &taints))
-            .map_err(|e| (e, exit::UNAVAILABLE))?;
+        let changed = rt.block_on(async {
+            let client = crate::kube::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| (e, exit::USAGE))?;
+            crate::kube::remove_taints(&client, &node, &taints)
+                .await
+                .map_err(|e| (e, exit::UNAVAILABLE))
+        })?;
         msgs.push(if changed {
             format!(
                 "removed boot taint(s) {} from node {node}",

@@ -52,8 +52,17 @@ pub fn attachment(i: u32, variant: u32) -> Attachment {
 
 pub fn lease(i: u32, epoch: u64) -> BlockLease {
     BlockLease {
-        pool: if i % 2 == 0 { "default" } else { "dmz" }.into(),
-        block: if i % 3 == 0 { v6block(i) } else { block(i) },
+        pool: if i.is_multiple_of(2) {
+            "default"
+        } else {
+            "dmz"
+        }
+        .into(),
+        block: if i.is_multiple_of(3) {
+            v6block(i)
+        } else {
+            block(i)
+        },
         epoch,
         state: LeaseState::Leased,
         alloc_cursor: i,

@@ -75,7 +75,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     pub(super) fn mirror(&self, m: Mirror) {
         if self.mirror.try_send(m).is_err() {
             let n = self.mirror_dropped.fetch_add(1, Ordering::Relaxed);
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 tracing::warn!(
                     dropped = n + 1,
                     "address index queue full; dropping updates"

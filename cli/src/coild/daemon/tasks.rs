@@ -25,7 +25,7 @@ pub(super) async fn resync_task<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) 
         tick.tick().await;
         // A full link scan (orphans) on the first resync and every tenth:
         // it costs the kernel ~50 µs per veth.
-        let full = n % 10 == 0;
+        let full = n.is_multiple_of(10);
         n += 1;
         // The store is asked only about this node's own blocks: a resync
         // costs etcd the same at 5 nodes as at 5,000.
