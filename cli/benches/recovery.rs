@@ -383,6 +383,7 @@ fn ready_ms_model(records: usize) -> (f64, u64) {
         resync_interval: Duration::from_secs(3600),
         min_blocks: 1,
         metrics_addr: None,
+        events: coil_cli::kube::EventSink::disabled(),
     };
     let calls = k.calls();
     let t = Instant::now();

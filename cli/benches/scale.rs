@@ -434,6 +434,7 @@ fn coild_child(ep: &str) {
         resync_interval: Duration::from_secs(30),
         min_blocks: 1,
         metrics_addr: None,
+        events: coil_cli::kube::EventSink::disabled(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -265,3 +265,197 @@ async fn timed<T>(
         Err(_) => Err(format!("{what}: no answer within {REQUEST_TIMEOUT:?}")),
     }
 }
+
+/// Something an operator should see on `kubectl describe node`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Another node holds the lease of one of this node's blocks; no new
+    /// address is taken from it (`pods`: pods of this node still in it).
+    LeaseLost {
+        block: String,
+        owner: String,
+        pods: usize,
+    },
+    /// This node carries a removal fence: its old blocks are quarantined
+    /// and no ADD is served until `coilctl node readmit`.
+    Quarantined,
+    /// The fence was lifted (`coilctl node readmit`).
+    Readmitted,
+    /// An ADD failed because a pool's family has no free block.
+    PoolExhausted { pool: String, family: String },
+}
+
+impl NodeEvent {
+    /// The Event's reason (PascalCase, as `kubectl` shows it).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NodeEvent::LeaseLost { .. } => "CoilLeaseLost",
+            NodeEvent::Quarantined => "CoilNodeQuarantined",
+            NodeEvent::Readmitted => "CoilNodeReadmitted",
+            NodeEvent::PoolExhausted { .. } => "CoilPoolExhausted",
+        }
+    }
+
+    fn warning(&self) -> bool {
+        !matches!(self, NodeEvent::Readmitted)
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            NodeEvent::LeaseLost { .. } => "QuarantineBlock",
+            NodeEvent::Quarantined => "RefuseAdd",
+            NodeEvent::Readmitted => "ServeAdd",
+            NodeEvent::PoolExhausted { .. } => "AcquireBlock",
+        }
+    }
+
+    /// The human text; each names the runbook's next step.
+    pub fn note(&self, node: &str) -> String {
+        match self {
+            NodeEvent::LeaseLost { block, owner, pods } => format!(
+                "block {block} is leased to {owner}: no new address is taken from it; \
+                 {pods} pod(s) of this node still use it (see `coilctl node blocks {node}`)"
+            ),
+            NodeEvent::Quarantined => format!(
+                "node {node} was removed from coil (coilctl node remove, or its Node deleted): \
+                 its old blocks are quarantined and no pod is given an address until \
+                 `coilctl node readmit {node}`"
+            ),
+            NodeEvent::Readmitted => format!("node {node} was re-admitted; ADD is served again"),
+            NodeEvent::PoolExhausted { pool, family } => format!(
+                "pool {pool} has no free {family} block: pods on this node get no address \
+                 (grow it with `coilctl pool add-subnet {pool} SUBNET`)"
+            ),
+        }
+    }
+
+    /// Events with the same key are sent at most once per
+    /// [`EVENT_REPEAT`]; the edges (quarantined, readmitted) always are.
+    fn key(&self) -> Option<String> {
+        match self {
+            NodeEvent::LeaseLost { block, owner, .. } => Some(format!("lease/{block}/{owner}")),
+            NodeEvent::PoolExhausted { pool, family } => Some(format!("pool/{pool}/{family}")),
+            NodeEvent::Quarantined | NodeEvent::Readmitted => None,
+        }
+    }
+}
+
+/// Shortest time between two Events of the same key.
+pub const EVENT_REPEAT: Duration = Duration::from_secs(300);
+/// Events waiting to be sent; more are dropped (and counted).
+const EVENT_QUEUE: usize = 64;
+
+/// What happened to the Events handed to an [`EventSink`].
+#[derive(Debug, Default)]
+pub struct EventStats {
+    pub sent: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Dropped because the queue was full.
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// Not sent because the same one was sent less than
+    /// [`EVENT_REPEAT`] ago.
+    pub suppressed: std::sync::atomic::AtomicU64,
+}
+
+/// Kubernetes Events on this node's Node object, best effort: `emit`
+/// never blocks, never fails and never waits for the API. A task sends
+/// them (events.k8s.io/v1, namespace `default`, as kubelet's Node events)
+/// and repeats of the same Event become a series on the API's side.
+#[derive(Debug, Clone, Default)]
+pub struct EventSink {
+    tx: Option<tokio::sync::mpsc::Sender<NodeEvent>>,
+    pub stats: Arc<EventStats>,
+}
+
+impl EventSink {
+    /// A sink that sends nothing (no Kubernetes API configured).
+    pub fn disabled() -> EventSink {
+        EventSink::default()
+    }
+
+    /// Starts the sending task on the current tokio runtime.
+    pub fn start(client: kube::Client, node: &str) -> EventSink {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        use std::sync::atomic::Ordering::Relaxed;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<NodeEvent>(EVENT_QUEUE);
+        let stats = Arc::new(EventStats::default());
+        let s2 = stats.clone();
+        let node = node.to_string();
+        tokio::spawn(async move {
+            let recorder = Recorder::new(
+                client,
+                Reporter {
+                    controller: "coild".into(),
+                    instance: Some(node.clone()),
+                },
+            );
+            // As kubelet does, the Node's UID is its name, which is what
+            // `kubectl describe node` looks up.
+            let regarding = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.clone()),
+                uid: Some(node.clone()),
+                ..Default::default()
+            };
+            let mut last: std::collections::HashMap<String, std::time::Instant> =
+                Default::default();
+            while let Some(ev) = rx.recv().await {
+                if let Some(k) = ev.key() {
+                    if last.get(&k).is_some_and(|t| t.elapsed() < EVENT_REPEAT) {
+                        s2.suppressed.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    last.insert(k, std::time::Instant::now());
+                }
+                let e = Event {
+                    type_: if ev.warning() {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: ev.reason().into(),
+                    note: Some(ev.note(&node)),
+                    action: ev.action().into(),
+                    secondary: None,
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, recorder.publish(&e, &regarding)).await
+                {
+                    Ok(Ok(())) => {
+                        s2.sent.fetch_add(1, Relaxed);
+                    }
+                    Ok(Err(err)) => {
+                        s2.failed.fetch_add(1, Relaxed);
+                        tracing::warn!(reason = ev.reason(), "sending a Kubernetes Event: {err}");
+                    }
+                    Err(_) => {
+                        s2.failed.fetch_add(1, Relaxed);
+                        tracing::warn!(
+                            reason = ev.reason(),
+                            "sending a Kubernetes Event: no answer within {REQUEST_TIMEOUT:?}"
+                        );
+                    }
+                }
+            }
+        });
+        EventSink {
+            tx: Some(tx),
+            stats,
+        }
+    }
+
+    /// Queues `ev`; drops it (counted) if the queue is full.
+    pub fn emit(&self, ev: NodeEvent) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(ev).is_err() {
+                self.stats
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+}

@@ -16,6 +16,7 @@ use coil::kernel_mem::MemKernel;
 use coil::store::{PoolSpec, Store};
 use serde_json::Value;
 
+mod fakekube;
 mod simkit;
 
 use simkit::D;
@@ -321,4 +322,145 @@ fn a_pool_made_dual_stack_serves_new_pods_both_families() {
         Some(1)
     );
     assert!(run.call("CHECK", "before", Some(&p0), "").ok);
+}
+
+#[test]
+fn kubernetes_events_tell_of_exhaustion_quarantine_readmission_and_lease_loss() {
+    let fake = fakekube::FakeKube::start(None);
+    fake.with(|st| st.add_node("driver-node", serde_json::json!([])));
+    // The sink's task runs on a runtime of the test's: it outlives a
+    // coild that is started and stopped.
+    let ert = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let kc = fake.kubeconfig();
+    let sink = ert.block_on(async move {
+        let cfg = coil_cli::kube::config(Some(&kc)).await.expect("kubeconfig");
+        let client = coil_cli::kube::client_from(cfg, coil_cli::kube::MAX_ANSWER).expect("client");
+        coil_cli::kube::EventSink::start(client, "driver-node")
+    });
+    let n = Node::new();
+    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.events = sink.clone();
+    // One block of four addresses in all.
+    let (rt, d, _journal) = simkit::start_inproc(
+        cfg,
+        n.kernel.clone(),
+        Some(PoolSpec::new(
+            "default",
+            vec!["10.44.0.0/30".parse().expect("net")],
+            2,
+        )),
+    )
+    .expect("coild starts");
+    let run = Run {
+        rt: Some(rt),
+        d: Some(d),
+    };
+    for i in 0..4 {
+        let cid = format!("p{i}");
+        let p = n.pod(&cid);
+        assert_eq!(ips(&run.call("ADD", &cid, Some(&p), "")).len(), 1);
+    }
+    for cid in ["full1", "full2"] {
+        let p = n.pod(cid);
+        let r = run.call("ADD", cid, Some(&p), "");
+        assert!(!r.ok, "{}", r.stdout);
+    }
+    let reasons = |fake: &fakekube::FakeKube| -> Vec<String> {
+        fake.with(|st| {
+            st.posted_events
+                .iter()
+                .filter_map(|e| e["reason"].as_str().map(String::from))
+                .collect()
+        })
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "no {what}: {:?}", reasons(&fake));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("exhaustion Event", &|| {
+        reasons(&fake).contains(&"CoilPoolExhausted".to_string())
+    });
+    wait("suppressed repeat", &|| {
+        sink.stats
+            .suppressed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    });
+    // The operator removes the node: the next recovery quarantines it.
+    let backend = run.d().store_backend().clone();
+    let store = Arc::new(Store::open_lazy(backend, "/coil/").expect("store"));
+    let s2 = store.clone();
+    block_on(&run, async move {
+        s2.remove_node("driver-node", "test", true, None)
+            .await
+            .expect("remove")
+    });
+    let d = run.d().clone();
+    block_on(&run, async move { d.recover(false, false, true).await }).expect("recover");
+    wait("quarantine and lease-loss Events", &|| {
+        let r = reasons(&fake);
+        r.contains(&"CoilNodeQuarantined".to_string()) && r.contains(&"CoilLeaseLost".to_string())
+    });
+    // Its block goes to another node; the node is re-admitted.
+    let s2 = store.clone();
+    block_on(&run, async move {
+        s2.acquire_block("default", "other").await.expect("acquire");
+        assert!(s2.readmit_node("driver-node").await.expect("readmit"));
+    });
+    let d = run.d().clone();
+    block_on(&run, async move { d.recover(false, false, true).await }).expect("recover");
+    wait("re-admission Event", &|| {
+        reasons(&fake).contains(&"CoilNodeReadmitted".to_string())
+    });
+    let posted = fake.with(|st| st.posted_events.clone());
+    let exhausted: Vec<_> = posted
+        .iter()
+        .filter(|e| e["reason"] == "CoilPoolExhausted")
+        .collect();
+    assert_eq!(exhausted.len(), 1, "a repeat within 5 min is not sent");
+    for e in &posted {
+        assert_eq!(e["regarding"]["kind"], "Node", "{e}");
+        assert_eq!(e["regarding"]["name"], "driver-node", "{e}");
+        assert_eq!(e["reportingController"], "coild", "{e}");
+        let want = if e["reason"] == "CoilNodeReadmitted" {
+            "Normal"
+        } else {
+            "Warning"
+        };
+        assert_eq!(e["type"], want, "{e}");
+    }
+    let q = posted
+        .iter()
+        .find(|e| e["reason"] == "CoilNodeQuarantined")
+        .expect("quarantine");
+    assert!(
+        q["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("coilctl node readmit driver-node"),
+        "{q}"
+    );
+    // The removal took the block's lease away with four pods in it.
+    let lost = posted
+        .iter()
+        .find(|e| e["reason"] == "CoilLeaseLost")
+        .expect("lease lost");
+    assert!(
+        lost["note"].as_str().unwrap_or("").contains("4 pod(s)"),
+        "{lost}"
+    );
+    let m = run.d().metrics_text();
+    let sent = format!(
+        r#"coil_kube_events_total{{node="driver-node",result="sent"}} {}"#,
+        posted.len()
+    );
+    assert!(m.contains(&sent), "{sent} in {m}");
+    assert!(fake.seen().iter().all(|r| r.authorized));
 }

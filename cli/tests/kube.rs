@@ -452,3 +452,49 @@ fn installer_removes_the_boot_taint_and_keeps_a_taint_added_meanwhile() {
         "the patch is conditional: {body}"
     );
 }
+
+/// Every setting the manifests give a program is one it reads (a
+/// renamed flag would otherwise be silently ignored in a cluster), and the
+/// Kubernetes API is reached without a proxy sidecar.
+#[test]
+fn the_manifests_name_only_settings_the_programs_read() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/coil.yaml"
+    ))
+    .expect("manifest");
+    let mut checked = 0;
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).expect("a YAML document");
+        let spec = &v["spec"]["template"]["spec"];
+        let containers = spec["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(spec["containers"].as_array().into_iter().flatten());
+        for c in containers {
+            let cmd: Vec<&str> = c["command"]
+                .as_array()
+                .expect("command")
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert!(
+                cmd.first().is_some_and(|p| p.ends_with("/hypercoil")),
+                "every container runs hypercoil (no sidecar): {cmd:?}"
+            );
+            let help = Command::new(HYPERCOIL)
+                .args(&cmd[1..])
+                .arg("--help")
+                .output()
+                .expect("help");
+            let help = String::from_utf8_lossy(&help.stdout).to_string();
+            for e in c["env"].as_array().into_iter().flatten() {
+                let name = e["name"].as_str().expect("env name");
+                assert!(help.contains(name), "{cmd:?} does not read {name}:\n{help}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} settings found");
+}

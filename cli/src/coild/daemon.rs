@@ -60,6 +60,8 @@ pub struct DaemonConfig {
     pub min_blocks: usize,
     /// Serve Prometheus metrics here (opt-in).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Kubernetes Events on this node's Node (disabled without an API).
+    pub events: crate::kube::EventSink,
 }
 
 /// Why coild could not start or stopped.
@@ -557,6 +559,11 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                     self.lease_losses.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(%block, %owner, ?affected,
                         "lost the lease of block {block} to {owner}: no new address is taken from it");
+                    self.cfg.events.emit(crate::kube::NodeEvent::LeaseLost {
+                        block: block.to_string(),
+                        owner: owner.to_string(),
+                        pods: affected.len(),
+                    });
                 }
             }
             self.recovery_actions
@@ -680,8 +687,10 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                  `coilctl node readmit {}`",
                 self.cfg.node_name
             );
+            self.cfg.events.emit(crate::kube::NodeEvent::Quarantined);
         } else if was && !removed {
             tracing::info!(node = %self.cfg.node_name, "this node was re-admitted");
+            self.cfg.events.emit(crate::kube::NodeEvent::Readmitted);
         }
     }
 
@@ -745,6 +754,26 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             u8::from(self.fatal_reason().is_none()),
             u8::from(self.removed.load(Ordering::Relaxed)),
         );
+        if self.cfg.events.enabled() {
+            let e = &self.cfg.events.stats;
+            let _ = writeln!(
+                out,
+                "# HELP coil_kube_events_total Kubernetes Events on this node's Node, by what became of them.\n\
+                 # TYPE coil_kube_events_total counter"
+            );
+            for (result, n) in [
+                ("sent", &e.sent),
+                ("failed", &e.failed),
+                ("dropped", &e.dropped),
+                ("suppressed", &e.suppressed),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "coil_kube_events_total{{node=\"{node}\",result=\"{result}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
         let lb = format!("node=\"{node}\"");
         out.push_str(&self.m.add.render(
             "coil_cni_add_duration_seconds",

@@ -82,6 +82,15 @@ struct Args {
     /// Serve Prometheus metrics on this address (opt-in; keep it on loopback).
     #[arg(long, env = "COILD_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Post Kubernetes Events on this node's Node (lease lost, quarantine,
+    /// re-admission, pool exhausted). The client is configured from
+    /// `--kubeconfig`, else `KUBECONFIG` or `~/.kube/config`, else the
+    /// in-cluster service account.
+    #[arg(long, env = "COILD_KUBE")]
+    kube: bool,
+    /// Kubeconfig for `--kube` (implies it).
+    #[arg(long, env = "COILD_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +250,7 @@ impl Args {
             },
             min_blocks: self.min_blocks.or(file.min_blocks).unwrap_or(1),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            events: crate::kube::EventSink::disabled(),
         })
     }
 }
@@ -252,7 +262,8 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let cfg = match args.resolve() {
+    let kube = (args.kube || args.kubeconfig.is_some()).then(|| args.kubeconfig.clone());
+    let mut cfg = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("coild: {e}");
@@ -264,6 +275,15 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Err(code) => return code,
     };
     rt.block_on(async move {
+        if let Some(kubeconfig) = kube {
+            match crate::kube::client(kubeconfig.as_deref()).await {
+                Ok(c) => cfg.events = crate::kube::EventSink::start(c, &cfg.node_name),
+                Err(e) => {
+                    eprintln!("coild: {e}");
+                    return exit::USAGE;
+                }
+            }
+        }
         let shutdown = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -116,6 +116,7 @@ pub fn inproc_config(dir: &std::path::Path, node: &str) -> DaemonConfig {
         resync_interval: Duration::from_secs(3600),
         min_blocks: 1,
         metrics_addr: None,
+        events: coil_cli::kube::EventSink::disabled(),
     }
 }
 

@@ -110,6 +110,15 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                             for r in &resvs {
                                 st.unreserve(r);
                             }
+                            if let DaemonError::Store(StoreError::Exhausted {
+                                pool, family, ..
+                            }) = &e
+                            {
+                                self.cfg.events.emit(crate::kube::NodeEvent::PoolExhausted {
+                                    pool: pool.clone(),
+                                    family: family.to_string(),
+                                });
+                            }
                             return Err(e);
                         }
                     };
