@@ -39,6 +39,11 @@ use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
 use coil::testkit::{etcd_metric, TestEtcd};
 use coil_cli::controller::{pass, ControllerMetrics};
 
+// The HTTPS fake Kubernetes API of the tests (there is no kube-apiserver
+// here): the controller's Node watch at this size.
+#[path = "../tests/fakekube/mod.rs"]
+mod fakekube;
+
 const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 /// Set in the child that runs coild for the RSS figure.
@@ -270,6 +275,15 @@ fn run_size(n: usize, figs: &mut Vec<(String, f64, &'static str)>) {
         None => eprintln!("  coild RSS: not measured"),
     }
 
+    // 4b. The controller's Node set at this size, from the HTTPS fake: the
+    // paged list until the set is whole, then one deletion by the watch.
+    let (list_ms, delete_ms) = rt.block_on(node_watch(n));
+    eprintln!(
+        "  Node set of {n} Nodes: whole after {list_ms:.0} ms; a deletion seen after {delete_ms:.1} ms"
+    );
+    figs.push((format!("scale.{n}.node_list_ms"), list_ms, "ms"));
+    figs.push((format!("scale.{n}.node_delete_seen_ms"), delete_ms, "ms"));
+
     // 5. The controller's pass, as leader.
     let (pass_ms, passes) = rt.block_on(async {
         admin
@@ -472,6 +486,39 @@ fn coild_child(ep: &str) {
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
     drop(d);
     rt.shutdown_timeout(Duration::from_secs(5));
+}
+
+/// Times the controller's Node watch against a fake API holding `n`
+/// Nodes: (ms until the list is whole, ms until a deletion is seen).
+async fn node_watch(n: usize) -> (f64, f64) {
+    let fake = fakekube::FakeKube::start(None);
+    fake.with(|st| {
+        for i in 0..n {
+            st.add_node(&format!("node-{i:05}"), serde_json::json!([]));
+        }
+    });
+    let cfg = coil_cli::kube::config(Some(&fake.kubeconfig()))
+        .await
+        .expect("kubeconfig");
+    let client = coil_cli::kube::client_from(cfg, coil_cli::kube::MAX_ANSWER).expect("client");
+    let t = Instant::now();
+    let w = coil_cli::kube::NodeWatch::start(client);
+    let deadline = t + Duration::from_secs(60);
+    while !w.snapshot().is_ok_and(|s| s.len() == n) {
+        assert!(Instant::now() < deadline, "the Node list never completed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    fake.with(|st| st.delete_node("node-00000"));
+    while !w.snapshot().is_ok_and(|s| !s.contains("node-00000")) {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no deletion seen"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (list_ms, t.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn main() {
