@@ -36,12 +36,14 @@ impl TestEtcd {
         let peer_url = format!("http://127.0.0.1:{peer}");
         let etcd = which_etcd()?;
         let me = std::process::id();
-        // The loop ends etcd when this process is gone.
+        // The loop ends etcd when this process is gone, and removes its
+        // data: the shared etcd lives in a static, which is never dropped.
         let script = format!(
             "\"$0\" \"$@\" >{log} 2>&1 & e=$!; \
              while kill -0 {me} 2>/dev/null && kill -0 $e 2>/dev/null; do sleep 0.5; done; \
-             kill $e 2>/dev/null; wait $e",
-            log = dir.path().join("etcd.log").display()
+             kill $e 2>/dev/null; wait $e; rm -rf '{dir}'",
+            log = dir.path().join("etcd.log").display(),
+            dir = dir.path().display()
         );
         let child = Command::new("sh")
             .arg("-c")

@@ -833,6 +833,16 @@ fn main() {
         }
     }
     let _ = sh_quiet(&["ip", "netns", "del", &ns]);
+    // process::exit runs no destructors: remove the run's directory (some
+    // 130 MB of etcd data and journals) here, or keep it, named, when the
+    // run failed, as the cluster mode does.
+    if report == 0 {
+        drop(dir);
+    } else {
+        let kept = dir.keep();
+        let _ = std::fs::remove_dir_all(kept.join("etcd"));
+        println!("  logs and journal kept in {}", kept.display());
+    }
     std::process::exit(report);
 }
 
