@@ -368,6 +368,15 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool, pool: &[&str]) -> Coild {
         .status()
         .expect("coilctl");
     assert!(st.success(), "pool create");
+    // COIL_BENCH_COILD_LOG=FILE: coild's per-ADD timings (reserve, wire,
+    // total, in coild) go to FILE, to tell coild's share from the plugin's.
+    let log = std::env::var_os("COIL_BENCH_COILD_LOG").map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .expect("COIL_BENCH_COILD_LOG")
+    });
     let child = Command::new("ip")
         .args(["netns", "exec", netns, COILD])
         .args(&store_args)
@@ -375,9 +384,19 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool, pool: &[&str]) -> Coild {
         .arg(dir)
         .arg("--socket")
         .arg(&socket)
-        .env("COIL_LOG", "warn")
+        .env(
+            "COIL_LOG",
+            if log.is_some() {
+                "warn,coil_cli::coild::daemon::add=debug"
+            } else {
+                "warn"
+            },
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match &log {
+            Some(f) => Stdio::from(f.try_clone().expect("log file")),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("coild");
     let deadline = Instant::now() + Duration::from_secs(20);
