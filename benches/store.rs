@@ -23,7 +23,7 @@ use coil::store::backend::{Cmp, CmpOp, Op, Txn};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, PoolSpec, Store};
-use coil::testkit::{unique_prefix, TestEtcd};
+use coil_testkit::{unique_prefix, TestEtcd};
 
 fn spec() -> PoolSpec {
     // 10.128.0.0/10 in blocks of 256 addresses: 2^14 = 16,384 blocks.
@@ -191,6 +191,6 @@ fn main() {
         "etcd requests per acquisition at 100 nodes: {reqs:.3} (target < 3): {}",
         if reqs < 3.0 { "met" } else { "MISSED" }
     );
-    coil::testkit::write_bench_summary(&figures).expect("summary");
+    coil_testkit::write_bench_summary(&figures).expect("summary");
     drop(etcd);
 }

@@ -19,8 +19,6 @@ pub mod netns;
 pub mod node;
 pub mod planted;
 pub mod store;
-#[doc(hidden)]
-pub mod testkit;
 
 /// Exit codes shared by coil's command-line programs.
 pub mod exit {

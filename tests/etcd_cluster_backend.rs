@@ -1,4 +1,4 @@
-//! The etcd adapter against a 3-member TLS cluster (coil::testkit's
+//! The etcd adapter against a 3-member TLS cluster (coil_testkit's
 //! EtcdCluster): requests survive one member killed or partitioned away,
 //! fail as "unavailable" (naming every member tried) without quorum, and
 //! a wrong client certificate is a prompt, clear error. Needs root.
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use coil::store::backend::{BackendErrorKind, Op, Txn};
 use coil::store::etcd::{EtcdBackend, EtcdOptions, TlsPem};
 use coil::store::Backend;
-use coil::testkit::EtcdCluster;
+use coil_testkit::EtcdCluster;
 
 /// A client namespace attached to the cluster's hub, and a runtime whose
 /// threads live in it (so every socket the client opens is there). The

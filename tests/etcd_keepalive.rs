@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::Backend;
-use coil::testkit::{etcd_metric, TestEtcd};
+use coil_testkit::{etcd_metric, TestEtcd};
 
 fn streams(endpoint: &str) -> f64 {
     etcd_metric(

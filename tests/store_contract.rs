@@ -12,7 +12,7 @@ use coil::store::backend::{Op, Txn};
 use coil::store::embedded::EmbeddedBackend;
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, Backend, BlockLease, NodeRecord, PoolSpec, Store, StoreError};
-use coil::testkit;
+use coil_testkit as testkit;
 use ipnet::IpNet;
 
 fn net(s: &str) -> IpNet {

@@ -345,7 +345,7 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool, pool: &[&str]) -> Coild {
     let mut etcd_child = None;
     let mut store_args: Vec<String> = vec!["--store".into(), "embedded".into()];
     if etcd {
-        etcd_child = Some(coil::testkit::start_etcd_in_netns(netns, dir, None).expect("etcd"));
+        etcd_child = Some(coil_testkit::start_etcd_in_netns(netns, dir, None).expect("etcd"));
         store_args = vec![
             "--store".into(),
             "etcd".into(),
@@ -791,5 +791,5 @@ fn main() {
     figs.push(("cni.add.p50.ratio".into(), c.0 / b.0, "x baseline"));
     figs.push(("cni.add.p99.ratio".into(), c.1 / b.1, "x baseline"));
     figs.push(("cni.del.p50.ratio".into(), c.2 / b.2, "x baseline"));
-    coil::testkit::write_bench_summary(&figs).expect("summary");
+    coil_testkit::write_bench_summary(&figs).expect("summary");
 }

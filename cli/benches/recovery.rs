@@ -636,5 +636,5 @@ fn main() {
             if t.1 < 500.0 { "met" } else { "MISSED" }
         );
     }
-    coil::testkit::write_bench_summary(&figs).expect("summary");
+    coil_testkit::write_bench_summary(&figs).expect("summary");
 }

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
-use coil::testkit::{etcd_metric, TestEtcd};
 use coil_cli::controller::{pass, ControllerMetrics};
+use coil_testkit::{etcd_metric, TestEtcd};
 
 // The HTTPS fake Kubernetes API of the tests (there is no kube-apiserver
 // here): the controller's Node watch at this size.
@@ -547,7 +547,7 @@ fn main() {
     for (k, v, unit) in &figs {
         println!("{k:<44} {v:>12.3} {unit}");
     }
-    coil::testkit::write_bench_summary(
+    coil_testkit::write_bench_summary(
         &figs
             .iter()
             .map(|(k, v, u)| (k.clone(), *v, *u))

@@ -216,7 +216,7 @@ fn two_nodes(dual: bool) -> Two {
 
     // One etcd, on node 1, reachable from node 2 over the link.
     let etcd =
-        coil::testkit::start_etcd_in_netns(&t.ns[0], t.dir.path(), Some("http://10.251.0.1:2379"))
+        coil_testkit::start_etcd_in_netns(&t.ns[0], t.dir.path(), Some("http://10.251.0.1:2379"))
             .expect("etcd");
     t.procs.push(Proc(Some(etcd)));
     let mut pool = vec![

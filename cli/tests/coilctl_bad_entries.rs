@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use coil::store::backend::{Op, Txn};
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, Store};
-use coil::testkit;
+use coil_testkit as testkit;
 use ipnet::IpNet;
 use serde_json::Value;
 

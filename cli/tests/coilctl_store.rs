@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{NodeRecord, Store};
-use coil::testkit;
+use coil_testkit as testkit;
 use serde_json::Value;
 
 const COILCTL: &str = env!("CARGO_BIN_EXE_coilctl");

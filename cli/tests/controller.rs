@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
-use coil::testkit;
 use coil_cli::controller::{pass, ControllerMetrics, PassState};
+use coil_testkit as testkit;
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");

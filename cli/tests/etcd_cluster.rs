@@ -1,6 +1,6 @@
 //! coild, coilctl and coil-controller (the real binaries, with the real
 //! `coil` plugin) against a 3-member etcd cluster with client-certificate
-//! TLS (coil::testkit::EtcdCluster), through a member killed, a member
+//! TLS (coil_testkit::EtcdCluster), through a member killed, a member
 //! partitioned away, quorum lost and regained; and a wrong client
 //! certificate. Needs root; everything lives in namespaces the tests
 //! create.
@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coil::testkit::EtcdCluster;
+use coil_testkit::EtcdCluster;
 use common::{ok, Cni, EtcdTls, Node, StoreMode};
 use serde_json::Value;
 

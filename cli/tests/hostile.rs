@@ -599,7 +599,7 @@ fn hostile_inputs() {
             "cases",
         ),
     ];
-    let _ = coil::testkit::write_bench_summary(&figs);
+    let _ = coil_testkit::write_bench_summary(&figs);
     eprintln!(
         "hostile: {} case(s), {} failure(s)",
         s.cases,

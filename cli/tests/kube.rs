@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{NodeRecord, PoolSpec, Store};
-use coil::testkit;
 use coil_cli::controller::{pass, ControllerMetrics, KubeNodes, PassState};
 use coil_cli::kube::NodeWatch;
+use coil_testkit as testkit;
 use fakekube::FakeKube;
 use serde_json::json;
 

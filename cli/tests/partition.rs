@@ -99,7 +99,7 @@ impl Cluster {
             ok(&["ip", "-n", &e, "link", "set", &ev, "up"]);
             ok(&["ip", "-n", n, "link", "set", &nv, "up"]);
         }
-        let etcd = coil::testkit::start_etcd_in_netns(
+        let etcd = coil_testkit::start_etcd_in_netns(
             &e,
             c.dir.path(),
             Some("http://10.252.0.1:2379,http://10.252.1.1:2379"),

@@ -288,7 +288,7 @@ fn coild_survives_power_cuts() {
             "cuts",
         ),
     ];
-    let _ = coil::testkit::write_bench_summary(&figs);
+    let _ = coil_testkit::write_bench_summary(&figs);
     n.stop();
     assert!(f.violations.is_empty(), "{}", f.violations.join("\n\n"));
 }

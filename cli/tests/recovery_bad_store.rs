@@ -12,7 +12,7 @@ use coil::kernel::Kernel;
 use coil::store::backend::{Op, Txn};
 use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, PoolSpec, Store};
-use coil::testkit;
+use coil_testkit as testkit;
 use ipnet::IpNet;
 
 fn net(s: &str) -> IpNet {

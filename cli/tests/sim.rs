@@ -48,7 +48,7 @@ fn seeded_runs_keep_every_invariant() {
         total as f64 / secs
     );
     if summary {
-        coil::testkit::write_bench_summary(&[
+        coil_testkit::write_bench_summary(&[
             ("sim.steps".into(), total as f64, "steps"),
             (
                 "sim.crashes".into(),

@@ -386,7 +386,7 @@ impl Node {
 /// Starts a private etcd inside `netns`. The child is returned and reaped
 /// by `Node`'s drop.
 fn start_etcd_in(netns: &str, dir: &std::path::Path) -> Child {
-    coil::testkit::start_etcd_in_netns(netns, dir, None).expect("etcd")
+    coil_testkit::start_etcd_in_netns(netns, dir, None).expect("etcd")
 }
 
 impl Drop for Node {
