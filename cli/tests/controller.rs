@@ -1,12 +1,13 @@
 //! coil-controller and coil-installer against a real etcd and a throwaway
 //! netns.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
-use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
+use coil::store::{AddressRecord, PoolSpec};
 use coil_cli::controller::{pass, ControllerMetrics, PassState};
 use coil_testkit as testkit;
 
@@ -14,25 +15,7 @@ const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
 const HYPERCOIL: &str = env!("CARGO_BIN_EXE_hypercoil");
 
-async fn store(prefix: &str) -> (Store<EtcdBackend>, String) {
-    let ep = testkit::shared_etcd().expect("etcd");
-    let b = EtcdBackend::connect(&EtcdOptions {
-        endpoints: vec![ep.clone()],
-        ..Default::default()
-    })
-    .await
-    .expect("connect");
-    (Store::open(b, prefix).await.expect("open"), ep)
-}
-
-fn rec(n: &str) -> NodeRecord {
-    NodeRecord {
-        node: n.into(),
-        boot_id: "b".into(),
-        started_unix: 0,
-        version: "t".into(),
-    }
-}
+use common::{node_record as rec, shared_store as store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_one_replica_leads_and_leadership_moves() {

@@ -5,11 +5,13 @@
 
 mod fakekube;
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
-use coil::store::{NodeRecord, PoolSpec, Store};
+use coil::store::etcd::EtcdBackend;
+use coil::store::{PoolSpec, Store};
 use coil_cli::controller::{pass, ControllerMetrics, KubeNodes, PassState};
 use coil_cli::kube::NodeWatch;
 use coil_testkit as testkit;
@@ -20,25 +22,7 @@ const CONTROLLER: &str = env!("CARGO_BIN_EXE_coil-controller");
 const INSTALLER: &str = env!("CARGO_BIN_EXE_coil-installer");
 const HYPERCOIL: &str = env!("CARGO_BIN_EXE_hypercoil");
 
-async fn store(prefix: &str) -> (Store<EtcdBackend>, String) {
-    let ep = testkit::shared_etcd().expect("etcd");
-    let b = EtcdBackend::connect(&EtcdOptions {
-        endpoints: vec![ep.clone()],
-        ..Default::default()
-    })
-    .await
-    .expect("connect");
-    (Store::open(b, prefix).await.expect("open"), ep)
-}
-
-fn rec(n: &str) -> NodeRecord {
-    NodeRecord {
-        node: n.into(),
-        boot_id: "b".into(),
-        started_unix: 0,
-        version: "t".into(),
-    }
-}
+use common::{node_record as rec, shared_store as store};
 
 async fn pool(s: &Store<EtcdBackend>, subnet: &str) {
     s.create_pool(&PoolSpec {

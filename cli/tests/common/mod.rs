@@ -569,3 +569,28 @@ pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A store on the tests' shared etcd under `prefix`, and that etcd's
+/// endpoint.
+pub async fn shared_store(
+    prefix: &str,
+) -> (coil::store::Store<coil::store::etcd::EtcdBackend>, String) {
+    let ep = coil_testkit::shared_etcd().expect("etcd");
+    let b = coil::store::etcd::EtcdBackend::connect(&coil::store::etcd::EtcdOptions {
+        endpoints: vec![ep.clone()],
+        ..Default::default()
+    })
+    .await
+    .expect("connect");
+    (coil::store::Store::open(b, prefix).await.expect("open"), ep)
+}
+
+/// A node's liveness record, as coild registers it.
+pub fn node_record(n: &str) -> coil::store::NodeRecord {
+    coil::store::NodeRecord {
+        node: n.into(),
+        boot_id: "b".into(),
+        started_unix: 0,
+        version: "t".into(),
+    }
+}
