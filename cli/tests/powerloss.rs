@@ -5,7 +5,8 @@
 //! the reboot that follows (new boot id; pod namespaces, coil's veths and
 //! table 119 gone). After each restart: coild serves without manual help,
 //! every previous-boot attachment is released, table 119 equals the node's
-//! leases in etcd, and no address is handed out twice. A journal whose
+//! leases in etcd (both families: the pool is dual-stack), and no address
+//! is handed out twice; a new pod gets one address of each family. A journal whose
 //! fsync fails (EIO from the filesystem) makes coild fail loudly.
 //!
 //! `COIL_POWERLOSS_CUTS` (default 6) and `COIL_POWERLOSS_SEED` replay;
@@ -49,12 +50,20 @@ fn etcd_blocks(n: &Node) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The blocks in table 119, both families.
 fn table119_blocks(n: &Node) -> BTreeSet<String> {
-    let o = sh(&["ip", "-n", &n.netns, "route", "show", "table", "119"]);
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
-        .collect()
+    let mut out = BTreeSet::new();
+    for family in ["-4", "-6"] {
+        let o = sh(&[
+            "ip", family, "-n", &n.netns, "route", "show", "table", "119",
+        ]);
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(String::from)),
+        );
+    }
+    out
 }
 
 /// What a reboot leaves of coil in the kernel: nothing.
@@ -106,6 +115,8 @@ fn coild_survives_power_cuts() {
             "create",
             "default",
             "10.58.0.0/24",
+            "--ipv6",
+            "fd00:58::/120",
             "--block-size",
             "3",
         ]],
@@ -210,15 +221,25 @@ fn coild_survives_power_cuts() {
                 etcd_blocks(&n)
             ));
         }
-        // New pods get distinct addresses.
+        // New pods get one address of each family (a dual-stack pool),
+        // all distinct.
         let fresh: Vec<String> = (0..4).map(|_| n.pod()).collect();
         let mut seen = BTreeSet::new();
         for (i, p) in fresh.iter().enumerate() {
             let a = n.add(p, &format!("after{cut}x{i}"));
             if a.code != 0 {
                 problems.push(format!("ADD after the cut failed: {a:?}"));
-            } else if !seen.insert(a.ip()) {
-                problems.push(format!("address {} handed out twice", a.ip()));
+                continue;
+            }
+            let ips = a.ips();
+            let v6 = ips.iter().filter(|ip| ip.contains(':')).count();
+            if ips.len() != 2 || v6 != 1 {
+                problems.push(format!("not one address of each family: {ips:?}"));
+            }
+            for ip in ips {
+                if !seen.insert(ip.clone()) {
+                    problems.push(format!("address {ip} handed out twice"));
+                }
             }
         }
         for (i, p) in fresh.iter().enumerate() {
