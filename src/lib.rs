@@ -12,6 +12,7 @@ pub use coil_journal as journal;
 
 pub mod api;
 pub mod cni;
+pub mod errors;
 pub mod failpoint;
 pub mod kernel;
 pub mod kernel_mem;

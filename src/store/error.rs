@@ -1,6 +1,7 @@
 use ipnet::IpNet;
 
 use super::backend::{BackendError, BackendErrorKind};
+use crate::errors::ErrorKind;
 
 /// Why a store operation failed. Every variant names what it was about
 /// (pool, block, node, key) so the message alone tells an operator what to
@@ -105,15 +106,36 @@ impl StoreError {
         matches!(self, StoreError::Invalid(_))
     }
 
+    /// What kind of failure this is (see [`crate::errors`], the one table
+    /// of CNI and exit codes).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Invalid(_) => ErrorKind::BadInput,
+            StoreError::PoolNotFound(_) => ErrorKind::NoPool,
+            StoreError::Exhausted { .. } => ErrorKind::Exhausted,
+            StoreError::NodeRemoved { .. } => ErrorKind::Fenced,
+            StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            StoreError::Conflict { .. } => ErrorKind::TryAgain,
+            StoreError::Backend(e) if e.kind == BackendErrorKind::Unavailable => {
+                ErrorKind::TryAgain
+            }
+            StoreError::Backend(_) => ErrorKind::Internal,
+            StoreError::PoolExists(_)
+            | StoreError::SubnetOverlap { .. }
+            | StoreError::PoolInUse { .. }
+            | StoreError::PoolNotEmpty { .. }
+            | StoreError::NotLeased { .. }
+            | StoreError::NotOwner { .. }
+            | StoreError::StaleEpoch { .. }
+            | StoreError::UnknownBlock { .. }
+            | StoreError::NodeAlive { .. }
+            | StoreError::SchemaTooNew { .. } => ErrorKind::Refused,
+        }
+    }
+
     /// The exit code coilctl uses for this error (see [`crate::exit`]).
     pub fn exit_code(&self) -> i32 {
-        if self.is_bad_input() {
-            crate::exit::USAGE
-        } else if self.is_retryable() {
-            crate::exit::UNAVAILABLE
-        } else {
-            crate::exit::PROBLEMS
-        }
+        self.kind().exit_code()
     }
 
     pub(crate) fn corrupt(key: &str, reason: impl std::fmt::Display) -> StoreError {

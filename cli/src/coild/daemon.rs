@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use coil::cni::{
     self, code, AddResult, CniError, Command, Interface, IpConfig, Request, Response, Route,
 };
+use coil::errors::ErrorKind;
 use coil::journal::{
     AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
     Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
@@ -106,25 +107,27 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
+    /// What kind of failure this is (see [`coil::errors`], the one table
+    /// of CNI and exit codes).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DaemonError::Kernel(KernelError::NetnsMissing(_)) => ErrorKind::NetnsMissing,
+            DaemonError::Kernel(KernelError::BadNetns(_)) => ErrorKind::BadEnv,
+            DaemonError::Kernel(KernelError::Timeout(..)) => ErrorKind::TryAgain,
+            DaemonError::Kernel(KernelError::InterfaceExists { .. }) => ErrorKind::InterfaceExists,
+            DaemonError::Kernel(_) => ErrorKind::Kernel,
+            DaemonError::Store(e) => e.kind(),
+            DaemonError::Journal(JournalError::Poisoned { .. }) => ErrorKind::TryAgain,
+            DaemonError::Journal(_) => ErrorKind::Journal,
+            DaemonError::Busy(_) => ErrorKind::TryAgain,
+            DaemonError::Check(_) => ErrorKind::CheckFailed,
+            DaemonError::Config(_) => ErrorKind::BadInput,
+            DaemonError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
     pub fn to_cni(&self) -> CniError {
-        let c = match self {
-            DaemonError::Kernel(KernelError::NetnsMissing(_)) => code::NETNS_MISSING,
-            DaemonError::Kernel(KernelError::BadNetns(_)) => code::INVALID_ENV,
-            DaemonError::Kernel(KernelError::Timeout(..)) => code::TRY_AGAIN_LATER,
-            DaemonError::Kernel(KernelError::InterfaceExists { .. }) => code::INTERFACE_EXISTS,
-            DaemonError::Kernel(_) => code::KERNEL,
-            DaemonError::Store(StoreError::Exhausted { .. }) => code::POOL_EXHAUSTED,
-            DaemonError::Store(StoreError::PoolNotFound(_)) => code::NO_POOL,
-            DaemonError::Store(StoreError::NodeRemoved { .. }) => code::TRY_AGAIN_LATER,
-            DaemonError::Store(e) if e.is_retryable() => code::TRY_AGAIN_LATER,
-            DaemonError::Store(_) => code::INTERNAL,
-            DaemonError::Journal(JournalError::Poisoned { .. }) => code::TRY_AGAIN_LATER,
-            DaemonError::Journal(_) => code::JOURNAL,
-            DaemonError::Busy(_) => code::TRY_AGAIN_LATER,
-            DaemonError::Check(_) => code::CHECK_FAILED,
-            DaemonError::Config(_) => code::INVALID_CONFIG,
-            DaemonError::Internal(_) => code::INTERNAL,
-        };
+        let c = self.kind().cni_code();
         let msg = match self {
             DaemonError::Store(StoreError::PoolNotFound(p)) => format!(
                 "pool {p} does not exist; create it with `coilctl pool create {p} SUBNET --block-size N`"
