@@ -13,12 +13,7 @@ use coil::planted::{clear, plant, Bug};
 fn first_violation(seeds: u64, steps: u64) -> Option<(u64, String)> {
     for seed in 1..=seeds {
         if let Err(p) = std::panic::catch_unwind(|| simkit::run(seed, steps)) {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            return Some((seed, msg));
+            return Some((seed, simkit::panic_message(p.as_ref())));
         }
     }
     None
@@ -54,6 +49,36 @@ fn every_planted_bug_is_found() {
             symptom.iter().any(|s| msg.contains(s)),
             "{bug:?} found, but as: {msg}"
         );
+        // The failing schedule shrinks to a shorter one that fails the
+        // same way, and that one replays.
+        let failed_at = msg
+            .split(" step ")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .and_then(|i| i.trim().parse::<u64>().ok())
+            .expect("the violation names its step");
+        let (kept, reduced) = simkit::reduce(
+            seed,
+            3_000,
+            |m| symptom.iter().any(|s| m.contains(s)),
+            std::time::Duration::from_secs(15),
+        )
+        .expect("the schedule fails again");
+        eprintln!(
+            "{bug:?}: {} steps reduced to {}:\n{reduced}",
+            failed_at + 1,
+            kept.len()
+        );
+        assert!(
+            (kept.len() as u64) < failed_at + 1,
+            "{bug:?}: nothing could be left out of {} steps",
+            failed_at + 1
+        );
+        let only: std::collections::BTreeSet<u64> = kept.iter().copied().collect();
+        let replay = std::panic::catch_unwind(|| simkit::run_only(seed, 3_000, Some(&only)));
+        let again =
+            simkit::panic_message(replay.expect_err("the reduced schedule replays").as_ref());
+        assert!(symptom.iter().any(|s| again.contains(s)), "{again}");
     }
     clear();
 }

@@ -204,6 +204,12 @@ struct Sim {
     trace: VecDeque<String>,
     seed: u64,
     steps: u64,
+    /// The schedule index of the step being run (steps may be left out).
+    index: u64,
+    /// The replay command's knobs for this run.
+    replay: String,
+    /// How many trace lines to keep (all of a reduced schedule's).
+    trace_cap: usize,
     /// Crashes at failpoints inside requests and resyncs.
     crashes: u64,
     /// The simulated store outage switch (kept across restarts).
@@ -228,6 +234,9 @@ impl Sim {
             trace: VecDeque::new(),
             seed,
             steps: 0,
+            index: 0,
+            replay: format!("COIL_SIM_SEED={seed}"),
+            trace_cap: 40,
             crashes: 0,
             store_down: Arc::default(),
         };
@@ -244,20 +253,20 @@ impl Sim {
     }
 
     fn note(&mut self, s: String) {
-        if self.trace.len() == 40 {
+        if self.trace.len() == self.trace_cap {
             self.trace.pop_front();
         }
-        self.trace.push_back(format!("step {}: {s}", self.steps));
+        self.trace.push_back(format!("step {}: {s}", self.index));
     }
 
     fn fail(&self, why: String) -> ! {
         let trace: Vec<&String> = self.trace.iter().collect();
         panic!(
-            "seed {} step {}: {why}\nreplay: COIL_SIM_SEED={} COIL_SIM_STEPS={} cargo test -p coil-cli --test sim\nlast steps:\n{}",
+            "seed {} step {}: {why}\nreplay: {} COIL_SIM_STEPS={} cargo test -p coil-cli --test sim\nlast steps:\n{}",
             self.seed,
-            self.steps,
-            self.seed,
-            self.steps,
+            self.index,
+            self.replay,
+            self.index + 1,
             trace
                 .iter()
                 .map(|s| s.as_str())
@@ -662,18 +671,112 @@ pub fn answer_ips(r: &Response) -> Vec<IpAddr> {
 /// the node rebooted. Panics
 /// with the seed, a replay command and the last steps on a violation.
 pub fn run(seed: u64, steps: u64) -> (u64, u64) {
+    run_only(seed, steps, None)
+}
+
+/// Step `i` of `seed`'s schedule draws from a generator of its own, so
+/// leaving steps out changes nothing in what the others draw: a shorter
+/// schedule of the same seed is still a schedule (the reducer's premise).
+fn step_rng(seed: u64, i: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// [`run`] with only the schedule's steps in `only` (all when None).
+pub fn run_only(seed: u64, steps: u64, only: Option<&BTreeSet<u64>>) -> (u64, u64) {
     quiet_crashes();
-    let mut rng = StdRng::seed_from_u64(seed);
     let mut sim = Sim::new(seed);
+    if let Some(o) = only {
+        let list: Vec<String> = o.iter().map(|i| i.to_string()).collect();
+        sim.replay = format!("COIL_SIM_SEED={seed} COIL_SIM_ONLY={}", list.join(","));
+        sim.trace_cap = o.len().max(40);
+    }
     sim.start(true);
     let mut kills = 0;
-    for _ in 0..steps {
+    for i in 0..steps {
+        if only.is_some_and(|o| !o.contains(&i)) {
+            continue;
+        }
+        sim.index = i;
         let was_running = sim.coild.is_some();
-        sim.step(&mut rng);
+        sim.step(&mut step_rng(seed, i));
         if was_running && sim.coild.is_none() {
             kills += 1;
         }
     }
     sim.kill();
     (sim.steps, kills + sim.crashes)
+}
+
+/// The message of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// The schedule index a violation message names ("seed S step N: ...").
+fn failing_index(msg: &str) -> Option<u64> {
+    let rest = msg.split(" step ").nth(1)?;
+    rest.split(':').next()?.trim().parse().ok()
+}
+
+/// Shrinks the failing schedule of `seed` (at most `steps` steps): cuts
+/// everything after the failing step, then leaves out chunks of steps
+/// (halves, quarters, ... single steps, as delta debugging does) while
+/// the run still fails in a way `same` accepts, for at most `budget`.
+/// Returns the steps kept and the last failure's message; None if the
+/// schedule does not fail.
+pub fn reduce(
+    seed: u64,
+    steps: u64,
+    same: impl Fn(&str) -> bool,
+    budget: Duration,
+) -> Option<(Vec<u64>, String)> {
+    let t = std::time::Instant::now();
+    let fails = |keep: Option<&[u64]>| -> Option<String> {
+        let set: Option<BTreeSet<u64>> = keep.map(|k| k.iter().copied().collect());
+        match std::panic::catch_unwind(|| run_only(seed, steps, set.as_ref())) {
+            Ok(_) => None,
+            Err(p) => Some(panic_message(p.as_ref())).filter(|m| same(m)),
+        }
+    };
+    let all: Vec<u64> = (0..steps).collect();
+    let mut last = fails(None)?;
+    let mut keep: Vec<u64> = match failing_index(&last) {
+        Some(i) => (0..=i.min(steps.saturating_sub(1))).collect(),
+        None => all,
+    };
+    let mut n = 2usize;
+    while keep.len() > 1 && t.elapsed() < budget {
+        let chunk = keep.len().div_ceil(n);
+        let mut cut = false;
+        let mut start = 0;
+        while start < keep.len() && t.elapsed() < budget {
+            let candidate: Vec<u64> = keep[..start]
+                .iter()
+                .chain(keep[(start + chunk).min(keep.len())..].iter())
+                .copied()
+                .collect();
+            if let Some(m) = fails(Some(&candidate)) {
+                // Whatever follows the new failing step is not needed.
+                keep = match failing_index(&m) {
+                    Some(i) => candidate.into_iter().filter(|&s| s <= i).collect(),
+                    None => candidate,
+                };
+                last = m;
+                n = (n - 1).max(2);
+                cut = true;
+                break;
+            }
+            start += chunk;
+        }
+        if !cut {
+            if chunk == 1 {
+                break;
+            }
+            n = (n * 2).min(keep.len());
+        }
+    }
+    Some((keep, last))
 }
