@@ -77,7 +77,7 @@ impl<B: Backend> Store<B> {
                         }
                     }
                 }
-                None => rand::thread_rng().gen_range(range),
+                None => self.draw(range),
             };
             let Some((block, subnet)) = pool.block_at(index) else {
                 continue;
@@ -280,7 +280,7 @@ impl<B: Backend> Store<B> {
         }
         // Start at a random index and walk: finds a free block in O(total)
         // without building the whole free list.
-        let start = rand::thread_rng().gen_range(0..total);
+        let start = self.draw(0..total);
         for step in 0..total {
             let i = range.start + (start + step) % total;
             if let Some((b, _)) = pool.block_at(i) {

@@ -117,6 +117,10 @@ pub struct Store<B: Backend> {
     bad_seen: AtomicU64,
     /// Bad entries already logged at warn level (`key: reason`).
     bad_logged: Mutex<HashSet<String>>,
+    /// Where block choice and backoff jitter draw from: the thread's
+    /// generator, or a seeded one (`with_seed`, for simulations that must
+    /// replay the same addresses).
+    rng: Mutex<Option<rand::rngs::StdRng>>,
 }
 
 impl<B: Backend> Store<B> {
@@ -131,6 +135,7 @@ impl<B: Backend> Store<B> {
             pool_cache: Mutex::new(HashMap::new()),
             bad_seen: AtomicU64::new(0),
             bad_logged: Mutex::new(HashSet::new()),
+            rng: Mutex::new(None),
         };
         s.schema().await?;
         Ok(s)
@@ -147,12 +152,35 @@ impl<B: Backend> Store<B> {
             pool_cache: Mutex::new(HashMap::new()),
             bad_seen: AtomicU64::new(0),
             bad_logged: Mutex::new(HashSet::new()),
+            rng: Mutex::new(None),
         })
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Draws block choices and backoff jitter from a generator seeded with
+    /// `seed` instead of the thread's: a simulation then replays the same
+    /// addresses.
+    pub fn with_seed(self, seed: u64) -> Self {
+        use rand::SeedableRng;
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(rand::rngs::StdRng::seed_from_u64(seed));
+        self
+    }
+
+    /// A uniform draw from `range` (see [`Store::with_seed`]).
+    fn draw<T, R>(&self, range: R) -> T
+    where
+        T: rand::distributions::uniform::SampleUniform,
+        R: rand::distributions::uniform::SampleRange<T>,
+    {
+        match self.rng.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(r) => r.gen_range(range),
+            None => rand::thread_rng().gen_range(range),
+        }
     }
 
     pub fn backend(&self) -> &B {
@@ -282,7 +310,7 @@ impl<B: Backend> Store<B> {
         }
         let base = self.retry.backoff.saturating_mul(1 << attempt.min(10));
         let cap = base.min(self.retry.max_backoff);
-        let jitter = rand::thread_rng().gen_range(0..=cap.as_micros() as u64);
+        let jitter = self.draw(0..=cap.as_micros() as u64);
         tokio::time::sleep(Duration::from_micros(jitter)).await;
     }
 

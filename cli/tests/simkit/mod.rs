@@ -128,15 +128,17 @@ pub fn start_inproc(
     kernel: MemKernel,
     pool: Option<PoolSpec>,
 ) -> Result<(tokio::runtime::Runtime, Arc<D>, Arc<Journal>), String> {
-    start_inproc_with(cfg, kernel, pool, Arc::default())
+    start_inproc_with(cfg, kernel, pool, Arc::default(), None)
 }
 
-/// [`start_inproc`] with the store's outage switch (`down`).
+/// [`start_inproc`] with the store's outage switch (`down`), and the
+/// store's block choice seeded with `seed` when given.
 pub fn start_inproc_with(
     cfg: DaemonConfig,
     kernel: MemKernel,
     pool: Option<PoolSpec>,
     down: Arc<std::sync::atomic::AtomicBool>,
+    seed: Option<u64>,
 ) -> Result<(tokio::runtime::Runtime, Arc<D>, Arc<Journal>), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,7 +151,10 @@ pub fn start_inproc_with(
             inner: Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?),
             down: down.clone(),
         };
-        let store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
+        let mut store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
+        if let Some(seed) = seed {
+            store = store.with_seed(seed);
+        }
         if let Some(spec) = pool {
             store.create_pool(&spec).await.map_err(|e| e.to_string())?;
         }
@@ -210,6 +215,8 @@ struct Sim {
     replay: String,
     /// How many trace lines to keep (all of a reduced schedule's).
     trace_cap: usize,
+    /// coild starts so far (each seeds the store's generator anew).
+    starts: u32,
     /// Crashes at failpoints inside requests and resyncs.
     crashes: u64,
     /// The simulated store outage switch (kept across restarts).
@@ -237,6 +244,7 @@ impl Sim {
             index: 0,
             replay: format!("COIL_SIM_SEED={seed}"),
             trace_cap: 40,
+            starts: 0,
             crashes: 0,
             store_down: Arc::default(),
         };
@@ -276,6 +284,7 @@ impl Sim {
     }
 
     fn start(&mut self, first: bool) {
+        self.starts += 1;
         // IPv4: 8 blocks of 4; IPv6: 4 blocks of 2, so IPv6 runs out first
         // and blocks come and go.
         let pool = first.then(|| PoolSpec {
@@ -297,6 +306,9 @@ impl Sim {
             self.kernel.clone(),
             pool,
             self.store_down.clone(),
+            // Each start draws anew, as a restarted process would, but
+            // from the seed: a replay picks the same blocks.
+            Some(self.seed ^ u64::from(self.starts).wrapping_mul(0x2545_F491_4F6C_DD1D)),
         ) {
             Ok((rt, d, journal)) => self.coild = Some(Coild { rt, d, journal }),
             Err(e) => self.fail(format!("coild did not start: {e}")),
