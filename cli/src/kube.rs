@@ -5,9 +5,10 @@
 //! Configuration is the usual one: a kubeconfig named by `--kubeconfig`
 //! (or `KUBECONFIG`, `~/.kube/config`), else the in-cluster service account
 //! (its token, refreshed as kubelet rotates it, and its CA). The client
-//! refuses any single answer larger than [`MAX_ANSWER`], so an API server
-//! (or something posing as one) that streams without end costs an error,
-//! not the controller's memory.
+//! refuses any line of an answer longer than [`MAX_ANSWER`] (a whole
+//! document, or one watch event), so an API server (or something posing
+//! as one) that streams without end costs an error, not the controller's
+//! memory.
 //!
 //! There is no kube-apiserver where coil is developed or tested: the tests
 //! run these paths against an HTTPS fake (cli/tests/fakekube) that checks
@@ -24,10 +25,9 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 
-/// The largest answer read from the API in one response (a list page, a
-/// Node, or the whole of one watch stream): 64 MiB. Node watches carry
-/// metadata only, so a 5,000-node cluster stays far below it; a watch
-/// stream that reaches it ends with an error and is started afresh.
+/// The largest line read from the API: a whole answer (a list page, a
+/// Node) or one event of a watch: 64 MiB. A larger one is an error, never
+/// a truncated document.
 pub const MAX_ANSWER: usize = 64 << 20;
 /// How many Nodes one page of the initial list asks for.
 pub const NODE_PAGE: u32 = 500;
@@ -35,6 +35,12 @@ pub const NODE_PAGE: u32 = 500;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait between two attempts to list and watch Nodes again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest a Node watch may go without yielding anything before it is
+/// taken as stalled (a reconnect hanging on a dead connection, say): then
+/// the set is no longer trusted and a fresh list is taken. The server
+/// ends each watch after 290 s; on a quiet cluster this costs a relist
+/// every few minutes.
+const WATCH_STALL: Duration = Duration::from_secs(330);
 
 /// A client for the cluster named by `kubeconfig`, or found as kubectl
 /// and in-cluster pods find theirs (`KUBECONFIG`, `~/.kube/config`, the
@@ -59,17 +65,76 @@ pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> {
     })
 }
 
-/// A client for `config` whose answers are capped at `max_answer` bytes.
+/// A client for `config` whose answers are capped at `max_answer` bytes
+/// a line: a whole document for a plain request (the API sends one JSON
+/// line), one event for a watch (one JSON line each), which may then run
+/// for as long as the server keeps it open.
 pub fn client_from(config: kube::Config, max_answer: usize) -> Result<kube::Client, String> {
     let url = config.cluster_url.to_string();
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|e| format!("Kubernetes client for {url}: {e}"))?;
     let capped = builder.with_layer(&tower::util::MapResponseLayer::new(
         move |r: http::Response<Box<kube::client::DynBody>>| {
-            r.map(move |b| http_body_util::Limited::new(b, max_answer))
+            r.map(move |inner| LineCapped {
+                inner,
+                since_newline: 0,
+                cap: max_answer,
+            })
         },
     ));
     Ok(capped.build())
+}
+
+/// An answer body that fails once a line (the bytes between two
+/// newlines) passes `cap`. Nothing is buffered here; the cap bounds what
+/// the client's decoder would have to hold.
+struct LineCapped {
+    inner: Box<kube::client::DynBody>,
+    since_newline: usize,
+    cap: usize,
+}
+
+impl http_body::Body for LineCapped {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let mut run = self.since_newline;
+                let mut longest = 0;
+                for &b in data.iter() {
+                    if b == b'\n' {
+                        longest = longest.max(run);
+                        run = 0;
+                    } else {
+                        run += 1;
+                    }
+                }
+                self.since_newline = run;
+                if longest.max(run) > self.cap {
+                    let cap = self.cap;
+                    return std::task::Poll::Ready(Some(Err(format!(
+                        "the Kubernetes API sent a line of more than {cap} bytes; refusing to read it"
+                    )
+                    .into())));
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// What the controller knows of the cluster's Nodes.
@@ -158,7 +223,16 @@ async fn watch_nodes(client: kube::Client, state: Arc<Mutex<NodeSetState>>) {
         // A fresh watcher starts with a fresh list.
         let stream = watcher::watcher(api.clone(), cfg.clone());
         futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
+        loop {
+            let ev = match tokio::time::timeout(WATCH_STALL, stream.next()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(_) => {
+                    lock(&state).why = format!("the Node watch gave nothing for {WATCH_STALL:?}");
+                    tracing::warn!("the Kubernetes Node watch gave nothing for {WATCH_STALL:?}");
+                    break;
+                }
+            };
             let mut st = lock(&state);
             match ev {
                 Ok(watcher::Event::Init) => st.building = Some(BTreeSet::new()),
@@ -167,8 +241,8 @@ async fn watch_nodes(client: kube::Client, state: Arc<Mutex<NodeSetState>>) {
                         b.insert(n);
                     }
                 }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(b) = st.building.take() {
+                Ok(watcher::Event::InitDone) => match st.building.take() {
+                    Some(b) => {
                         tracing::info!(nodes = b.len(), "Kubernetes Node list complete");
                         st.names = b;
                         st.trusted = true;
@@ -176,7 +250,11 @@ async fn watch_nodes(client: kube::Client, state: Arc<Mutex<NodeSetState>>) {
                         st.why.clear();
                         backoff = Duration::from_millis(500);
                     }
-                }
+                    None => {
+                        st.why = "the Node list ended without having started".into();
+                        break;
+                    }
+                },
                 Ok(watcher::Event::Apply(o)) => {
                     if let Some(n) = o.metadata.name {
                         st.names.insert(n);
@@ -189,14 +267,22 @@ async fn watch_nodes(client: kube::Client, state: Arc<Mutex<NodeSetState>>) {
                     }
                 }
                 Err(e) => {
-                    st.trusted = false;
-                    st.building = None;
                     st.why = format!("watching Nodes: {e}");
                     tracing::warn!(
                         "Kubernetes Node watch failed, listing again in {backoff:?}: {e}"
                     );
                     break;
                 }
+            }
+        }
+        // However the watch ended, nothing is trusted until a fresh list
+        // is whole.
+        {
+            let mut st = lock(&state);
+            st.trusted = false;
+            st.building = None;
+            if st.why.is_empty() {
+                st.why = format!("the Node watch stopped; listing again in {backoff:?}");
             }
         }
         tokio::time::sleep(backoff).await;
@@ -359,8 +445,10 @@ pub struct EventStats {
 
 /// Kubernetes Events on this node's Node object, best effort: `emit`
 /// never blocks, never fails and never waits for the API. A task sends
-/// them (events.k8s.io/v1, namespace `default`, as kubelet's Node events)
-/// and repeats of the same Event become a series on the API's side.
+/// them (events.k8s.io/v1, namespace `default`, as kubelet's Node events),
+/// each as an Event of its own; a repeat of the same key within
+/// [`EVENT_REPEAT`] of a sent one is not sent (a failed send does not
+/// hold the next one back).
 #[derive(Debug, Clone, Default)]
 pub struct EventSink {
     tx: Option<tokio::sync::mpsc::Sender<NodeEvent>>,
@@ -375,20 +463,15 @@ impl EventSink {
 
     /// Starts the sending task on the current tokio runtime.
     pub fn start(client: kube::Client, node: &str) -> EventSink {
-        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        use k8s_openapi::api::events::v1::Event;
         use std::sync::atomic::Ordering::Relaxed;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<NodeEvent>(EVENT_QUEUE);
         let stats = Arc::new(EventStats::default());
         let s2 = stats.clone();
         let node = node.to_string();
         tokio::spawn(async move {
-            let recorder = Recorder::new(
-                client,
-                Reporter {
-                    controller: "coild".into(),
-                    instance: Some(node.clone()),
-                },
-            );
+            // Node Events live in `default`, as kubelet's do.
+            let api: Api<Event> = Api::namespaced(client, "default");
             // As kubelet does, the Node's UID is its name, which is what
             // `kubectl describe node` looks up.
             let regarding = k8s_openapi::api::core::v1::ObjectReference {
@@ -398,31 +481,52 @@ impl EventSink {
                 uid: Some(node.clone()),
                 ..Default::default()
             };
+            // When each key was last sent (pruned as keys age out).
             let mut last: std::collections::HashMap<String, std::time::Instant> =
                 Default::default();
+            let mut n: u64 = 0;
             while let Some(ev) = rx.recv().await {
-                if let Some(k) = ev.key() {
-                    if last.get(&k).is_some_and(|t| t.elapsed() < EVENT_REPEAT) {
+                let key = ev.key();
+                if let Some(k) = &key {
+                    if last.get(k).is_some_and(|t| t.elapsed() < EVENT_REPEAT) {
                         s2.suppressed.fetch_add(1, Relaxed);
                         continue;
                     }
-                    last.insert(k, std::time::Instant::now());
                 }
+                // Each Event is its own object (its note names the block
+                // or pool); repeats are held back above, not merged.
+                n += 1;
+                let now = k8s_openapi::jiff::Timestamp::now();
                 let e = Event {
-                    type_: if ev.warning() {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(format!("{node}.coil.{}.{n}", now.as_nanosecond())),
+                        namespace: Some("default".into()),
+                        ..Default::default()
                     },
-                    reason: ev.reason().into(),
+                    event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                        now,
+                    )),
+                    type_: Some(if ev.warning() { "Warning" } else { "Normal" }.into()),
+                    reason: Some(ev.reason().into()),
+                    action: Some(ev.action().into()),
                     note: Some(ev.note(&node)),
-                    action: ev.action().into(),
-                    secondary: None,
+                    regarding: Some(regarding.clone()),
+                    reporting_controller: Some("coil.cybozu.com/coild".into()),
+                    reporting_instance: Some(node.clone()),
+                    ..Default::default()
                 };
-                match tokio::time::timeout(REQUEST_TIMEOUT, recorder.publish(&e, &regarding)).await
-                {
-                    Ok(Ok(())) => {
+                let sent = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    api.create(&kube::api::PostParams::default(), &e),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(_)) => {
                         s2.sent.fetch_add(1, Relaxed);
+                        if let Some(k) = key {
+                            last.retain(|_, t| t.elapsed() < EVENT_REPEAT);
+                            last.insert(k, std::time::Instant::now());
+                        }
                     }
                     Ok(Err(err)) => {
                         s2.failed.fetch_add(1, Relaxed);

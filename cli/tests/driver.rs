@@ -428,7 +428,8 @@ fn kubernetes_events_tell_of_exhaustion_quarantine_readmission_and_lease_loss() 
     for e in &posted {
         assert_eq!(e["regarding"]["kind"], "Node", "{e}");
         assert_eq!(e["regarding"]["name"], "driver-node", "{e}");
-        assert_eq!(e["reportingController"], "coild", "{e}");
+        assert_eq!(e["reportingController"], "coil.cybozu.com/coild", "{e}");
+        assert_eq!(e["reportingInstance"], "driver-node", "{e}");
         let want = if e["reason"] == "CoilNodeReadmitted" {
             "Normal"
         } else {

@@ -121,7 +121,8 @@ async fn a_watched_node_deletion_skips_the_grace_but_never_frees_a_live_node() {
         st.delete_node("live-but-deleted");
     });
     wait_for("the deletions", 10, || {
-        w.snapshot().is_ok_and(|n| !n.contains("deleted"))
+        w.snapshot()
+            .is_ok_and(|n| !n.contains("deleted") && !n.contains("live-but-deleted"))
     })
     .await;
     one_pass(&s, &kube, &m).await;
@@ -222,6 +223,10 @@ async fn a_failed_refused_or_suspect_node_set_frees_nothing() {
         };
         one_pass(&s, &kube, &m).await;
         assert_eq!(owners(&s).await, everyone, "{what}: nothing may be freed");
+        if what == "an answer over the size cap" {
+            let why = kube.nodes.snapshot().expect_err("refused, not a set");
+            assert!(why.contains("more than"), "{what}: {why}");
+        }
     }
     assert_eq!(
         m.kube_lists_ignored
@@ -282,10 +287,19 @@ async fn a_failed_refused_or_suspect_node_set_frees_nothing() {
     // resumed watch gets 410 Gone, and the set is trusted again only once
     // a fresh list is whole.
     fake.with(|st| {
+        st.list_failure = Some((503, "{}".into()));
         st.drop_watches();
         st.add_node("late", json!([]));
         st.compact();
     });
+    // While no fresh list completes, the set is not trusted.
+    wait_for("the set to be distrusted after 410 Gone", 15, || {
+        w.snapshot().is_err()
+    })
+    .await;
+    one_pass(&s, &kube, &m).await;
+    assert_eq!(owners(&s).await, vec!["alive"]);
+    fake.with(|st| st.list_failure = None);
     wait_for("a fresh list after 410 Gone", 15, || w.lists() > lists).await;
     wait_for("the new node", 15, || {
         w.snapshot().is_ok_and(|n| n.contains("late"))

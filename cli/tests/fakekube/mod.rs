@@ -350,12 +350,18 @@ async fn handle(state: Arc<Mutex<State>>, token: &str, req: Request<Incoming>) -
             return json_answer(200, &State::node_full(&name, rv, &taints));
         }
         if method == "PATCH" {
-            if let Some(extra) = st.taint_before_patch.take() {
-                let mut t = taints.as_array().cloned().unwrap_or_default();
-                t.push(extra);
-                st.add_node(&name, Value::Array(t));
-                return status(409, "Conflict", "the object has been modified");
-            }
+            // Someone else's write lands first: the patch below then
+            // carries a stale resourceVersion and gets 409 from the
+            // ordinary check, as from a real API server.
+            let rv = match st.taint_before_patch.take() {
+                Some(extra) => {
+                    let mut t = taints.as_array().cloned().unwrap_or_default();
+                    t.push(extra);
+                    st.add_node(&name, Value::Array(t));
+                    st.rv
+                }
+                None => rv,
+            };
             let Ok(p) = serde_json::from_str::<Value>(&body) else {
                 return status(400, "BadRequest", "not JSON");
             };
