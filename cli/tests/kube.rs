@@ -451,6 +451,81 @@ fn installer_removes_the_boot_taint_and_keeps_a_taint_added_meanwhile() {
     );
 }
 
+/// In a pod there is no kubeconfig: the installer finds the API server
+/// in KUBERNETES_SERVICE_HOST/PORT and authenticates with the service
+/// account's token and CA under /var/run/secrets, as kube-rs reads them.
+/// The test gives it those in a private mount namespace (a tmpfs over
+/// /run), so nothing of the host's is touched.
+#[test]
+fn installer_uses_the_in_cluster_service_account() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ns = format!("csa{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status();
+    let fake = FakeKube::start(Some(&ns));
+    fake.with(|st| {
+        st.add_node(
+            "n1",
+            json!([{"key": "coil.cybozu.com/bootstrap", "effect": "NoSchedule"}]),
+        )
+    });
+    let sa = d.path().join("sa");
+    std::fs::create_dir(&sa).expect("sa dir");
+    std::fs::write(sa.join("token"), &fake.token).expect("token");
+    std::fs::copy(fake.ca_path(), sa.join("ca.crt")).expect("ca");
+    std::fs::write(sa.join("namespace"), "coil-system").expect("namespace");
+    let script = "mount -t tmpfs coil-test /run \
+        && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
+        && cp \"$SA\"/* /run/secrets/kubernetes.io/serviceaccount/ \
+        && exec \"$INSTALLER\"";
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+        ])
+        .args(["sh", "-c", script])
+        .env("SA", &sa)
+        .env("INSTALLER", INSTALLER)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", fake.port.to_string())
+        .env("HOME", d.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("COIL_KUBECONFIG")
+        .env("CNI_BIN_DIR", d.path().join("bin"))
+        .env("CNI_ETC_DIR", d.path().join("net.d"))
+        .env(
+            "CNI_NETCONF",
+            r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#,
+        )
+        .env(
+            "COIL_PATH",
+            std::path::Path::new(HYPERCOIL).parent().expect("dir"),
+        )
+        .env("COIL_NODE_NAME", "n1")
+        .env("COIL_BOOT_TAINT", "coil.cybozu.com/bootstrap")
+        .output()
+        .expect("installer");
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        fake.with(|st| st.nodes.get("n1").expect("n1").1.clone()),
+        json!([]),
+        "the boot taint is gone"
+    );
+    let seen = fake.seen();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|r| r.authorized),
+        "every request carried the service account's token: {seen:?}"
+    );
+}
+
 /// Every setting the manifests give a program is one it reads (a
 /// renamed flag would otherwise be silently ignored in a cluster), and the
 /// Kubernetes API is reached without a proxy sidecar.

@@ -243,6 +243,11 @@ impl FakeKube {
         p
     }
 
+    /// The CA that signed the server's certificate (PEM).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     /// The kubeconfig with the right token.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
