@@ -416,7 +416,7 @@ struct Inner {
     deferred_seq: AtomicU64,
     /// Mirrors `WalState::synced_seq`, readable without the lock.
     synced_pub: AtomicU64,
-    _lock: File,
+    _lock: open::LockFile,
 }
 
 /// The node's write-ahead journal. Share it with `Arc<Journal>`; every method

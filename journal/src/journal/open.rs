@@ -2,7 +2,24 @@
 
 use super::*;
 
-pub(super) fn flock_exclusive(dir: &Path) -> Result<File> {
+/// The journal's LOCK file, held for as long as the journal is open, and
+/// unlocked explicitly when dropped. A lock left to the close of the
+/// descriptor would outlive it: a child this process forks meanwhile
+/// (`std::process::Command`) holds a copy of the descriptor until its
+/// exec, and an flock belongs to the open file, so the copy kept the
+/// journal "locked by another process" for that moment. LOCK_UN releases
+/// it for every copy.
+#[derive(Debug)]
+pub(super) struct LockFile(File);
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+pub(super) fn flock_exclusive(dir: &Path) -> Result<LockFile> {
     let path = dir.join("LOCK");
     let f = OpenOptions::new()
         .read(true)
@@ -23,7 +40,7 @@ pub(super) fn flock_exclusive(dir: &Path) -> Result<File> {
         }
         return Err(JournalError::io("flock", &path, err));
     }
-    Ok(f)
+    Ok(LockFile(f))
 }
 
 pub(super) fn open_sled(dir: &Path, sled_dir: &Path, cache: u64) -> Result<sled::Db> {
