@@ -375,15 +375,29 @@ fn the_controller_refuses_an_unreadable_kubeconfig() {
     assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
 }
 
-/// Runs the installer inside `ns` against the fake, with `kubeconfig`.
-fn run_installer(
-    ns: &str,
-    dir: &std::path::Path,
-    kubeconfig: &std::path::Path,
-) -> std::process::Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns, INSTALLER])
-        .env("CNI_BIN_DIR", dir.join("bin"))
+/// A fresh netns `<tag><pid>` with its loopback up (root only: without
+/// it, the fake's bind inside it fails loudly).
+fn test_netns(tag: &str) -> String {
+    let ns = format!("{tag}{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status();
+    ns
+}
+
+/// The installer inside `ns` (run through `wrapper` when given), installing
+/// into `dir` and asked to remove node n1's boot taint; no kubeconfig is
+/// inherited from the caller's environment.
+fn installer_command(ns: &str, dir: &std::path::Path, wrapper: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    if wrapper.is_empty() {
+        c.arg(INSTALLER);
+    } else {
+        c.args(wrapper);
+    }
+    c.env("CNI_BIN_DIR", dir.join("bin"))
         .env("CNI_ETC_DIR", dir.join("net.d"))
         .env(
             "CNI_NETCONF",
@@ -395,8 +409,19 @@ fn run_installer(
         )
         .env("COIL_NODE_NAME", "n1")
         .env("COIL_BOOT_TAINT", "coil.cybozu.com/bootstrap")
-        .env("COIL_KUBECONFIG", kubeconfig)
         .env_remove("KUBECONFIG")
+        .env_remove("COIL_KUBECONFIG");
+    c
+}
+
+/// Runs the installer inside `ns` against the fake, with `kubeconfig`.
+fn run_installer(
+    ns: &str,
+    dir: &std::path::Path,
+    kubeconfig: &std::path::Path,
+) -> std::process::Output {
+    installer_command(ns, dir, &[])
+        .env("COIL_KUBECONFIG", kubeconfig)
         .output()
         .expect("installer")
 }
@@ -404,11 +429,7 @@ fn run_installer(
 #[test]
 fn installer_removes_the_boot_taint_and_keeps_a_taint_added_meanwhile() {
     let d = tempfile::tempdir().expect("tempdir");
-    let ns = format!("ctaint{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
-    let _ = Command::new("ip")
-        .args(["-n", &ns, "link", "set", "lo", "up"])
-        .status();
+    let ns = test_netns("ctaint");
     let fake = FakeKube::start(Some(&ns));
     fake.with(|st| {
         st.add_node(
@@ -459,11 +480,7 @@ fn installer_removes_the_boot_taint_and_keeps_a_taint_added_meanwhile() {
 #[test]
 fn installer_uses_the_in_cluster_service_account() {
     let d = tempfile::tempdir().expect("tempdir");
-    let ns = format!("csa{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
-    let _ = Command::new("ip")
-        .args(["-n", &ns, "link", "set", "lo", "up"])
-        .status();
+    let ns = test_netns("csa");
     let fake = FakeKube::start(Some(&ns));
     fake.with(|st| {
         st.add_node(
@@ -480,38 +497,26 @@ fn installer_uses_the_in_cluster_service_account() {
         && mkdir -p /run/secrets/kubernetes.io/serviceaccount \
         && cp \"$SA\"/* /run/secrets/kubernetes.io/serviceaccount/ \
         && exec \"$INSTALLER\"";
-    let o = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
+    let o = installer_command(
+        &ns,
+        d.path(),
+        &[
             "unshare",
             "-m",
             "--propagation",
             "private",
-        ])
-        .args(["sh", "-c", script])
-        .env("SA", &sa)
-        .env("INSTALLER", INSTALLER)
-        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-        .env("KUBERNETES_SERVICE_PORT", fake.port.to_string())
-        .env("HOME", d.path())
-        .env_remove("KUBECONFIG")
-        .env_remove("COIL_KUBECONFIG")
-        .env("CNI_BIN_DIR", d.path().join("bin"))
-        .env("CNI_ETC_DIR", d.path().join("net.d"))
-        .env(
-            "CNI_NETCONF",
-            r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"coil"}]}"#,
-        )
-        .env(
-            "COIL_PATH",
-            std::path::Path::new(HYPERCOIL).parent().expect("dir"),
-        )
-        .env("COIL_NODE_NAME", "n1")
-        .env("COIL_BOOT_TAINT", "coil.cybozu.com/bootstrap")
-        .output()
-        .expect("installer");
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .env("SA", &sa)
+    .env("INSTALLER", INSTALLER)
+    .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    .env("KUBERNETES_SERVICE_PORT", fake.port.to_string())
+    .env("HOME", d.path())
+    .output()
+    .expect("installer");
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     assert!(o.status.success(), "{o:?}");
     assert_eq!(

@@ -82,11 +82,7 @@ pub enum StoreError {
 impl StoreError {
     /// Can the same call succeed if retried later?
     pub fn is_retryable(&self) -> bool {
-        match self {
-            StoreError::Conflict { .. } => true,
-            StoreError::Backend(e) => e.kind == BackendErrorKind::Unavailable,
-            _ => false,
-        }
+        self.kind().is_retryable()
     }
 
     /// Is the store unreachable (as opposed to refusing the request)?

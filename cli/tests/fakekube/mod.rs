@@ -86,8 +86,7 @@ impl State {
     }
 
     fn event_line(&self, kind: &str, name: &str, rv: u64) -> Bytes {
-        let mut v = json!({"type": kind, "object": State::node_meta(name, rv)});
-        v["object"]["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let v = json!({"type": kind, "object": State::node_meta(name, rv)});
         Bytes::from(format!("{v}\n"))
     }
 
