@@ -143,6 +143,24 @@ async fn read_request(s: &mut UnixStream) -> Result<Vec<u8>, CniError> {
     }
 }
 
+/// Most input read and thrown away after refusing a request.
+const DRAIN_MAX: u64 = 64 << 20;
+/// Longest time spent doing so.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Takes (and drops) what a refused caller is still sending, within
+/// bounds: closing a Unix socket with unread input resets the connection,
+/// and the caller could then lose the answer before it reads it (an
+/// oversized request's "request larger than ..." error, say).
+async fn drain(s: &mut UnixStream) {
+    let mut limited = (&mut *s).take(DRAIN_MAX);
+    let _ = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        tokio::io::copy(&mut limited, &mut tokio::io::sink()),
+    )
+    .await;
+}
+
 async fn answer(s: &mut UnixStream, v: &impl serde::Serialize) -> std::io::Result<()> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let write = async {
@@ -187,7 +205,11 @@ async fn store_call<B: Backend>(d: &Daemon<B>, rpc: StoreRpc) -> StoreReply {
 async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io::Result<()> {
     let buf = match read_request(&mut s).await {
         Ok(b) => b,
-        Err(e) => return answer(&mut s, &Response::err(&e, "1.1.0")).await,
+        Err(e) => {
+            let r = answer(&mut s, &Response::err(&e, "1.1.0")).await;
+            drain(&mut s).await;
+            return r;
+        }
     };
     let req = match SocketRequest::decode(&buf) {
         Ok(r) => r,
