@@ -11,7 +11,7 @@
 //! | `{"repair": {"apply": bool}}` | `coilctl node repair` | [`RepairAnswer`] (dry run unless `apply` is true) |
 //! | `{"stats": {}}` | operators, benchmarks | counters (JSON object) |
 //! | `{"health": {}}` | the liveness probe (`coilctl node health`) | [`Health`] |
-//! | `{"store": StoreRpc}` | coilctl, embedded store only | [`crate::store::remote::StoreReply`] |
+//! | `{"store": StoreRpc}` | coilctl, embedded store only | [`crate::store::rpc::StoreReply`] |
 //!
 //! Store calls are served only when coild runs the embedded store, and only
 //! for keys under coil's prefix: with etcd, coilctl talks to etcd itself,
@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cni::Request;
-use crate::store::remote::StoreRpc;
+use crate::store::rpc::StoreRpc;
 
 /// Largest request coild reads (the network configuration is at most
 /// [`crate::cni::MAX_STDIN`]; a request wraps it in a little more).

@@ -2,11 +2,15 @@
 //! recovery planner.
 //!
 //! The pure parts ([`cni`]: the CNI protocol; [`node`]: the allocation
-//! state; the store's rules in [`store`]) and the adapters, each the only
-//! code that knows its library: [`store::etcd`] (etcd-client),
-//! [`store::embedded`] (the journal's store tree) and [`kernel`]
-//! (rtnetlink). Also the failpoints of the chaos tests, the program names
-//! and the exit-code table every binary shares.
+//! state; the store's rules in [`store`] over its [`store::Backend`] seam;
+//! the kernel seam [`kernel::KernelOps`] and its in-memory model
+//! [`kernel_mem`]) and the one adapter that needs nothing from outside:
+//! [`store::embedded`], the store in the journal's own tree. The adapters
+//! that reach the outside world (etcd, coild's socket, rtnetlink, netns
+//! paths) live in the coil-adapters crate, so this crate compiles without
+//! etcd-client, tonic, rtnetlink, nix or tokio's net features
+//! (scripts/check-layers keeps it so). Also the failpoints of the chaos
+//! tests, the program names and the exit-code table every binary shares.
 
 pub use coil_journal as journal;
 
@@ -16,7 +20,6 @@ pub mod errors;
 pub mod failpoint;
 pub mod kernel;
 pub mod kernel_mem;
-pub mod netns;
 pub mod node;
 pub mod planted;
 pub mod store;

@@ -257,7 +257,7 @@ fn floor(node: &File, node_ns: &str, n: usize) -> (f64, f64, f64, f64) {
         .expect("runtime");
     let mut wire = Vec::with_capacity(n);
     rt.block_on(async {
-        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{node_ns}"), 119, 30)
+        let k = coil_adapters::kernel::Kernel::in_netns(&format!("/run/netns/{node_ns}"), 119, 30)
             .await
             .expect("kernel");
         for (i, p) in pods.names.iter().enumerate() {

@@ -263,7 +263,8 @@ fn ready_ms(records: usize, ms_per_pod: f64) -> Option<(f64, f64)> {
     std::fs::write(&nsb, lines).expect("batch");
     sh(&["ip", "-force", "-batch", &nsb.display().to_string()]);
     let wired = rt.block_on(async {
-        let k = coil::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30).await?;
+        let k =
+            coil_adapters::kernel::Kernel::in_netns(&format!("/run/netns/{ns}"), 119, 30).await?;
         for a in &atts {
             k.wire(&coil::node::wire_spec(a, 1500)).await?;
         }

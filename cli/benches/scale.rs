@@ -34,8 +34,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, NodeRecord, PoolSpec, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_cli::controller::{pass, ControllerMetrics};
 use coil_testkit::{etcd_metric, TestEtcd};
 

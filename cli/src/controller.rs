@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use coil::exit;
-use coil::store::etcd::{EtcdBackend, EtcdOptions, TlsPem};
 use coil::store::{Backend, NodeStatus, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions, TlsPem};
 
 #[derive(Parser, Debug)]
 #[command(name = "coil-controller", version, about = "coil's cluster janitor")]

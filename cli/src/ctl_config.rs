@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use coil::store::etcd::{EtcdOptions, TlsPem};
+use coil_adapters::etcd::{EtcdOptions, TlsPem};
 use serde::Deserialize;
 
 /// Default etcd key prefix.

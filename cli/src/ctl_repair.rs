@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use coil::exit;
 use coil::journal::{Journal, JournalError};
-use coil::kernel::Kernel;
 use coil::store::embedded::EmbeddedBackend;
-use coil::store::etcd::EtcdBackend;
-use coil::store::{AnyBackend, Backend, Store};
+use coil::store::{Backend, Store};
+use coil_adapters::etcd::EtcdBackend;
+use coil_adapters::kernel::Kernel;
+use coil_adapters::AnyBackend;
 use serde_json::{json, Value};
 
 use crate::ctl_config::{StoreArgs, StoreConfig, StoreKind};

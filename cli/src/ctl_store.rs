@@ -12,12 +12,11 @@ use std::time::Duration;
 use coil::exit;
 use coil::journal::{Journal, JournalError};
 use coil::store::embedded::EmbeddedBackend;
-use coil::store::etcd::EtcdBackend;
 use coil::store::model::{self, parse_subnet};
-use coil::store::remote::RemoteBackend;
-use coil::store::{
-    AnyBackend, Backend, BadEntry, BlockLease, Family, Pool, PoolSpec, Store, StoreError,
-};
+use coil::store::{Backend, BadEntry, BlockLease, Family, Pool, PoolSpec, Store, StoreError};
+use coil_adapters::etcd::EtcdBackend;
+use coil_adapters::remote::RemoteBackend;
+use coil_adapters::AnyBackend;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 

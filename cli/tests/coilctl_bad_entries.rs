@@ -5,8 +5,8 @@
 use std::process::{Command, Output};
 
 use coil::store::backend::{Op, Txn};
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_testkit as testkit;
 use ipnet::IpNet;
 use serde_json::Value;

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{NodeRecord, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_testkit as testkit;
 use serde_json::Value;
 

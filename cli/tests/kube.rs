@@ -10,8 +10,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coil::store::etcd::EtcdBackend;
 use coil::store::{PoolSpec, Store};
+use coil_adapters::etcd::EtcdBackend;
 use coil_cli::controller::{pass, ControllerMetrics, KubeNodes, PassState};
 use coil_cli::kube::NodeWatch;
 use coil_testkit as testkit;

@@ -280,7 +280,7 @@ async fn helper_take_block() {
         .parse()
         .expect("net");
     let node = std::env::var("COIL_HELPER_NODE").expect("node");
-    let b = coil::store::etcd::EtcdBackend::connect(&coil::store::etcd::EtcdOptions {
+    let b = coil_adapters::etcd::EtcdBackend::connect(&coil_adapters::etcd::EtcdOptions {
         endpoints: vec!["http://127.0.0.1:2379".into()],
         ..Default::default()
     })

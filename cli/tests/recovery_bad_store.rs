@@ -8,10 +8,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use coil::journal::{Batch, BlockLease, Journal, LeaseState};
-use coil::kernel::Kernel;
 use coil::store::backend::{Op, Txn};
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, PoolSpec, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
+use coil_adapters::kernel::Kernel;
 use coil_testkit as testkit;
 use ipnet::IpNet;
 

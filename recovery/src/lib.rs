@@ -15,7 +15,7 @@ use coil::journal::{
     Attachment, AttachmentKey, AttachmentState, Batch, BlockLease, Intent, IntentOp, IntentState,
     Journal, JournalError, LeaseState,
 };
-use coil::kernel::{Kernel, KernelError, KernelOps};
+use coil::kernel::{KernelError, KernelOps};
 use coil::node::wire_spec;
 use coil::store::{Backend, Store, StoreError};
 use ipnet::IpNet;
@@ -40,7 +40,7 @@ type Result<T, E = RecoveryError> = std::result::Result<T, E>;
 
 /// What recovery works on. The journal is shared with coild.
 #[derive(Debug)]
-pub struct Context<'a, B: Backend, K: KernelOps = Kernel> {
+pub struct Context<'a, B: Backend, K: KernelOps> {
     pub journal: &'a Arc<Journal>,
     pub store: &'a Store<B>,
     pub kernel: &'a K,

@@ -1,7 +1,7 @@
 //! The store seam: a small transactional key/value interface with etcd's
 //! semantics (revisions, compare-and-swap transactions, leases).
 //!
-//! Two adapters implement it: [`super::etcd::EtcdBackend`] (a real etcd
+//! Two adapters implement it: `coil_adapters::etcd::EtcdBackend` (a real etcd
 //! cluster) and [`super::embedded::EmbeddedBackend`] (the node's own journal,
 //! for single-node use). Everything coil knows about pools, blocks and nodes
 //! is written once, in [`super::Store`], on top of this trait, so both

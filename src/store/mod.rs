@@ -6,19 +6,17 @@
 //! or the node's journal for single-node use. The key layout is in
 //! docs/etcd-schema.md.
 
-pub mod any;
 pub mod backend;
 mod blocks;
 mod check;
 mod controller;
 pub mod embedded;
 mod error;
-pub mod etcd;
 mod index;
 pub mod model;
 mod nodes;
 mod pools;
-pub mod remote;
+pub mod rpc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -31,7 +29,6 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use any::AnyBackend;
 pub use backend::{Backend, BackendError, BackendErrorKind};
 use backend::{Cmp, CmpOp, KeyValue, Op, Txn};
 pub use error::StoreError;

@@ -27,11 +27,13 @@ use coil::journal::{
     AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
     Intent, IntentOp, IntentState, Journal, JournalError, LeaseState, NodeMeta,
 };
-use coil::kernel::{gateway_for, Kernel, KernelError, KernelOps, WireSpec};
+use coil::kernel::{gateway_for, KernelError, KernelOps, WireSpec};
 use coil::node::{host_veth_name, NodeState, Reservation};
 use coil::store::embedded::EmbeddedBackend;
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
-use coil::store::{AddressRecord, AnyBackend, Backend, Family, NodeRecord, Store, StoreError};
+use coil::store::{AddressRecord, Backend, Family, NodeRecord, Store, StoreError};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
+use coil_adapters::kernel::Kernel;
+use coil_adapters::AnyBackend;
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use coil::exit;
-use coil::store::etcd::{EtcdOptions, TlsPem};
+use coil_adapters::etcd::{EtcdOptions, TlsPem};
 use serde::Deserialize;
 
 pub use daemon::{open_journal, Daemon, DaemonConfig, StoreChoice};

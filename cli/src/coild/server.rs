@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use coil::api::{RepairAnswer, SocketRequest, MAX_REQUEST};
 use coil::cni::{code, CniError, Response};
-use coil::store::remote::{serve_rpc, StoreReply, StoreRpc};
+use coil::store::rpc::{serve_rpc, StoreReply, StoreRpc};
 use coil::store::{Backend, BackendError, BackendErrorKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};

@@ -574,9 +574,9 @@ pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 /// endpoint.
 pub async fn shared_store(
     prefix: &str,
-) -> (coil::store::Store<coil::store::etcd::EtcdBackend>, String) {
+) -> (coil::store::Store<coil_adapters::etcd::EtcdBackend>, String) {
     let ep = coil_testkit::shared_etcd().expect("etcd");
-    let b = coil::store::etcd::EtcdBackend::connect(&coil::store::etcd::EtcdOptions {
+    let b = coil_adapters::etcd::EtcdBackend::connect(&coil_adapters::etcd::EtcdOptions {
         endpoints: vec![ep.clone()],
         ..Default::default()
     })

@@ -53,7 +53,7 @@ use etcd_client::{
     PutOptions, TlsOptions, TxnOp, TxnOpResponse,
 };
 
-use super::backend::{
+use coil::store::backend::{
     Backend, BackendError, BackendErrorKind, Cmp, CmpOp, KeyValue, Op, OpResult, Txn, TxnResult,
 };
 

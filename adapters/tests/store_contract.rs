@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use coil::journal::Journal;
 use coil::store::backend::{Op, Txn};
 use coil::store::embedded::EmbeddedBackend;
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{AddressRecord, Backend, BlockLease, NodeRecord, PoolSpec, Store, StoreError};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_testkit as testkit;
 use ipnet::IpNet;
 

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use coil::store::backend::{BackendErrorKind, Op, Txn};
-use coil::store::etcd::{EtcdBackend, EtcdOptions, TlsPem};
 use coil::store::Backend;
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions, TlsPem};
 use coil_testkit::EtcdCluster;
 
 /// A client namespace attached to the cluster's hub, and a runtime whose

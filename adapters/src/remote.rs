@@ -9,55 +9,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::backend::{Backend, BackendError, BackendErrorKind, Txn, TxnResult};
-
-/// A backend call sent to coild.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StoreRpc {
-    Txn {
-        op: String,
-        txn: Txn,
-    },
-    LeaseGrant {
-        ttl: i64,
-    },
-    LeaseKeepAlive {
-        id: i64,
-    },
-    LeaseRevoke {
-        id: i64,
-    },
-    /// Requests coild's backend has sent so far (for benchmarks).
-    Requests,
-}
-
-/// coild's answer to a [`StoreRpc`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StoreReply {
-    Txn(TxnResult),
-    Value(i64),
-    Done,
-    Err(BackendError),
-}
-
-/// Runs one [`StoreRpc`] on a backend (coild's side).
-pub async fn serve_rpc<B: Backend>(b: &B, rpc: StoreRpc) -> StoreReply {
-    let r = match rpc {
-        StoreRpc::Txn { op, txn } => b.txn(&op, txn).await.map(StoreReply::Txn),
-        StoreRpc::LeaseGrant { ttl } => b.lease_grant(ttl).await.map(StoreReply::Value),
-        StoreRpc::LeaseKeepAlive { id } => b.lease_keep_alive(id).await.map(StoreReply::Value),
-        StoreRpc::LeaseRevoke { id } => b.lease_revoke(id).await.map(|_| StoreReply::Done),
-        StoreRpc::Requests => Ok(StoreReply::Value(
-            i64::try_from(b.requests()).unwrap_or(i64::MAX),
-        )),
-    };
-    r.unwrap_or_else(StoreReply::Err)
-}
+use coil::store::backend::{Backend, BackendError, BackendErrorKind, Txn, TxnResult};
+use coil::store::rpc::{StoreReply, StoreRpc};
 
 /// A backend that forwards every call to coild.
 #[derive(Debug)]
@@ -88,7 +43,7 @@ impl RemoteBackend {
 
     async fn call(&self, op: &str, rpc: StoreRpc) -> Result<StoreReply, BackendError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::to_vec(&crate::api::SocketRequest::Store(rpc))
+        let body = serde_json::to_vec(&coil::api::SocketRequest::Store(rpc))
             .map_err(|e| self.err(op, format!("encoding: {e}")))?;
         let exchange = async {
             let mut s = tokio::net::UnixStream::connect(&self.socket).await?;
@@ -96,7 +51,7 @@ impl RemoteBackend {
             s.shutdown().await?;
             let mut out = Vec::new();
             (&mut s)
-                .take(crate::api::MAX_ANSWER as u64)
+                .take(coil::api::MAX_ANSWER as u64)
                 .read_to_end(&mut out)
                 .await?;
             Ok::<_, std::io::Error>(out)

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use coil::store::backend::{Cmp, CmpOp, Op, Txn};
 use coil::store::embedded::EmbeddedBackend;
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::{Backend, PoolSpec, Store};
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_testkit::{unique_prefix, TestEtcd};
 
 fn spec() -> PoolSpec {

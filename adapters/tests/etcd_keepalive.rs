@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use coil::store::etcd::{EtcdBackend, EtcdOptions};
 use coil::store::Backend;
+use coil_adapters::etcd::{EtcdBackend, EtcdOptions};
 use coil_testkit::{etcd_metric, TestEtcd};
 
 fn streams(endpoint: &str) -> f64 {

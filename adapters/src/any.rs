@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use super::backend::{Backend, BackendError, Txn, TxnResult};
-use super::embedded::EmbeddedBackend;
-use super::etcd::EtcdBackend;
-use super::remote::RemoteBackend;
+use crate::etcd::EtcdBackend;
+use crate::remote::RemoteBackend;
+use coil::store::backend::{Backend, BackendError, Txn, TxnResult};
+use coil::store::embedded::EmbeddedBackend;
 
 /// The store behind a configuration.
 #[derive(Debug)]
