@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod kernel_mem;
 pub mod node;
 pub mod planted;
+pub mod removal;
 pub mod store;
 
 /// Exit codes shared by coil's command-line programs.

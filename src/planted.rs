@@ -1,5 +1,6 @@
 //! Planted bugs: deliberate faults a test switches on to prove that the
-//! in-process fault schedule (`cli/tests/sim.rs`) finds the kind of bug it
+//! in-process fault schedule (`cli/tests/sim.rs`) and the cluster simulator
+//! (coil-sim) find the kind of bug it
 //! is meant to find. Compiled to a constant `false` without the `planted`
 //! feature, which only test builds enable (coil-cli's dev-dependency on
 //! coil); a release build cannot contain them.
@@ -16,6 +17,11 @@ pub enum Bug {
     /// durable, so a crash in between leaves an address on an interface
     /// that the journal does not know and may hand out again.
     WireBeforeIntent = 2,
+    /// The controller frees the blocks of a node whose liveness expired,
+    /// without proof that its pods are gone (its Node object deleted), so
+    /// a node cut off from the store loses its blocks to another node
+    /// while its pods still hold their addresses.
+    FreeOnLivenessExpiry = 4,
 }
 
 #[cfg(feature = "planted")]

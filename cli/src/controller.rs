@@ -138,55 +138,7 @@ pub struct KubeNodes {
     pub max_deleted_fraction: f64,
 }
 
-/// The sanity guard on a complete Node list, pure for tests: `Err` says why
-/// the list must not be acted on this pass. A list is suspect when it is
-/// empty while the store shows live nodes (an API server that lost its
-/// data, or an answer for the wrong cluster), or when the dead nodes it
-/// calls deleted are more than `max_fraction` of the nodes holding blocks.
-pub fn judge_node_list(
-    nodes: &[NodeStatus],
-    existing: &std::collections::BTreeSet<String>,
-    max_fraction: f64,
-) -> Result<(), String> {
-    let alive = nodes.iter().filter(|n| n.alive).count();
-    if existing.is_empty() && alive > 0 {
-        return Err(format!(
-            "the Kubernetes API lists no Node at all while {alive} node(s) are alive in the store"
-        ));
-    }
-    let holding = nodes.iter().filter(|n| n.blocks > 0).count();
-    let deleted = nodes
-        .iter()
-        .filter(|n| !n.alive && n.blocks > 0 && !existing.contains(&n.node))
-        .count();
-    if deleted > 0 && deleted as f64 > max_fraction * holding as f64 {
-        return Err(format!(
-            "the Kubernetes API lacks {deleted} of the {holding} node(s) holding blocks, \
-             more than the {max_fraction} allowed at once"
-        ));
-    }
-    Ok(())
-}
-
-/// The nodes to remove this pass: pure, for tests. Only a node the
-/// Kubernetes API no longer lists (`existing`, a list already judged
-/// trustworthy) and that has no liveness is removed; a node that merely
-/// lost its liveness, however long ago, never is. Nodes already removed
-/// are skipped.
-pub fn removable_nodes(
-    nodes: &[NodeStatus],
-    existing: Option<&std::collections::BTreeSet<String>>,
-) -> Vec<String> {
-    let Some(existing) = existing else {
-        return Vec::new();
-    };
-    nodes
-        .iter()
-        .filter(|n| !n.alive && n.removed.is_none() && n.blocks > 0)
-        .filter(|n| !existing.contains(&n.node))
-        .map(|n| n.node.clone())
-        .collect()
-}
+pub use coil::removal::{judge_node_list, removable_nodes};
 
 /// Nodes without liveness that hold blocks, and since when this leader has
 /// seen them so (timers start afresh with each leadership).
