@@ -20,6 +20,7 @@ pub mod errors;
 pub mod failpoint;
 pub mod kernel;
 pub mod kernel_mem;
+pub mod machine;
 pub mod node;
 pub mod planted;
 pub mod removal;

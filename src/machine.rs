@@ -1,0 +1,1255 @@
+//! The node as an I/O-free state machine: events in, decisions out.
+//!
+//! [`NodeMachine`] decides what a node does about a CNI request (ADD, DEL,
+//! CHECK, GC), a completed or failed effect, a tick of its clock and a view
+//! of the store; it never touches the journal, the store or the kernel.
+//! Each call returns an [`Output`]: the journal records to make durable
+//! first ([`Output::persist`], one atomic batch, fsynced when
+//! [`Output::sync`] says so), then the effects to start, then the answers
+//! to give. A driver must keep that order, as raft-rs's drivers do with a
+//! `Ready`: *persist before act*. A crash may come between any two steps;
+//! [`NodeMachine::start`] rebuilds the machine from what the journal made
+//! durable and re-issues every effect a pending intent announces (each
+//! effect is idempotent), so the node converges whatever was lost.
+//!
+//! The allocation itself is [`crate::node::NodeState`], the same code
+//! coild reserves addresses with. The cluster simulator (coil-sim) drives
+//! this machine on several nodes against a store model, crashing it at
+//! every effect boundary (docs/ARCHITECTURE.md, "The node machine").
+//!
+//! | input | state it needs | records persisted | effects | answer |
+//! |---|---|---|---|---|
+//! | ADD, new key | confirmed, not removed, free address | Wire intent, Reserved attachment, addresses, leases' cursors | Wire | after Wired |
+//! | ADD, no free address | | AcquireBlock intent | Acquire | waits |
+//! | Acquired | | lease Leased, intent deleted | (resumes waiting ADDs) | |
+//! | Wired | | attachment Wired, intent deleted (unsynced) | | Added |
+//! | wire failed | | Unwire intent, attachment Releasing | Unwire | error |
+//! | DEL | attachment | Unwire intent, attachment Releasing | Unwire | Deleted |
+//! | Unwired | | attachment, addresses, intent deleted | | |
+//! | tick | empty block idle 2 ticks, above min | ReleaseBlock intent, lease Releasing | Release | |
+//! | View | | adopted leases; lost ones Quarantined | Reacquire for missing keys | |
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::errors::ErrorKind;
+use crate::journal::{
+    AddressEntry, AssignedAddress, Attachment, AttachmentKey, AttachmentState, Batch, BlockLease,
+    Intent, IntentOp, IntentState, LeaseState,
+};
+use crate::kernel::WireSpec;
+use crate::node::{host_veth_name, wire_spec, NodeState, Reservation};
+use crate::store::model::Family;
+
+/// A caller's request, numbered by the driver.
+pub type ReqId = u64;
+/// An effect the machine asked for, numbered by the machine.
+pub type EffectId = u64;
+
+/// One journal record, as data: the machine's decisions are records the
+/// driver writes ([`Rec::add_to`]) and a simulator applies to its model of
+/// the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rec {
+    PutLease(BlockLease),
+    DeleteLease(IpNet),
+    PutAttachment(Attachment),
+    DeleteAttachment(AttachmentKey),
+    PutIntent(Intent),
+    DeleteIntent(u64),
+    PutAddress(IpAddr, AddressEntry),
+    DeleteAddress(IpAddr),
+}
+
+impl Rec {
+    /// Appends this record to a journal batch.
+    pub fn add_to(&self, b: &mut Batch) {
+        match self {
+            Rec::PutLease(l) => b.put_lease(l),
+            Rec::DeleteLease(n) => b.delete_lease(*n),
+            Rec::PutAttachment(a) => b.put_attachment(a),
+            Rec::DeleteAttachment(k) => b.delete_attachment(k),
+            Rec::PutIntent(i) => b.put_intent(i),
+            Rec::DeleteIntent(id) => b.delete_intent(*id),
+            Rec::PutAddress(a, e) => b.put_address(*a, e),
+            Rec::DeleteAddress(a) => b.delete_address(*a),
+        };
+    }
+}
+
+/// What the journal holds durably: the machine starts from this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub leases: BTreeMap<IpNet, BlockLease>,
+    pub attachments: BTreeMap<AttachmentKey, Attachment>,
+    pub intents: BTreeMap<u64, Intent>,
+    pub addresses: BTreeMap<IpAddr, AddressEntry>,
+}
+
+impl Durable {
+    /// Applies one record, as a journal replay does.
+    pub fn apply(&mut self, r: &Rec) {
+        match r {
+            Rec::PutLease(l) => {
+                self.leases.insert(l.block, l.clone());
+            }
+            Rec::DeleteLease(n) => {
+                self.leases.remove(n);
+            }
+            Rec::PutAttachment(a) => {
+                self.attachments.insert(a.key.clone(), a.clone());
+            }
+            Rec::DeleteAttachment(k) => {
+                self.attachments.remove(k);
+            }
+            Rec::PutIntent(i) => {
+                self.intents.insert(i.id, i.clone());
+            }
+            Rec::DeleteIntent(id) => {
+                self.intents.remove(id);
+            }
+            Rec::PutAddress(a, e) => {
+                self.addresses.insert(*a, e.clone());
+            }
+            Rec::DeleteAddress(a) => {
+                self.addresses.remove(a);
+            }
+        }
+    }
+}
+
+/// An effect on the world, started by the driver after the output's
+/// records are durable. Every one is idempotent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Lease a free block of `pool` and `family` in the store, fenced on
+    /// this node's removal fence.
+    Acquire { pool: String, family: Family },
+    /// Lease this exact block again (its key vanished from the store).
+    Reacquire { lease: BlockLease },
+    /// Withdraw the block from table 119 and delete its store key, fenced
+    /// on owner and epoch.
+    Release { lease: BlockLease },
+    /// Create the pod's veth, addresses and routes.
+    Wire { key: AttachmentKey, spec: WireSpec },
+    /// Remove the pod's veth (and with it its addresses and routes).
+    Unwire {
+        key: AttachmentKey,
+        host_veth: String,
+    },
+    /// Read the store's view of this node: the blocks it leases there and
+    /// whether it is fenced (removed).
+    View,
+}
+
+/// How an effect ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `Acquire` or `Reacquire` leased this block.
+    Acquired(BlockLease),
+    /// `Acquire`: every block of the pool and family is leased.
+    Exhausted,
+    /// `Reacquire`: another node leases the block now.
+    Taken,
+    /// This node is removed (its removal fence exists).
+    Fenced,
+    /// The store did not answer. A write may or may not have been applied.
+    Unavailable,
+    /// `Wire` done.
+    Wired,
+    /// `Wire` failed and left nothing behind (the pod's netns is gone, or
+    /// the kernel refused).
+    WireFailed(String),
+    /// `Wire` did not finish in time: the kernel may be half way.
+    WireTimedOut,
+    /// `Unwire` done (or there was nothing to remove).
+    Unwired,
+    /// `Release` done, or the key was not ours any more.
+    Released,
+    /// `View`: the blocks the store says this node leases (with their
+    /// pools and epochs), and whether the node is fenced.
+    View {
+        leases: BTreeMap<IpNet, (String, u64)>,
+        fenced: bool,
+    },
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Added(Vec<IpAddr>),
+    Deleted,
+    Checked,
+    Collected,
+    Failed(ErrorKind, String),
+}
+
+/// A request to the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Add {
+        key: AttachmentKey,
+        netns: String,
+        pool: String,
+        families: Vec<Family>,
+    },
+    Del {
+        key: AttachmentKey,
+    },
+    Check {
+        key: AttachmentKey,
+    },
+    /// CNI GC: release every attachment not in `keep`.
+    Gc {
+        keep: BTreeSet<AttachmentKey>,
+    },
+}
+
+/// What the driver must do, in this order: persist, start effects, answer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub persist: Vec<Rec>,
+    /// The batch must be fsynced before any effect starts or any answer is
+    /// given. False only for records whose loss recovery repairs (a Wired
+    /// mark: the Reserved record and its Wire intent make recovery wire
+    /// the pod again, which finds the veth already there).
+    pub sync: bool,
+    pub effects: Vec<(EffectId, Effect)>,
+    pub answers: Vec<(ReqId, Answer)>,
+}
+
+impl Output {
+    fn rec(&mut self, r: Rec) {
+        self.sync = true;
+        self.persist.push(r);
+    }
+    fn rec_unsynced(&mut self, r: Rec) {
+        self.persist.push(r);
+    }
+}
+
+/// The machine's fixed settings.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub node: String,
+    /// This boot's id: attachments of another boot lost their kernel state.
+    pub boot_id: String,
+    /// Blocks of each pool and family kept leased when idle.
+    pub min_blocks: usize,
+    pub mtu: u32,
+}
+
+/// Why an effect is in flight.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// `releases`: as for [`Pending::View`].
+    Acquire {
+        pool: String,
+        family: Family,
+        intent: u64,
+        releases: u64,
+    },
+    Reacquire {
+        block: IpNet,
+    },
+    /// Releasing this incarnation (`epoch`) of the block.
+    Release {
+        block: IpNet,
+        epoch: u64,
+        intent: u64,
+    },
+    Wire {
+        key: AttachmentKey,
+        intent: u64,
+        req: Option<ReqId>,
+    },
+    Unwire {
+        key: AttachmentKey,
+        intent: u64,
+    },
+    /// A store read; `releases` counts the blocks released before it was
+    /// asked for, so a view older than a release is not acted on.
+    View {
+        releases: u64,
+    },
+}
+
+/// An ADD waiting for a block.
+#[derive(Debug, Clone)]
+struct Parked {
+    req: ReqId,
+    key: AttachmentKey,
+    netns: String,
+    pool: String,
+    families: Vec<Family>,
+    resvs: Vec<Reservation>,
+}
+
+/// The node machine. See the module documentation.
+#[derive(Debug)]
+pub struct NodeMachine {
+    cfg: MachineConfig,
+    alloc: NodeState,
+    /// Pending intents, as durable.
+    intents: BTreeMap<u64, Intent>,
+    next_intent: u64,
+    next_effect: EffectId,
+    /// The node's removal fence was seen: serve no address.
+    removed: bool,
+    /// Booted and the store has not confirmed the leases yet.
+    unconfirmed: bool,
+    inflight: BTreeMap<EffectId, Pending>,
+    parked: Vec<Parked>,
+    acquiring: BTreeSet<(String, Family)>,
+    /// Keys with a Wire or Unwire in flight, or an ADD parked.
+    busy: BTreeSet<AttachmentKey>,
+    /// Ticks each block has been seen empty.
+    idle: BTreeMap<IpNet, u32>,
+    /// Blocks released so far (see [`Pending::View`]).
+    releases: u64,
+}
+
+impl NodeMachine {
+    /// The machine of a node whose journal holds `durable`, after a start
+    /// (coild started, crashed and restarted, or the node rebooted: then
+    /// `cfg.boot_id` differs from the attachments'). The output rolls every
+    /// pending intent forward or back and asks the store for its view.
+    pub fn start(cfg: MachineConfig, durable: &Durable) -> (NodeMachine, Output) {
+        let mut out = Output::default();
+        let rebooted = durable
+            .attachments
+            .values()
+            .any(|a| a.boot_id != cfg.boot_id);
+        let mut m = NodeMachine {
+            next_intent: durable.intents.keys().next_back().map_or(1, |i| i + 1),
+            alloc: NodeState::from_records(durable.leases.values().cloned().collect(), Vec::new()),
+            intents: durable.intents.clone(),
+            cfg,
+            next_effect: 1,
+            removed: false,
+            unconfirmed: rebooted,
+            inflight: BTreeMap::new(),
+            parked: Vec::new(),
+            acquiring: BTreeSet::new(),
+            busy: BTreeSet::new(),
+            idle: BTreeMap::new(),
+            releases: 0,
+        };
+        for a in durable.attachments.values() {
+            if a.boot_id != m.cfg.boot_id {
+                // Its veth died with the boot: release it without an unwire.
+                m.forget(&mut out, a);
+                continue;
+            }
+            m.alloc.insert_attachment(a.clone());
+        }
+        // Every intent whose attachment is gone (released above) goes too.
+        let stale: Vec<u64> = m
+            .intents
+            .values()
+            .filter(|i| match &i.op {
+                IntentOp::Wire { key } => m
+                    .alloc
+                    .attachment(key)
+                    .is_none_or(|a| a.state == AttachmentState::Releasing),
+                IntentOp::Unwire { key } => m.alloc.attachment(key).is_none(),
+                _ => false,
+            })
+            .map(|i| i.id)
+            .collect();
+        for id in stale {
+            m.intents.remove(&id);
+            out.rec(Rec::DeleteIntent(id));
+        }
+        // Roll forward what was half done. Attachments first.
+        let atts: Vec<Attachment> = m.alloc.attachments().cloned().collect();
+        for a in atts {
+            match a.state {
+                AttachmentState::Wired => {}
+                AttachmentState::Reserved => {
+                    let intent = m.intent_for(&a.key, true);
+                    m.start_wire(&mut out, &a, intent, None);
+                }
+                AttachmentState::Releasing => {
+                    let intent = m.intent_for(&a.key, false);
+                    m.start_unwire(&mut out, &a, intent);
+                }
+            }
+        }
+        let releasing: Vec<(u64, IpNet)> = m
+            .intents
+            .values()
+            .filter_map(|i| match &i.op {
+                IntentOp::ReleaseBlock { block, .. } => Some((i.id, *block)),
+                _ => None,
+            })
+            .collect();
+        for (intent, block) in releasing {
+            m.start_release(&mut out, block, intent);
+        }
+        // A pending AcquireBlock is settled by the view (adopts a lease the
+        // store gave and the journal lacks).
+        m.view(&mut out);
+        (m, out)
+    }
+
+    /// The allocation state (for drivers' listings and tests).
+    pub fn state(&self) -> &NodeState {
+        &self.alloc
+    }
+
+    /// Is the node fenced off (removed)?
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+
+    /// Effects in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// A request from a caller.
+    pub fn request(&mut self, req: ReqId, r: Request) -> Output {
+        let mut out = Output::default();
+        match r {
+            Request::Add {
+                key,
+                netns,
+                pool,
+                families,
+            } => self.add(&mut out, req, key, netns, pool, families),
+            Request::Del { key } => {
+                let a = self.del(&mut out, &key);
+                out.answers.push((req, a));
+            }
+            Request::Check { key } => {
+                let a = match self.alloc.lookup(&key) {
+                    Some(a) if a.state == AttachmentState::Wired && !self.busy.contains(&a.key) => {
+                        Answer::Checked
+                    }
+                    Some(a) => Answer::Failed(
+                        ErrorKind::CheckFailed,
+                        format!("attachment {} is {:?}", a.key, a.state),
+                    ),
+                    None => Answer::Failed(
+                        ErrorKind::CheckFailed,
+                        format!("no attachment {key} on this node"),
+                    ),
+                };
+                out.answers.push((req, a));
+            }
+            Request::Gc { keep } => {
+                let gone: Vec<AttachmentKey> = self
+                    .alloc
+                    .attachments()
+                    .filter(|a| !keep.contains(&a.key) && a.state != AttachmentState::Releasing)
+                    .map(|a| a.key.clone())
+                    .collect();
+                for k in gone {
+                    let _ = self.del(&mut out, &k);
+                }
+                out.answers.push((req, Answer::Collected));
+            }
+        }
+        out
+    }
+
+    /// A tick of the node's clock: idle blocks are released, effects that
+    /// failed are retried, the store's view is read again.
+    pub fn tick(&mut self) -> Output {
+        let mut out = Output::default();
+        // Unwires that failed are retried.
+        let releasing: Vec<Attachment> = self
+            .alloc
+            .attachments()
+            .filter(|a| a.state == AttachmentState::Releasing && !self.busy.contains(&a.key))
+            .cloned()
+            .collect();
+        for a in releasing {
+            let intent = self.intent_for(&a.key, false);
+            self.start_unwire(&mut out, &a, intent);
+        }
+        // Releases that failed are retried.
+        let retry: Vec<(u64, IpNet)> = self
+            .intents
+            .values()
+            .filter_map(|i| match &i.op {
+                IntentOp::ReleaseBlock { block, .. } => Some((i.id, *block)),
+                _ => None,
+            })
+            .filter(|(_, b)| {
+                !self
+                    .inflight
+                    .values()
+                    .any(|p| matches!(p, Pending::Release { block, .. } if block == b))
+            })
+            .collect();
+        for (intent, block) in retry {
+            self.start_release(&mut out, block, intent);
+        }
+        // Quarantined blocks nobody uses any more are forgotten.
+        let dropped: Vec<IpNet> = self
+            .alloc
+            .blocks()
+            .filter(|b| b.lease.state == LeaseState::Quarantined && b.used.is_empty())
+            .map(|b| b.lease.block)
+            .collect();
+        for b in dropped {
+            self.alloc.remove_lease(&b);
+            out.rec(Rec::DeleteLease(b));
+        }
+        self.release_idle(&mut out);
+        self.view(&mut out);
+        out
+    }
+
+    /// An effect ended.
+    pub fn done(&mut self, id: EffectId, outcome: Outcome) -> Output {
+        let mut out = Output::default();
+        let Some(p) = self.inflight.remove(&id) else {
+            return out;
+        };
+        match p {
+            Pending::Acquire {
+                pool,
+                family,
+                intent,
+                releases,
+            } => {
+                // An answer older than a release may name the incarnation
+                // that was released meanwhile (a view adopted it first):
+                // it is not trusted; the intent stays and the next view
+                // adopts the lease if it is really this node's.
+                // Nor is one naming the incarnation this node is
+                // releasing (a view adopted it, and it went idle).
+                let outcome = match outcome {
+                    Outcome::Acquired(l)
+                        if releases != self.releases
+                            && !self.alloc.blocks().any(|b| b.lease.block == l.block) =>
+                    {
+                        Outcome::Unavailable
+                    }
+                    Outcome::Acquired(l)
+                        if self.alloc.blocks().any(|b| {
+                            b.lease.block == l.block
+                                && b.lease.epoch == l.epoch
+                                && b.lease.state != LeaseState::Leased
+                        }) =>
+                    {
+                        Outcome::Unavailable
+                    }
+                    o => o,
+                };
+                self.acquired(&mut out, pool, family, intent, outcome)
+            }
+            Pending::Reacquire { block } => self.reacquired(&mut out, block, outcome),
+            Pending::Release {
+                block,
+                epoch,
+                intent,
+            } => {
+                if outcome == Outcome::Released {
+                    self.releases += 1;
+                    // Only the incarnation released goes: the block may
+                    // have been leased afresh meanwhile.
+                    let same = self
+                        .alloc
+                        .blocks()
+                        .any(|b| b.lease.block == block && b.lease.epoch == epoch);
+                    if same {
+                        self.alloc.remove_lease(&block);
+                        self.idle.remove(&block);
+                        out.rec(Rec::DeleteLease(block));
+                    }
+                    if self.intents.remove(&intent).is_some() {
+                        out.rec(Rec::DeleteIntent(intent));
+                    }
+                }
+                // Otherwise retried on a later tick; the block stays
+                // Releasing.
+            }
+            Pending::Wire { key, intent, req } => self.wired(&mut out, key, intent, req, outcome),
+            Pending::Unwire { key, intent } => {
+                self.busy.remove(&key);
+                if outcome == Outcome::Unwired {
+                    if let Some(a) = self.alloc.remove_attachment(&key) {
+                        for x in &a.addresses {
+                            out.rec(Rec::DeleteAddress(x.addr));
+                        }
+                    }
+                    out.rec(Rec::DeleteAttachment(key.clone()));
+                    if intent != 0 {
+                        self.intents.remove(&intent);
+                        out.rec(Rec::DeleteIntent(intent));
+                    }
+                    // A Wire intent left by a wire that timed out is spent
+                    // with the attachment.
+                    self.drop_intents_of(&mut out, &key);
+                }
+            }
+            Pending::View { releases } => {
+                // A view read before a release may still show the block:
+                // adopting it again would take a block another node may
+                // lease now. The next tick asks again.
+                if releases == self.releases {
+                    self.viewed(&mut out, outcome)
+                }
+            }
+        }
+        out
+    }
+
+    fn effect(&mut self, out: &mut Output, p: Pending, e: Effect) {
+        let id = self.next_effect;
+        self.next_effect += 1;
+        self.inflight.insert(id, p);
+        out.effects.push((id, e));
+    }
+
+    fn new_intent(&mut self, out: &mut Output, op: IntentOp) -> u64 {
+        let id = self.next_intent;
+        self.next_intent += 1;
+        let i = Intent {
+            id,
+            op,
+            state: IntentState::Pending,
+            created_unix: 0,
+        };
+        self.intents.insert(id, i.clone());
+        out.rec(Rec::PutIntent(i));
+        id
+    }
+
+    /// The pending Wire (or Unwire) intent of `key`, or 0 when the record
+    /// has none (its effect is re-issued all the same).
+    fn intent_for(&self, key: &AttachmentKey, wire: bool) -> u64 {
+        self.intents
+            .values()
+            .find(|i| match &i.op {
+                IntentOp::Wire { key: k } => wire && k == key,
+                IntentOp::Unwire { key: k } => !wire && k == key,
+                _ => false,
+            })
+            .map_or(0, |i| i.id)
+    }
+
+    fn add(
+        &mut self,
+        out: &mut Output,
+        req: ReqId,
+        key: AttachmentKey,
+        netns: String,
+        pool: String,
+        families: Vec<Family>,
+    ) {
+        if self.busy.contains(&key) {
+            out.answers.push((
+                req,
+                Answer::Failed(
+                    ErrorKind::TryAgain,
+                    format!("attachment {key} has an operation in flight; retry"),
+                ),
+            ));
+            return;
+        }
+        if let Some(a) = self.alloc.lookup(&key).cloned() {
+            match a.state {
+                AttachmentState::Wired => {
+                    out.answers.push((req, Answer::Added(addrs(&a))));
+                }
+                AttachmentState::Releasing => out.answers.push((
+                    req,
+                    Answer::Failed(
+                        ErrorKind::TryAgain,
+                        format!("attachment {key} is being deleted; retry the ADD"),
+                    ),
+                )),
+                AttachmentState::Reserved => {
+                    // Reserved but never wired: wire it with the same
+                    // addresses.
+                    let intent = self.new_intent(out, IntentOp::Wire { key: a.key.clone() });
+                    self.start_wire(out, &a, intent, Some(req));
+                }
+            }
+            return;
+        }
+        if self.removed {
+            out.answers.push((
+                req,
+                Answer::Failed(
+                    ErrorKind::Fenced,
+                    format!("node {} was removed from the cluster", self.cfg.node),
+                ),
+            ));
+            return;
+        }
+        if self.unconfirmed {
+            out.answers.push((
+                req,
+                Answer::Failed(
+                    ErrorKind::TryAgain,
+                    "this node rebooted and the store has not confirmed its blocks yet".into(),
+                ),
+            ));
+            return;
+        }
+        self.busy.insert(key.clone());
+        let p = Parked {
+            req,
+            key,
+            netns,
+            pool,
+            families,
+            resvs: Vec::new(),
+        };
+        self.advance(out, p);
+    }
+
+    /// Reserves what a parked ADD still lacks; parks it again behind an
+    /// acquisition, or records and wires it.
+    fn advance(&mut self, out: &mut Output, mut p: Parked) {
+        // A block quarantined while the ADD waited is not ours to give.
+        let alloc = &mut self.alloc;
+        p.resvs.retain(|r| {
+            let ok = alloc
+                .blocks()
+                .any(|b| b.lease.block == r.block && b.lease.state == LeaseState::Leased);
+            if !ok {
+                alloc.unreserve(r);
+            }
+            ok
+        });
+        for family in p.families.clone() {
+            if p.resvs.iter().any(|r| Family::of(&r.block) == family) {
+                continue;
+            }
+            match self.alloc.reserve(&p.pool, family) {
+                Some(r) => p.resvs.push(r),
+                None => {
+                    let k = (p.pool.clone(), family);
+                    if !self.acquiring.contains(&k) {
+                        self.acquiring.insert(k);
+                        let intent = self.new_intent(
+                            out,
+                            IntentOp::AcquireBlock {
+                                pool: p.pool.clone(),
+                                block: None,
+                            },
+                        );
+                        let releases = self.releases;
+                        self.effect(
+                            out,
+                            Pending::Acquire {
+                                pool: p.pool.clone(),
+                                family,
+                                intent,
+                                releases,
+                            },
+                            Effect::Acquire {
+                                pool: p.pool.clone(),
+                                family,
+                            },
+                        );
+                    }
+                    self.parked.push(p);
+                    return;
+                }
+            }
+        }
+        let att = Attachment {
+            host_veth: host_veth_name(&p.key),
+            key: p.key.clone(),
+            netns: p.netns.clone(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            pool: p.pool.clone(),
+            addresses: p
+                .resvs
+                .iter()
+                .map(|r| AssignedAddress {
+                    addr: r.addr,
+                    block: r.block,
+                })
+                .collect(),
+            state: AttachmentState::Reserved,
+            boot_id: self.cfg.boot_id.clone(),
+            created_unix: 0,
+        };
+        let intent = self.new_intent(out, IntentOp::Wire { key: p.key.clone() });
+        out.rec(Rec::PutAttachment(att.clone()));
+        for r in &p.resvs {
+            out.rec(Rec::PutAddress(
+                r.addr,
+                AddressEntry {
+                    attachment: p.key.clone(),
+                    block: r.block,
+                },
+            ));
+        }
+        // The leases' cursors, as they are now (never a stale state).
+        let blocks: BTreeSet<IpNet> = p.resvs.iter().map(|r| r.block).collect();
+        for b in self
+            .alloc
+            .blocks()
+            .filter(|b| blocks.contains(&b.lease.block))
+        {
+            out.persist.push(Rec::PutLease(b.lease.clone()));
+        }
+        self.alloc.insert_attachment(att.clone());
+        self.busy.remove(&p.key);
+        self.start_wire(out, &att, intent, Some(p.req));
+    }
+
+    fn start_wire(&mut self, out: &mut Output, a: &Attachment, intent: u64, req: Option<ReqId>) {
+        self.busy.insert(a.key.clone());
+        let spec = wire_spec(a, self.cfg.mtu);
+        self.effect(
+            out,
+            Pending::Wire {
+                key: a.key.clone(),
+                intent,
+                req,
+            },
+            Effect::Wire {
+                key: a.key.clone(),
+                spec,
+            },
+        );
+    }
+
+    fn start_unwire(&mut self, out: &mut Output, a: &Attachment, intent: u64) {
+        self.busy.insert(a.key.clone());
+        self.effect(
+            out,
+            Pending::Unwire {
+                key: a.key.clone(),
+                intent,
+            },
+            Effect::Unwire {
+                key: a.key.clone(),
+                host_veth: a.host_veth.clone(),
+            },
+        );
+    }
+
+    fn start_release(&mut self, out: &mut Output, block: IpNet, intent: u64) {
+        let lease = self
+            .alloc
+            .blocks()
+            .find(|b| b.lease.block == block && b.lease.state == LeaseState::Releasing)
+            .map(|b| b.lease.clone());
+        let Some(lease) = lease else {
+            // Gone from the journal, or leased afresh since: the intent
+            // is spent.
+            self.intents.remove(&intent);
+            out.rec(Rec::DeleteIntent(intent));
+            return;
+        };
+        self.effect(
+            out,
+            Pending::Release {
+                block,
+                epoch: lease.epoch,
+                intent,
+            },
+            Effect::Release { lease },
+        );
+    }
+
+    fn del(&mut self, out: &mut Output, key: &AttachmentKey) -> Answer {
+        if self.busy.contains(key) {
+            return Answer::Failed(
+                ErrorKind::TryAgain,
+                format!("attachment {key} has an operation in flight; retry the DEL"),
+            );
+        }
+        let Some(a) = self.alloc.lookup(key).cloned() else {
+            return Answer::Deleted;
+        };
+        if a.state == AttachmentState::Releasing {
+            return Answer::Deleted;
+        }
+        let releasing = Attachment {
+            state: AttachmentState::Releasing,
+            ..a
+        };
+        let intent = self.new_intent(
+            out,
+            IntentOp::Unwire {
+                key: releasing.key.clone(),
+            },
+        );
+        out.rec(Rec::PutAttachment(releasing.clone()));
+        self.alloc.insert_attachment(releasing.clone());
+        if crate::planted::on(crate::planted::Bug::ReuseWhileTearingDown) {
+            // Planted (tests only): free the addresses now, while the
+            // veth still holds them.
+            let mut freed = releasing.clone();
+            freed.addresses.clear();
+            self.alloc.remove_attachment(&releasing.key);
+            self.alloc.insert_attachment(freed);
+        }
+        self.start_unwire(out, &releasing, intent);
+        Answer::Deleted
+    }
+
+    /// Releases an attachment whose kernel state is gone (a previous boot's).
+    fn forget(&mut self, out: &mut Output, a: &Attachment) {
+        out.rec(Rec::DeleteAttachment(a.key.clone()));
+        for x in &a.addresses {
+            out.rec(Rec::DeleteAddress(x.addr));
+        }
+    }
+
+    fn acquired(
+        &mut self,
+        out: &mut Output,
+        pool: String,
+        family: Family,
+        intent: u64,
+        outcome: Outcome,
+    ) {
+        self.acquiring.remove(&(pool.clone(), family));
+        let failure = match outcome {
+            Outcome::Acquired(lease) => {
+                self.intents.remove(&intent);
+                out.rec(Rec::PutLease(lease.clone()));
+                out.rec(Rec::DeleteIntent(intent));
+                self.cancel_release(out, lease.block);
+                self.alloc.insert_lease(lease);
+                None
+            }
+            Outcome::Exhausted => {
+                self.intents.remove(&intent);
+                out.rec(Rec::DeleteIntent(intent));
+                Some((
+                    ErrorKind::Exhausted,
+                    format!("pool {pool} has no free {family} block"),
+                ))
+            }
+            Outcome::Fenced => {
+                self.intents.remove(&intent);
+                out.rec(Rec::DeleteIntent(intent));
+                self.fence(out);
+                Some((
+                    ErrorKind::Fenced,
+                    format!("node {} was removed from the cluster", self.cfg.node),
+                ))
+            }
+            // The store may have leased a block it could not confirm: the
+            // intent stays until a view adopts or settles it.
+            _ => Some((
+                ErrorKind::TryAgain,
+                format!("the store did not answer acquiring a {family} block of {pool}"),
+            )),
+        };
+        let (waiting, rest): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.pool == pool && p.families.contains(&family));
+        self.parked = rest;
+        for p in waiting {
+            match &failure {
+                None => self.advance(out, p),
+                Some((kind, msg)) => self.give_up(out, p, *kind, msg.clone()),
+            }
+        }
+    }
+
+    /// A block leased afresh while an earlier incarnation's release was
+    /// pending (that release was applied, its answer lost): the release
+    /// is spent and must never delete the new lease.
+    fn cancel_release(&mut self, out: &mut Output, block: IpNet) {
+        let spent: Vec<u64> = self
+            .intents
+            .values()
+            .filter(|i| matches!(&i.op, IntentOp::ReleaseBlock { block: b, .. } if *b == block))
+            .map(|i| i.id)
+            .collect();
+        for id in spent {
+            self.intents.remove(&id);
+            out.rec(Rec::DeleteIntent(id));
+        }
+    }
+
+    /// Deletes every Wire and Unwire intent of `key`.
+    fn drop_intents_of(&mut self, out: &mut Output, key: &AttachmentKey) {
+        let spent: Vec<u64> = self
+            .intents
+            .values()
+            .filter(|i| matches!(&i.op, IntentOp::Wire { key: k } | IntentOp::Unwire { key: k } if k == key))
+            .map(|i| i.id)
+            .collect();
+        for id in spent {
+            self.intents.remove(&id);
+            out.rec(Rec::DeleteIntent(id));
+        }
+    }
+
+    fn give_up(&mut self, out: &mut Output, p: Parked, kind: ErrorKind, msg: String) {
+        for r in &p.resvs {
+            self.alloc.unreserve(r);
+        }
+        self.busy.remove(&p.key);
+        out.answers.push((p.req, Answer::Failed(kind, msg)));
+    }
+
+    fn wired(
+        &mut self,
+        out: &mut Output,
+        key: AttachmentKey,
+        intent: u64,
+        req: Option<ReqId>,
+        outcome: Outcome,
+    ) {
+        self.busy.remove(&key);
+        let Some(a) = self.alloc.attachment(&key).cloned() else {
+            return;
+        };
+        match outcome {
+            Outcome::Wired => {
+                let done = Attachment {
+                    state: AttachmentState::Wired,
+                    ..a
+                };
+                out.rec_unsynced(Rec::PutAttachment(done.clone()));
+                if intent != 0 {
+                    self.intents.remove(&intent);
+                    out.rec_unsynced(Rec::DeleteIntent(intent));
+                }
+                self.alloc.insert_attachment(done.clone());
+                if let Some(req) = req {
+                    out.answers.push((req, Answer::Added(addrs(&done))));
+                }
+            }
+            Outcome::WireTimedOut => {
+                // The kernel may be half way: keep the reservation and its
+                // intent; a retried ADD or the next start wires it again.
+                if let Some(req) = req {
+                    out.answers.push((
+                        req,
+                        Answer::Failed(ErrorKind::TryAgain, format!("wiring {key} timed out")),
+                    ));
+                }
+            }
+            other => {
+                // A refused wire may leave an earlier, complete wiring of
+                // this attachment in place (the kernel adapter refuses a
+                // pod interface name that is taken, and a re-wire finds
+                // its own). The addresses are freed only after the veth is
+                // removed: release the attachment as a DEL does.
+                if intent != 0 {
+                    self.intents.remove(&intent);
+                    out.rec(Rec::DeleteIntent(intent));
+                }
+                let releasing = Attachment {
+                    state: AttachmentState::Releasing,
+                    ..a
+                };
+                let unwire = self.new_intent(
+                    out,
+                    IntentOp::Unwire {
+                        key: releasing.key.clone(),
+                    },
+                );
+                out.rec(Rec::PutAttachment(releasing.clone()));
+                self.alloc.insert_attachment(releasing.clone());
+                self.start_unwire(out, &releasing, unwire);
+                if let Some(req) = req {
+                    let why = match other {
+                        Outcome::WireFailed(why) => why,
+                        o => format!("{o:?}"),
+                    };
+                    out.answers.push((
+                        req,
+                        Answer::Failed(ErrorKind::Kernel, format!("wiring {key}: {why}")),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn view(&mut self, out: &mut Output) {
+        if !self
+            .inflight
+            .values()
+            .any(|p| matches!(p, Pending::View { .. }))
+        {
+            let releases = self.releases;
+            self.effect(out, Pending::View { releases }, Effect::View);
+        }
+    }
+
+    fn viewed(&mut self, out: &mut Output, outcome: Outcome) {
+        let Outcome::View { leases, fenced } = outcome else {
+            return;
+        };
+        if fenced {
+            self.fence(out);
+            return;
+        }
+        self.unconfirmed = false;
+        // Leases the store gave this node and the journal lacks (an
+        // acquisition cut short by a crash or a timeout) are adopted.
+        for (block, (pool, epoch)) in &leases {
+            if self.alloc.blocks().any(|b| b.lease.block == *block) {
+                continue;
+            }
+            let lease = BlockLease {
+                pool: pool.clone(),
+                block: *block,
+                epoch: *epoch,
+                state: LeaseState::Leased,
+                alloc_cursor: 0,
+            };
+            out.rec(Rec::PutLease(lease.clone()));
+            self.alloc.insert_lease(lease);
+        }
+        // Pending acquisitions with none in flight are settled by this view.
+        let settled: Vec<u64> = self
+            .intents
+            .values()
+            .filter(|i| matches!(i.op, IntentOp::AcquireBlock { .. }))
+            .map(|i| i.id)
+            .filter(|id| {
+                !self
+                    .inflight
+                    .values()
+                    .any(|p| matches!(p, Pending::Acquire { intent, .. } if intent == id))
+            })
+            .collect();
+        for id in settled {
+            self.intents.remove(&id);
+            out.rec(Rec::DeleteIntent(id));
+        }
+        // Leases the store no longer shows as this node's.
+        let mine: Vec<BlockLease> = self
+            .alloc
+            .blocks()
+            .filter(|b| b.lease.state == LeaseState::Leased)
+            .map(|b| b.lease.clone())
+            .collect();
+        for l in mine {
+            match leases.get(&l.block) {
+                Some((_, e)) if *e == l.epoch => {}
+                Some(_) => self.quarantine(out, &l),
+                None => {
+                    let busy = self
+                        .inflight
+                        .values()
+                        .any(|p| matches!(p, Pending::Reacquire { block } if *block == l.block));
+                    if !busy {
+                        self.effect(
+                            out,
+                            Pending::Reacquire { block: l.block },
+                            Effect::Reacquire { lease: l },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn reacquired(&mut self, out: &mut Output, block: IpNet, outcome: Outcome) {
+        let Some(l) = self
+            .alloc
+            .blocks()
+            .find(|b| b.lease.block == block)
+            .map(|b| b.lease.clone())
+        else {
+            return;
+        };
+        match outcome {
+            Outcome::Acquired(n) => {
+                let lease = BlockLease {
+                    epoch: n.epoch,
+                    ..l
+                };
+                out.rec(Rec::PutLease(lease.clone()));
+                self.alloc.insert_lease(lease);
+            }
+            Outcome::Taken => self.quarantine(out, &l),
+            Outcome::Fenced => self.fence(out),
+            _ => {}
+        }
+    }
+
+    fn quarantine(&mut self, out: &mut Output, l: &BlockLease) {
+        let q = BlockLease {
+            state: LeaseState::Quarantined,
+            ..l.clone()
+        };
+        out.rec(Rec::PutLease(q.clone()));
+        self.alloc.insert_lease(q);
+    }
+
+    /// The node's removal fence exists: every block is quarantined and no
+    /// ADD is served.
+    fn fence(&mut self, out: &mut Output) {
+        self.removed = true;
+        let leased: Vec<BlockLease> = self
+            .alloc
+            .blocks()
+            .filter(|b| b.lease.state != LeaseState::Quarantined)
+            .map(|b| b.lease.clone())
+            .collect();
+        for l in leased {
+            self.quarantine(out, &l);
+        }
+        for p in std::mem::take(&mut self.parked) {
+            let msg = format!("node {} was removed from the cluster", self.cfg.node);
+            self.give_up(out, p, ErrorKind::Fenced, msg);
+        }
+    }
+
+    /// Empty blocks above the minimum, idle for two ticks, are released.
+    fn release_idle(&mut self, out: &mut Output) {
+        let mut count: BTreeMap<(String, Family), usize> = BTreeMap::new();
+        for b in self.alloc.blocks() {
+            if b.lease.state == LeaseState::Leased {
+                *count
+                    .entry((b.lease.pool.clone(), Family::of(&b.lease.block)))
+                    .or_default() += 1;
+            }
+        }
+        let empty: Vec<BlockLease> = self
+            .alloc
+            .blocks()
+            .filter(|b| b.lease.state == LeaseState::Leased && b.used.is_empty())
+            .map(|b| b.lease.clone())
+            .collect();
+        self.idle.retain(|n, _| empty.iter().any(|l| l.block == *n));
+        for l in empty {
+            let ticks = self.idle.entry(l.block).or_default();
+            *ticks += 1;
+            if *ticks < 2 {
+                continue;
+            }
+            let k = (l.pool.clone(), Family::of(&l.block));
+            let n = count.get(&k).copied().unwrap_or(0);
+            if n <= self.cfg.min_blocks {
+                continue;
+            }
+            count.insert(k, n - 1);
+            let releasing = BlockLease {
+                state: LeaseState::Releasing,
+                ..l.clone()
+            };
+            let intent = self.new_intent(
+                out,
+                IntentOp::ReleaseBlock {
+                    pool: l.pool.clone(),
+                    block: l.block,
+                },
+            );
+            out.rec(Rec::PutLease(releasing.clone()));
+            self.alloc.insert_lease(releasing);
+            self.start_release(out, l.block, intent);
+        }
+    }
+}
+
+fn addrs(a: &Attachment) -> Vec<IpAddr> {
+    a.addresses.iter().map(|x| x.addr).collect()
+}
