@@ -1253,3 +1253,257 @@ impl NodeMachine {
 fn addrs(a: &Attachment) -> Vec<IpAddr> {
     a.addresses.iter().map(|x| x.addr).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(boot: &str) -> MachineConfig {
+        MachineConfig {
+            node: "n1".into(),
+            boot_id: boot.into(),
+            min_blocks: 0,
+            mtu: 1500,
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn lease(block: &str, epoch: u64) -> BlockLease {
+        BlockLease {
+            pool: "default".into(),
+            block: net(block),
+            epoch,
+            state: LeaseState::Leased,
+            alloc_cursor: 0,
+        }
+    }
+
+    fn add(key: &AttachmentKey) -> Request {
+        Request::Add {
+            key: key.clone(),
+            netns: "/run/netns/p".into(),
+            pool: "default".into(),
+            families: vec![Family::Ipv4],
+        }
+    }
+
+    /// A started machine whose first view found nothing, and its journal.
+    fn started() -> (NodeMachine, Durable) {
+        let mut d = Durable::default();
+        let (mut m, out) = NodeMachine::start(cfg("b1"), &d);
+        let (id, e) = out.effects[0].clone();
+        assert_eq!(e, Effect::View);
+        let out = m.done(
+            id,
+            Outcome::View {
+                leases: BTreeMap::new(),
+                fenced: false,
+            },
+        );
+        persist(&mut d, &out);
+        (m, d)
+    }
+
+    fn persist(d: &mut Durable, out: &Output) {
+        for r in &out.persist {
+            d.apply(r);
+        }
+    }
+
+    fn effect(out: &Output, f: impl Fn(&Effect) -> bool) -> EffectId {
+        out.effects
+            .iter()
+            .find(|(_, e)| f(e))
+            .map(|(id, _)| *id)
+            .expect("effect")
+    }
+
+    #[test]
+    fn add_persists_before_each_effect_and_answers_last() {
+        let (mut m, mut d) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        // No block: an AcquireBlock intent, durable before the Acquire.
+        let out = m.request(1, add(&key));
+        assert!(out.sync && out.answers.is_empty());
+        assert!(
+            matches!(&out.persist[..], [Rec::PutIntent(i)] if matches!(i.op, IntentOp::AcquireBlock { .. }))
+        );
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        persist(&mut d, &out);
+        // The lease, the reservation and the Wire intent in one synced
+        // batch, then the Wire; still no answer.
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        assert!(out.sync && out.answers.is_empty());
+        assert!(out
+            .persist
+            .iter()
+            .any(|r| matches!(r, Rec::PutAttachment(a) if a.state == AttachmentState::Reserved)));
+        assert!(out
+            .persist
+            .iter()
+            .any(|r| matches!(r, Rec::PutLease(l) if l.epoch == 7)));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        persist(&mut d, &out);
+        assert!(d
+            .intents
+            .values()
+            .any(|i| matches!(i.op, IntentOp::Wire { .. })));
+        // Wired: the mark may stay unsynced; the answer comes with it.
+        let out = m.done(wire, Outcome::Wired);
+        assert!(!out.sync);
+        assert_eq!(
+            out.answers,
+            vec![(1, Answer::Added(vec!["10.0.0.0".parse().expect("ip")]))]
+        );
+        // A repeated ADD answers the same and changes nothing.
+        let out = m.request(2, add(&key));
+        assert!(out.persist.is_empty() && out.effects.is_empty());
+        assert_eq!(
+            out.answers,
+            vec![(2, Answer::Added(vec!["10.0.0.0".parse().expect("ip")]))]
+        );
+    }
+
+    #[test]
+    fn a_restart_rolls_a_reserved_attachment_forward() {
+        let (mut m, mut d) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        persist(&mut d, &out);
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        persist(&mut d, &out);
+        // Crash before the Wire's outcome: the journal holds Reserved and
+        // its intent; the restart wires it again, with the same address.
+        let (mut m2, out) = NodeMachine::start(cfg("b1"), &d);
+        let wire = effect(
+            &out,
+            |e| matches!(e, Effect::Wire { spec, .. } if spec.addresses == vec!["10.0.0.0".parse::<IpAddr>().expect("ip")]),
+        );
+        persist(&mut d, &out);
+        let out = m2.done(wire, Outcome::Wired);
+        persist(&mut d, &out);
+        assert!(d.intents.is_empty());
+        assert_eq!(d.attachments[&key].state, AttachmentState::Wired);
+        // After a reboot the attachment is released without an unwire
+        // (its veth died with the boot) and ADD waits for the store.
+        let (mut m3, out) = NodeMachine::start(cfg("b2"), &d);
+        assert!(out.persist.contains(&Rec::DeleteAttachment(key.clone())));
+        assert!(!out
+            .effects
+            .iter()
+            .any(|(_, e)| matches!(e, Effect::Unwire { .. })));
+        let out = m3.request(2, add(&AttachmentKey::new("net", "c2", "eth0")));
+        assert!(matches!(
+            &out.answers[..],
+            [(2, Answer::Failed(ErrorKind::TryAgain, _))]
+        ));
+    }
+
+    #[test]
+    fn a_failed_wire_frees_its_addresses_only_after_an_unwire() {
+        let (mut m, _) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        let out = m.done(wire, Outcome::WireFailed("refused".into()));
+        assert!(matches!(
+            &out.answers[..],
+            [(1, Answer::Failed(ErrorKind::Kernel, _))]
+        ));
+        let unwire = effect(&out, |e| matches!(e, Effect::Unwire { .. }));
+        // Until the Unwire is done, the address is not given again.
+        let k2 = AttachmentKey::new("net", "c2", "eth0");
+        let out = m.request(2, add(&k2));
+        let w2 = out
+            .effects
+            .iter()
+            .find_map(|(_, e)| match e {
+                Effect::Wire { spec, .. } => Some(spec.addresses.clone()),
+                _ => None,
+            })
+            .expect("second pod wired");
+        assert_ne!(w2, vec!["10.0.0.0".parse::<IpAddr>().expect("ip")]);
+        let out = m.done(unwire, Outcome::Unwired);
+        assert!(out.persist.contains(&Rec::DeleteAttachment(key)));
+    }
+
+    #[test]
+    fn an_acquire_answer_older_than_a_release_is_not_trusted() {
+        let (mut m, _) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        // The Acquire runs in the store (block A, epoch 3), its answer is
+        // late; a view adopts A, it idles and is released.
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.tick();
+        let view = effect(&out, |e| *e == Effect::View);
+        let mut leases = BTreeMap::new();
+        leases.insert(net("10.0.0.0/30"), ("default".to_string(), 3));
+        let _ = m.done(
+            view,
+            Outcome::View {
+                leases,
+                fenced: false,
+            },
+        );
+        // The parked ADD is still waiting for its own Acquire; the block
+        // is used by nobody: two ticks release it.
+        let mut release = None;
+        for _ in 0..3 {
+            let out = m.tick();
+            if let Some((id, _)) = out
+                .effects
+                .iter()
+                .find(|(_, e)| matches!(e, Effect::Release { .. }))
+            {
+                release = Some(*id);
+            }
+        }
+        let r = release.expect("the adopted, unused block is released");
+        let _ = m.done(r, Outcome::Released);
+        // The late answer names the released incarnation: ignored, and the
+        // waiting ADD is told to retry.
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 3)));
+        assert!(!m
+            .state()
+            .blocks()
+            .any(|b| b.lease.block == net("10.0.0.0/30")));
+        assert!(matches!(
+            &out.answers[..],
+            [(1, Answer::Failed(ErrorKind::TryAgain, _))]
+        ));
+    }
+
+    #[test]
+    fn a_fenced_node_quarantines_its_blocks_and_serves_no_add() {
+        let (mut m, _) = started();
+        let out = m.request(1, add(&AttachmentKey::new("net", "c1", "eth0")));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let _ = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        let out = m.tick();
+        let view = effect(&out, |e| *e == Effect::View);
+        let out = m.done(
+            view,
+            Outcome::View {
+                leases: BTreeMap::new(),
+                fenced: true,
+            },
+        );
+        assert!(m.removed());
+        assert!(out
+            .persist
+            .iter()
+            .any(|r| matches!(r, Rec::PutLease(l) if l.state == LeaseState::Quarantined)));
+        let out = m.request(2, add(&AttachmentKey::new("net", "c2", "eth0")));
+        assert!(matches!(
+            &out.answers[..],
+            [(2, Answer::Failed(ErrorKind::Fenced, _))]
+        ));
+    }
+}

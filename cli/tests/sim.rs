@@ -3,8 +3,8 @@
 //!
 //! Knobs (scripts/sim sets them): `COIL_SIM_SEED=N` replays one seed,
 //! `COIL_SIM_SEEDS=N` runs seeds 1..=N, `COIL_SIM_STEPS=N` steps per seed;
-//! `COIL_SIM_SUMMARY=1` writes sim.steps, sim.crashes, sim.violations and
-//! sim.steps_per_s to the bench summary (scripts/bench sim).
+//! `COIL_SIM_SUMMARY=1` writes sim.daemon.steps, .crashes, .violations and
+//! .steps_per_s to the bench summary (scripts/bench sim).
 //! `COIL_SIM_ONLY=3,17,42` runs only those steps of the seed's schedule
 //! (a reduced trace's replay); `COIL_SIM_REDUCE=SECS` shrinks the first
 //! failing schedule for up to SECS seconds and prints the shortest trace
@@ -61,18 +61,18 @@ fn seeded_runs_keep_every_invariant() {
     );
     if summary {
         coil_testkit::write_bench_summary(&[
-            ("sim.steps".into(), total as f64, "steps"),
+            ("sim.daemon.steps".into(), total as f64, "steps"),
             (
-                "sim.crashes".into(),
+                "sim.daemon.crashes".into(),
                 crashes as f64,
                 "kills, crashes and reboots",
             ),
             (
-                "sim.violations".into(),
+                "sim.daemon.violations".into(),
                 violations as f64,
                 "seeds that broke an invariant",
             ),
-            ("sim.steps_per_s".into(), total as f64 / secs, "steps/s"),
+            ("sim.daemon.steps_per_s".into(), total as f64 / secs, "steps/s"),
         ])
         .expect("summary");
     }
