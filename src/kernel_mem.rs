@@ -60,6 +60,8 @@ struct State {
     exported: BTreeSet<IpNet>,
     /// Wires still to fail (fault injection), and how many calls so far.
     fail_wires: u32,
+    /// Wires still to finish and then report a timeout (fault injection).
+    late_wires: u32,
     calls: u64,
 }
 
@@ -170,6 +172,17 @@ impl MemKernel {
         self.st().fail_wires = n;
     }
 
+    /// The interface index of a host veth (a replaced veth gets a new one).
+    pub fn link_index(&self, host_veth: &str) -> Option<u32> {
+        self.st().links.get(host_veth).map(|l| l.index)
+    }
+
+    /// The next `n` wires finish, then report a timeout: the caller sees
+    /// a deadline pass although the wiring is complete.
+    pub fn time_out_next_wires(&self, n: u32) {
+        self.st().late_wires = n;
+    }
+
     /// Puts an interface of `ifname` into a pod netns by hand (a test's
     /// conflicting interface).
     pub fn add_foreign_iface(&self, path: &str, ifname: &str) {
@@ -273,6 +286,13 @@ impl MemKernel {
         }
         for a in &w.addresses {
             st.host_routes.insert(host_net(a), index);
+        }
+        if st.late_wires > 0 {
+            st.late_wires -= 1;
+            return Err(KernelError::Timeout(
+                format!("wiring {}", w.host_veth),
+                std::time::Duration::from_secs(15),
+            ));
         }
         Ok(Wired {
             host_mac: mac(index, false),

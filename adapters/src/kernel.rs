@@ -307,10 +307,27 @@ impl Kernel {
         };
         let nsh = netns_handle(&ns, &w.netns)?;
         if get_link(&nsh, &w.ifname).await?.is_some() {
-            return Err(KernelError::InterfaceExists {
+            // The name may be held by the pod end of an earlier, complete
+            // wiring of this very attachment (a wire that finished after
+            // its deadline, then retried): its host end carries our name
+            // and alias. Replace it, as a half-done one is replaced below;
+            // refuse anything else. (Refusing our own made coild free the
+            // reservation while that veth still held the addresses.)
+            let ours = get_link(&self.host, &w.host_veth)
+                .await?
+                .filter(|l| alias_of(l).as_deref() == Some(w.alias.as_str()));
+            let exists = || KernelError::InterfaceExists {
                 ifname: w.ifname.clone(),
                 netns: w.netns.clone(),
-            });
+            };
+            let Some(old) = ours else {
+                return Err(exists());
+            };
+            // The pod end goes with the host end.
+            self.del_link(old.header.index, &w.host_veth).await?;
+            if get_link(&nsh, &w.ifname).await?.is_some() {
+                return Err(exists());
+            }
         }
         let peer = LinkUnspec::new_with_name(&w.ifname)
             .setns_by_fd(ns.as_raw_fd())

@@ -248,6 +248,49 @@ fn a_failed_wire_takes_nothing_and_a_killed_coild_recovers() {
 }
 
 #[test]
+fn a_retried_add_adopts_a_wire_that_finished_after_its_deadline() {
+    let n = Node::new();
+    let run = n.start(&["10.41.0.0/28"]);
+    let pa = n.pod("pa");
+    // The wire completes but reports its deadline passed: the ADD fails
+    // with 11 and keeps the reservation.
+    n.kernel.time_out_next_wires(1);
+    let r = run.call("ADD", "pa", Some(&pa), "");
+    assert_eq!(code(&r), 11, "{}", r.stdout);
+    let held = n
+        .kernel
+        .pod_addresses(&pa, "eth0")
+        .expect("wired after all");
+    let veth = n.kernel.link_names().pop().expect("host veth");
+    let index = n.kernel.link_index(&veth);
+    // The runtime retries: the complete wiring is adopted as it is (same
+    // interface, same address), not torn down and not given up.
+    let again = run.call("ADD", "pa", Some(&pa), "");
+    assert_eq!(ips(&again), held);
+    assert_eq!(
+        n.kernel.link_index(&veth),
+        index,
+        "the pod's veth was replaced"
+    );
+    // Its address stays taken: the next pod gets another one.
+    let pb = n.pod("pb");
+    let b = ips(&run.call("ADD", "pb", Some(&pb), ""));
+    assert!(b.iter().all(|x| !held.contains(x)), "{b:?} reuses {held:?}");
+    let all: Vec<IpAddr> = n
+        .kernel
+        .wired_addresses()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    let unique: std::collections::BTreeSet<&IpAddr> = all.iter().collect();
+    assert_eq!(
+        unique.len(),
+        all.len(),
+        "an address is on two veths: {all:?}"
+    );
+}
+
+#[test]
 fn a_reboot_releases_every_pod_of_the_old_boot() {
     let n = Node::new();
     let mut run = n.start(&["10.42.0.0/28"]);

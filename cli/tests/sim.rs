@@ -72,7 +72,11 @@ fn seeded_runs_keep_every_invariant() {
                 violations as f64,
                 "seeds that broke an invariant",
             ),
-            ("sim.daemon.steps_per_s".into(), total as f64 / secs, "steps/s"),
+            (
+                "sim.daemon.steps_per_s".into(),
+                total as f64 / secs,
+                "steps/s",
+            ),
         ])
         .expect("summary");
     }

@@ -71,6 +71,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         let existing = self.lock().lookup(&key).cloned();
         // The checked pod netns, opened once for the check and the wiring.
         let mut opened: Option<K::Netns> = None;
+        let rewire = matches!(&existing, Some(a) if a.state == AttachmentState::Reserved);
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -188,28 +189,42 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         let key = att.key.clone();
         let t1 = t0.elapsed();
         let spec = self.spec(&att);
-        let wired =
-            match deadline(format!("wiring {key}"), self.kernel.wire_in(&spec, opened)).await {
-                Ok(w) => w,
-                Err(e @ KernelError::Timeout(..)) => {
-                    // The kernel may be half way: keep the reservation and its
-                    // pending intent; a retried ADD wires it again (replacing
-                    // what is there) and recovery settles it otherwise.
-                    return Err(e.into());
+        // A retried ADD of a reservation whose wire finished after its
+        // deadline finds the pod wired: adopt it, as recovery does, and
+        // leave the running interface alone.
+        let complete = rewire
+            && matches!(
+                deadline(format!("checking {key}"), self.kernel.check(&spec)).await,
+                Ok(d) if d.is_empty()
+            );
+        let wiring = async {
+            if complete {
+                self.kernel.wire_info(&spec).await
+            } else {
+                self.kernel.wire_in(&spec, opened).await
+            }
+        };
+        let wired = match deadline(format!("wiring {key}"), wiring).await {
+            Ok(w) => w,
+            Err(e @ KernelError::Timeout(..)) => {
+                // The kernel may be half way: keep the reservation and its
+                // pending intent; a retried ADD wires it again (replacing
+                // what is there) and recovery settles it otherwise.
+                return Err(e.into());
+            }
+            Err(e) => {
+                // Undo: the kernel left nothing (wire cleans up after
+                // itself); free the reservation in the journal, then here.
+                let mut b = Batch::new();
+                b.delete_attachment(&key).delete_intent(intent);
+                for x in &att.addresses {
+                    b.delete_address(x.addr);
                 }
-                Err(e) => {
-                    // Undo: the kernel left nothing (wire cleans up after
-                    // itself); free the reservation in the journal, then here.
-                    let mut b = Batch::new();
-                    b.delete_attachment(&key).delete_intent(intent);
-                    for x in &att.addresses {
-                        b.delete_address(x.addr);
-                    }
-                    self.commit(b).await?;
-                    self.lock().remove_attachment(&key);
-                    return Err(e.into());
-                }
-            };
+                self.commit(b).await?;
+                self.lock().remove_attachment(&key);
+                return Err(e.into());
+            }
+        };
         let done = Attachment {
             state: AttachmentState::Wired,
             ..att
