@@ -57,15 +57,22 @@ fn a_rewire_replaces_its_own_wiring_and_refuses_a_foreign_interface() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let k = Kernel::in_netns(&node.path(), 119, 30).await.expect("kernel");
+        let k = Kernel::in_netns(&node.path(), 119, 30)
+            .await
+            .expect("kernel");
         let a = spec(&pod, "eth0", "coilkt0000001", "10.98.0.5");
         k.wire_in(&a, None).await.expect("first wire");
         assert_eq!(k.check(&a).await.expect("check"), Vec::<String>::new());
-        k.wire_in(&a, None).await.expect("the same attachment wired again");
+        k.wire_in(&a, None)
+            .await
+            .expect("the same attachment wired again");
         assert_eq!(k.check(&a).await.expect("check"), Vec::<String>::new());
         let hosts = k.links().await.expect("links");
         assert_eq!(
-            hosts.iter().filter(|(_, n, _)| n == "coilkt0000001").count(),
+            hosts
+                .iter()
+                .filter(|(_, n, _)| n == "coilkt0000001")
+                .count(),
             1,
             "{hosts:?}"
         );
