@@ -201,8 +201,11 @@ pub enum Request {
     Check {
         key: AttachmentKey,
     },
-    /// CNI GC: release every attachment not in `keep`.
+    /// CNI GC of one network: release every attachment of `network` not
+    /// in `keep`. Other networks' attachments are not this GC's to judge
+    /// (a GC from another network once released every pod of a node).
     Gc {
+        network: String,
         keep: BTreeSet<AttachmentKey>,
     },
 }
@@ -440,11 +443,15 @@ impl NodeMachine {
                 };
                 out.answers.push((req, a));
             }
-            Request::Gc { keep } => {
+            Request::Gc { network, keep } => {
                 let gone: Vec<AttachmentKey> = self
                     .alloc
                     .attachments()
-                    .filter(|a| !keep.contains(&a.key) && a.state != AttachmentState::Releasing)
+                    .filter(|a| {
+                        a.key.network == network
+                            && !keep.contains(&a.key)
+                            && a.state != AttachmentState::Releasing
+                    })
                     .map(|a| a.key.clone())
                     .collect();
                 for k in gone {
@@ -1478,6 +1485,42 @@ mod tests {
             &out.answers[..],
             [(1, Answer::Failed(ErrorKind::TryAgain, _))]
         ));
+    }
+
+    #[test]
+    fn gc_releases_only_its_own_network() {
+        let (mut m, _) = started();
+        let ours = AttachmentKey::new("net", "c1", "eth0");
+        let theirs = AttachmentKey::new("other", "c1", "eth1");
+        let out = m.request(1, add(&ours));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/29", 7)));
+        let w1 = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        let _ = m.done(w1, Outcome::Wired);
+        let out = m.request(2, add(&theirs));
+        let w2 = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        let _ = m.done(w2, Outcome::Wired);
+        // The other network's GC lists none of ours: ours stays.
+        let out = m.request(
+            3,
+            Request::Gc {
+                network: "other".into(),
+                keep: BTreeSet::new(),
+            },
+        );
+        let unwired: Vec<&AttachmentKey> = out
+            .effects
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Effect::Unwire { key, .. } => Some(key),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unwired, vec![&theirs]);
+        assert_eq!(
+            m.state().attachment(&ours).map(|a| a.state.clone()),
+            Some(AttachmentState::Wired)
+        );
     }
 
     #[test]

@@ -136,8 +136,14 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             if here >= MAX_PODS {
                 return "pod limit".into();
             }
-            w.add_pod(i);
-            format!("{}: ADD c{}", w.nodes[i].name, w.next_pod - 1)
+            let second = rng.gen_bool(0.2);
+            w.add_pod(i, second);
+            format!(
+                "{}: ADD c{}{}",
+                w.nodes[i].name,
+                w.next_pod - 1,
+                if second { " (second network)" } else { "" }
+            )
         }
         490..=599 => {
             let keys: Vec<_> = w
@@ -173,8 +179,9 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             let Some(i) = pick(rng, &up) else {
                 return "no node up".into();
             };
-            w.gc(i);
-            format!("{}: GC", w.nodes[i].name)
+            let net = world::NETWORKS[rng.gen_range(0..2)];
+            w.gc(i, net);
+            format!("{}: GC of {net}", w.nodes[i].name)
         }
         // A pod's netns deleted behind coil's back (the runtime will DEL).
         635..=644 => {
@@ -198,8 +205,12 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             format!("{s} s pass")
         }
         760..=789 => {
-            let gone = w.controller_pass();
-            format!("controller pass, removed {gone:?}")
+            let c = rng.gen_range(0..2);
+            match rng.gen_range(0..10) {
+                0..=4 => w.controller_decide(c),
+                5..=8 => w.controller_write(c),
+                _ => w.controller_toggle(c),
+            }
         }
         // Crash-restart: coild killed at this point, started again.
         790..=899 => {
@@ -222,13 +233,26 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             w.kill(i, keep);
             format!("{}: kill -9, stays down", w.nodes[i].name)
         }
-        915..=944 => {
+        915..=939 => {
             let down: Vec<usize> = members.iter().copied().filter(|i| !w.up(*i)).collect();
             let Some(i) = pick(rng, &down) else {
                 return "no node down".into();
             };
             w.start(i);
             format!("{}: coild started", w.nodes[i].name)
+        }
+        940..=944 => {
+            let Some(i) = pick(rng, &members) else {
+                return "no member".into();
+            };
+            if !w.rebuild_journal(i) {
+                return format!("{}: journal lost, rebuild needs the store", w.nodes[i].name);
+            }
+            w.start(i);
+            format!(
+                "{}: journal destroyed, node repair --rebuild, restart",
+                w.nodes[i].name
+            )
         }
         945..=954 => {
             let Some(i) = pick(rng, &members) else {

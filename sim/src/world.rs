@@ -25,6 +25,8 @@ pub const LIVENESS_TTL: u64 = 30;
 pub const NODES: usize = 4;
 /// The one pool's name.
 pub const POOL: &str = "default";
+/// The CNI networks pods are attached to.
+pub const NETWORKS: [&str; 2] = ["k8s-pod-network", "macvlan-net"];
 
 /// A block key in the store model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,20 @@ pub struct Store {
     pub liveness: BTreeMap<String, u64>,
     /// Removal fences.
     pub fences: BTreeSet<String>,
+    /// The controller leader: (controller, term, lease expiry).
+    pub leader: Option<(usize, u64, u64)>,
+}
+
+/// Seconds a controller's leadership lasts without renewal.
+pub const LEADER_TTL: u64 = 15;
+
+/// One of the two controller replicas.
+#[derive(Debug, Default, Clone)]
+pub struct Controller {
+    pub up: bool,
+    /// Nodes to remove, decided from a view read in the given term, not
+    /// written yet.
+    pub decided: Option<(u64, Vec<String>)>,
 }
 
 /// One host veth in a node's kernel.
@@ -134,6 +150,7 @@ pub struct World {
     /// Families pods ask for.
     pub families: Vec<Family>,
     pub min_blocks: usize,
+    pub controllers: [Controller; 2],
 }
 
 fn v4(s: &str) -> IpNet {
@@ -167,6 +184,16 @@ impl World {
             trace: Vec::new(),
             families: vec![Family::Ipv4, Family::Ipv6],
             min_blocks: 1,
+            controllers: [
+                Controller {
+                    up: true,
+                    decided: None,
+                },
+                Controller {
+                    up: true,
+                    decided: None,
+                },
+            ],
         };
         for _ in 0..NODES {
             w.join();
@@ -523,9 +550,76 @@ impl World {
         }
     }
 
-    /// One pass of the controller: the real removal rule on the store's
-    /// view of the nodes and the Kubernetes Node set.
+    /// Controller `c` takes or renews leadership, reads the store and
+    /// decides whom to remove; the write comes in a later step, when `c`
+    /// may have been deposed.
+    pub fn controller_decide(&mut self, c: usize) -> String {
+        if !self.controllers[c].up {
+            return format!("controller {c} is down");
+        }
+        let term = match self.store.leader {
+            Some((l, t, until)) if l == c => {
+                self.store.leader = Some((c, t, self.now + LEADER_TTL));
+                let _ = until;
+                t
+            }
+            Some((_, _, until)) if until > self.now => {
+                return format!("controller {c} is not the leader");
+            }
+            other => {
+                let t = other.map_or(1, |(_, t, _)| t + 1);
+                self.store.leader = Some((c, t, self.now + LEADER_TTL));
+                t
+            }
+        };
+        let gone = self.removable();
+        let what = format!("controller {c} (term {term}) decides to remove {gone:?}");
+        self.controllers[c].decided = Some((term, gone));
+        what
+    }
+
+    /// Controller `c` writes what it decided, fenced on its leadership.
+    pub fn controller_write(&mut self, c: usize) -> String {
+        let Some((term, gone)) = self.controllers[c].decided.take() else {
+            return format!("controller {c} has nothing to write");
+        };
+        let leads = matches!(self.store.leader, Some((l, t, until)) if l == c && t == term && until > self.now);
+        if !leads {
+            return format!("controller {c}'s removal of {gone:?} refused: term {term} is over");
+        }
+        for n in &gone {
+            self.remove_node(n);
+        }
+        format!("controller {c} removes {gone:?}")
+    }
+
+    /// A controller replica dies (its decision is lost; its leadership
+    /// expires) or comes back.
+    pub fn controller_toggle(&mut self, c: usize) -> String {
+        let ctl = &mut self.controllers[c];
+        ctl.up = !ctl.up;
+        ctl.decided = None;
+        format!("controller {c} {}", if ctl.up { "starts" } else { "dies" })
+    }
+
+    /// One whole pass (convergence): decide and write at once.
     pub fn controller_pass(&mut self) -> Vec<String> {
+        let gone = self.removable();
+        for n in &gone {
+            self.remove_node(n);
+        }
+        gone
+    }
+
+    /// One transaction: the fence, and every lease of the node.
+    fn remove_node(&mut self, n: &str) {
+        self.store.fences.insert(n.to_string());
+        self.store.blocks.retain(|_, l| l.node != n);
+    }
+
+    /// The real removal rule on the store's view of the nodes and the
+    /// Kubernetes Node set.
+    fn removable(&self) -> Vec<String> {
         let mut names: BTreeSet<String> = self.store.liveness.keys().cloned().collect();
         names.extend(self.store.blocks.values().map(|l| l.node.clone()));
         let nodes: Vec<NodeStatus> = names
@@ -550,20 +644,83 @@ impl World {
         if coil::removal::judge_node_list(&nodes, &self.kube, 1.0).is_err() {
             return Vec::new();
         }
-        let gone = coil::removal::removable_nodes(&nodes, Some(&self.kube));
-        for n in &gone {
-            // One transaction: the fence, and every lease of the node.
-            self.store.fences.insert(n.clone());
-            self.store.blocks.retain(|_, l| &l.node != n);
+        coil::removal::removable_nodes(&nodes, Some(&self.kube))
+    }
+
+    /// The node's journal is destroyed; the operator runs `coilctl node
+    /// repair --rebuild` (coild stopped): a new journal from the store's
+    /// leases of the node and the kernel's veths, as coil-recovery's
+    /// rebuild does. Needs the store.
+    pub fn rebuild_journal(&mut self, i: usize) -> bool {
+        if self.nodes[i].partitioned {
+            return false;
         }
-        gone
+        if self.nodes[i].machine.is_some() {
+            self.kill(i, 0);
+        }
+        let name = self.nodes[i].name.clone();
+        let boot = format!("boot{}", self.nodes[i].boot);
+        let mut d = Durable::default();
+        for (b, l) in &self.store.blocks {
+            if l.node == name {
+                d.leases.insert(
+                    *b,
+                    BlockLease {
+                        pool: l.pool.clone(),
+                        block: *b,
+                        epoch: l.epoch,
+                        state: LeaseState::Leased,
+                        alloc_cursor: 0,
+                    },
+                );
+            }
+        }
+        for (veth, v) in &self.nodes[i].kernel {
+            let a = coil::journal::Attachment {
+                key: v.key.clone(),
+                netns: v.netns.clone(),
+                pod_namespace: String::new(),
+                pod_name: String::new(),
+                pool: POOL.into(),
+                addresses: v
+                    .addrs
+                    .iter()
+                    .filter_map(|x| {
+                        let block = d.leases.keys().find(|b| b.contains(x))?;
+                        Some(coil::journal::AssignedAddress {
+                            addr: *x,
+                            block: *block,
+                        })
+                    })
+                    .collect(),
+                host_veth: veth.clone(),
+                state: coil::journal::AttachmentState::Wired,
+                boot_id: boot.clone(),
+                created_unix: 0,
+            };
+            for x in &a.addresses {
+                d.addresses.insert(
+                    x.addr,
+                    coil::journal::AddressEntry {
+                        attachment: a.key.clone(),
+                        block: x.block,
+                    },
+                );
+            }
+            d.attachments.insert(a.key.clone(), a);
+        }
+        self.nodes[i].durable = d;
+        self.nodes[i].unsynced.clear();
+        true
     }
 
     // ---- the container runtime ----
 
-    /// Creates a pod on node `i` and sends its ADD.
-    pub fn add_pod(&mut self, i: usize) {
-        let key = AttachmentKey::new("k8s-pod-network", format!("c{}", self.next_pod), "eth0");
+    /// Creates a pod on node `i` and sends its ADD; one pod in five is on
+    /// a second network (a second CNI network of the same runtime).
+    pub fn add_pod(&mut self, i: usize, second: bool) {
+        let network = if second { NETWORKS[1] } else { NETWORKS[0] };
+        let key = AttachmentKey::new(network, format!("c{}", self.next_pod), "eth0");
         let netns = format!("/run/netns/p{}", self.next_pod);
         self.next_pod += 1;
         self.nodes[i].netns.insert(netns.clone());
@@ -613,16 +770,18 @@ impl World {
         );
     }
 
-    /// CNI GC on node `i`: keep every pod the runtime still has there.
-    pub fn gc(&mut self, i: usize) {
+    /// CNI GC of one network on node `i`: keep every pod the runtime
+    /// still has there on that network.
+    pub fn gc(&mut self, i: usize, network: &str) {
         let keep: BTreeSet<AttachmentKey> = self
             .pods
             .values()
-            .filter(|p| p.node == i)
+            .filter(|p| p.node == i && p.key.network == network)
             .map(|p| p.key.clone())
             .collect();
         let key = AttachmentKey::new("gc", "gc", "gc");
-        self.request(i, key, Kind::Gc, Request::Gc { keep });
+        let network = network.to_string();
+        self.request(i, key, Kind::Gc, Request::Gc { network, keep });
     }
 
     fn runtime_answer(&mut self, i: usize, key: &AttachmentKey, kind: Kind, a: Answer) {
