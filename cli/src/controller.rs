@@ -398,91 +398,83 @@ pub fn main(args: Vec<OsString>) -> i32 {
 }
 
 fn controller_metrics(m: &ControllerMetrics) -> String {
+    use crate::metrics::{labels, Exposition};
     use std::sync::atomic::Ordering;
-    let mut out = String::new();
-    let mut g = |name: &str, kind: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    };
-    g(
+    let mut x = Exposition::new(&[]);
+    let v = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let n = |a: &std::sync::atomic::AtomicU64| i64::try_from(v(a)).unwrap_or(i64::MAX);
+    x.gauge(
         "coil_controller_leader",
-        "gauge",
         "1 while this replica leads.",
-        m.is_leader.load(Ordering::Relaxed),
+        n(&m.is_leader),
     );
-    g(
+    x.counter(
         "coil_controller_blocks_released_total",
-        "counter",
         "Blocks freed with nodes whose Kubernetes Node was deleted.",
-        m.blocks_released.load(Ordering::Relaxed),
+        v(&m.blocks_released),
     );
-    g(
+    x.counter(
         "coil_controller_nodes_removed_total",
-        "counter",
         "Nodes removed because their Kubernetes Node was deleted.",
-        m.nodes_removed.load(Ordering::Relaxed),
+        v(&m.nodes_removed),
     );
-    g(
+    x.gauge(
         "coil_controller_nodes_unreachable",
-        "gauge",
         "Nodes without liveness that still hold blocks (not freed: maybe partitioned).",
-        m.nodes_unreachable.load(Ordering::Relaxed),
+        n(&m.nodes_unreachable),
     );
-    g(
+    x.gauge(
         "coil_controller_blocks_unreachable",
-        "gauge",
         "Blocks held by unreachable nodes.",
-        m.blocks_unreachable.load(Ordering::Relaxed),
+        n(&m.blocks_unreachable),
     );
-    g(
+    x.counter(
         "coil_controller_index_entries_collected_total",
-        "counter",
         "Address index entries without a lease deleted.",
-        m.index_entries_collected.load(Ordering::Relaxed),
+        v(&m.index_entries_collected),
     );
-    g(
+    x.counter(
         "coil_controller_passes_total",
-        "counter",
         "Passes made as the leader.",
-        m.passes.load(Ordering::Relaxed),
+        v(&m.passes),
     );
-    g(
+    x.counter(
         "coil_controller_errors_total",
-        "counter",
         "Failed store operations.",
-        m.errors.load(Ordering::Relaxed),
+        v(&m.errors),
     );
-    g(
+    x.counter(
         "coil_controller_kube_lists_ignored_total",
-        "counter",
         "Kubernetes Node lists that failed or looked wrong, so were not acted on.",
-        m.kube_lists_ignored.load(Ordering::Relaxed),
+        v(&m.kube_lists_ignored),
     );
     // Only the leader's pass fills these (a follower's would be stale).
     let pools = m.pools.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let leading = m.is_leader.load(Ordering::Relaxed) == 1;
-    for (name, help, col) in [
-        (
-            "coil_pool_blocks",
-            "Blocks in the pool (as of the leader's last pass).",
-            1,
-        ),
-        (
-            "coil_pool_blocks_leased",
-            "Blocks of the pool leased to nodes (as of the leader's last pass).",
-            2,
-        ),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (pool, family, total, leased) in pools.iter().filter(|_| leading) {
-            let v = if col == 1 { total } else { leased };
-            out.push_str(&format!(
-                "{name}{{pool=\"{pool}\",family=\"{family}\"}} {v}\n"
-            ));
-        }
-    }
-    out
+    let series = |col: usize| {
+        pools
+            .iter()
+            .filter(|_| leading)
+            .map(|(pool, family, total, leased)| {
+                let v = if col == 1 { *total } else { *leased };
+                (
+                    labels(&[("pool", pool), ("family", &family.to_string())]),
+                    i64::try_from(v).unwrap_or(i64::MAX),
+                )
+            })
+            .collect()
+    };
+    x.gauges(
+        "coil_pool_blocks",
+        "Blocks in the pool (as of the leader's last pass).",
+        series(1),
+    );
+    x.gauges(
+        "coil_pool_blocks_leased",
+        "Blocks of the pool leased to nodes (as of the leader's last pass).",
+        series(2),
+    );
+    x.render()
 }
 
 /// The leader loop: campaign, keep the lease alive, act, repeat. Runs
@@ -567,7 +559,7 @@ mod tests {
             ("default".into(), coil::store::Family::Ipv6, 256, 1),
         ];
         let follower = controller_metrics(&m);
-        assert!(follower.contains("# TYPE coil_pool_blocks gauge"));
+        assert!(follower.contains("coil_controller_leader 0\n"), "{follower}");
         assert!(!follower.contains("coil_pool_blocks{"), "{follower}");
         m.is_leader.store(1, std::sync::atomic::Ordering::Relaxed);
         let leader = controller_metrics(&m);

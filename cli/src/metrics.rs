@@ -1,12 +1,19 @@
-//! Prometheus text exposition on an opt-in address (coild's and the
-//! controller's `--metrics-addr`; keep it on loopback). A deliberately small
-//! HTTP/1.1 responder: every request gets the current metrics.
+//! Metrics on an opt-in address (coild's and the controller's
+//! `--metrics-addr`; keep it on loopback): the OpenMetrics text format,
+//! encoded by prometheus-client ([`Exposition`]), behind a deliberately
+//! small HTTP/1.1 responder: every request gets the current metrics.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram as PHistogram;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Binds `addr` and serves `render()` to every request, in the background.
@@ -28,7 +35,7 @@ where
                 let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
                 let body = render();
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = s.write_all(head.as_bytes()).await;
@@ -45,52 +52,102 @@ pub const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
 ];
 
-/// A lock-free latency histogram.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; 12],
-    over: AtomicU64,
-    sum_us: AtomicU64,
-    n: AtomicU64,
+/// A latency histogram with coil's buckets (prometheus-client's, which
+/// clones share).
+#[derive(Debug, Clone)]
+pub struct Histogram(PHistogram);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(PHistogram::new(BUCKETS))
+    }
 }
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        match BUCKETS.iter().position(|b| s <= *b) {
-            Some(i) => self.counts[i].fetch_add(1, Ordering::Relaxed),
-            None => self.over.fetch_add(1, Ordering::Relaxed),
-        };
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.n.fetch_add(1, Ordering::Relaxed);
+        self.0.observe(d.as_secs_f64());
+    }
+}
+
+/// One scrape's metrics, encoded by prometheus-client in the OpenMetrics
+/// text format. Values are read when the scrape comes (most are views of
+/// state that changes anyway), so a registry is built per scrape; the
+/// histograms are shared with the code that observes them.
+#[derive(Debug)]
+pub struct Exposition {
+    reg: Registry,
+}
+
+type Labels = Vec<(String, String)>;
+
+impl Exposition {
+    /// Every metric carries these labels (coild: its node).
+    pub fn new(labels: &[(&str, &str)]) -> Exposition {
+        let labels: Vec<(Cow<'static, str>, Cow<'static, str>)> = labels
+            .iter()
+            .map(|(k, v)| (Cow::Owned(k.to_string()), Cow::Owned(v.to_string())))
+            .collect();
+        Exposition {
+            reg: Registry::with_labels(labels.into_iter()),
+        }
     }
 
-    /// Renders as a Prometheus histogram (cumulative buckets).
-    pub fn render(&self, name: &str, help: &str, labels: &str) -> String {
-        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += self.counts[i].load(Ordering::Relaxed);
-            out.push_str(&format!("{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}\n"));
+    pub fn gauge(&mut self, name: &str, help: &str, v: i64) {
+        let g: Gauge = Gauge::default();
+        g.set(v);
+        self.reg.register(name, help, g);
+    }
+
+    /// A counter; `name` ends in `_total`, as the exposed sample does.
+    pub fn counter(&mut self, name: &str, help: &str, v: u64) {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        self.reg.register(counter_base(name), help, c);
+    }
+
+    /// A gauge with one series per label set.
+    pub fn gauges(&mut self, name: &str, help: &str, series: Vec<(Labels, i64)>) {
+        let f = Family::<Labels, Gauge>::default();
+        for (l, v) in series {
+            f.get_or_create(&l).set(v);
         }
-        cum += self.over.load(Ordering::Relaxed);
-        out.push_str(&format!(
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}\n"
-        ));
-        let lb = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        out.push_str(&format!(
-            "{name}_sum{lb} {}\n{name}_count{lb} {}\n",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
-            self.n.load(Ordering::Relaxed)
-        ));
+        self.reg.register(name, help, f);
+    }
+
+    /// A counter with one series per label set; `name` ends in `_total`.
+    pub fn counters(&mut self, name: &str, help: &str, series: Vec<(Labels, u64)>) {
+        let f = Family::<Labels, Counter>::default();
+        for (l, v) in series {
+            f.get_or_create(&l).inc_by(v);
+        }
+        self.reg.register(counter_base(name), help, f);
+    }
+
+    pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.reg.register(name, help, h.0.clone());
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.reg) {
+            out = format!("# encoding the metrics failed: {e}\n# EOF\n");
+        }
         out
     }
+}
+
+/// prometheus-client appends `_total` to a counter's name.
+fn counter_base(name: &str) -> &str {
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+/// One label set.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -103,11 +160,25 @@ mod tests {
         h.observe(Duration::from_micros(300));
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(2));
-        let t = h.render("x_seconds", "help", "");
+        let mut x = Exposition::new(&[]);
+        x.histogram("x_seconds", "help", &h);
+        let t = x.render();
         assert!(t.contains("x_seconds_bucket{le=\"0.0005\"} 1"), "{t}");
         assert!(t.contains("x_seconds_bucket{le=\"0.004\"} 2"), "{t}");
         assert!(t.contains("x_seconds_bucket{le=\"1.024\"} 2"), "{t}");
         assert!(t.contains("x_seconds_bucket{le=\"+Inf\"} 3"), "{t}");
         assert!(t.contains("x_seconds_count 3"), "{t}");
+    }
+
+    #[test]
+    fn counters_keep_their_total_name_and_labels_are_escaped() {
+        let mut x = Exposition::new(&[("node", "n1")]);
+        x.counter("coil_x_total", "Things", 4);
+        x.gauges("coil_y", "Ys", vec![(labels(&[("pool", "a\"b")]), 2)]);
+        let t = x.render();
+        assert!(t.contains("# TYPE coil_x counter"), "{t}");
+        assert!(t.contains("coil_x_total{node=\"n1\"} 4"), "{t}");
+        assert!(t.contains(r#"coil_y{node="n1",pool="a\"b"} 2"#), "{t}");
+        assert!(t.ends_with("# EOF\n"), "{t}");
     }
 }

@@ -699,11 +699,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         }
     }
 
-    /// Prometheus metrics.
+    /// Prometheus metrics (OpenMetrics text), every series labelled with
+    /// the node.
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let node = &self.cfg.node_name;
+        use crate::metrics::{labels, Exposition};
+        let node = self.cfg.node_name.as_str();
+        let mut x = Exposition::new(&[("node", node)]);
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         {
             let st = self.lock();
             let mut pools: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -712,90 +714,106 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 e.0 += b.used.len() as u64;
                 e.1 += b.free();
             }
-            out.push_str("# HELP coil_addresses_in_use Addresses assigned on this node, per pool.\n# TYPE coil_addresses_in_use gauge\n");
-            for (p, (u, _)) in &pools {
-                let _ = writeln!(
-                    out,
-                    "coil_addresses_in_use{{node=\"{node}\",pool=\"{p}\"}} {u}"
-                );
-            }
-            out.push_str("# HELP coil_addresses_free Free addresses in this node's blocks, per pool.\n# TYPE coil_addresses_free gauge\n");
-            for (p, (_, f)) in &pools {
-                let _ = writeln!(
-                    out,
-                    "coil_addresses_free{{node=\"{node}\",pool=\"{p}\"}} {f}"
-                );
-            }
-            let leased = st
-                .blocks()
-                .filter(|b| b.lease.state == LeaseState::Leased)
-                .count();
-            let quarantined = st
-                .blocks()
-                .filter(|b| b.lease.state == LeaseState::Quarantined)
-                .count();
-            let _ = write!(
-                out,
-                "# HELP coil_blocks_leased Blocks this node leases.\n# TYPE coil_blocks_leased gauge\ncoil_blocks_leased{{node=\"{node}\"}} {leased}\n\
-                 # HELP coil_blocks_quarantined Blocks this node lost to another.\n# TYPE coil_blocks_quarantined gauge\ncoil_blocks_quarantined{{node=\"{node}\"}} {quarantined}\n\
-                 # HELP coil_attachments Pod attachments on this node.\n# TYPE coil_attachments gauge\ncoil_attachments{{node=\"{node}\"}} {}\n",
-                st.attachments().count()
+            x.gauges(
+                "coil_addresses_in_use",
+                "Addresses assigned on this node, per pool.",
+                pools
+                    .iter()
+                    .map(|(p, (u, _))| (labels(&[("pool", p)]), n(*u)))
+                    .collect(),
+            );
+            x.gauges(
+                "coil_addresses_free",
+                "Free addresses in this node's blocks, per pool.",
+                pools
+                    .iter()
+                    .map(|(p, (_, f))| (labels(&[("pool", p)]), n(*f)))
+                    .collect(),
+            );
+            let count = |s: LeaseState| st.blocks().filter(|b| b.lease.state == s).count() as u64;
+            x.gauge(
+                "coil_blocks_leased",
+                "Blocks this node leases.",
+                n(count(LeaseState::Leased)),
+            );
+            x.gauge(
+                "coil_blocks_quarantined",
+                "Blocks this node lost to another.",
+                n(count(LeaseState::Quarantined)),
+            );
+            x.gauge(
+                "coil_attachments",
+                "Pod attachments on this node.",
+                n(st.attachments().count() as u64),
             );
         }
-        let _ = write!(
-            out,
-            "# HELP coil_lease_losses_total Block leases found lost.\n# TYPE coil_lease_losses_total counter\ncoil_lease_losses_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_recovery_actions_total Recovery steps applied.\n# TYPE coil_recovery_actions_total counter\ncoil_recovery_actions_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_store_reachable 1 when the last store call succeeded.\n# TYPE coil_store_reachable gauge\ncoil_store_reachable{{node=\"{node}\"}} {}\n\
-             # HELP coil_store_bad_entries_total Malformed store entries met (and skipped) by reads.\n# TYPE coil_store_bad_entries_total counter\ncoil_store_bad_entries_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_socket_rejected_total Socket requests refused as malformed.\n# TYPE coil_socket_rejected_total counter\ncoil_socket_rejected_total{{node=\"{node}\"}} {}\n\
-             # HELP coil_healthy 1 while coild can serve (its journal accepts commits).\n# TYPE coil_healthy gauge\ncoil_healthy{{node=\"{node}\"}} {}\n\
-             # HELP coil_node_removed 1 while this node carries a removal fence (coilctl node remove).\n# TYPE coil_node_removed gauge\ncoil_node_removed{{node=\"{node}\"}} {}\n",
+        x.counter(
+            "coil_lease_losses_total",
+            "Block leases found lost.",
             self.lease_losses.load(Ordering::Relaxed),
+        );
+        x.counter(
+            "coil_recovery_actions_total",
+            "Recovery steps applied.",
             self.recovery_actions.load(Ordering::Relaxed),
-            u8::from(self.store_ok.load(Ordering::Relaxed)),
+        );
+        x.gauge(
+            "coil_store_reachable",
+            "1 when the last store call succeeded.",
+            i64::from(self.store_ok.load(Ordering::Relaxed)),
+        );
+        x.counter(
+            "coil_store_bad_entries_total",
+            "Malformed store entries met (and skipped) by reads.",
             self.store.bad_entries_seen(),
+        );
+        x.counter(
+            "coil_socket_rejected_total",
+            "Socket requests refused as malformed.",
             self.rejected.load(Ordering::Relaxed),
-            u8::from(self.fatal_reason().is_none()),
-            u8::from(self.removed.load(Ordering::Relaxed)),
+        );
+        x.gauge(
+            "coil_healthy",
+            "1 while coild can serve (its journal accepts commits).",
+            i64::from(self.fatal_reason().is_none()),
+        );
+        x.gauge(
+            "coil_node_removed",
+            "1 while this node carries a removal fence (coilctl node remove).",
+            i64::from(self.removed.load(Ordering::Relaxed)),
         );
         if self.cfg.events.enabled() {
             let e = &self.cfg.events.stats;
-            let _ = writeln!(
-                out,
-                "# HELP coil_kube_events_total Kubernetes Events on this node's Node, by what became of them.\n\
-                 # TYPE coil_kube_events_total counter"
+            x.counters(
+                "coil_kube_events_total",
+                "Kubernetes Events on this node's Node, by what became of them.",
+                [
+                    ("sent", &e.sent),
+                    ("failed", &e.failed),
+                    ("dropped", &e.dropped),
+                    ("suppressed", &e.suppressed),
+                ]
+                .into_iter()
+                .map(|(r, v)| (labels(&[("result", r)]), v.load(Ordering::Relaxed)))
+                .collect(),
             );
-            for (result, n) in [
-                ("sent", &e.sent),
-                ("failed", &e.failed),
-                ("dropped", &e.dropped),
-                ("suppressed", &e.suppressed),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "coil_kube_events_total{{node=\"{node}\",result=\"{result}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
         }
-        let lb = format!("node=\"{node}\"");
-        out.push_str(&self.m.add.render(
+        x.histogram(
             "coil_cni_add_duration_seconds",
             "CNI ADD handling time in coild.",
-            &lb,
-        ));
-        out.push_str(&self.m.del.render(
+            &self.m.add,
+        );
+        x.histogram(
             "coil_cni_del_duration_seconds",
             "CNI DEL handling time in coild (until the answer).",
-            &lb,
-        ));
-        out.push_str(&self.m.commit.render(
+            &self.m.del,
+        );
+        x.histogram(
             "coil_journal_commit_duration_seconds",
             "Durable journal commits.",
-            &lb,
-        ));
-        out
+            &self.m.commit,
+        );
+        x.render()
     }
 
     /// The store backend (served to coilctl over the socket).
