@@ -28,10 +28,11 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::config::{pem_file, split_endpoints, EtcdSettings};
 use clap::Parser;
 use coil::exit;
 use coil::store::{Backend, NodeStatus, Store};
-use coil_adapters::etcd::{EtcdBackend, EtcdOptions, TlsPem};
+use coil_adapters::etcd::EtcdBackend;
 
 #[derive(Parser, Debug)]
 #[command(name = "coil-controller", version, about = "coil's cluster janitor")]
@@ -96,15 +97,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
         _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
-    }
-}
-
-fn pem(p: &Option<PathBuf>) -> Result<Option<Vec<u8>>, String> {
-    match p {
-        None => Ok(None),
-        Some(p) => std::fs::read(p)
-            .map(Some)
-            .map_err(|e| format!("reading {}: {e}", p.display())),
     }
 }
 
@@ -290,48 +282,38 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let parse = crate::ctl_config::parse_duration;
-    let (grace, interval, ttl, timeout) = match (
+    let parse = crate::config::parse_duration;
+    let (grace, interval, ttl) = match (
         parse(&a.grace_period),
         parse(&a.interval),
         parse(&a.election_ttl),
-        parse(&a.etcd_timeout),
     ) {
-        (Ok(g), Ok(i), Ok(t), Ok(o)) => (g, i, t, o),
-        (g, i, t, o) => {
-            for e in [g.err(), i.err(), t.err(), o.err()].into_iter().flatten() {
+        (Ok(g), Ok(i), Ok(t)) => (g, i, t),
+        (g, i, t) => {
+            for e in [g.err(), i.err(), t.err()].into_iter().flatten() {
                 eprintln!("coil-controller: {e}");
             }
             return exit::USAGE;
         }
     };
-    let tls = match (
-        pem(&a.etcd_tls_ca),
-        pem(&a.etcd_tls_cert),
-        pem(&a.etcd_tls_key),
-    ) {
-        (Ok(ca), Ok(cert), Ok(key)) => {
-            (ca.is_some() || cert.is_some()).then_some(TlsPem { ca, cert, key })
-        }
-        (a1, b1, c1) => {
-            for e in [a1.err(), b1.err(), c1.err()].into_iter().flatten() {
-                eprintln!("coil-controller: {e}");
-            }
-            return exit::USAGE;
-        }
-    };
-    let opts = EtcdOptions {
-        endpoints: a
-            .etcd_endpoints
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        timeout,
+    let given = EtcdSettings {
+        endpoints: Some(split_endpoints(&a.etcd_endpoints)),
+        prefix: Some(a.etcd_prefix.clone()),
+        timeout: Some(a.etcd_timeout.clone()),
         username: a.etcd_username.clone(),
         password: a.etcd_password.clone(),
-        tls,
+        tls_ca: pem_file(a.etcd_tls_ca.clone()),
+        tls_cert: pem_file(a.etcd_tls_cert.clone()),
+        tls_key: pem_file(a.etcd_tls_key.clone()),
     };
+    let etcd = match given.resolve(Err("no etcd endpoints given")) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coil-controller: {e}");
+            return exit::USAGE;
+        }
+    };
+    let opts = etcd.options;
     let identity = a.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
@@ -365,7 +347,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 return exit::UNAVAILABLE;
             }
         };
-        let store = match Store::open_lazy(b, &a.etcd_prefix) {
+        let store = match Store::open_lazy(b, &etcd.prefix) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("coil-controller: {e}");
@@ -559,7 +541,10 @@ mod tests {
             ("default".into(), coil::store::Family::Ipv6, 256, 1),
         ];
         let follower = controller_metrics(&m);
-        assert!(follower.contains("coil_controller_leader 0\n"), "{follower}");
+        assert!(
+            follower.contains("coil_controller_leader 0\n"),
+            "{follower}"
+        );
         assert!(!follower.contains("coil_pool_blocks{"), "{follower}");
         m.is_leader.store(1, std::sync::atomic::Ordering::Relaxed);
         let leader = controller_metrics(&m);

@@ -3,17 +3,12 @@
 //! `~/.coilctl.yml` when it exists), then defaults — the same precedence
 //! and the same file keys as coil v1.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
+use crate::config::{pem_file, split_endpoints, EtcdSettings, Pem};
 use clap::Args;
-use coil_adapters::etcd::{EtcdOptions, TlsPem};
+use coil_adapters::etcd::EtcdOptions;
 use serde::Deserialize;
-
-/// Default etcd key prefix.
-pub const DEFAULT_PREFIX: &str = "/coil/";
-/// Default per-request etcd deadline.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which store coilctl talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -109,107 +104,45 @@ pub struct StoreConfig {
     pub socket: PathBuf,
 }
 
-/// Parses durations like `2s`, `500ms`, `1m`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&t[..i], &t[i..]),
-        None => (t, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: use like 2s, 500ms or 1m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration {s:?}: unit must be ms, s or m")),
-    };
-    if !(secs > 0.0 && secs <= 3600.0) {
-        return Err(format!("duration {s:?} must be above 0 and at most 1h"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn read_pem(p: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("reading {what} {}: {e}", p.display()))
-}
-
 impl StoreArgs {
-    /// Resolves flags/env over the config file over defaults.
+    /// Resolves flags/env over the config file over defaults
+    /// ([`crate::config`]).
     pub fn resolve(&self) -> Result<StoreConfig, String> {
         let file = self.load_file()?;
         let kind = self.store.or(file.store).unwrap_or(StoreKind::Etcd);
-        let endpoints: Vec<String> = match (&self.etcd_endpoints, &file.endpoints) {
-            (Some(s), _) | (None, Some(Endpoints::One(s))) => s
-                .split(',')
-                .map(|x| x.trim().to_string())
-                .filter(|x| !x.is_empty())
-                .collect(),
-            (None, Some(Endpoints::List(l))) => l.clone(),
-            (None, None) => vec!["http://127.0.0.1:2379".into()],
+        let pem = |path: &Option<PathBuf>, inline: &Option<String>| {
+            path.clone()
+                .map(Pem::File)
+                .or_else(|| inline.clone().map(Pem::Inline))
         };
-        if endpoints.is_empty() {
-            return Err("no etcd endpoints given".into());
-        }
-        for e in &endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(format!(
-                    "etcd endpoint {e:?} must be a URL like http://127.0.0.1:2379"
-                ));
-            }
-        }
-        let timeout = match self.etcd_timeout.as_ref().or(file.timeout.as_ref()) {
-            Some(t) => parse_duration(t)?,
-            None => DEFAULT_TIMEOUT,
+        let from_file = EtcdSettings {
+            endpoints: file.endpoints.as_ref().map(|e| match e {
+                Endpoints::One(s) => split_endpoints(s),
+                Endpoints::List(l) => l.clone(),
+            }),
+            prefix: file.prefix.clone(),
+            timeout: file.timeout.clone(),
+            username: file.username.clone(),
+            password: file.password.clone(),
+            tls_ca: pem(&file.tls_ca_file, &file.tls_ca),
+            tls_cert: pem(&file.tls_cert_file, &file.tls_cert),
+            tls_key: pem(&file.tls_key_file, &file.tls_key),
         };
-        let prefix = self
-            .etcd_prefix
-            .clone()
-            .or(file.prefix)
-            .unwrap_or_else(|| DEFAULT_PREFIX.into());
-        let pem = |flag: &Option<PathBuf>,
-                   file_path: &Option<PathBuf>,
-                   inline: &Option<String>,
-                   what: &str|
-         -> Result<Option<Vec<u8>>, String> {
-            if let Some(p) = flag.as_ref().or(file_path.as_ref()) {
-                return read_pem(p, what).map(Some);
-            }
-            Ok(inline.as_ref().map(|s| s.clone().into_bytes()))
+        let given = EtcdSettings {
+            endpoints: self.etcd_endpoints.as_deref().map(split_endpoints),
+            prefix: self.etcd_prefix.clone(),
+            timeout: self.etcd_timeout.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+            tls_ca: pem_file(self.etcd_tls_ca.clone()),
+            tls_cert: pem_file(self.etcd_tls_cert.clone()),
+            tls_key: pem_file(self.etcd_tls_key.clone()),
         };
-        let ca = pem(&self.etcd_tls_ca, &file.tls_ca_file, &file.tls_ca, "TLS CA")?;
-        let cert = pem(
-            &self.etcd_tls_cert,
-            &file.tls_cert_file,
-            &file.tls_cert,
-            "TLS certificate",
-        )?;
-        let key = pem(
-            &self.etcd_tls_key,
-            &file.tls_key_file,
-            &file.tls_key,
-            "TLS key",
-        )?;
-        if cert.is_some() != key.is_some() {
-            return Err("a TLS client certificate needs both a certificate and a key".into());
-        }
-        let tls = (ca.is_some() || cert.is_some()).then_some(TlsPem { ca, cert, key });
-        let username = self.etcd_username.clone().or(file.username);
-        let password = self.etcd_password.clone().or(file.password);
-        if username.is_some() != password.is_some() {
-            return Err("etcd authentication needs both a username and a password".into());
-        }
+        let etcd = given.over(from_file).resolve(Ok("http://127.0.0.1:2379"))?;
         Ok(StoreConfig {
             kind,
-            etcd: EtcdOptions {
-                endpoints,
-                timeout,
-                username,
-                password,
-                tls,
-            },
-            prefix,
+            etcd: etcd.options,
+            prefix: etcd.prefix,
             journal_dir: self
                 .journal_dir
                 .clone()
@@ -224,41 +157,15 @@ impl StoreArgs {
     }
 
     fn load_file(&self) -> Result<FileConfig, String> {
-        let (path, explicit) = match &self.config {
-            Some(p) => (p.clone(), true),
-            None => match std::env::var_os("HOME") {
-                Some(h) => (PathBuf::from(h).join(".coilctl.yml"), false),
-                None => return Ok(FileConfig::default()),
-            },
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok(FileConfig::default())
-            }
-            Err(e) => return Err(format!("reading config {}: {e}", path.display())),
-        };
-        if text.trim().is_empty() {
-            return Ok(FileConfig::default());
-        }
-        serde_yaml_ng::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+        let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".coilctl.yml"));
+        crate::config::load_yaml(self.config.as_deref(), default.as_deref())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("fast").is_err());
-    }
+    use std::time::Duration;
 
     #[test]
     fn file_then_flags() {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 pub mod coilctl;
 pub mod coild;
+pub mod config;
 pub mod controller;
 mod ctl_config;
 pub(crate) mod ctl_repair;

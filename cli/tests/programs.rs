@@ -177,6 +177,53 @@ fn coild_refuses_to_guess_its_store() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--etcd-endpoints"));
 }
 
+/// coild, coilctl and the controller resolve their etcd settings in one
+/// place: the same mistakes get the same message from each, before
+/// anything connects.
+#[test]
+fn the_three_programs_check_etcd_settings_alike() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["--etcd-endpoints", "127.0.0.1:2379"], "must be a URL"),
+        (
+            &[
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--etcd-username",
+                "u",
+            ],
+            "both a username and a password",
+        ),
+        (
+            &[
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--etcd-tls-cert",
+                "/nonexistent/c.pem",
+            ],
+            "reading TLS certificate /nonexistent/c.pem",
+        ),
+    ];
+    for (flags, want) in cases {
+        for program in [
+            vec!["coild", "--store", "etcd"],
+            vec!["coilctl", "pool", "list"],
+            vec!["coil-controller"],
+        ] {
+            let mut args = program.clone();
+            args.extend_from_slice(flags);
+            let o = Command::new(HYPERCOIL)
+                .args(&args)
+                .env("COILD_CONFIG", "/dev/null")
+                .env("COILCTL_CONFIG", "/dev/null")
+                .output()
+                .expect("run");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains(want), "{args:?} should say {want:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn plugin_without_environment_is_a_cni_error_on_stdout() {
     // The CNI plugin's stdout is protocol: a CNI error object.

@@ -11,9 +11,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::{pem_file, split_endpoints, EtcdSettings};
 use clap::Parser;
 use coil::exit;
-use coil_adapters::etcd::{EtcdOptions, TlsPem};
 use serde::Deserialize;
 
 pub use daemon::{open_journal, Daemon, DaemonConfig, StoreChoice};
@@ -129,69 +129,40 @@ fn nix_hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn read_pem(p: &Option<PathBuf>, what: &str) -> Result<Option<Vec<u8>>, String> {
-    match p {
-        None => Ok(None),
-        Some(p) => std::fs::read(p)
-            .map(Some)
-            .map_err(|e| format!("reading {what} {}: {e}", p.display())),
-    }
-}
-
 impl Args {
     fn resolve(self) -> Result<DaemonConfig, String> {
-        let file: FileConfig = match &self.config {
-            Some(p) => {
-                let t = std::fs::read_to_string(p)
-                    .map_err(|e| format!("reading config {}: {e}", p.display()))?;
-                serde_yaml_ng::from_str(&t).map_err(|e| format!("config {}: {e}", p.display()))?
-            }
-            None => match std::fs::read_to_string("/etc/coil/coild.yml") {
-                Ok(t) => serde_yaml_ng::from_str(&t)
-                    .map_err(|e| format!("config /etc/coil/coild.yml: {e}"))?,
-                Err(_) => FileConfig::default(),
-            },
-        };
+        let file: FileConfig = crate::config::load_yaml(
+            self.config.as_deref(),
+            Some(std::path::Path::new("/etc/coil/coild.yml")),
+        )?;
         let store = match self.store.or(file.store).as_deref() {
             Some("etcd") => {
-                let endpoints: Vec<String> = match self.etcd_endpoints {
-                    Some(s) => s
-                        .split(',')
-                        .map(|x| x.trim().to_string())
-                        .filter(|x| !x.is_empty())
-                        .collect(),
-                    None => file.etcd_endpoints.unwrap_or_default(),
+                let given = EtcdSettings {
+                    endpoints: self.etcd_endpoints.as_deref().map(split_endpoints),
+                    prefix: self.etcd_prefix,
+                    timeout: self.etcd_timeout,
+                    username: self.etcd_username,
+                    password: self.etcd_password,
+                    tls_ca: pem_file(self.etcd_tls_ca),
+                    tls_cert: pem_file(self.etcd_tls_cert),
+                    tls_key: pem_file(self.etcd_tls_key),
                 };
-                if endpoints.is_empty() {
-                    return Err("--store etcd needs --etcd-endpoints".into());
-                }
-                let timeout = match self.etcd_timeout.or(file.etcd_timeout) {
-                    Some(t) => crate::ctl_config::parse_duration(&t)?,
-                    None => Duration::from_secs(2),
+                let from_file = EtcdSettings {
+                    endpoints: file.etcd_endpoints,
+                    prefix: file.etcd_prefix,
+                    timeout: file.etcd_timeout,
+                    username: file.etcd_username,
+                    password: file.etcd_password,
+                    tls_ca: pem_file(file.etcd_tls_ca),
+                    tls_cert: pem_file(file.etcd_tls_cert),
+                    tls_key: pem_file(file.etcd_tls_key),
                 };
-                let ca = read_pem(&self.etcd_tls_ca.or(file.etcd_tls_ca), "TLS CA")?;
-                let cert = read_pem(
-                    &self.etcd_tls_cert.or(file.etcd_tls_cert),
-                    "TLS certificate",
-                )?;
-                let key = read_pem(&self.etcd_tls_key.or(file.etcd_tls_key), "TLS key")?;
-                if cert.is_some() != key.is_some() {
-                    return Err(
-                        "a TLS client certificate needs both a certificate and a key".into(),
-                    );
-                }
+                let etcd = given
+                    .over(from_file)
+                    .resolve(Err("--store etcd needs --etcd-endpoints"))?;
                 StoreChoice::Etcd {
-                    opts: EtcdOptions {
-                        endpoints,
-                        timeout,
-                        username: self.etcd_username.or(file.etcd_username),
-                        password: self.etcd_password.or(file.etcd_password),
-                        tls: (ca.is_some() || cert.is_some()).then_some(TlsPem { ca, cert, key }),
-                    },
-                    prefix: self
-                        .etcd_prefix
-                        .or(file.etcd_prefix)
-                        .unwrap_or_else(|| "/coil/".into()),
+                    opts: etcd.options,
+                    prefix: etcd.prefix,
                 }
             }
             Some("embedded") => StoreChoice::Embedded,
@@ -207,7 +178,7 @@ impl Args {
         let node_name = self.node_name.or(file.node_name).unwrap_or_else(hostname);
         coil::store::model::validate_node_name(&node_name).map_err(|e| e.to_string())?;
         let ttl = match self.liveness_ttl.or(file.liveness_ttl) {
-            Some(t) => crate::ctl_config::parse_duration(&t)?,
+            Some(t) => crate::config::parse_duration(&t)?,
             // A keep-alive every 10 s: 0.1 message/s per idle node, so
             // liveness stays within the load an idle node may put on etcd
             // (0.2 requests/s). Nothing is freed on liveness expiry (only
@@ -245,7 +216,7 @@ impl Args {
             liveness_ttl: ttl,
             pool_cache_ttl: Duration::from_secs(10),
             resync_interval: match self.resync_interval.or(file.resync_interval) {
-                Some(t) => crate::ctl_config::parse_duration(&t)?,
+                Some(t) => crate::config::parse_duration(&t)?,
                 None => Duration::from_secs(30),
             },
             min_blocks: self.min_blocks.or(file.min_blocks).unwrap_or(1),
