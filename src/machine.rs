@@ -28,6 +28,8 @@
 //! | Unwired | | attachment, addresses, intent deleted | | |
 //! | tick | empty block idle 2 ticks, above min | ReleaseBlock intent, lease Releasing | Release | |
 //! | View | | adopted leases; lost ones Quarantined | Reacquire for missing keys | |
+//! | any event | table 119 differs from the `Leased` blocks | | Export / Withdraw, one per block at a time | |
+//! | withdrawal done | a release waits for it | | Release | |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -142,6 +144,12 @@ pub enum Effect {
     /// Read the store's view of this node: the blocks it leases there and
     /// whether it is fenced (removed).
     View,
+    /// Publish the block in table 119 (routing daemons advertise it).
+    Export { block: IpNet },
+    /// Remove the block from table 119.
+    Withdraw { block: IpNet },
+    /// Read which blocks table 119 holds.
+    ReadTable,
 }
 
 /// How an effect ended.
@@ -168,6 +176,12 @@ pub enum Outcome {
     Unwired,
     /// `Release` done, or the key was not ours any more.
     Released,
+    /// `Export` or `Withdraw` done.
+    Routed,
+    /// `Export` or `Withdraw` failed; the table is as it was, or unknown.
+    RouteFailed(String),
+    /// `ReadTable`: the blocks table 119 holds.
+    Table(BTreeSet<IpNet>),
     /// `View`: the blocks the store says this node leases (with their
     /// pools and epochs), and whether the node is fenced.
     View {
@@ -277,6 +291,21 @@ enum Pending {
     View {
         releases: u64,
     },
+    /// A change to table 119 for `block` (`export`: publish, else remove).
+    Route {
+        block: IpNet,
+        export: bool,
+    },
+    ReadTable,
+}
+
+/// What the machine knows of one block's route in table 119.
+#[derive(Debug, Clone, Copy, Default)]
+struct Route {
+    /// Confirmed: published (true), absent (false), unknown (None).
+    exported: Option<bool>,
+    /// A change in flight: what it asks for.
+    asked: Option<bool>,
 }
 
 /// An ADD waiting for a block.
@@ -312,6 +341,11 @@ pub struct NodeMachine {
     idle: BTreeMap<IpNet, u32>,
     /// Blocks released so far (see [`Pending::View`]).
     releases: u64,
+    /// Table 119 as far as known, per block; `table_known` once read after
+    /// the start. At most one change per block is in flight, so changes
+    /// happen in the order they were decided.
+    table: BTreeMap<IpNet, Route>,
+    table_known: bool,
 }
 
 impl NodeMachine {
@@ -339,6 +373,8 @@ impl NodeMachine {
             busy: BTreeSet::new(),
             idle: BTreeMap::new(),
             releases: 0,
+            table: BTreeMap::new(),
+            table_known: false,
         };
         for a in durable.attachments.values() {
             if a.boot_id != m.cfg.boot_id {
@@ -395,6 +431,9 @@ impl NodeMachine {
         // A pending AcquireBlock is settled by the view (adopts a lease the
         // store gave and the journal lacks).
         m.view(&mut out);
+        // Table 119 may hold anything a crash left: read it, then make it
+        // the leased blocks.
+        m.effect(&mut out, Pending::ReadTable, Effect::ReadTable);
         (m, out)
     }
 
@@ -460,6 +499,7 @@ impl NodeMachine {
                 out.answers.push((req, Answer::Collected));
             }
         }
+        self.sync_table(&mut out);
         out
     }
 
@@ -502,6 +542,7 @@ impl NodeMachine {
             .blocks()
             .filter(|b| b.lease.state == LeaseState::Quarantined && b.used.is_empty())
             .map(|b| b.lease.block)
+            .filter(|b| self.withdrawn(b))
             .collect();
         for b in dropped {
             self.alloc.remove_lease(&b);
@@ -509,6 +550,7 @@ impl NodeMachine {
         }
         self.release_idle(&mut out);
         self.view(&mut out);
+        self.sync_table(&mut out);
         out
     }
 
@@ -596,6 +638,43 @@ impl NodeMachine {
                     self.drop_intents_of(&mut out, &key);
                 }
             }
+            Pending::Route { block, export } => {
+                let r = self.table.entry(block).or_default();
+                r.asked = None;
+                r.exported = match outcome {
+                    Outcome::Routed => Some(export),
+                    _ => None,
+                };
+                // A release waiting for the withdrawal goes on.
+                if self.withdrawn(&block) {
+                    let waiting: Vec<u64> = self
+                        .intents
+                        .values()
+                        .filter(|i| matches!(&i.op, IntentOp::ReleaseBlock { block: b, .. } if *b == block))
+                        .map(|i| i.id)
+                        .collect();
+                    for intent in waiting {
+                        self.start_release(&mut out, block, intent);
+                    }
+                }
+            }
+            Pending::ReadTable => {
+                if let Outcome::Table(blocks) = outcome {
+                    self.table_known = true;
+                    for b in blocks {
+                        self.table.entry(b).or_default().exported = Some(true);
+                    }
+                    // Blocks the read did not show are absent, unless a
+                    // change is in flight.
+                    for r in self.table.values_mut() {
+                        if r.exported.is_none() && r.asked.is_none() {
+                            r.exported = Some(false);
+                        }
+                    }
+                } else {
+                    self.effect(&mut out, Pending::ReadTable, Effect::ReadTable);
+                }
+            }
             Pending::View { releases } => {
                 // A view read before a release may still show the block:
                 // adopting it again would take a block another node may
@@ -605,7 +684,61 @@ impl NodeMachine {
                 }
             }
         }
+        self.sync_table(&mut out);
         out
+    }
+
+    /// Is the block known to be absent from table 119, with no change in
+    /// flight?
+    fn withdrawn(&self, block: &IpNet) -> bool {
+        self.table_known
+            && self
+                .table
+                .get(block)
+                .is_none_or(|r| r.exported == Some(false) && r.asked.is_none())
+    }
+
+    /// Makes table 119 hold exactly the blocks leased (state `Leased`):
+    /// one change per block at a time, and only once the table is known.
+    fn sync_table(&mut self, out: &mut Output) {
+        if !self.table_known {
+            return;
+        }
+        let leased: BTreeSet<IpNet> = self
+            .alloc
+            .blocks()
+            .filter(|b| b.lease.state == LeaseState::Leased)
+            .map(|b| b.lease.block)
+            .collect();
+        let blocks: BTreeSet<IpNet> = leased
+            .iter()
+            .copied()
+            .chain(self.table.keys().copied())
+            .collect();
+        for b in blocks {
+            let want = leased.contains(&b);
+            let r = self.table.entry(b).or_default();
+            if r.asked.is_some() || r.exported == Some(want) {
+                continue;
+            }
+            r.asked = Some(want);
+            let e = if want {
+                Effect::Export { block: b }
+            } else {
+                Effect::Withdraw { block: b }
+            };
+            self.effect(
+                out,
+                Pending::Route {
+                    block: b,
+                    export: want,
+                },
+                e,
+            );
+        }
+        // Forget blocks known absent that nothing leases.
+        self.table
+            .retain(|b, r| leased.contains(b) || r.asked.is_some() || r.exported != Some(false));
     }
 
     fn effect(&mut self, out: &mut Output, p: Pending, e: Effect) {
@@ -854,6 +987,17 @@ impl NodeMachine {
             out.rec(Rec::DeleteIntent(intent));
             return;
         };
+        // Never give a block back while table 119 may still publish it
+        // (another node could lease it and both would advertise it): the
+        // withdrawal comes first, and its completion starts this again.
+        if !self.withdrawn(&block)
+            || self
+                .inflight
+                .values()
+                .any(|p| matches!(p, Pending::Release { block: b, .. } if *b == block))
+        {
+            return;
+        }
         self.effect(
             out,
             Pending::Release {
@@ -1298,20 +1442,40 @@ mod tests {
     }
 
     /// A started machine whose first view found nothing, and its journal.
+    /// A started machine whose first view found nothing and whose table
+    /// 119 was empty, and its journal.
     fn started() -> (NodeMachine, Durable) {
         let mut d = Durable::default();
         let (mut m, out) = NodeMachine::start(cfg("b1"), &d);
-        let (id, e) = out.effects[0].clone();
-        assert_eq!(e, Effect::View);
+        let view = effect(&out, |e| *e == Effect::View);
+        let read = effect(&out, |e| *e == Effect::ReadTable);
         let out = m.done(
-            id,
+            view,
             Outcome::View {
                 leases: BTreeMap::new(),
                 fenced: false,
             },
         );
         persist(&mut d, &out);
+        let out = m.done(read, Outcome::Table(BTreeSet::new()));
+        assert!(out.effects.is_empty());
         (m, d)
+    }
+
+    /// Completes every table 119 change in `out` (and those they lead
+    /// to); returns the other effects.
+    fn routed(m: &mut NodeMachine, out: Output) -> Vec<(EffectId, Effect)> {
+        let mut rest = Vec::new();
+        let mut todo = out.effects;
+        while let Some((id, e)) = todo.pop() {
+            match e {
+                Effect::Export { .. } | Effect::Withdraw { .. } => {
+                    todo.extend(m.done(id, Outcome::Routed).effects)
+                }
+                other => rest.push((id, other)),
+            }
+        }
+        rest
     }
 
     fn persist(d: &mut Durable, out: &Output) {
@@ -1452,20 +1616,31 @@ mod tests {
         let view = effect(&out, |e| *e == Effect::View);
         let mut leases = BTreeMap::new();
         leases.insert(net("10.0.0.0/30"), ("default".to_string(), 3));
-        let _ = m.done(
+        let out = m.done(
             view,
             Outcome::View {
                 leases,
                 fenced: false,
             },
         );
+        // The adopted block is published in table 119.
+        assert!(out.effects.iter().any(|(_, e)| *e
+            == Effect::Export {
+                block: net("10.0.0.0/30")
+            }));
+        let _ = routed(&mut m, out);
         // The parked ADD is still waiting for its own Acquire; the block
-        // is used by nobody: two ticks release it.
+        // is used by nobody: two ticks release it, after its withdrawal.
         let mut release = None;
         for _ in 0..3 {
             let out = m.tick();
-            if let Some((id, _)) = out
-                .effects
+            assert!(
+                !out.effects
+                    .iter()
+                    .any(|(_, e)| matches!(e, Effect::Release { .. })),
+                "released before the withdrawal"
+            );
+            if let Some((id, _)) = routed(&mut m, out)
                 .iter()
                 .find(|(_, e)| matches!(e, Effect::Release { .. }))
             {
@@ -1518,7 +1693,7 @@ mod tests {
             .collect();
         assert_eq!(unwired, vec![&theirs]);
         assert_eq!(
-            m.state().attachment(&ours).map(|a| a.state.clone()),
+            m.state().attachment(&ours).map(|a| a.state),
             Some(AttachmentState::Wired)
         );
     }

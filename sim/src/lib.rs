@@ -21,6 +21,8 @@ pub mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -341,7 +343,23 @@ pub fn check(w: &World) -> Result<(), String> {
             }
         }
     }
-    // 3. Every ADD that succeeded is still wired, with its addresses,
+    // 3. Table 119 publishes only blocks the store gives the node.
+    for (i, n) in w.nodes.iter().enumerate() {
+        if !w.member(i) {
+            continue;
+        }
+        for b in &n.table {
+            let owner = w.store.blocks.get(b).map(|l| l.node.as_str());
+            if owner != Some(n.name.as_str()) {
+                return Err(format!(
+                    "[table] {} publishes {b} in table 119, which the store gives to {}",
+                    n.name,
+                    owner.unwrap_or("nobody")
+                ));
+            }
+        }
+    }
+    // 4. Every ADD that succeeded is still wired, with its addresses,
     //    until its DEL.
     for p in w.pods.values() {
         let PodState::Running(addrs) = &p.state else {
@@ -368,7 +386,7 @@ pub fn check(w: &World) -> Result<(), String> {
             }
         }
     }
-    // 4. The runtime's successful ADDs hold one address of each family.
+    // 5. The runtime's successful ADDs hold one address of each family.
     for p in w.pods.values() {
         if let PodState::Running(addrs) = &p.state {
             for f in &w.families {
@@ -459,6 +477,19 @@ pub fn converge(w: &mut World) -> Result<(), String> {
         }
         if let Some(i) = n.durable.intents.values().next() {
             return Err(format!("{}'s journal still holds intent {i:?}", n.name));
+        }
+        let leased: BTreeSet<IpNet> = w
+            .store
+            .blocks
+            .iter()
+            .filter(|(_, l)| l.node == n.name)
+            .map(|(b, _)| *b)
+            .collect();
+        if n.table != leased {
+            return Err(format!(
+                "{}'s table 119 holds {:?} but it leases {:?}",
+                n.name, n.table, leased
+            ));
         }
         let mut per: BTreeMap<Family, usize> = BTreeMap::new();
         for (b, l) in &w.store.blocks {

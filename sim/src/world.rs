@@ -93,6 +93,8 @@ pub struct Node {
     pub unsynced: Vec<Vec<Rec>>,
     pub effects: Vec<Fx>,
     pub kernel: BTreeMap<String, Veth>,
+    /// Table 119: the blocks this node publishes.
+    pub table: BTreeSet<IpNet>,
     /// Pod network namespaces that exist.
     pub netns: BTreeSet<String>,
     pub partitioned: bool,
@@ -214,6 +216,7 @@ impl World {
             unsynced: Vec::new(),
             effects: Vec::new(),
             kernel: BTreeMap::new(),
+            table: BTreeSet::new(),
             netns: BTreeSet::new(),
             partitioned: false,
             requests: BTreeMap::new(),
@@ -270,6 +273,7 @@ impl World {
         }
         let n = &mut self.nodes[i];
         n.kernel.clear();
+        n.table.clear();
         n.netns.clear();
         n.boot += 1;
         self.pods.retain(|_, p| p.node != i);
@@ -283,6 +287,7 @@ impl World {
         }
         let n = &mut self.nodes[i];
         n.kernel.clear();
+        n.table.clear();
         n.netns.clear();
         n.partitioned = true;
         self.kube.remove(&n.name.clone());
@@ -525,6 +530,15 @@ impl World {
                 self.nodes[i].kernel.remove(host_veth);
                 Outcome::Unwired
             }
+            Effect::Export { block } => {
+                self.nodes[i].table.insert(*block);
+                Outcome::Routed
+            }
+            Effect::Withdraw { block } => {
+                self.nodes[i].table.remove(block);
+                Outcome::Routed
+            }
+            Effect::ReadTable => Outcome::Table(self.nodes[i].table.clone()),
         };
         self.nodes[i].effects[k].outcome = Some(outcome);
     }
