@@ -816,6 +816,11 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         x.render()
     }
 
+    /// The cluster store coild uses.
+    pub fn store(&self) -> &Store<B> {
+        &self.store
+    }
+
     /// The store backend (served to coilctl over the socket).
     pub fn store_backend(&self) -> &B {
         self.store.backend()

@@ -55,6 +55,9 @@ pub type D = Daemon<Flaky, MemKernel>;
 pub struct Flaky {
     inner: Arc<EmbeddedBackend>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
+    /// The next transaction whose operation name contains this is applied,
+    /// then answered as unavailable (a write whose answer was lost).
+    pub lose_answer: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Flaky {
@@ -75,7 +78,25 @@ impl Flaky {
 impl Backend for Flaky {
     async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResult, BackendError> {
         self.check(op)?;
-        self.inner.txn(op, txn).await
+        let lose = {
+            let mut l = self.lose_answer.lock().unwrap_or_else(|e| e.into_inner());
+            let hit = l.as_deref().is_some_and(|w| op.contains(w));
+            if hit {
+                *l = None;
+            }
+            hit
+        };
+        let r = self.inner.txn(op, txn).await;
+        if lose {
+            return Err(BackendError {
+                kind: BackendErrorKind::Unavailable,
+                op: op.to_string(),
+                key: "-".into(),
+                endpoint: "simulated store".into(),
+                message: "applied, but the answer was lost (simulated timeout)".into(),
+            });
+        }
+        r
     }
     async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, BackendError> {
         self.check("lease grant")?;
@@ -150,6 +171,7 @@ pub fn start_inproc_with(
         let backend = Flaky {
             inner: Arc::new(EmbeddedBackend::open(journal.clone()).map_err(|e| e.to_string())?),
             down: down.clone(),
+            lose_answer: Arc::default(),
         };
         let mut store = Store::open_lazy(backend, "/coil/").map_err(|e| e.to_string())?;
         if let Some(seed) = seed {

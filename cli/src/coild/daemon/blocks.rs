@@ -3,8 +3,9 @@
 use super::*;
 
 impl<B: Backend, K: KernelOps> Daemon<B, K> {
-    /// [`Daemon::release_idle_blocks`] under the exclusive gate.
-    pub(super) async fn release_idle_blocks_gated(&self) {
+    /// [`Daemon::release_idle_blocks`] under the exclusive gate (the
+    /// resync task calls it after each resync; tests call it directly).
+    pub async fn release_idle_blocks_gated(&self) {
         let _g = self.gate.write().await;
         self.release_idle_blocks().await;
     }
@@ -63,8 +64,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
 
     /// Releases one empty block: Releasing + intent durable, route
     /// withdrawn, store lease released (fenced by owner and epoch), then the
-    /// record dropped. If the store does not answer, the block goes back
-    /// to service and the release is retried later.
+    /// record dropped. If the store cannot be read, nothing was asked of
+    /// it: the block goes back to service and is released later. If the
+    /// release itself fails, it may have been applied (a write that timed
+    /// out): the block stays Releasing, out of service, and the next
+    /// recovery pass finishes the release (found by the cluster simulator:
+    /// putting it back in service served addresses from a block the store
+    /// may already have given to another node).
     pub(super) async fn release_block(&self, l: &BlockLease) -> DResult<()> {
         let intent = Intent {
             id: self.journal.next_intent_id(),
@@ -85,6 +91,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         coil::failpoint::hit("release.intent");
         self.lock().remove_lease(&l.block);
         self.kernel.withdraw_block(l.block).await?;
+        // Err((e, written)): `written` when the release was sent.
         let res = async {
             let cur = match self.store.block(l.block).await {
                 Ok((_, cur)) => cur,
@@ -95,14 +102,14 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                     tracing::warn!(block = %l.block, "not releasing a malformed store entry: {e}");
                     None
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err((e, false)),
             };
             match cur {
                 Some(c)
                     if c.node == self.cfg.node_name
                         && u64::try_from(c.epoch).ok() == Some(l.epoch) =>
                 {
-                    self.store.release_block(&c).await
+                    self.store.release_block(&c).await.map_err(|e| (e, true))
                 }
                 // Already gone, or no longer ours: nothing to release.
                 _ => Ok(()),
@@ -120,7 +127,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 self.journal.commit(b)?;
                 Ok(())
             }
-            Err(e) => {
+            Err((e, true)) => {
+                // Maybe released: Releasing and its intent stay; recovery
+                // releases it (or finds it gone) and forgets it.
+                tracing::warn!(block = %l.block, "the release may have been applied; the block stays out of service until recovery settles it: {e}");
+                Err(e.into())
+            }
+            Err((e, false)) => {
                 b.put_lease(l);
                 self.journal.commit(b)?;
                 self.lock().insert_lease(l.clone());
