@@ -1,7 +1,9 @@
-//! A block release whose answer is lost (the store applied it, then the
-//! request timed out) must not put the block back in service: the store
-//! may already have given it to another node. Found by the cluster
-//! simulator (coil-sim) in the node machine; this is coild's own path.
+//! Store writes whose answer is lost (the store applied them, then the
+//! request timed out), on coild's own paths. A block release must not put
+//! the block back in service (the store may already have given it to
+//! another node); an acquisition must not leak the lease it may have
+//! made. Both were found by the cluster simulator (coil-sim) in the node
+//! machine first.
 
 mod simkit;
 
@@ -101,6 +103,55 @@ fn a_release_whose_answer_is_lost_keeps_the_block_out_of_service() {
         block == nb || l.is_none(),
         "the half-released block is still in the journal: {l:?}"
     );
+    drop(d);
+    drop(journal);
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn an_acquisition_whose_answer_is_lost_is_adopted_not_leaked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("boot_id"), "boot-1\n").expect("boot id");
+    let kernel = MemKernel::default();
+    let cfg = inproc_config(dir.path(), "acq-node");
+    let pool = PoolSpec {
+        name: "default".into(),
+        subnets: vec!["10.62.0.0/28".parse().expect("net")],
+        block_size: 2,
+        ipv6_block_size: None,
+    };
+    let (rt, d, journal) =
+        start_inproc_with(cfg, kernel.clone(), Some(pool), Default::default(), Some(9))
+            .expect("coild");
+    *d.store_backend().lose_answer.lock().expect("lock") = Some("acquire block".into());
+    kernel.add_netns("/run/netns/p1");
+    let r = call(&rt, &d, "ADD", "p1");
+    assert!(!r.ok, "the ADD must fail: {}", r.stdout);
+    assert_eq!(r.stdout["code"], 11, "{}", r.stdout);
+    let store_blocks = || {
+        let d = d.clone();
+        rt.block_on(async move { d.store().node_blocks("acq-node").await })
+            .expect("store read")
+            .into_iter()
+            .map(|l| l.block)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(store_blocks().len(), 1, "the acquisition was applied");
+    // A resync adopts the lease the journal lacks.
+    rt.block_on(d.recover(false, false, false))
+        .expect("recover");
+    let held = store_blocks();
+    let lease = journal.lease(held[0]).expect("journal read");
+    assert!(
+        lease
+            .as_ref()
+            .is_some_and(|l| l.state == LeaseState::Leased),
+        "the store's lease of this node is not in its journal: {lease:?}"
+    );
+    // The retried ADD is served from it: no second block, none leaked.
+    let a = answer_ips(&call(&rt, &d, "ADD", "p1"));
+    assert_eq!(store_blocks(), held, "a second block was leased");
+    assert!(held[0].contains(&a[0]));
     drop(d);
     drop(journal);
     rt.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -298,6 +298,11 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 b.put_lease(&jl);
                 Some(jl)
             }
+            // The acquisition may have been applied and only its answer
+            // lost (a write that timed out): the intent stays pending, so
+            // the next recovery pass lists the store and adopts a lease of
+            // this node the journal lacks, instead of leaking it.
+            Err(e) if e.is_unavailable() => return Err(e.into()),
             Err(e) => {
                 self.commit(b).await?;
                 return Err(e.into());
