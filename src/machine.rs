@@ -1022,6 +1022,14 @@ impl NodeMachine {
         if a.state == AttachmentState::Releasing {
             return Answer::Deleted;
         }
+        self.begin_release(out, a);
+        Answer::Deleted
+    }
+
+    /// Starts releasing an attachment: its Unwire intent and Releasing
+    /// state are persisted, then the Unwire runs; its addresses are freed
+    /// only when the Unwire is done.
+    fn begin_release(&mut self, out: &mut Output, a: Attachment) {
         let releasing = Attachment {
             state: AttachmentState::Releasing,
             ..a
@@ -1043,7 +1051,6 @@ impl NodeMachine {
             self.alloc.insert_attachment(freed);
         }
         self.start_unwire(out, &releasing, intent);
-        Answer::Deleted
     }
 
     /// Releases an attachment whose kernel state is gone (a previous boot's).
@@ -1112,27 +1119,28 @@ impl NodeMachine {
     /// pending (that release was applied, its answer lost): the release
     /// is spent and must never delete the new lease.
     fn cancel_release(&mut self, out: &mut Output, block: IpNet) {
-        let spent: Vec<u64> = self
-            .intents
-            .values()
-            .filter(|i| matches!(&i.op, IntentOp::ReleaseBlock { block: b, .. } if *b == block))
-            .map(|i| i.id)
-            .collect();
-        for id in spent {
-            self.intents.remove(&id);
-            out.rec(Rec::DeleteIntent(id));
-        }
+        self.drop_intents(
+            out,
+            |i| matches!(&i.op, IntentOp::ReleaseBlock { block: b, .. } if *b == block),
+        );
     }
 
     /// Deletes every Wire and Unwire intent of `key`.
     fn drop_intents_of(&mut self, out: &mut Output, key: &AttachmentKey) {
-        let spent: Vec<u64> = self
+        self.drop_intents(out, |i| {
+            matches!(&i.op, IntentOp::Wire { key: k } | IntentOp::Unwire { key: k } if k == key)
+        });
+    }
+
+    /// Deletes the pending intents `spent` picks, here and in the journal.
+    fn drop_intents(&mut self, out: &mut Output, spent: impl Fn(&Intent) -> bool) {
+        let ids: Vec<u64> = self
             .intents
             .values()
-            .filter(|i| matches!(&i.op, IntentOp::Wire { key: k } | IntentOp::Unwire { key: k } if k == key))
+            .filter(|i| spent(i))
             .map(|i| i.id)
             .collect();
-        for id in spent {
+        for id in ids {
             self.intents.remove(&id);
             out.rec(Rec::DeleteIntent(id));
         }
@@ -1194,19 +1202,7 @@ impl NodeMachine {
                     self.intents.remove(&intent);
                     out.rec(Rec::DeleteIntent(intent));
                 }
-                let releasing = Attachment {
-                    state: AttachmentState::Releasing,
-                    ..a
-                };
-                let unwire = self.new_intent(
-                    out,
-                    IntentOp::Unwire {
-                        key: releasing.key.clone(),
-                    },
-                );
-                out.rec(Rec::PutAttachment(releasing.clone()));
-                self.alloc.insert_attachment(releasing.clone());
-                self.start_unwire(out, &releasing, unwire);
+                self.begin_release(out, a);
                 if let Some(req) = req {
                     let why = match other {
                         Outcome::WireFailed(why) => why,
@@ -1258,22 +1254,17 @@ impl NodeMachine {
             self.alloc.insert_lease(lease);
         }
         // Pending acquisitions with none in flight are settled by this view.
-        let settled: Vec<u64> = self
-            .intents
+        let acquiring: BTreeSet<u64> = self
+            .inflight
             .values()
-            .filter(|i| matches!(i.op, IntentOp::AcquireBlock { .. }))
-            .map(|i| i.id)
-            .filter(|id| {
-                !self
-                    .inflight
-                    .values()
-                    .any(|p| matches!(p, Pending::Acquire { intent, .. } if intent == id))
+            .filter_map(|p| match p {
+                Pending::Acquire { intent, .. } => Some(*intent),
+                _ => None,
             })
             .collect();
-        for id in settled {
-            self.intents.remove(&id);
-            out.rec(Rec::DeleteIntent(id));
-        }
+        self.drop_intents(out, |i| {
+            matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
+        });
         // Leases the store no longer shows as this node's.
         let mine: Vec<BlockLease> = self
             .alloc
