@@ -88,6 +88,8 @@ pub trait KernelOps: Send + Sync + 'static {
     /// A pod's network namespace, opened and checked by
     /// [`KernelOps::open_pod_netns`], handed to [`KernelOps::wire_in`].
     type Netns: Send + 'static;
+    /// A wire half done by [`KernelOps::prepare_in`].
+    type Prepared: Send + 'static;
 
     /// The routing table coil publishes blocks in.
     fn table(&self) -> u32;
@@ -102,6 +104,22 @@ pub trait KernelOps: Send + Sync + 'static {
         &self,
         w: &WireSpec,
         ns: Option<Self::Netns>,
+    ) -> impl Future<Output = Result<Wired>> + Send;
+    /// The part of a wire that gives the pod no address (links, gateway
+    /// and default routes); may run before the reservation is durable.
+    /// On failure nothing is left.
+    fn prepare_in(
+        &self,
+        w: &WireSpec,
+        ns: Option<Self::Netns>,
+    ) -> impl Future<Output = Result<Self::Prepared>> + Send;
+    /// The rest of the wire: the pod's addresses and the host routes to
+    /// them. Only once the reservation is durable. On failure nothing is
+    /// left.
+    fn finish_in(
+        &self,
+        w: &WireSpec,
+        p: Self::Prepared,
     ) -> impl Future<Output = Result<Wired>> + Send;
     fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send;
     fn doom(

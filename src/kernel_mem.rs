@@ -238,6 +238,12 @@ impl MemKernel {
     }
 
     fn wire_now(&self, w: &WireSpec) -> Result<Wired> {
+        let index = self.prepare_now(w)?;
+        self.finish_now(w, index)
+    }
+
+    /// The links, without the pod's addresses; the host veth's index.
+    fn prepare_now(&self, w: &WireSpec) -> Result<u32> {
         let mut st = self.st();
         st.calls += 1;
         if !st.netns.contains_key(&w.netns) {
@@ -277,13 +283,33 @@ impl MemKernel {
         );
         let iface = PodIface {
             peer: Some(index),
-            addresses: w.addresses.clone(),
+            addresses: Vec::new(),
             default_v4: w.addresses.iter().any(IpAddr::is_ipv4),
             default_v6: w.addresses.iter().any(IpAddr::is_ipv6),
         };
         if let Some(ifaces) = st.netns.get_mut(&w.netns) {
             ifaces.insert(w.ifname.clone(), iface);
         }
+        Ok(index)
+    }
+
+    /// The pod's addresses and the host routes to them.
+    fn finish_now(&self, w: &WireSpec, index: u32) -> Result<Wired> {
+        let mut st = self.st();
+        let ours = st
+            .netns
+            .get_mut(&w.netns)
+            .and_then(|i| i.get_mut(&w.ifname))
+            .filter(|i| i.peer == Some(index));
+        let Some(iface) = ours else {
+            // Nothing half-built is left behind.
+            st.remove_link(&w.host_veth);
+            return Err(KernelError::Io(format!(
+                "{} vanished from {} before its addresses",
+                w.ifname, w.netns
+            )));
+        };
+        iface.addresses = w.addresses.clone();
         for a in &w.addresses {
             st.host_routes.insert(host_net(a), index);
         }
@@ -354,6 +380,7 @@ impl MemKernel {
 
 impl KernelOps for MemKernel {
     type Netns = String;
+    type Prepared = u32;
 
     fn table(&self) -> u32 {
         self.table
@@ -398,6 +425,18 @@ impl KernelOps for MemKernel {
         _ns: Option<String>,
     ) -> impl Future<Output = Result<Wired>> + Send {
         ready(self.wire_now(w))
+    }
+
+    fn prepare_in(
+        &self,
+        w: &WireSpec,
+        _ns: Option<String>,
+    ) -> impl Future<Output = Result<u32>> + Send {
+        ready(self.prepare_now(w))
+    }
+
+    fn finish_in(&self, w: &WireSpec, index: u32) -> impl Future<Output = Result<Wired>> + Send {
+        ready(self.finish_now(w, index))
     }
 
     fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send {

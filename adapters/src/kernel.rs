@@ -51,6 +51,16 @@ fn nl(op: &'static str, what: impl Into<String>, e: rtnetlink::Error) -> KernelE
     }
 }
 
+/// A wire half done by [`Kernel::prepare_in`]: the links exist, without
+/// the pod's addresses.
+#[derive(Debug)]
+pub struct Prepared {
+    nsh: Handle,
+    hidx: u32,
+    pidx: u32,
+    wired: Wired,
+}
+
 /// A netlink client of coild's own network namespace.
 #[derive(Debug, Clone)]
 pub struct Kernel {
@@ -301,6 +311,18 @@ impl Kernel {
     /// [`Kernel::wire`] with the pod's netns already opened (and checked)
     /// by [`Kernel::open_pod_netns`], or opened here when None.
     pub async fn wire_in(&self, w: &WireSpec, ns: Option<File>) -> Result<Wired> {
+        let p = self.prepare_in(w, ns).await?;
+        self.finish_in(w, p).await
+    }
+
+    /// The part of a wire that gives the pod no address: the veth with
+    /// its pod end created in the pod's netns, the host end's alias, both
+    /// ends up, the gateway on the host end and the pod's gateway and
+    /// default routes. Nothing here makes an address reachable, so coild
+    /// runs it while the reservation's journal write is being synced;
+    /// [`Kernel::finish_in`] adds the addresses once it is durable. On
+    /// failure nothing is left.
+    pub async fn prepare_in(&self, w: &WireSpec, ns: Option<File>) -> Result<Prepared> {
         let ns = match ns {
             Some(f) => f,
             None => open_netns(&w.netns, &self.forbidden).await?,
@@ -363,17 +385,31 @@ impl Kernel {
                 }
             }
         }
-        let result = self.finish_wire(w, &nsh).await;
+        let result = self.prepare_links(w, nsh).await;
         if result.is_err() {
-            // Leave nothing half-built behind: the peer dies with the host end.
-            if let Ok(Some(l)) = get_link(&self.host, &w.host_veth).await {
-                let _ = self.del_link(l.header.index, &w.host_veth).await;
-            }
+            self.remove_half_built(w).await;
         }
         result
     }
 
-    async fn finish_wire(&self, w: &WireSpec, nsh: &Handle) -> Result<Wired> {
+    /// Adds the pod's addresses and the host routes to them, after
+    /// [`Kernel::prepare_in`]. On failure nothing is left.
+    pub async fn finish_in(&self, w: &WireSpec, p: Prepared) -> Result<Wired> {
+        let result = self.add_addresses(w, &p).await;
+        if result.is_err() {
+            self.remove_half_built(w).await;
+        }
+        result.map(|()| p.wired)
+    }
+
+    /// Leaves nothing half-built behind: the peer dies with the host end.
+    async fn remove_half_built(&self, w: &WireSpec) {
+        if let Ok(Some(l)) = get_link(&self.host, &w.host_veth).await {
+            let _ = self.del_link(l.header.index, &w.host_veth).await;
+        }
+    }
+
+    async fn prepare_links(&self, w: &WireSpec, nsh: Handle) -> Result<Prepared> {
         let host = get_link(&self.host, &w.host_veth)
             .await?
             .ok_or_else(|| KernelError::Io(format!("veth {} vanished", w.host_veth)))?;
@@ -389,28 +425,12 @@ impl Kernel {
             .execute()
             .await
             .map_err(|e| nl("bring up", &w.host_veth, e))?;
-        let pod = get_link(nsh, &w.ifname)
+        let pod = get_link(&nsh, &w.ifname)
             .await?
             .ok_or_else(|| KernelError::Io(format!("{} missing in {}", w.ifname, w.netns)))?;
         let pidx = pod.header.index;
-        let mut v4 = false;
-        let mut v6 = false;
-        for a in &w.addresses {
-            let mut req = nsh.address().add(pidx, *a, host_prefix(a));
-            if a.is_ipv6() {
-                req.message_mut()
-                    .attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
-                v6 = true;
-            } else {
-                v4 = true;
-            }
-            match req.execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == EEXIST => {}
-                Err(e) => return Err(nl("add address", format!("{a} on {}", w.ifname), e)),
-            }
-        }
+        let v4 = w.addresses.iter().any(IpAddr::is_ipv4);
+        let v6 = w.addresses.iter().any(IpAddr::is_ipv6);
         nsh.link()
             .set(LinkUnspec::new_with_index(pidx).up().build())
             .execute()
@@ -458,6 +478,32 @@ impl Kernel {
                 &w.ifname,
             )?;
         }
+        Ok(Prepared {
+            nsh,
+            hidx,
+            pidx,
+            wired: Wired {
+                host_mac: mac(&host),
+                pod_mac: mac(&pod),
+            },
+        })
+    }
+
+    async fn add_addresses(&self, w: &WireSpec, p: &Prepared) -> Result<()> {
+        let (nsh, pidx, hidx) = (&p.nsh, p.pidx, p.hidx);
+        for a in &w.addresses {
+            let mut req = nsh.address().add(pidx, *a, host_prefix(a));
+            if a.is_ipv6() {
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            match req.execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == EEXIST => {}
+                Err(e) => return Err(nl("add address", format!("{a} on {}", w.ifname), e)),
+            }
+        }
         for a in &w.addresses {
             let msg = self.host_route(a, hidx)?;
             ignore_exists(
@@ -466,10 +512,7 @@ impl Kernel {
                 &a.to_string(),
             )?;
         }
-        Ok(Wired {
-            host_mac: mac(&host),
-            pod_mac: mac(&pod),
-        })
+        Ok(())
     }
 
     fn host_route(&self, a: &IpAddr, oif: u32) -> Result<RouteMessage> {
@@ -860,6 +903,18 @@ fn route_dst(r: &RouteMessage) -> Option<IpNet> {
 }
 impl KernelOps for Kernel {
     type Netns = File;
+    type Prepared = Prepared;
+
+    fn prepare_in(
+        &self,
+        w: &WireSpec,
+        ns: Option<File>,
+    ) -> impl Future<Output = Result<Prepared>> + Send {
+        Kernel::prepare_in(self, w, ns)
+    }
+    fn finish_in(&self, w: &WireSpec, p: Prepared) -> impl Future<Output = Result<Wired>> + Send {
+        Kernel::finish_in(self, w, p)
+    }
 
     fn table(&self) -> u32 {
         Kernel::table(self)

@@ -25,6 +25,7 @@ use simkit::D;
 struct Run {
     rt: Option<tokio::runtime::Runtime>,
     d: Option<Arc<D>>,
+    journal: Option<Arc<coil::journal::Journal>>,
 }
 
 impl Run {
@@ -32,6 +33,7 @@ impl Run {
     /// dropped at its next await.
     fn kill(&mut self) {
         self.d = None;
+        self.journal = None;
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
@@ -98,7 +100,7 @@ impl Node {
     fn start(&self, pool: &[&str]) -> Run {
         let pool: Vec<IpAddrNet> = pool.iter().map(|s| s.parse().expect("subnet")).collect();
         let spec = (!pool.is_empty()).then(|| PoolSpec::new("default", pool, 2));
-        let (rt, d, _journal) = simkit::start_inproc(
+        let (rt, d, journal) = simkit::start_inproc(
             simkit::inproc_config(self.dir.path(), "driver-node"),
             self.kernel.clone(),
             spec,
@@ -107,6 +109,7 @@ impl Node {
         Run {
             rt: Some(rt),
             d: Some(d),
+            journal: Some(journal),
         }
     }
 
@@ -290,6 +293,29 @@ fn a_retried_add_adopts_a_wire_that_finished_after_its_deadline() {
     );
 }
 
+/// The links an ADD makes while its reservation syncs are removed when
+/// the journal refuses the reservation: nothing is left of the pod.
+#[test]
+fn links_made_while_the_reservation_syncs_go_when_the_journal_refuses_it() {
+    let n = Node::new();
+    let run = n.start(&["10.45.0.0/28"]);
+    // A first pod leases the block, so the next ADD needs no store call.
+    let pa = n.pod("pa");
+    ips(&run.call("ADD", "pa", Some(&pa), ""));
+    run.journal.as_ref().expect("journal").inject_sync_failure();
+    let pb = n.pod("pb");
+    let r = run.call("ADD", "pb", Some(&pb), "");
+    assert!(!r.ok, "{}", r.stdout);
+    assert_eq!(
+        n.kernel.link_names().len(),
+        1,
+        "{:?}",
+        n.kernel.link_names()
+    );
+    assert!(n.kernel.pod_addresses(&pb, "eth0").is_none());
+    assert!(n.kernel.pod_addresses(&pa, "eth0").is_some());
+}
+
 #[test]
 fn a_reboot_releases_every_pod_of_the_old_boot() {
     let n = Node::new();
@@ -330,6 +356,7 @@ fn a_pool_made_dual_stack_serves_new_pods_both_families() {
     let run = Run {
         rt: Some(rt),
         d: Some(d),
+        journal: None,
     };
     let p0 = n.pod("before");
     assert_eq!(ips(&run.call("ADD", "before", Some(&p0), "")).len(), 1);
@@ -401,6 +428,7 @@ fn kubernetes_events_tell_of_exhaustion_quarantine_readmission_and_lease_loss() 
     let run = Run {
         rt: Some(rt),
         d: Some(d),
+        journal: None,
     };
     for i in 0..4 {
         let cid = format!("p{i}");

@@ -72,6 +72,8 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         // The checked pod netns, opened once for the check and the wiring.
         let mut opened: Option<K::Netns> = None;
         let rewire = matches!(&existing, Some(a) if a.state == AttachmentState::Reserved);
+        // A new reservation's links, made while its journal write syncs.
+        let mut prepared: Option<Result<K::Prepared, KernelError>> = None;
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -173,7 +175,23 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                     )
                     .put_lease(&r.lease);
                 }
-                if let Err(e) = self.commit(b).await {
+                // The links and routes that give the pod no address are
+                // made while the reservation is synced: nothing reachable
+                // exists before it is durable (a crash leaves at most an
+                // addressless veth, which recovery or the next ADD of the
+                // attachment replaces). The addresses come after.
+                let spec = self.spec(&att);
+                let (committed, links) = tokio::join!(
+                    self.commit(b),
+                    deadline(
+                        format!("wiring {key}"),
+                        self.kernel.prepare_in(&spec, opened.take())
+                    )
+                );
+                if let Err(e) = committed {
+                    if links.is_ok() {
+                        let _ = self.kernel.unwire(&att.host_veth).await;
+                    }
                     let mut st = self.lock();
                     for r in &resvs {
                         st.unreserve(r);
@@ -182,6 +200,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 }
                 self.lock().insert_attachment(att.clone());
                 coil::failpoint::hit("add.reserved");
+                prepared = Some(links);
                 (att, id)
             }
         };
@@ -198,10 +217,11 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 Ok(d) if d.is_empty()
             );
         let wiring = async {
-            if complete {
-                self.kernel.wire_info(&spec).await
-            } else {
-                self.kernel.wire_in(&spec, opened).await
+            match prepared {
+                Some(Ok(p)) => self.kernel.finish_in(&spec, p).await,
+                Some(Err(e)) => Err(e),
+                None if complete => self.kernel.wire_info(&spec).await,
+                None => self.kernel.wire_in(&spec, opened).await,
             }
         };
         let wired = match deadline(format!("wiring {key}"), wiring).await {
