@@ -272,11 +272,17 @@ pub fn etcd_metric(endpoint: &str, name: &str, with: &[&str]) -> Result<f64, Str
         .sum())
 }
 
+/// Merges `figures` into the bench summary: `COIL_BENCH_SUMMARY`, else the
+/// workspace's target/bench/summary.json (this crate lives one level
+/// below the workspace root).
 pub fn write_bench_summary(figures: &[(String, f64, &str)]) -> Result<PathBuf, String> {
     let path = std::env::var("COIL_BENCH_SUMMARY")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            crate_dir
+                .parent()
+                .unwrap_or(crate_dir)
                 .join("target")
                 .join("bench")
                 .join("summary.json")
