@@ -316,6 +316,40 @@ fn links_made_while_the_reservation_syncs_go_when_the_journal_refuses_it() {
     assert!(n.kernel.pod_addresses(&pa, "eth0").is_some());
 }
 
+/// A kill while an ADD's reservation is being synced can leave the links
+/// made meanwhile (an addressless veth) with no journal record at all:
+/// recovery's full scan removes it, and the pod's retried ADD wires anew.
+#[test]
+fn an_addressless_veth_left_by_a_kill_before_the_commit_is_removed() {
+    let n = Node::new();
+    let run = n.start(&["10.46.0.0/28"]);
+    let pa = n.pod("pa");
+    let key = coil::journal::AttachmentKey::new("k8s", "pa", "eth0");
+    let spec = coil::kernel::WireSpec {
+        netns: pa.clone(),
+        ifname: "eth0".into(),
+        host_veth: coil::node::host_veth_name(&key),
+        alias: coil::node::veth_alias(&key),
+        addresses: vec!["10.46.0.1".parse().expect("ip")],
+        mtu: 1500,
+    };
+    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    assert_eq!(n.kernel.link_names(), vec![spec.host_veth.clone()]);
+    assert!(n
+        .kernel
+        .pod_addresses(&pa, "eth0")
+        .is_some_and(|a| a.is_empty()));
+    block_on(&run, run.d().recover(false, true, false)).expect("recover");
+    assert!(
+        n.kernel.link_names().is_empty(),
+        "{:?}",
+        n.kernel.link_names()
+    );
+    // The runtime's retried ADD wires the pod from scratch.
+    let got = ips(&run.call("ADD", "pa", Some(&pa), ""));
+    assert_eq!(n.kernel.pod_addresses(&pa, "eth0"), Some(got));
+}
+
 #[test]
 fn a_reboot_releases_every_pod_of_the_old_boot() {
     let n = Node::new();

@@ -72,8 +72,9 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         // The checked pod netns, opened once for the check and the wiring.
         let mut opened: Option<K::Netns> = None;
         let rewire = matches!(&existing, Some(a) if a.state == AttachmentState::Reserved);
-        // A new reservation's links, made while its journal write syncs.
-        let mut prepared: Option<Result<K::Prepared, KernelError>> = None;
+        // A new reservation's wiring spec and links, made while its
+        // journal write syncs.
+        let mut prepared: Option<(WireSpec, Result<K::Prepared, KernelError>)> = None;
         let (att, intent) = match existing {
             Some(a) if a.state == AttachmentState::Wired => {
                 // A repeated ADD: the same answer, nothing changed.
@@ -200,14 +201,17 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 }
                 self.lock().insert_attachment(att.clone());
                 coil::failpoint::hit("add.reserved");
-                prepared = Some(links);
+                prepared = Some((spec, links));
                 (att, id)
             }
         };
         // From here on the record's own key (a format-1 record keeps its).
         let key = att.key.clone();
         let t1 = t0.elapsed();
-        let spec = self.spec(&att);
+        let (spec, prepared) = match prepared {
+            Some((spec, links)) => (spec, Some(links)),
+            None => (self.spec(&att), None),
+        };
         // A retried ADD of a reservation whose wire finished after its
         // deadline finds the pod wired: adopt it, as recovery does, and
         // leave the running interface alone.
