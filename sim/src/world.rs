@@ -382,16 +382,25 @@ impl World {
         let fenced = self.store.fences.contains(&node);
         let ambiguous = rng.gen_bool(0.05);
         let outcome = match &fx.effect {
-            Effect::View => {
+            Effect::View { full } => {
                 if partitioned {
                     Outcome::Unavailable
                 } else {
+                    // A narrow view, as coild reads it: only the blocks the
+                    // node knows when it asked.
+                    let known: Option<BTreeSet<IpNet>> = match (full, &self.nodes[i].machine) {
+                        (false, Some(m)) => {
+                            Some(m.state().blocks().map(|b| b.lease.block).collect())
+                        }
+                        _ => None,
+                    };
                     Outcome::View {
                         leases: self
                             .store
                             .blocks
                             .iter()
                             .filter(|(_, l)| l.node == node)
+                            .filter(|(b, _)| known.as_ref().is_none_or(|k| k.contains(b)))
                             .map(|(b, l)| (*b, (l.pool.clone(), l.epoch)))
                             .collect(),
                         fenced,
@@ -493,7 +502,7 @@ impl World {
                     }
                 }
             }
-            Effect::Wire { key, spec } => {
+            Effect::Wire { key, spec, .. } => {
                 let n = &mut self.nodes[i];
                 let complete = n.kernel.get(&spec.host_veth).is_some_and(|v| {
                     v.key == *key && v.netns == spec.netns && v.addrs == spec.addresses
@@ -754,6 +763,7 @@ impl World {
             netns,
             pool: POOL.into(),
             families: self.families.clone(),
+            pod: Default::default(),
         };
         self.request(i, key, Kind::Add, r);
     }
