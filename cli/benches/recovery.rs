@@ -385,6 +385,7 @@ fn ready_ms_model(records: usize) -> (f64, u64) {
         min_blocks: 1,
         metrics_addr: None,
         events: coil_cli::kube::EventSink::disabled(),
+        engine: Default::default(),
     };
     let calls = k.calls();
     let t = Instant::now();

@@ -449,6 +449,7 @@ fn coild_child(ep: &str) {
         min_blocks: 1,
         metrics_addr: None,
         events: coil_cli::kube::EventSink::disabled(),
+        engine: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,6 +9,7 @@
 
 mod add;
 mod blocks;
+mod engine;
 mod index;
 mod release;
 mod tasks;
@@ -44,6 +45,17 @@ pub enum StoreChoice {
     Embedded,
 }
 
+/// What makes coild's decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// The request handlers decide in async code (the long-standing one).
+    #[default]
+    Direct,
+    /// The I/O-free node machine decides and coild drives it
+    /// (`daemon/engine.rs`): persist, then act, then answer.
+    Machine,
+}
+
 /// coild's resolved configuration.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -65,6 +77,8 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Kubernetes Events on this node's Node (disabled without an API).
     pub events: crate::kube::EventSink,
+    /// Which engine decides.
+    pub engine: EngineChoice,
 }
 
 /// Why coild could not start or stopped.
@@ -106,6 +120,9 @@ pub enum DaemonError {
     Config(String),
     #[error("{0}")]
     Internal(String),
+    /// A refusal decided by the node machine, of its kind.
+    #[error("{1}")]
+    Machine(ErrorKind, String),
 }
 
 impl DaemonError {
@@ -125,6 +142,7 @@ impl DaemonError {
             DaemonError::Check(_) => ErrorKind::CheckFailed,
             DaemonError::Config(_) => ErrorKind::BadInput,
             DaemonError::Internal(_) => ErrorKind::Internal,
+            DaemonError::Machine(k, _) => *k,
         }
     }
 
@@ -233,6 +251,8 @@ pub struct Daemon<B: Backend, K: KernelOps = Kernel> {
     /// must not serve from its old blocks before it can see its fence).
     unconfirmed: AtomicBool,
     fatal_notify: tokio::sync::Notify,
+    /// The node machine's driver, with `EngineChoice::Machine`.
+    engine: std::sync::OnceLock<engine::Engine>,
 }
 
 impl<B: Backend, K: KernelOps> std::fmt::Debug for Daemon<B, K> {
@@ -477,12 +497,16 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             unconfirmed: AtomicBool::new(meta.as_ref().is_some_and(|m| m.boot_id != boot_id)),
             fatal_notify: tokio::sync::Notify::new(),
             m: Latencies::default(),
+            engine: std::sync::OnceLock::new(),
         });
+        let machine = d.cfg.engine == EngineChoice::Machine;
         let t0 = Instant::now();
         // Before serving, only what the attachments need; orphan links are
         // found by the first full resync, right after.
+        // The machine's driver has no resync of its own before its first
+        // tenth tick: orphan links are looked for now.
         let outcomes = d
-            .recover(false, false, true)
+            .recover(false, machine, true)
             .await
             .map_err(|e| fatal(format!("startup recovery: {e}")))?;
         tracing::info!(
@@ -508,10 +532,15 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         d.journal.commit(b).map_err(|e| fatal(e.to_string()))?;
         d.reload().map_err(|e| fatal(e.to_string()))?;
         tokio::spawn(index::mirror_task(d.clone(), rx));
-        tokio::spawn(release::teardown_task(d.clone(), trx));
         tokio::spawn(tasks::journal_watch(d.clone()));
         tokio::spawn(tasks::liveness_task(d.clone()));
-        tokio::spawn(tasks::resync_task(d.clone()));
+        if machine {
+            drop(trx);
+            d.start_engine();
+        } else {
+            tokio::spawn(release::teardown_task(d.clone(), trx));
+            tokio::spawn(tasks::resync_task(d.clone()));
+        }
         Ok(d)
     }
 
@@ -532,7 +561,24 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         full_scan: bool,
         store_scan: bool,
     ) -> DResult<Vec<coil_recovery::Outcome>> {
+        if let Some(r) = self
+            .recover_via_engine(dry_run, full_scan, store_scan)
+            .await
+        {
+            return r;
+        }
         let _g = self.gate.write().await;
+        self.recover_now(dry_run, full_scan, store_scan).await
+    }
+
+    /// [`Daemon::recover`] with requests already held off (the gate, or
+    /// the machine's driver quiescent).
+    async fn recover_now(
+        &self,
+        dry_run: bool,
+        full_scan: bool,
+        store_scan: bool,
+    ) -> DResult<Vec<coil_recovery::Outcome>> {
         let cx = coil_recovery::Context {
             journal: &self.journal,
             store: &self.store,
@@ -847,13 +893,22 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     async fn dispatch(self: &Arc<Self>, req: Request) -> Response {
         let version = req.conf.cni_version.clone();
         let res = match req.command {
-            Command::Add => self
-                .add(&req)
-                .await
-                .map(|r| r.render_with_prev(&version, req.conf.prev_result.as_ref())),
-            Command::Del => self.del(&req).await.map(|_| serde_json::Value::Null),
+            Command::Add => match self.add_via_engine(&req).await {
+                Some(r) => r,
+                None => self.add(&req).await,
+            }
+            .map(|r| r.render_with_prev(&version, req.conf.prev_result.as_ref())),
+            Command::Del => match self.del_via_engine(&req).await {
+                Some(r) => r,
+                None => self.del(&req).await,
+            }
+            .map(|_| serde_json::Value::Null),
             Command::Check => self.check(&req).await.map(|_| serde_json::Value::Null),
-            Command::Gc => self.gc(&req).await.map(|_| serde_json::Value::Null),
+            Command::Gc => match self.gc_via_engine(&req).await {
+                Some(r) => r,
+                None => self.gc(&req).await,
+            }
+            .map(|_| serde_json::Value::Null),
             Command::Status => self.status().await.map(|_| serde_json::Value::Null),
             Command::Version => Ok(cni::version_result(b"")),
         };
@@ -874,6 +929,9 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
 impl<B: Backend, K: KernelOps> Daemon<B, K> {
     async fn check(&self, req: &Request) -> DResult<()> {
         let key = request_key(req);
+        if let Some(r) = self.check_via_engine(&key).await {
+            r?;
+        }
         let a = self
             .lock()
             .lookup(&key)
@@ -920,6 +978,9 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     async fn status(&self) -> DResult<()> {
         if let Some(why) = self.fatal_reason() {
             return Err(DaemonError::Busy(why));
+        }
+        if let Some(r) = self.status_via_engine().await {
+            return r;
         }
         if self.removed.load(Ordering::Relaxed) {
             return Err(DaemonError::Busy(format!(

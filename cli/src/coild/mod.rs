@@ -16,7 +16,7 @@ use clap::Parser;
 use coil::exit;
 use serde::Deserialize;
 
-pub use daemon::{open_journal, Daemon, DaemonConfig, StoreChoice};
+pub use daemon::{open_journal, Daemon, DaemonConfig, EngineChoice, StoreChoice};
 pub use server::serve;
 
 #[derive(Parser, Debug, Default)]
@@ -91,6 +91,10 @@ struct Args {
     /// Kubeconfig for `--kube` (implies it).
     #[arg(long, env = "COILD_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// What decides: `direct` (request handlers) or `machine` (the I/O-free
+    /// node machine, driven persist-then-act) [default: direct].
+    #[arg(long, env = "COILD_ENGINE", value_parser = ["direct", "machine"])]
+    engine: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +120,7 @@ struct FileConfig {
     resync_interval: Option<String>,
     min_blocks: Option<usize>,
     metrics_addr: Option<std::net::SocketAddr>,
+    engine: Option<String>,
 }
 
 fn hostname() -> String {
@@ -222,6 +227,13 @@ impl Args {
             min_blocks: self.min_blocks.or(file.min_blocks).unwrap_or(1),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             events: crate::kube::EventSink::disabled(),
+            engine: match self.engine.or(file.engine).as_deref() {
+                None | Some("direct") => EngineChoice::Direct,
+                Some("machine") => EngineChoice::Machine,
+                Some(other) => {
+                    return Err(format!("unknown engine {other:?}: use direct or machine"))
+                }
+            },
         })
     }
 }

@@ -138,6 +138,7 @@ pub fn inproc_config(dir: &std::path::Path, node: &str) -> DaemonConfig {
         min_blocks: 1,
         metrics_addr: None,
         events: coil_cli::kube::EventSink::disabled(),
+        engine: Default::default(),
     }
 }
 

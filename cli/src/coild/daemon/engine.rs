@@ -1,0 +1,886 @@
+//! coild as a driver of the node machine (`--engine machine`).
+//!
+//! [`coil::machine::NodeMachine`] decides; this module does what it
+//! decides, in the order raft-rs's drivers follow with a `Ready`:
+//!
+//! 1. feed the machine every event that is waiting (requests, effects'
+//!    outcomes, a tick), up to [`ROUND`] of them;
+//! 2. make the records of all their outputs durable in one journal batch
+//!    (fsynced unless every record may be lost, see [`Output::sync`]): the
+//!    round's group commit;
+//! 3. only then start the effects, each in a task of its own whose outcome
+//!    comes back as an event;
+//! 4. only then answer.
+//!
+//! A crash anywhere leaves what step 2 made durable; the next start rebuilds
+//! the machine from the journal ([`NodeMachine::start`]) and re-issues every
+//! effect a pending intent announces. The machine's decisions are checked
+//! by the cluster simulator (coil-sim) under crashes at every effect
+//! boundary; this driver adds nothing to decide. Failpoints sit at the
+//! same boundaries, under the names the direct engine uses, so the chaos
+//! harness kills this engine where it kills the other.
+//!
+//! The allocation the rest of coild reads (stats, metrics, the address
+//! index, CHECK) is a copy of the machine's, published after each round.
+
+use super::*;
+use coil::machine::{
+    Answer, Durable, Effect, EffectId, MachineConfig, NodeMachine, Outcome, Output, PodMeta, Rec,
+    ReqId, Request as Req,
+};
+use coil::store::model::validate_node_name;
+use tokio::sync::{mpsc::UnboundedReceiver, mpsc::UnboundedSender, oneshot};
+
+/// Most events fed to the machine before their records are committed.
+const ROUND: usize = 256;
+
+/// A repair or resync run by recovery while the machine is quiescent.
+pub(super) struct RecoverJob {
+    pub dry_run: bool,
+    pub full_scan: bool,
+    pub store_scan: bool,
+    pub reply: oneshot::Sender<DResult<Vec<coil_recovery::Outcome>>>,
+}
+
+pub(super) enum Event {
+    Request(Req, oneshot::Sender<Answer>),
+    /// An effect of the machine of generation `.0` ended.
+    Done(u64, EffectId, Outcome),
+    Tick,
+    Recover(RecoverJob),
+}
+
+/// The handle requests use to reach the machine.
+#[derive(Debug)]
+pub(super) struct Engine {
+    tx: UnboundedSender<Event>,
+    /// MAC addresses of veths wired by the machine's effects, for the ADD
+    /// answer (taken by it).
+    wired: Mutex<HashMap<AttachmentKey, coil::kernel::Wired>>,
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Request(r, _) => write!(f, "Request({r:?})"),
+            Event::Done(g, id, o) => write!(f, "Done({g}, {id}, {o:?})"),
+            Event::Tick => write!(f, "Tick"),
+            Event::Recover(_) => write!(f, "Recover"),
+        }
+    }
+}
+
+fn stopped() -> DaemonError {
+    DaemonError::Busy("coild's node machine stopped; coild restarts".into())
+}
+
+impl Engine {
+    pub(super) fn new() -> (Engine, UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Engine {
+                tx,
+                wired: Mutex::new(HashMap::new()),
+            },
+            rx,
+        )
+    }
+
+    /// Sends a request to the machine and waits for its answer.
+    pub(super) async fn call(&self, r: Req) -> DResult<Answer> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Event::Request(r, tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    pub(super) async fn recover(
+        &self,
+        dry_run: bool,
+        full_scan: bool,
+        store_scan: bool,
+    ) -> DResult<Vec<coil_recovery::Outcome>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Recover(RecoverJob {
+                dry_run,
+                full_scan,
+                store_scan,
+                reply,
+            }))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    fn take_wired(&self, key: &AttachmentKey) -> Option<coil::kernel::Wired> {
+        self.wired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
+    fn put_wired(&self, key: AttachmentKey, w: coil::kernel::Wired) {
+        let mut m = self.wired.lock().unwrap_or_else(|e| e.into_inner());
+        // Answers not taken (the caller gave up) must not pile up.
+        if m.len() > 4096 {
+            m.clear();
+        }
+        m.insert(key, w);
+    }
+}
+
+/// The answer a request got from the machine, as coild's error.
+fn failed(a: Answer) -> DaemonError {
+    match a {
+        Answer::Failed(kind, msg) => DaemonError::Machine(kind, msg),
+        other => DaemonError::Internal(format!(
+            "unexpected answer from the node machine: {other:?}"
+        )),
+    }
+}
+
+impl<B: Backend, K: KernelOps> Daemon<B, K> {
+    fn engine(&self) -> Option<&Engine> {
+        self.engine.get()
+    }
+
+    /// Starts the machine's driver and its clock. After startup recovery.
+    pub(super) fn start_engine(self: &Arc<Self>) {
+        let (e, rx) = Engine::new();
+        let tx = e.tx.clone();
+        if self.engine.set(e).is_err() {
+            return;
+        }
+        tokio::spawn(run(self.clone(), tx.clone(), rx));
+        let period = self.cfg.resync_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                if tx.send(Event::Tick).is_err() {
+                    return;
+                }
+                // A full scan (orphan links, host routes, aliases) every
+                // tenth tick, as the direct engine's resync does.
+                if n.is_multiple_of(10) {
+                    let (reply, rx) = oneshot::channel();
+                    let job = RecoverJob {
+                        dry_run: false,
+                        full_scan: true,
+                        store_scan: false,
+                        reply,
+                    };
+                    if tx.send(Event::Recover(job)).is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(Ok(out)) => {
+                            for o in out.iter().filter(|o| !o.ok) {
+                                tracing::warn!(action = %o.action, "resync: {}", o.error.as_deref().unwrap_or(""));
+                            }
+                        }
+                        Ok(Err(e)) => tracing::warn!("resync: {e}"),
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+    }
+
+    /// Recovery through the machine's driver, when it runs.
+    pub(super) async fn recover_via_engine(
+        &self,
+        dry_run: bool,
+        full_scan: bool,
+        store_scan: bool,
+    ) -> Option<DResult<Vec<coil_recovery::Outcome>>> {
+        let e = self.engine()?;
+        Some(e.recover(dry_run, full_scan, store_scan).await)
+    }
+
+    /// ADD through the machine. None: the direct engine serves.
+    pub(super) async fn add_via_engine(
+        self: &Arc<Self>,
+        req: &Request,
+    ) -> Option<DResult<AddResult>> {
+        let e = self.engine()?;
+        Some(self.add_machine(e, req).await)
+    }
+
+    async fn add_machine(self: &Arc<Self>, e: &Engine, req: &Request) -> DResult<AddResult> {
+        let key = request_key(req);
+        let netns = req.netns.clone().unwrap_or_default();
+        let wired = matches!(
+            self.lock().lookup(&key),
+            Some(a) if a.state == AttachmentState::Wired
+        );
+        // A new attachment: the path must be a pod's own network namespace
+        // (never coild's or the host's), and its pool is looked up here
+        // (cached), outside the machine.
+        let (pool, families) = if wired {
+            (String::new(), Vec::new())
+        } else {
+            drop(
+                deadline(
+                    format!("opening {netns}"),
+                    self.kernel.open_pod_netns(&netns),
+                )
+                .await?,
+            );
+            self.pool_for(req.pod.namespace.as_deref()).await?
+        };
+        let pod = PodMeta {
+            namespace: req.pod.namespace.clone().unwrap_or_default(),
+            name: req.pod.name.clone().unwrap_or_default(),
+            created_unix: coil::journal::now_unix(),
+        };
+        let answer = e
+            .call(Req::Add {
+                key: key.clone(),
+                netns,
+                pool: pool.clone(),
+                families: families.clone(),
+                pod,
+            })
+            .await?;
+        match answer {
+            Answer::Added(_) => {
+                let a = self.lock().lookup(&key).cloned().ok_or_else(|| {
+                    DaemonError::Internal(format!("{key} was added but is not recorded"))
+                })?;
+                let w = match e.take_wired(&a.key) {
+                    Some(w) => w,
+                    None => {
+                        deadline(
+                            format!("reading the wiring of {key}"),
+                            self.kernel.wire_info(&self.spec(&a)),
+                        )
+                        .await?
+                    }
+                };
+                Ok(self.result(&a, w.host_mac, w.pod_mac))
+            }
+            Answer::Failed(ErrorKind::Exhausted, msg) => {
+                self.cfg.events.emit(crate::kube::NodeEvent::PoolExhausted {
+                    pool,
+                    family: families
+                        .iter()
+                        .map(|f| f.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                });
+                Err(DaemonError::Machine(ErrorKind::Exhausted, msg))
+            }
+            other => Err(failed(other)),
+        }
+    }
+
+    /// DEL through the machine. None: the direct engine serves.
+    pub(super) async fn del_via_engine(&self, req: &Request) -> Option<DResult<()>> {
+        let e = self.engine()?;
+        Some(
+            match e
+                .call(Req::Del {
+                    key: request_key(req),
+                })
+                .await
+            {
+                Ok(Answer::Deleted) => Ok(()),
+                Ok(a) => Err(failed(a)),
+                Err(x) => Err(x),
+            },
+        )
+    }
+
+    /// GC through the machine. None: the direct engine serves.
+    pub(super) async fn gc_via_engine(&self, req: &Request) -> Option<DResult<()>> {
+        let e = self.engine()?;
+        let network = req.conf.name.as_str();
+        let Some(list) = &req.conf.valid_attachments else {
+            return Some(Err(DaemonError::Config(format!(
+                "GC of network {network:?} needs cni.dev/valid-attachments; nothing was released"
+            ))));
+        };
+        let keep: BTreeSet<AttachmentKey> = list
+            .iter()
+            .map(|v| AttachmentKey::new(network, &v.container_id, &v.ifname))
+            .collect();
+        Some(
+            match e
+                .call(Req::Gc {
+                    network: network.to_string(),
+                    keep,
+                })
+                .await
+            {
+                Ok(Answer::Collected) => Ok(()),
+                Ok(a) => Err(failed(a)),
+                Err(x) => Err(x),
+            },
+        )
+    }
+
+    /// CHECK's first half through the machine (is the attachment wired
+    /// and idle?). None: the direct engine serves.
+    pub(super) async fn check_via_engine(&self, key: &AttachmentKey) -> Option<DResult<()>> {
+        let e = self.engine()?;
+        Some(match e.call(Req::Check { key: key.clone() }).await {
+            Ok(Answer::Checked) => Ok(()),
+            Ok(Answer::Failed(_, msg)) => Err(DaemonError::Check(msg)),
+            Ok(a) => Err(failed(a)),
+            Err(x) => Err(x),
+        })
+    }
+
+    /// STATUS through the machine. None: the direct engine serves.
+    pub(super) async fn status_via_engine(&self) -> Option<DResult<()>> {
+        let e = self.engine()?;
+        Some(match e.call(Req::Status).await {
+            Ok(Answer::Ready) => Ok(()),
+            Ok(Answer::Failed(_, msg)) => Err(DaemonError::Busy(msg)),
+            Ok(a) => Err(failed(a)),
+            Err(x) => Err(x),
+        })
+    }
+}
+
+/// The driver's state: the machine, its generation (bumped each time it is
+/// rebuilt, so a late outcome of an earlier machine's effect is dropped)
+/// and the callers waiting for answers.
+struct Driver<B: Backend, K: KernelOps> {
+    d: Arc<Daemon<B, K>>,
+    tx: UnboundedSender<Event>,
+    m: NodeMachine,
+    generation: u64,
+    next_req: ReqId,
+    waiting: HashMap<ReqId, oneshot::Sender<Answer>>,
+    /// The last table read failed: the next one waits a little.
+    table_failing: Arc<AtomicBool>,
+}
+
+fn machine_config<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> MachineConfig {
+    MachineConfig {
+        node: d.cfg.node_name.clone(),
+        boot_id: d.boot_id.clone(),
+        min_blocks: d.cfg.min_blocks,
+        mtu: d.cfg.mtu,
+    }
+}
+
+/// What the journal holds, as the machine starts from it.
+fn durable(j: &Journal) -> DResult<Durable> {
+    let mut d = Durable::default();
+    for l in j.leases()? {
+        d.leases.insert(l.block, l);
+    }
+    for a in j.attachments()? {
+        d.attachments.insert(a.key.clone(), a);
+    }
+    for i in j.pending_intents()? {
+        d.intents.insert(i.id, i);
+    }
+    for (addr, e) in j.addresses()? {
+        d.addresses.insert(addr, e);
+    }
+    Ok(d)
+}
+
+async fn run<B: Backend, K: KernelOps>(
+    d: Arc<Daemon<B, K>>,
+    tx: UnboundedSender<Event>,
+    mut rx: UnboundedReceiver<Event>,
+) {
+    let dur = match durable(&d.journal) {
+        Ok(x) => x,
+        Err(e) => {
+            d.set_fatal(format!("reading the journal for the node machine: {e}"));
+            return;
+        }
+    };
+    let (m, first) = NodeMachine::start(machine_config(&d), &dur);
+    let mut drv = Driver {
+        d,
+        tx,
+        m,
+        generation: 0,
+        next_req: 1,
+        waiting: HashMap::new(),
+        table_failing: Arc::new(AtomicBool::new(false)),
+    };
+    if !drv.drive(vec![first]).await {
+        return;
+    }
+    while let Some(ev) = rx.recv().await {
+        let mut outs = Vec::new();
+        let mut events = vec![ev];
+        while events.len() < ROUND {
+            match rx.try_recv() {
+                Ok(ev) => events.push(ev),
+                Err(_) => break,
+            }
+        }
+        for ev in events {
+            match ev {
+                Event::Recover(job) => {
+                    // Whatever was fed so far is driven first.
+                    if !drv.drive(std::mem::take(&mut outs)).await {
+                        return;
+                    }
+                    if !drv.recover(job, &mut rx).await {
+                        return;
+                    }
+                }
+                ev => {
+                    if let Some(o) = drv.feed(ev) {
+                        outs.push(o);
+                    }
+                }
+            }
+        }
+        if !drv.drive(outs).await {
+            return;
+        }
+    }
+}
+
+impl<B: Backend, K: KernelOps> Driver<B, K> {
+    fn feed(&mut self, ev: Event) -> Option<Output> {
+        match ev {
+            Event::Request(r, reply) => {
+                let id = self.next_req;
+                self.next_req += 1;
+                self.waiting.insert(id, reply);
+                Some(self.m.request(id, r))
+            }
+            Event::Done(g, id, outcome) if g == self.generation => Some(self.m.done(id, outcome)),
+            Event::Done(..) => None,
+            Event::Tick => Some(self.m.tick()),
+            Event::Recover(_) => None,
+        }
+    }
+
+    /// Persist, then act, then answer. False when coild must stop (the
+    /// journal cannot commit): nothing of the failed round was acted on.
+    async fn drive(&mut self, outs: Vec<Output>) -> bool {
+        if outs.is_empty() {
+            return true;
+        }
+        let d = self.d.clone();
+        let mut recs: Vec<Rec> = Vec::new();
+        let mut sync = false;
+        let mut effects = Vec::new();
+        let mut answers = Vec::new();
+        for o in outs {
+            sync |= o.sync;
+            recs.extend(o.persist);
+            effects.extend(o.effects);
+            answers.extend(o.answers);
+        }
+        if !recs.is_empty() {
+            let now = coil::journal::now_unix();
+            let mut b = Batch::new();
+            for r in &recs {
+                match r {
+                    Rec::PutIntent(i) if i.created_unix == 0 => {
+                        Rec::PutIntent(Intent {
+                            created_unix: now,
+                            ..i.clone()
+                        })
+                        .add_to(&mut b);
+                    }
+                    r => r.add_to(&mut b),
+                }
+            }
+            let committed = if sync {
+                d.commit(b).await
+            } else {
+                d.commit_deferred(b)
+            };
+            if let Err(e) = committed {
+                // The machine believes records that are not durable: it
+                // must not act on them. coild stops; the restart rebuilds
+                // the machine from what the journal holds.
+                d.set_fatal(format!("the node machine's journal commit failed: {e}"));
+                for (req, _) in answers {
+                    if let Some(w) = self.waiting.remove(&req) {
+                        let _ = w.send(Answer::Failed(ErrorKind::TryAgain, e.to_string()));
+                    }
+                }
+                return false;
+            }
+            self.persisted(&recs);
+        }
+        self.publish(&recs);
+        for (id, e) in effects {
+            self.start_effect(id, e);
+        }
+        for (req, a) in answers {
+            if let Some(w) = self.waiting.remove(&req) {
+                let _ = w.send(a);
+            }
+        }
+        true
+    }
+
+    /// The failpoints of the records just made durable.
+    fn persisted(&self, recs: &[Rec]) {
+        for r in recs {
+            match r {
+                Rec::PutAttachment(a) => match a.state {
+                    AttachmentState::Reserved => coil::failpoint::hit("add.reserved"),
+                    AttachmentState::Wired => coil::failpoint::hit("add.recorded"),
+                    AttachmentState::Releasing => coil::failpoint::hit("del.releasing"),
+                },
+                Rec::PutIntent(i) => match i.op {
+                    IntentOp::AcquireBlock { .. } => coil::failpoint::hit("acquire.intent"),
+                    IntentOp::ReleaseBlock { .. } => coil::failpoint::hit("release.intent"),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes the machine's allocation what the rest of coild reads, and
+    /// mirrors its changes into the address index, counters and events.
+    fn publish(&self, recs: &[Rec]) {
+        let d = &self.d;
+        let old = std::mem::replace(&mut *d.lock(), self.m.state().clone());
+        for r in recs {
+            match r {
+                Rec::PutAttachment(a) if a.state == AttachmentState::Wired => {
+                    for x in &a.addresses {
+                        d.mirror(Mirror::Put(d.record(a, x)));
+                    }
+                }
+                Rec::DeleteAttachment(k) => {
+                    if let Some(a) = old.attachment(k) {
+                        for x in &a.addresses {
+                            d.mirror(Mirror::Delete(d.record(a, x)));
+                        }
+                    }
+                }
+                Rec::PutLease(l) if l.state == LeaseState::Quarantined => {
+                    let was = old
+                        .blocks()
+                        .find(|b| b.lease.block == l.block)
+                        .map(|b| b.lease.state);
+                    if was.is_some_and(|s| s != LeaseState::Quarantined) && !self.m.removed() {
+                        let pods = old
+                            .blocks()
+                            .find(|b| b.lease.block == l.block)
+                            .map_or(0, |b| b.used.len());
+                        d.lease_losses.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(block = %l.block, pods,
+                            "lost the lease of block {}: no new address is taken from it", l.block);
+                        d.cfg.events.emit(crate::kube::NodeEvent::LeaseLost {
+                            block: l.block.to_string(),
+                            owner: "another node".into(),
+                            pods,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        d.set_removed(self.m.removed());
+        if !self.m.unconfirmed() && d.unconfirmed.swap(false, Ordering::Relaxed) {
+            tracing::info!("the store confirmed this node's leases after its reboot");
+        }
+        d.store_ok.store(self.m.store_ok(), Ordering::Relaxed);
+    }
+
+    fn start_effect(&self, id: EffectId, e: Effect) {
+        let d = self.d.clone();
+        let tx = self.tx.clone();
+        let g = self.generation;
+        // A narrow view reads the blocks the machine knows now.
+        let known: Vec<(String, IpNet)> = match &e {
+            Effect::View { full: false } => self
+                .m
+                .state()
+                .blocks()
+                .map(|b| (b.lease.pool.clone(), b.lease.block))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let table_failing = self.table_failing.clone();
+        tokio::spawn(async move {
+            let outcome = effect(&d, e, known, &table_failing).await;
+            let _ = tx.send(Event::Done(g, id, outcome));
+        });
+    }
+
+    /// Runs recovery with the machine quiescent, then rebuilds the machine
+    /// from the journal recovery left. Requests that come meanwhile wait.
+    async fn recover(&mut self, job: RecoverJob, rx: &mut UnboundedReceiver<Event>) -> bool {
+        let mut held: Vec<Event> = Vec::new();
+        let until = Instant::now() + KERNEL_DEADLINE;
+        while self.m.inflight() > 0 && Instant::now() < until {
+            let ev = match tokio::time::timeout_at(until.into(), rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return false,
+                Err(_) => break,
+            };
+            match ev {
+                ev @ Event::Done(..) => {
+                    let out = self.feed(ev).into_iter().collect();
+                    if !self.drive(out).await {
+                        return false;
+                    }
+                }
+                other => held.push(other),
+            }
+        }
+        let r = self
+            .d
+            .recover_now(job.dry_run, job.full_scan, job.store_scan)
+            .await;
+        let _ = job.reply.send(r);
+        if !job.dry_run {
+            let dur = match durable(&self.d.journal) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.d
+                        .set_fatal(format!("reading the journal for the node machine: {e}"));
+                    return false;
+                }
+            };
+            let (m, first) = NodeMachine::start(machine_config(&self.d), &dur);
+            self.m = m;
+            self.generation += 1;
+            // Requests the old machine held were answered (or their
+            // effects timed out): those left get a retry.
+            for (_, w) in self.waiting.drain() {
+                let _ = w.send(Answer::Failed(
+                    ErrorKind::TryAgain,
+                    "coild ran recovery meanwhile; retry".into(),
+                ));
+            }
+            if !self.drive(vec![first]).await {
+                return false;
+            }
+        }
+        for ev in held {
+            match ev {
+                Event::Recover(j) => {
+                    let _ = j.reply.send(Err(DaemonError::Busy(
+                        "another recovery ran meanwhile; retry".into(),
+                    )));
+                }
+                ev => {
+                    let out = self.feed(ev).into_iter().collect();
+                    if !self.drive(out).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Runs one effect against the kernel or the store. Every effect is
+/// idempotent; its failpoint fires after it took effect.
+async fn effect<B: Backend, K: KernelOps>(
+    d: &Daemon<B, K>,
+    e: Effect,
+    known: Vec<(String, IpNet)>,
+    table_failing: &AtomicBool,
+) -> Outcome {
+    let node = d.cfg.node_name.as_str();
+    match e {
+        Effect::Acquire { pool, family } => {
+            d.add_store_calls.fetch_add(1, Ordering::Relaxed);
+            match d.store.acquire_block_of(&pool, Some(family), node).await {
+                Ok(l) => {
+                    coil::failpoint::hit("acquire.leased");
+                    tracing::info!(pool, block = %l.block, epoch = l.epoch, "leased a block");
+                    Outcome::Acquired(journal_lease(&l))
+                }
+                Err(StoreError::Exhausted { .. }) => Outcome::Exhausted,
+                Err(StoreError::NodeRemoved { .. }) => Outcome::Fenced,
+                Err(e) => {
+                    tracing::warn!(pool, %family, "leasing a block: {e}");
+                    Outcome::Unavailable
+                }
+            }
+        }
+        Effect::Reacquire { lease } => {
+            match d
+                .store
+                .acquire_specific(&lease.pool, lease.block, node)
+                .await
+            {
+                Ok(l) => Outcome::Acquired(BlockLease {
+                    epoch: u64::try_from(l.epoch).unwrap_or(0),
+                    state: LeaseState::Leased,
+                    ..lease
+                }),
+                Err(StoreError::NotOwner { .. }) => Outcome::Taken,
+                Err(e) if e.is_corrupt() => Outcome::Taken,
+                Err(StoreError::NodeRemoved { .. }) => Outcome::Fenced,
+                Err(e) => {
+                    tracing::warn!(block = %lease.block, "re-leasing a block: {e}");
+                    Outcome::Unavailable
+                }
+            }
+        }
+        Effect::Release { lease } => {
+            let cur = match d.store.block(lease.block).await {
+                Ok((_, cur)) => cur,
+                // A malformed value is not a lease we can prove is ours.
+                Err(e) if e.is_corrupt() => None,
+                Err(e) => {
+                    tracing::warn!(block = %lease.block, "reading a block to release it: {e}");
+                    return Outcome::Unavailable;
+                }
+            };
+            match cur {
+                Some(c) if c.node == node && u64::try_from(c.epoch).ok() == Some(lease.epoch) => {
+                    match d.store.release_block(&c).await {
+                        Ok(()) => {
+                            coil::failpoint::hit("release.released");
+                            tracing::info!(block = %lease.block, "released an idle block");
+                            Outcome::Released
+                        }
+                        Err(e) => {
+                            tracing::warn!(block = %lease.block, "releasing a block: {e}");
+                            Outcome::Unavailable
+                        }
+                    }
+                }
+                // Gone, or not this incarnation: nothing to release.
+                _ => Outcome::Released,
+            }
+        }
+        Effect::Wire { key, spec, fresh } => {
+            // A restarted or retried wire adopts a complete wiring of this
+            // attachment instead of replacing it under a running pod.
+            if !fresh {
+                if let Ok(diffs) = deadline(format!("checking {key}"), d.kernel.check(&spec)).await
+                {
+                    if diffs.is_empty() {
+                        if let Ok(w) =
+                            deadline(format!("reading {key}"), d.kernel.wire_info(&spec)).await
+                        {
+                            coil::failpoint::hit("add.wired");
+                            if let Some(e) = d.engine() {
+                                e.put_wired(key, w);
+                            }
+                            return Outcome::Wired;
+                        }
+                    }
+                }
+            }
+            match deadline(format!("wiring {key}"), d.kernel.wire_in(&spec, None)).await {
+                Ok(w) => {
+                    coil::failpoint::hit("add.wired");
+                    if let Some(e) = d.engine() {
+                        e.put_wired(key, w);
+                    }
+                    Outcome::Wired
+                }
+                Err(KernelError::Timeout(..)) => Outcome::WireTimedOut,
+                Err(e) => Outcome::WireFailed(e.to_string()),
+            }
+        }
+        Effect::Unwire { key, host_veth } => {
+            match deadline(format!("unwiring {key}"), d.kernel.unwire(&host_veth)).await {
+                Ok(_) => {
+                    coil::failpoint::hit("del.unwired");
+                    Outcome::Unwired
+                }
+                Err(e) => {
+                    tracing::warn!(attachment = %key, "removing {host_veth}: {e}");
+                    Outcome::WireFailed(e.to_string())
+                }
+            }
+        }
+        Effect::View { full } => view(d, node, full, known).await,
+        Effect::Export { block } => match d.kernel.export_block(block).await {
+            Ok(()) => Outcome::Routed,
+            Err(e) => {
+                tracing::warn!(%block, "publishing in table {}: {e}", d.cfg.table_id);
+                Outcome::RouteFailed(e.to_string())
+            }
+        },
+        Effect::Withdraw { block } => match d.kernel.withdraw_block(block).await {
+            Ok(()) => Outcome::Routed,
+            Err(e) => {
+                tracing::warn!(%block, "withdrawing from table {}: {e}", d.cfg.table_id);
+                Outcome::RouteFailed(e.to_string())
+            }
+        },
+        Effect::ReadTable => {
+            // The machine asks again at once after a failure: pace it.
+            if table_failing.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            match d.kernel.exported_blocks().await {
+                Ok(v) => {
+                    table_failing.store(false, Ordering::Relaxed);
+                    Outcome::Table(v.into_iter().collect())
+                }
+                Err(e) => {
+                    table_failing.store(true, Ordering::Relaxed);
+                    tracing::warn!("reading table {}: {e}", d.cfg.table_id);
+                    Outcome::RouteFailed(e.to_string())
+                }
+            }
+        }
+    }
+}
+
+/// The store's view of this node: its leases and whether it is fenced.
+/// Narrow (the blocks the machine knows, one transaction) unless `full`.
+async fn view<B: Backend, K: KernelOps>(
+    d: &Daemon<B, K>,
+    node: &str,
+    full: bool,
+    known: Vec<(String, IpNet)>,
+) -> Outcome {
+    if validate_node_name(node).is_err() {
+        return Outcome::Unavailable;
+    }
+    let to_map = |ls: Vec<coil::store::BlockLease>| -> BTreeMap<IpNet, (String, u64)> {
+        ls.into_iter()
+            .filter(|l| l.node == node)
+            .map(|l| {
+                (
+                    l.block,
+                    (l.pool.clone(), u64::try_from(l.epoch).unwrap_or(0)),
+                )
+            })
+            .collect()
+    };
+    if !full {
+        match d.store.node_view(node, &known).await {
+            Ok(Some(v)) => {
+                return Outcome::View {
+                    leases: to_map(v.leases),
+                    fenced: v.removed,
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!("reading the store's view of this node: {e}");
+                return Outcome::Unavailable;
+            }
+        }
+    }
+    let listed = d.store.node_blocks_checked(node).await;
+    let fence = d.store.removal(node).await;
+    match (listed, fence) {
+        (Ok(l), Ok(f)) => Outcome::View {
+            leases: to_map(l.items),
+            fenced: f.is_some(),
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!("reading the store's view of this node: {e}");
+            Outcome::Unavailable
+        }
+    }
+}
