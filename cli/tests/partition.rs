@@ -359,6 +359,13 @@ fn a_partition_longer_than_ttl_and_grace_never_duplicates_an_address() {
         "{early:?}"
     );
     assert!(pod_addr(&pa_early).is_empty());
+    // Killed and restarted before the store answered, it still waits: the
+    // journal names the new boot only once the store confirmed it.
+    c.coild[0].kill();
+    c.start_coild(0, "a-2");
+    let early = c.add(0, &pa_early, "pod-a-early");
+    assert_eq!(early.err(), Some(11), "after a restart: {early:?}");
+    assert!(pod_addr(&pa_early).is_empty());
     c.cut(0, false);
     wait_until("A sees its removal fence", 20, || {
         c.stats(0)["removed"] == true

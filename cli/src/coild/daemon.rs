@@ -522,10 +522,18 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 bad.error.as_deref().unwrap_or("")
             );
         }
+        // The node record names this boot only once the store confirmed
+        // the leases: a coild that crashes before then must start
+        // unconfirmed again, not serve from blocks the cluster may have
+        // given away while the node was off (see `confirm_boot`).
+        let unconfirmed = d.unconfirmed.load(Ordering::Relaxed);
         let mut b = Batch::new();
         b.put_node_meta(&NodeMeta {
             node_name: d.cfg.node_name.clone(),
-            boot_id,
+            boot_id: match &meta {
+                Some(m) if unconfirmed => m.boot_id.clone(),
+                _ => boot_id,
+            },
             cluster_id: meta.map(|m| m.cluster_id).unwrap_or_default(),
             created_unix: coil::journal::now_unix(),
         });
@@ -596,7 +604,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         if o.store.is_some() {
             self.set_removed(o.removed);
             if !o.removed && self.unconfirmed.swap(false, Ordering::Relaxed) {
-                tracing::info!("the store confirmed this node's leases after its reboot");
+                self.confirm_boot();
             }
         }
         if !dry_run {
@@ -622,6 +630,27 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             self.reload()?;
         }
         Ok(out)
+    }
+
+    /// The store confirmed the leases since this boot: the journal's node
+    /// record names this boot from now on. Deferred: if it is lost, the
+    /// next start waits for the store's confirmation again (safe).
+    fn confirm_boot(&self) {
+        tracing::info!("the store confirmed this node's leases after its reboot");
+        match self.journal.node_meta() {
+            Ok(Some(m)) if m.boot_id != self.boot_id => {
+                let mut b = Batch::new();
+                b.put_node_meta(&NodeMeta {
+                    boot_id: self.boot_id.clone(),
+                    ..m
+                });
+                if let Err(e) = self.commit_deferred(b) {
+                    tracing::warn!("recording this boot in the journal: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reading the journal's node record: {e}"),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NodeState> {
