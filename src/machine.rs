@@ -88,6 +88,10 @@ pub struct Durable {
     pub attachments: BTreeMap<AttachmentKey, Attachment>,
     pub intents: BTreeMap<u64, Intent>,
     pub addresses: BTreeMap<IpAddr, AddressEntry>,
+    /// The node booted since the journal was last written (its node
+    /// record names another boot): the store must confirm the leases
+    /// before any ADD is served, even when no attachment is left to tell.
+    pub rebooted: bool,
 }
 
 impl Durable {
@@ -181,7 +185,7 @@ pub enum Outcome {
     Wired,
     /// `Wire` failed and left nothing behind (the pod's netns is gone, or
     /// the kernel refused).
-    WireFailed(String),
+    WireFailed(ErrorKind, String),
     /// `Wire` did not finish in time: the kernel may be half way.
     WireTimedOut,
     /// `Unwire` done (or there was nothing to remove).
@@ -394,10 +398,11 @@ impl NodeMachine {
     /// pending intent forward or back and asks the store for its view.
     pub fn start(cfg: MachineConfig, durable: &Durable) -> (NodeMachine, Output) {
         let mut out = Output::default();
-        let rebooted = durable
-            .attachments
-            .values()
-            .any(|a| a.boot_id != cfg.boot_id);
+        let rebooted = durable.rebooted
+            || durable
+                .attachments
+                .values()
+                .any(|a| a.boot_id != cfg.boot_id);
         let mut m = NodeMachine {
             next_intent: durable.intents.keys().next_back().map_or(1, |i| i + 1),
             alloc: NodeState::from_records(durable.leases.values().cloned().collect(), Vec::new()),
@@ -499,6 +504,14 @@ impl NodeMachine {
         self.store_ok
     }
 
+    fn fenced_msg(&self) -> String {
+        format!(
+            "node {} was removed from the cluster and serves no address until \
+             `coilctl node readmit {}`",
+            self.cfg.node, self.cfg.node
+        )
+    }
+
     /// Effects in flight.
     pub fn inflight(&self) -> usize {
         self.inflight.len()
@@ -564,13 +577,7 @@ impl NodeMachine {
             }
             Request::Status => {
                 let a = if self.removed {
-                    Answer::Failed(
-                        ErrorKind::Fenced,
-                        format!(
-                            "node {} was removed from the cluster; `coilctl node readmit {}`",
-                            self.cfg.node, self.cfg.node
-                        ),
-                    )
+                    Answer::Failed(ErrorKind::Fenced, self.fenced_msg())
                 } else if self.unconfirmed {
                     Answer::Failed(
                         ErrorKind::TryAgain,
@@ -911,13 +918,8 @@ impl NodeMachine {
             return;
         }
         if self.removed {
-            out.answers.push((
-                req,
-                Answer::Failed(
-                    ErrorKind::Fenced,
-                    format!("node {} was removed from the cluster", self.cfg.node),
-                ),
-            ));
+            out.answers
+                .push((req, Answer::Failed(ErrorKind::Fenced, self.fenced_msg())));
             return;
         }
         if self.unconfirmed {
@@ -1195,17 +1197,14 @@ impl NodeMachine {
                 out.rec(Rec::DeleteIntent(intent));
                 Some((
                     ErrorKind::Exhausted,
-                    format!("pool {pool} has no free {family} block"),
+                    format!("pool {pool} is exhausted: no {family} block is free"),
                 ))
             }
             Outcome::Fenced => {
                 self.intents.remove(&intent);
                 out.rec(Rec::DeleteIntent(intent));
                 self.fence(out);
-                Some((
-                    ErrorKind::Fenced,
-                    format!("node {} was removed from the cluster", self.cfg.node),
-                ))
+                Some((ErrorKind::Fenced, self.fenced_msg()))
             }
             // The store may have leased a block it could not confirm: the
             // intent stays until a view adopts or settles it.
@@ -1315,14 +1314,12 @@ impl NodeMachine {
                 }
                 self.begin_release(out, a);
                 if let Some(req) = req {
-                    let why = match other {
-                        Outcome::WireFailed(why) => why,
-                        o => format!("{o:?}"),
+                    let (kind, why) = match other {
+                        Outcome::WireFailed(kind, why) => (kind, why),
+                        o => (ErrorKind::Kernel, format!("{o:?}")),
                     };
-                    out.answers.push((
-                        req,
-                        Answer::Failed(ErrorKind::Kernel, format!("wiring {key}: {why}")),
-                    ));
+                    out.answers
+                        .push((req, Answer::Failed(kind, format!("wiring {key}: {why}"))));
                 }
             }
         }
@@ -1475,7 +1472,7 @@ impl NodeMachine {
             self.quarantine(out, &l);
         }
         for p in std::mem::take(&mut self.parked) {
-            let msg = format!("node {} was removed from the cluster", self.cfg.node);
+            let msg = self.fenced_msg();
             self.give_up(out, p, ErrorKind::Fenced, msg);
         }
     }
@@ -1709,7 +1706,10 @@ mod tests {
         let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
         let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
         let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
-        let out = m.done(wire, Outcome::WireFailed("refused".into()));
+        let out = m.done(
+            wire,
+            Outcome::WireFailed(ErrorKind::Kernel, "refused".into()),
+        );
         assert!(matches!(
             &out.answers[..],
             [(1, Answer::Failed(ErrorKind::Kernel, _))]

@@ -570,7 +570,7 @@ impl World {
         for _ in 0..50 {
             self.run_effect(i, k, rng);
             match &self.nodes[i].effects[k].outcome {
-                Some(coil::machine::Outcome::WireFailed(why)) if why.contains("refused") => {}
+                Some(coil::machine::Outcome::WireFailed(_, why)) if why.contains("refused") => {}
                 Some(coil::machine::Outcome::WireTimedOut) => {}
                 Some(coil::machine::Outcome::Unavailable) => {}
                 _ => return,

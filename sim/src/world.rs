@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use coil::errors::ErrorKind;
 use coil::journal::{AttachmentKey, BlockLease, LeaseState};
 use coil::machine::{
     Answer, Durable, Effect, EffectId, MachineConfig, NodeMachine, Outcome, Output, Rec, ReqId,
@@ -508,7 +509,10 @@ impl World {
                     v.key == *key && v.netns == spec.netns && v.addrs == spec.addresses
                 });
                 if !n.netns.contains(&spec.netns) {
-                    Outcome::WireFailed(format!("netns {} is gone", spec.netns))
+                    Outcome::WireFailed(
+                        ErrorKind::NetnsMissing,
+                        format!("netns {} is gone", spec.netns),
+                    )
                 } else if complete {
                     // Create-or-verify: a complete wiring of this very
                     // attachment is the wire's result.
@@ -518,7 +522,7 @@ impl World {
                     // (the adapter replaces a half-done veth, and cleans
                     // up what it created).
                     n.kernel.remove(&spec.host_veth);
-                    Outcome::WireFailed("the kernel refused".into())
+                    Outcome::WireFailed(ErrorKind::Kernel, "the kernel refused".into())
                 } else {
                     n.kernel.insert(
                         spec.host_veth.clone(),

@@ -307,19 +307,41 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             .iter()
             .map(|v| AttachmentKey::new(network, &v.container_id, &v.ifname))
             .collect();
-        Some(
-            match e
-                .call(Req::Gc {
-                    network: network.to_string(),
-                    keep,
-                })
-                .await
-            {
-                Ok(Answer::Collected) => Ok(()),
-                Ok(a) => Err(failed(a)),
-                Err(x) => Err(x),
-            },
-        )
+        match e
+            .call(Req::Gc {
+                network: network.to_string(),
+                keep: keep.clone(),
+            })
+            .await
+        {
+            Ok(Answer::Collected) => {}
+            Ok(a) => return Some(Err(failed(a))),
+            Err(x) => return Some(Err(x)),
+        }
+        // The machine answers once the releases are durable; GC answers
+        // once they are done (their veths gone), as the direct engine
+        // does, so a failure is the runtime's to see and retry.
+        let until = Instant::now() + KERNEL_DEADLINE;
+        loop {
+            let left: Vec<String> = self
+                .lock()
+                .attachments()
+                .filter(|a| a.key.network == network && !keep.contains(&a.key))
+                .map(|a| a.key.to_string())
+                .collect();
+            if left.is_empty() {
+                return Some(Ok(()));
+            }
+            if Instant::now() >= until {
+                return Some(Err(DaemonError::Busy(format!(
+                    "GC released the stale attachments but {} still wait for their veths \
+                     to go ({}); they are retried",
+                    left.len(),
+                    left.join(", ")
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// CHECK's first half through the machine (is the attachment wired
@@ -369,9 +391,13 @@ fn machine_config<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> MachineConfig {
     }
 }
 
-/// What the journal holds, as the machine starts from it.
-fn durable(j: &Journal) -> DResult<Durable> {
-    let mut d = Durable::default();
+/// What the journal holds, as the machine starts from it. `rebooted`:
+/// the store has not confirmed the leases since this boot.
+fn durable(j: &Journal, rebooted: bool) -> DResult<Durable> {
+    let mut d = Durable {
+        rebooted,
+        ..Durable::default()
+    };
     for l in j.leases()? {
         d.leases.insert(l.block, l);
     }
@@ -392,7 +418,7 @@ async fn run<B: Backend, K: KernelOps>(
     tx: UnboundedSender<Event>,
     mut rx: UnboundedReceiver<Event>,
 ) {
-    let dur = match durable(&d.journal) {
+    let dur = match durable(&d.journal, d.unconfirmed.load(Ordering::Relaxed)) {
         Ok(x) => x,
         Err(e) => {
             d.set_fatal(format!("reading the journal for the node machine: {e}"));
@@ -587,7 +613,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         }
         d.set_removed(self.m.removed());
         if !self.m.unconfirmed() && d.unconfirmed.swap(false, Ordering::Relaxed) {
-            tracing::info!("the store confirmed this node's leases after its reboot");
+            d.confirm_boot();
         }
         d.store_ok.store(self.m.store_ok(), Ordering::Relaxed);
     }
@@ -640,7 +666,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             .await;
         let _ = job.reply.send(r);
         if !job.dry_run {
-            let dur = match durable(&self.d.journal) {
+            let dur = match durable(&self.d.journal, self.d.unconfirmed.load(Ordering::Relaxed)) {
                 Ok(x) => x,
                 Err(e) => {
                     self.d
@@ -784,7 +810,10 @@ async fn effect<B: Backend, K: KernelOps>(
                     Outcome::Wired
                 }
                 Err(KernelError::Timeout(..)) => Outcome::WireTimedOut,
-                Err(e) => Outcome::WireFailed(e.to_string()),
+                Err(e) => {
+                    let why = e.to_string();
+                    Outcome::WireFailed(DaemonError::Kernel(e).kind(), why)
+                }
             }
         }
         Effect::Unwire { key, host_veth } => {
@@ -795,7 +824,7 @@ async fn effect<B: Backend, K: KernelOps>(
                 }
                 Err(e) => {
                     tracing::warn!(attachment = %key, "removing {host_veth}: {e}");
-                    Outcome::WireFailed(e.to_string())
+                    Outcome::WireFailed(ErrorKind::Kernel, e.to_string())
                 }
             }
         }
