@@ -812,10 +812,14 @@ impl NodeMachine {
         if !self.table_known {
             return;
         }
+        // Until the store confirmed the leases after a reboot, nothing is
+        // published: the node may have been removed while it was off and
+        // its blocks given to another node (found by the simulator: a
+        // node powered on again, cut off, advertised a block it had lost).
         let leased: BTreeSet<IpNet> = self
             .alloc
             .blocks()
-            .filter(|b| b.lease.state == LeaseState::Leased)
+            .filter(|b| b.lease.state == LeaseState::Leased && !self.unconfirmed)
             .map(|b| b.lease.block)
             .collect();
         let blocks: BTreeSet<IpNet> = leased
@@ -1462,6 +1466,19 @@ impl NodeMachine {
     fn fence(&mut self, out: &mut Output) {
         self.removed = true;
         self.fences += 1;
+        // A pending acquisition is spent: the removal freed every block
+        // the node leased, and the fence refuses any lease after it.
+        let acquiring: BTreeSet<u64> = self
+            .inflight
+            .values()
+            .filter_map(|p| match p {
+                Pending::Acquire { intent, .. } => Some(*intent),
+                _ => None,
+            })
+            .collect();
+        self.drop_intents(out, |i| {
+            matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
+        });
         let leased: Vec<BlockLease> = self
             .alloc
             .blocks()

@@ -22,6 +22,11 @@ pub enum Bug {
     /// a node cut off from the store loses its blocks to another node
     /// while its pods still hold their addresses.
     FreeOnLivenessExpiry = 4,
+    /// coild records a new boot in its journal at start, not once the
+    /// store confirmed the leases, so a coild restarted after a reboot
+    /// before the store answered serves (and publishes) blocks the
+    /// cluster may have given away while the node was off.
+    BootRecordedAtStart = 8,
 }
 
 #[cfg(feature = "planted")]

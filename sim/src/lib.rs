@@ -283,6 +283,21 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
                 }
             )
         }
+        990..=994 if (0..w.nodes.len()).any(|i| !w.member(i) && !w.up(i)) => {
+            let gone: Vec<usize> = (0..w.nodes.len())
+                .filter(|i| !w.member(*i) && !w.up(*i))
+                .collect();
+            let Some(i) = pick(rng, &gone) else {
+                return "no node to come back".into();
+            };
+            let cut = rng.gen_bool(0.5);
+            w.come_back(i, cut);
+            format!(
+                "{}: powered on again after its Node was deleted{}",
+                w.nodes[i].name,
+                if cut { ", cut off from the store" } else { "" }
+            )
+        }
         _ => {
             if members.len() <= 2 {
                 return "too few members to decommission".into();

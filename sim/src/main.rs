@@ -19,7 +19,7 @@ use coil::planted::Bug;
 use coil_sim::{reduce, run, Report};
 
 const USAGE: &str = "usage: coil-sim [--seed N | --seeds N] [--first N] [--steps N] [--threads N] \
-                     [--only I,J,..] [--reduce SECS] [--plant reuse|wire-first|liveness] [--summary]";
+                     [--only I,J,..] [--reduce SECS] [--plant reuse|wire-first|liveness|boot] [--summary]";
 
 #[derive(Debug)]
 struct Args {
@@ -70,6 +70,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Some("reuse") => Bug::ReuseWhileTearingDown,
                     Some("wire-first") => Bug::WireBeforeIntent,
                     Some("liveness") => Bug::FreeOnLivenessExpiry,
+                    Some("boot") => Bug::BootRecordedAtStart,
                     other => return Err(format!("--plant: unknown bug {other:?}")),
                 })
             }
@@ -200,6 +201,7 @@ fn plant_name(b: Bug) -> &'static str {
         Bug::ReuseWhileTearingDown => "reuse",
         Bug::WireBeforeIntent => "wire-first",
         Bug::FreeOnLivenessExpiry => "liveness",
+        Bug::BootRecordedAtStart => "boot",
     }
 }
 

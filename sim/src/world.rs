@@ -87,6 +87,10 @@ pub struct Fx {
 pub struct Node {
     pub name: String,
     pub boot: u64,
+    /// The boot the journal's node record names: coild records a new boot
+    /// only once the store confirmed the leases (durable; a node whose
+    /// record names an older boot starts unconfirmed).
+    pub meta_boot: u64,
     pub machine: Option<NodeMachine>,
     /// What the journal has made durable.
     pub durable: Durable,
@@ -212,6 +216,7 @@ impl World {
         self.nodes.push(Node {
             name,
             boot: 1,
+            meta_boot: 1,
             machine: None,
             durable: Durable::default(),
             unsynced: Vec::new(),
@@ -238,7 +243,16 @@ impl World {
 
     /// Starts coild on node `i` from its durable journal.
     pub fn start(&mut self, i: usize) {
-        let (m, out) = NodeMachine::start(self.cfg(i), &self.nodes[i].durable);
+        let n = &self.nodes[i];
+        let durable = Durable {
+            rebooted: n.meta_boot != n.boot,
+            ..n.durable.clone()
+        };
+        let (m, out) = NodeMachine::start(self.cfg(i), &durable);
+        if coil::planted::on(coil::planted::Bug::BootRecordedAtStart) {
+            // Planted (tests only): the boot recorded before confirmation.
+            self.nodes[i].meta_boot = self.nodes[i].boot;
+        }
         self.nodes[i].machine = Some(m);
         self.keep_alive(i);
         self.apply(i, out);
@@ -352,11 +366,28 @@ impl World {
                 outcome: None,
             });
         }
+        // The driver records this boot once the store confirmed it.
+        let n = &mut self.nodes[i];
+        if n.machine.as_ref().is_some_and(|m| !m.unconfirmed()) {
+            n.meta_boot = n.boot;
+        }
         for (req, a) in answers {
             if let Some((key, kind)) = self.nodes[i].requests.remove(&req) {
                 self.runtime_answer(i, &key, kind, a);
             }
         }
+    }
+
+    /// A decommissioned node comes back with its journal (powered on
+    /// again; its kubelet re-registers the Node): a new boot, maybe still
+    /// cut off from the store. If the controller removed it meanwhile, its
+    /// blocks may be another node's now and it must serve none of them.
+    pub fn come_back(&mut self, i: usize, partitioned: bool) {
+        let n = &mut self.nodes[i];
+        n.boot += 1;
+        n.partitioned = partitioned;
+        self.kube.insert(n.name.clone());
+        self.start(i);
     }
 
     /// Sends a request to node `i`'s coild.
@@ -638,8 +669,13 @@ impl World {
         gone
     }
 
-    /// One transaction: the fence, and every lease of the node.
+    /// One transaction: the fence, and every lease of the node, on the
+    /// node's liveness being absent (as `Store::remove_node`: a node that
+    /// registered since the decision, powered on again, is not removed).
     fn remove_node(&mut self, n: &str) {
+        if self.store.liveness.contains_key(n) {
+            return;
+        }
         self.store.fences.insert(n.to_string());
         self.store.blocks.retain(|_, l| l.node != n);
     }
