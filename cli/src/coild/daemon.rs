@@ -500,6 +500,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             engine: std::sync::OnceLock::new(),
         });
         let machine = d.cfg.engine == EngineChoice::Machine;
+        let lease = d.register_first().await;
         let t0 = Instant::now();
         // Before serving, only what the attachments need; orphan links are
         // found by the first full resync, right after.
@@ -531,7 +532,12 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         b.put_node_meta(&NodeMeta {
             node_name: d.cfg.node_name.clone(),
             boot_id: match &meta {
-                Some(m) if unconfirmed => m.boot_id.clone(),
+                Some(m)
+                    if unconfirmed
+                        && !coil::planted::on(coil::planted::Bug::BootRecordedAtStart) =>
+                {
+                    m.boot_id.clone()
+                }
                 _ => boot_id,
             },
             cluster_id: meta.map(|m| m.cluster_id).unwrap_or_default(),
@@ -541,7 +547,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         d.reload().map_err(|e| fatal(e.to_string()))?;
         tokio::spawn(index::mirror_task(d.clone(), rx));
         tokio::spawn(tasks::journal_watch(d.clone()));
-        tokio::spawn(tasks::liveness_task(d.clone()));
+        tokio::spawn(tasks::liveness_task(d.clone(), lease));
         if machine {
             drop(trx);
             d.start_engine();

@@ -44,18 +44,59 @@ pub(super) async fn resync_task<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) 
     }
 }
 
+impl<B: Backend, K: KernelOps> Daemon<B, K> {
+    fn liveness_ttl_secs(&self) -> i64 {
+        self.cfg.liveness_ttl.as_secs().max(2) as i64
+    }
+
+    fn node_record(&self) -> NodeRecord {
+        NodeRecord {
+            node: self.cfg.node_name.clone(),
+            boot_id: self.boot_id.clone(),
+            started_unix: coil::journal::now_unix(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Registers the node's liveness once, before the store is asked to
+    /// confirm the leases after a start: the controller's removal is
+    /// refused while the liveness key exists, so a confirmation read after
+    /// it cannot be made stale by a removal decided while the node was off
+    /// (found by the cluster simulator). Bounded: an unreachable store
+    /// delays the start by at most 2 s, and the liveness task keeps trying.
+    pub(super) async fn register_first(&self) -> Option<i64> {
+        let ttl = self.liveness_ttl_secs();
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            self.store.register_node(&self.node_record(), ttl),
+        )
+        .await
+        {
+            Ok(Ok(lease)) => Some(lease),
+            Ok(Err(e)) => {
+                tracing::warn!("registering this node's liveness: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("registering this node's liveness: the store did not answer");
+                None
+            }
+        }
+    }
+}
+
 /// Keeps the node's liveness key alive; re-registers after expiry or an
-/// outage.
-pub(super) async fn liveness_task<B: Backend, K: KernelOps>(d: Arc<Daemon<B, K>>) {
-    let ttl = d.cfg.liveness_ttl.as_secs().max(2) as i64;
+/// outage. `lease`: the registration made at start, if it succeeded.
+pub(super) async fn liveness_task<B: Backend, K: KernelOps>(
+    d: Arc<Daemon<B, K>>,
+    mut lease: Option<i64>,
+) {
+    let ttl = d.liveness_ttl_secs();
     let period = Duration::from_secs((ttl as u64 / 3).max(1));
-    let rec = NodeRecord {
-        node: d.cfg.node_name.clone(),
-        boot_id: d.boot_id.clone(),
-        started_unix: coil::journal::now_unix(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let mut lease: Option<i64> = None;
+    let rec = d.node_record();
+    if lease.is_some() {
+        tokio::time::sleep(period).await;
+    }
     loop {
         let ok = match lease {
             Some(id) => d.store.keep_alive(id).await.unwrap_or(false),
