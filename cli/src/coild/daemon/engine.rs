@@ -50,13 +50,27 @@ pub(super) enum Event {
     Recover(RecoverJob),
 }
 
+/// A veth doomed by an `Unwire` effect, waiting for the batched deletion:
+/// its host name, and the effect to answer `Unwired` once it is gone.
+type Doomed = (String, u64, EffectId);
+
 /// The handle requests use to reach the machine.
-#[derive(Debug)]
 pub(super) struct Engine {
     tx: UnboundedSender<Event>,
     /// MAC addresses of veths wired by the machine's effects, for the ADD
     /// answer (taken by it).
     wired: Mutex<HashMap<AttachmentKey, coil::kernel::Wired>>,
+    /// Pod netns opened (and checked) by an ADD before it reached the
+    /// machine, for its wire to use (the kernel's `Netns`, type-erased).
+    netns: Mutex<HashMap<AttachmentKey, Box<dyn std::any::Any + Send>>>,
+    /// The batched teardown's queue (see `teardown`).
+    doomed: mpsc::Sender<Doomed>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Event {
@@ -75,15 +89,36 @@ fn stopped() -> DaemonError {
 }
 
 impl Engine {
-    pub(super) fn new() -> (Engine, UnboundedReceiver<Event>) {
+    pub(super) fn new() -> (Engine, UnboundedReceiver<Event>, mpsc::Receiver<Doomed>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (dtx, drx) = mpsc::channel(TEARDOWN_QUEUE);
         (
             Engine {
                 tx,
                 wired: Mutex::new(HashMap::new()),
+                netns: Mutex::new(HashMap::new()),
+                doomed: dtx,
             },
             rx,
+            drx,
         )
+    }
+
+    fn put_netns(&self, key: AttachmentKey, ns: Box<dyn std::any::Any + Send>) {
+        let mut m = self.netns.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 4096 {
+            m.clear();
+        }
+        m.insert(key, ns);
+    }
+
+    fn take_netns<N: 'static>(&self, key: &AttachmentKey) -> Option<N> {
+        let ns = self
+            .netns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)?;
+        ns.downcast::<N>().ok().map(|b| *b)
     }
 
     /// Sends a request to the machine and waits for its answer.
@@ -145,12 +180,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
 
     /// Starts the machine's driver and its clock. After startup recovery.
     pub(super) fn start_engine(self: &Arc<Self>) {
-        let (e, rx) = Engine::new();
+        let (e, rx, drx) = Engine::new();
         let tx = e.tx.clone();
         if self.engine.set(e).is_err() {
             return;
         }
         tokio::spawn(run(self.clone(), tx.clone(), rx));
+        tokio::spawn(teardown(self.clone(), tx.clone(), drx));
         let period = self.cfg.resync_interval;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -222,14 +258,14 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         let (pool, families) = if wired {
             (String::new(), Vec::new())
         } else {
-            drop(
-                deadline(
-                    format!("opening {netns}"),
-                    self.kernel.open_pod_netns(&netns),
-                )
-                .await?,
-            );
-            self.pool_for(req.pod.namespace.as_deref()).await?
+            let ns = deadline(
+                format!("opening {netns}"),
+                self.kernel.open_pod_netns(&netns),
+            )
+            .await?;
+            let shape = self.pool_for(req.pod.namespace.as_deref()).await?;
+            e.put_netns(key.clone(), Box::new(ns));
+            shape
         };
         let pod = PodMeta {
             namespace: req.pod.namespace.clone().unwrap_or_default(),
@@ -244,7 +280,10 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 families: families.clone(),
                 pod,
             })
-            .await?;
+            .await;
+        // A handle the wire did not take (the ADD was refused) is closed.
+        drop(e.take_netns::<K::Netns>(&key));
+        let answer = answer?;
         match answer {
             Answer::Added(_) => {
                 let a = self.lock().lookup(&key).cloned().ok_or_else(|| {
@@ -496,13 +535,31 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         let d = self.d.clone();
         let mut recs: Vec<Rec> = Vec::new();
         let mut sync = false;
-        let mut effects = Vec::new();
-        let mut answers = Vec::new();
+        let mut rest = Vec::with_capacity(outs.len());
         for o in outs {
             sync |= o.sync;
             recs.extend(o.persist);
-            effects.extend(o.effects);
-            answers.extend(o.answers);
+            rest.push((o.effects, o.answers));
+        }
+        // A fresh reservation's links, which give the pod no address, are
+        // made while its batch syncs (a crash leaves at most an
+        // addressless veth, which recovery's full scan at start removes);
+        // its addresses come only after the batch is durable.
+        let mut prepared = HashMap::new();
+        for (effects, _) in &rest {
+            for (id, e) in effects {
+                if let Effect::Wire {
+                    key,
+                    spec,
+                    fresh: true,
+                } = e
+                {
+                    prepared.insert(
+                        *id,
+                        (self.prepare(key, spec.clone()), spec.host_veth.clone()),
+                    );
+                }
+            }
         }
         if !recs.is_empty() {
             let now = coil::journal::now_unix();
@@ -529,9 +586,17 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                 // must not act on them. coild stops; the restart rebuilds
                 // the machine from what the journal holds.
                 d.set_fatal(format!("the node machine's journal commit failed: {e}"));
-                for (req, _) in answers {
-                    if let Some(w) = self.waiting.remove(&req) {
-                        let _ = w.send(Answer::Failed(ErrorKind::TryAgain, e.to_string()));
+                // Links made for reservations that are not durable go.
+                for (_, (rx, veth)) in prepared {
+                    if let Ok(Ok(_)) = rx.await {
+                        let _ = d.kernel.unwire(&veth).await;
+                    }
+                }
+                for (_, answers) in rest {
+                    for (req, _) in answers {
+                        if let Some(w) = self.waiting.remove(&req) {
+                            let _ = w.send(Answer::Failed(ErrorKind::TryAgain, e.to_string()));
+                        }
                     }
                 }
                 return false;
@@ -539,15 +604,58 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             self.persisted(&recs);
         }
         self.publish(&recs);
-        for (id, e) in effects {
-            self.start_effect(id, e);
-        }
-        for (req, a) in answers {
-            if let Some(w) = self.waiting.remove(&req) {
-                let _ = w.send(a);
+        for (effects, answers) in rest {
+            // An answer whose event started unwires (a DEL, a GC, a failed
+            // wire) waits until their veths are doomed: the pod's interface
+            // name is free then, so the runtime's next ADD in the same
+            // netns never finds it taken.
+            let mut gates = Vec::new();
+            for (id, e) in effects {
+                let p = prepared.remove(&id).map(|(rx, _)| rx);
+                if let Some(g) = self.start_effect(id, e, p) {
+                    gates.push(g);
+                }
+            }
+            let replies: Vec<(oneshot::Sender<Answer>, Answer)> = answers
+                .into_iter()
+                .filter_map(|(req, a)| self.waiting.remove(&req).map(|w| (w, a)))
+                .collect();
+            if gates.is_empty() {
+                for (w, a) in replies {
+                    let _ = w.send(a);
+                }
+            } else if !replies.is_empty() {
+                tokio::spawn(async move {
+                    for g in gates {
+                        let _ = tokio::time::timeout(KERNEL_DEADLINE, g).await;
+                    }
+                    for (w, a) in replies {
+                        let _ = w.send(a);
+                    }
+                });
             }
         }
         true
+    }
+
+    /// Starts making a fresh reservation's links; the wire effect takes
+    /// them once the reservation is durable.
+    fn prepare(
+        &self,
+        key: &AttachmentKey,
+        spec: WireSpec,
+    ) -> oneshot::Receiver<Result<K::Prepared, KernelError>> {
+        let (tx, rx) = oneshot::channel();
+        let d = self.d.clone();
+        let ns = d
+            .engine()
+            .and_then(|e| e.take_netns::<K::Netns>(key));
+        let what = format!("wiring {key}");
+        tokio::spawn(async move {
+            let r = deadline(what, d.kernel.prepare_in(&spec, ns)).await;
+            let _ = tx.send(r);
+        });
+        rx
     }
 
     /// The failpoints of the records just made durable.
@@ -618,10 +726,31 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         d.store_ok.store(self.m.store_ok(), Ordering::Relaxed);
     }
 
-    fn start_effect(&self, id: EffectId, e: Effect) {
+    /// Starts one effect. For an `Unwire`, returns what resolves once its
+    /// veth is doomed (out of the pod's way).
+    fn start_effect(
+        &self,
+        id: EffectId,
+        e: Effect,
+        prepared: Option<oneshot::Receiver<Result<K::Prepared, KernelError>>>,
+    ) -> Option<oneshot::Receiver<()>> {
         let d = self.d.clone();
         let tx = self.tx.clone();
         let g = self.generation;
+        if let Effect::Unwire { key, host_veth } = e {
+            let (netns, ifname) = self
+                .m
+                .state()
+                .attachment(&key)
+                .map(|a| (a.netns.clone(), a.key.ifname.clone()))
+                .unwrap_or_default();
+            let (gate, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                unwire(&d, &tx, (g, id), &key, &host_veth, &netns, &ifname).await;
+                drop(gate);
+            });
+            return Some(rx);
+        }
         // A narrow view reads the blocks the machine knows now.
         let known: Vec<(String, IpNet)> = match &e {
             Effect::View { full: false } => self
@@ -634,9 +763,10 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         };
         let table_failing = self.table_failing.clone();
         tokio::spawn(async move {
-            let outcome = effect(&d, e, known, &table_failing).await;
+            let outcome = effect(&d, e, known, &table_failing, prepared).await;
             let _ = tx.send(Event::Done(g, id, outcome));
         });
+        None
     }
 
     /// Runs recovery with the machine quiescent, then rebuilds the machine
@@ -715,6 +845,7 @@ async fn effect<B: Backend, K: KernelOps>(
     e: Effect,
     known: Vec<(String, IpNet)>,
     table_failing: &AtomicBool,
+    prepared: Option<oneshot::Receiver<Result<K::Prepared, KernelError>>>,
 ) -> Outcome {
     let node = d.cfg.node_name.as_str();
     match e {
@@ -801,7 +932,21 @@ async fn effect<B: Backend, K: KernelOps>(
                     }
                 }
             }
-            match deadline(format!("wiring {key}"), d.kernel.wire_in(&spec, None)).await {
+            let wiring = async {
+                match prepared {
+                    Some(rx) => match rx.await {
+                        Ok(Ok(p)) => d.kernel.finish_in(&spec, p).await,
+                        Ok(Err(e)) => Err(e),
+                        // The preparing task died: wire from scratch.
+                        Err(_) => d.kernel.wire_in(&spec, None).await,
+                    },
+                    None => {
+                        let ns = d.engine().and_then(|e| e.take_netns::<K::Netns>(&key));
+                        d.kernel.wire_in(&spec, ns).await
+                    }
+                }
+            };
+            match deadline(format!("wiring {key}"), wiring).await {
                 Ok(w) => {
                     coil::failpoint::hit("add.wired");
                     if let Some(e) = d.engine() {
@@ -816,18 +961,7 @@ async fn effect<B: Backend, K: KernelOps>(
                 }
             }
         }
-        Effect::Unwire { key, host_veth } => {
-            match deadline(format!("unwiring {key}"), d.kernel.unwire(&host_veth)).await {
-                Ok(_) => {
-                    coil::failpoint::hit("del.unwired");
-                    Outcome::Unwired
-                }
-                Err(e) => {
-                    tracing::warn!(attachment = %key, "removing {host_veth}: {e}");
-                    Outcome::WireFailed(ErrorKind::Kernel, e.to_string())
-                }
-            }
-        }
+        Effect::Unwire { key, host_veth } => unwire_now(d, &key, &host_veth).await,
         Effect::View { full } => view(d, node, full, known).await,
         Effect::Export { block } => match d.kernel.export_block(block).await {
             Ok(()) => Outcome::Routed,
@@ -910,6 +1044,120 @@ async fn view<B: Backend, K: KernelOps>(
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!("reading the store's view of this node: {e}");
             Outcome::Unavailable
+        }
+    }
+}
+
+/// Removes one veth now (the unbatched path).
+async fn unwire_now<B: Backend, K: KernelOps>(
+    d: &Daemon<B, K>,
+    key: &AttachmentKey,
+    host_veth: &str,
+) -> Outcome {
+    match deadline(format!("unwiring {key}"), d.kernel.unwire(host_veth)).await {
+        Ok(_) => {
+            coil::failpoint::hit("del.unwired");
+            Outcome::Unwired
+        }
+        Err(e) => {
+            tracing::warn!(attachment = %key, "removing {host_veth}: {e}");
+            Outcome::WireFailed(ErrorKind::Kernel, e.to_string())
+        }
+    }
+}
+
+/// An `Unwire`: the veth is doomed now (its pod end renamed, so the
+/// interface name is free; the host end down) and deleted by the batched
+/// teardown, whose completion answers the effect. A veth already gone is
+/// done at once; one that cannot be doomed is deleted now.
+async fn unwire<B: Backend, K: KernelOps>(
+    d: &Daemon<B, K>,
+    tx: &UnboundedSender<Event>,
+    (g, id): (u64, EffectId),
+    key: &AttachmentKey,
+    host_veth: &str,
+    netns: &str,
+    ifname: &str,
+) {
+    let doomed = deadline(
+        format!("dooming the veth of {key}"),
+        d.kernel.doom(host_veth, netns, ifname),
+    )
+    .await;
+    let outcome = match doomed {
+        Ok(true) => {
+            let queued = d
+                .engine()
+                .map(|e| e.doomed.try_send((host_veth.to_string(), g, id)));
+            match queued {
+                Some(Ok(())) => return,
+                _ => unwire_now(d, key, host_veth).await,
+            }
+        }
+        Ok(false) => {
+            coil::failpoint::hit("del.unwired");
+            Outcome::Unwired
+        }
+        Err(e) => {
+            tracing::warn!(attachment = %key, "dooming its veth: {e}; deleting it now");
+            unwire_now(d, key, host_veth).await
+        }
+    };
+    let _ = tx.send(Event::Done(g, id, outcome));
+}
+
+/// Deletes doomed veths in one kernel request when requests pause (or the
+/// batch is full, or its oldest waited a second), so one RCU grace period
+/// covers many and no ADD waits behind a teardown; then answers each
+/// `Unwire`. The addresses are freed only then, by the machine.
+async fn teardown<B: Backend, K: KernelOps>(
+    d: Arc<Daemon<B, K>>,
+    tx: UnboundedSender<Event>,
+    mut rx: mpsc::Receiver<Doomed>,
+) {
+    let mut batch: Vec<Doomed> = Vec::new();
+    let mut oldest = Instant::now();
+    loop {
+        let wait = if batch.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(5)
+        };
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(x) => {
+                    if batch.is_empty() {
+                        oldest = Instant::now();
+                    }
+                    batch.push(x);
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if batch.is_empty()
+            || !(batch.len() >= release::TEARDOWN_MAX
+                || oldest.elapsed() >= release::TEARDOWN_MAX_AGE
+                || d.idle_for(release::TEARDOWN_QUIET))
+        {
+            continue;
+        }
+        let done = std::mem::take(&mut batch);
+        match deadline("deleting doomed veths", d.kernel.delete_doomed()).await {
+            Ok(()) => {
+                coil::failpoint::hit("del.unwired");
+                for (_, g, id) in done {
+                    let _ = tx.send(Event::Done(g, id, Outcome::Unwired));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(count = done.len(), "batched veth teardown: {e}; one by one instead");
+                for (veth, g, id) in done {
+                    let key = AttachmentKey::new("-", &veth, "-");
+                    let outcome = unwire_now(&d, &key, &veth).await;
+                    let _ = tx.send(Event::Done(g, id, outcome));
+                }
+            }
         }
     }
 }
