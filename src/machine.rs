@@ -645,6 +645,16 @@ impl NodeMachine {
         }
         self.release_idle(&mut out);
         self.view(&mut out);
+        // Table 119 is read again: drift (a route deleted by hand) is
+        // repaired within a tick.
+        if self.table_known
+            && !self
+                .inflight
+                .values()
+                .any(|p| matches!(p, Pending::ReadTable))
+        {
+            self.effect(&mut out, Pending::ReadTable, Effect::ReadTable);
+        }
         self.sync_table(&mut out);
         out
     }
@@ -765,14 +775,17 @@ impl NodeMachine {
             Pending::ReadTable => {
                 if let Outcome::Table(blocks) = outcome {
                     self.table_known = true;
-                    for b in blocks {
-                        self.table.entry(b).or_default().exported = Some(true);
+                    for b in &blocks {
+                        self.table.entry(*b).or_default();
                     }
-                    // Blocks the read did not show are absent, unless a
-                    // change is in flight.
-                    for r in self.table.values_mut() {
-                        if r.exported.is_none() && r.asked.is_none() {
-                            r.exported = Some(false);
+                    // The table as read, for every block with no change in
+                    // flight: a route someone deleted or added by hand is
+                    // put right by the next sync. A read older than a
+                    // change that finished since only causes that change
+                    // again (each is idempotent).
+                    for (b, r) in self.table.iter_mut() {
+                        if r.asked.is_none() {
+                            r.exported = Some(blocks.contains(b));
                         }
                     }
                 } else {
