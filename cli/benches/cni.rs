@@ -389,7 +389,7 @@ fn start_coild(netns: &str, dir: &Path, etcd: bool, pool: &[&str]) -> Coild {
         .env(
             "COIL_LOG",
             if log.is_some() {
-                "warn,coil_cli::coild::daemon::add=debug"
+                "warn,coil_cli::coild::daemon::add=debug,coil_cli::coild::daemon::engine=debug"
             } else {
                 "warn"
             },

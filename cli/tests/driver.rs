@@ -1,4 +1,5 @@
-//! coild's driver in-process, without root: the real daemon, journal and
+//! coild's direct engine (`--engine direct`, the fallback) in-process,
+//! without root: the real daemon, journal and
 //! embedded store over the in-memory kernel model (`MemKernel`). A "kill"
 //! drops the daemon's runtime mid-flight (its tasks and volatile state are
 //! gone; what the journal holds stays, as does the kernel); a "reboot"
@@ -6,7 +7,7 @@
 //! tested against the real kernel, as root, in cni.rs and recovery.rs.
 //!
 //! The cases live in driver_cases/cases.rs; engine.rs runs the same cases
-//! with coild driving the node machine (`--engine machine`).
+//! with coild driving the node machine (`--engine machine`, the default).
 
 mod fakekube;
 mod simkit;

@@ -48,11 +48,13 @@ pub enum StoreChoice {
 /// What makes coild's decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineChoice {
-    /// The request handlers decide in async code (the long-standing one).
-    #[default]
+    /// The request handlers decide in async code (`daemon/add.rs`,
+    /// `release.rs`, `blocks.rs`): the engine coild had before the node
+    /// machine, kept as a fallback (`--engine direct`).
     Direct,
     /// The I/O-free node machine decides and coild drives it
     /// (`daemon/engine.rs`): persist, then act, then answer.
+    #[default]
     Machine,
 }
 

@@ -91,8 +91,9 @@ struct Args {
     /// Kubeconfig for `--kube` (implies it).
     #[arg(long, env = "COILD_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// What decides: `direct` (request handlers) or `machine` (the I/O-free
-    /// node machine, driven persist-then-act) [default: direct].
+    /// What decides: `machine` (the I/O-free node machine, driven
+    /// persist-then-act) or `direct` (the earlier request handlers, kept
+    /// as a fallback) [default: machine].
     #[arg(long, env = "COILD_ENGINE", value_parser = ["direct", "machine"])]
     engine: Option<String>,
 }
@@ -228,8 +229,8 @@ impl Args {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             events: crate::kube::EventSink::disabled(),
             engine: match self.engine.or(file.engine).as_deref() {
-                None | Some("direct") => EngineChoice::Direct,
-                Some("machine") => EngineChoice::Machine,
+                None | Some("machine") => EngineChoice::Machine,
+                Some("direct") => EngineChoice::Direct,
                 Some(other) => {
                     return Err(format!("unknown engine {other:?}: use direct or machine"))
                 }

@@ -138,7 +138,10 @@ pub fn inproc_config(dir: &std::path::Path, node: &str) -> DaemonConfig {
         min_blocks: 1,
         metrics_addr: None,
         events: coil_cli::kube::EventSink::disabled(),
-        engine: Default::default(),
+        // The in-process fault schedule crashes the direct engine inside
+        // its requests (failpoints armed in-process); engine.rs runs the
+        // machine engine in-process.
+        engine: coil_cli::coild::EngineChoice::Direct,
     }
 }
 

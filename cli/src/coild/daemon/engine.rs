@@ -246,6 +246,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
     }
 
     async fn add_machine(self: &Arc<Self>, e: &Engine, req: &Request) -> DResult<AddResult> {
+        let t0 = Instant::now();
         let key = request_key(req);
         let netns = req.netns.clone().unwrap_or_default();
         let wired = matches!(
@@ -272,6 +273,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
             name: req.pod.name.clone().unwrap_or_default(),
             created_unix: coil::journal::now_unix(),
         };
+        let t1 = t0.elapsed();
         let answer = e
             .call(Req::Add {
                 key: key.clone(),
@@ -284,6 +286,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         // A handle the wire did not take (the ADD was refused) is closed.
         drop(e.take_netns::<K::Netns>(&key));
         let answer = answer?;
+        let t2 = t0.elapsed();
         match answer {
             Answer::Added(_) => {
                 let a = self.lock().lookup(&key).cloned().ok_or_else(|| {
@@ -299,6 +302,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                         .await?
                     }
                 };
+                tracing::debug!(
+                    attachment = %key,
+                    before_us = t1.as_micros() as u64,
+                    machine_us = (t2 - t1).as_micros() as u64,
+                    total_us = t0.elapsed().as_micros() as u64,
+                    "ADD"
+                );
                 Ok(self.result(&a, w.host_mac, w.pod_mac))
             }
             Answer::Failed(ErrorKind::Exhausted, msg) => {
@@ -419,6 +429,8 @@ struct Driver<B: Backend, K: KernelOps> {
     waiting: HashMap<ReqId, oneshot::Sender<Answer>>,
     /// The last table read failed: the next one waits a little.
     table_failing: Arc<AtomicBool>,
+    /// The machine was (re)started: publish its whole allocation.
+    republish: bool,
 }
 
 fn machine_config<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> MachineConfig {
@@ -473,6 +485,7 @@ async fn run<B: Backend, K: KernelOps>(
         next_req: 1,
         waiting: HashMap::new(),
         table_failing: Arc::new(AtomicBool::new(false)),
+        republish: true,
     };
     if !drv.drive(vec![first]).await {
         return;
@@ -561,6 +574,8 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                 }
             }
         }
+        let t0 = Instant::now();
+        let nrecs = recs.len();
         if !recs.is_empty() {
             let now = coil::journal::now_unix();
             let mut b = Batch::new();
@@ -603,7 +618,16 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             }
             self.persisted(&recs);
         }
+        let t1 = t0.elapsed();
         self.publish(&recs);
+        tracing::debug!(
+            outputs = rest.len(),
+            records = nrecs,
+            sync,
+            commit_us = t1.as_micros() as u64,
+            publish_us = (t0.elapsed() - t1).as_micros() as u64,
+            "round"
+        );
         for (effects, answers) in rest {
             // An answer whose event started unwires (a DEL, a GC, a failed
             // wire) waits until their veths are doomed: the pod's interface
@@ -647,9 +671,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
     ) -> oneshot::Receiver<Result<K::Prepared, KernelError>> {
         let (tx, rx) = oneshot::channel();
         let d = self.d.clone();
-        let ns = d
-            .engine()
-            .and_then(|e| e.take_netns::<K::Netns>(key));
+        let ns = d.engine().and_then(|e| e.take_netns::<K::Netns>(key));
         let what = format!("wiring {key}");
         tokio::spawn(async move {
             let r = deadline(what, d.kernel.prepare_in(&spec, ns)).await;
@@ -677,47 +699,68 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         }
     }
 
-    /// Makes the machine's allocation what the rest of coild reads, and
-    /// mirrors its changes into the address index, counters and events.
-    fn publish(&self, recs: &[Rec]) {
-        let d = &self.d;
-        let old = std::mem::replace(&mut *d.lock(), self.m.state().clone());
+    /// Makes the machine's allocation what the rest of coild reads (a full
+    /// copy after a (re)start, else the round's records applied to it),
+    /// and mirrors the changes into the address index, counters and
+    /// events.
+    fn publish(&mut self, recs: &[Rec]) {
+        let d = self.d.clone();
+        let mut st = d.lock();
+        if std::mem::take(&mut self.republish) {
+            *st = self.m.state().clone();
+        }
+        let mut put = Vec::new();
+        let mut deleted = Vec::new();
+        let mut lost = Vec::new();
         for r in recs {
             match r {
-                Rec::PutAttachment(a) if a.state == AttachmentState::Wired => {
-                    for x in &a.addresses {
-                        d.mirror(Mirror::Put(d.record(a, x)));
+                Rec::PutAttachment(a) => {
+                    if a.state == AttachmentState::Wired {
+                        put.push(a.clone());
                     }
+                    st.insert_attachment(a.clone());
                 }
                 Rec::DeleteAttachment(k) => {
-                    if let Some(a) = old.attachment(k) {
-                        for x in &a.addresses {
-                            d.mirror(Mirror::Delete(d.record(a, x)));
-                        }
+                    if let Some(a) = st.remove_attachment(k) {
+                        deleted.push(a);
                     }
                 }
-                Rec::PutLease(l) if l.state == LeaseState::Quarantined => {
-                    let was = old
-                        .blocks()
-                        .find(|b| b.lease.block == l.block)
-                        .map(|b| b.lease.state);
-                    if was.is_some_and(|s| s != LeaseState::Quarantined) && !self.m.removed() {
-                        let pods = old
-                            .blocks()
-                            .find(|b| b.lease.block == l.block)
-                            .map_or(0, |b| b.used.len());
-                        d.lease_losses.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(block = %l.block, pods,
-                            "lost the lease of block {}: no new address is taken from it", l.block);
-                        d.cfg.events.emit(crate::kube::NodeEvent::LeaseLost {
-                            block: l.block.to_string(),
-                            owner: "another node".into(),
-                            pods,
-                        });
+                Rec::PutLease(l) => {
+                    if l.state == LeaseState::Quarantined && !self.m.removed() {
+                        if let Some(b) = st.blocks().find(|b| b.lease.block == l.block) {
+                            if b.lease.state != LeaseState::Quarantined {
+                                lost.push((l.block, b.used.len()));
+                            }
+                        }
                     }
+                    st.insert_lease(l.clone());
+                }
+                Rec::DeleteLease(b) => {
+                    st.remove_lease(b);
                 }
                 _ => {}
             }
+        }
+        drop(st);
+        for a in &put {
+            for x in &a.addresses {
+                d.mirror(Mirror::Put(d.record(a, x)));
+            }
+        }
+        for a in &deleted {
+            for x in &a.addresses {
+                d.mirror(Mirror::Delete(d.record(a, x)));
+            }
+        }
+        for (block, pods) in lost {
+            d.lease_losses.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%block, pods,
+                "lost the lease of block {block}: no new address is taken from it");
+            d.cfg.events.emit(crate::kube::NodeEvent::LeaseLost {
+                block: block.to_string(),
+                owner: "another node".into(),
+                pods,
+            });
         }
         d.set_removed(self.m.removed());
         if !self.m.unconfirmed() && d.unconfirmed.swap(false, Ordering::Relaxed) {
@@ -807,6 +850,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             let (m, first) = NodeMachine::start(machine_config(&self.d), &dur);
             self.m = m;
             self.generation += 1;
+            self.republish = true;
             // Requests the old machine held were answered (or their
             // effects timed out): those left get a retry.
             for (_, w) in self.waiting.drain() {
@@ -1151,7 +1195,10 @@ async fn teardown<B: Backend, K: KernelOps>(
                 }
             }
             Err(e) => {
-                tracing::warn!(count = done.len(), "batched veth teardown: {e}; one by one instead");
+                tracing::warn!(
+                    count = done.len(),
+                    "batched veth teardown: {e}; one by one instead"
+                );
                 for (veth, g, id) in done {
                     let key = AttachmentKey::new("-", &veth, "-");
                     let outcome = unwire_now(&d, &key, &veth).await;
