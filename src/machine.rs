@@ -1259,6 +1259,22 @@ impl NodeMachine {
         });
     }
 
+    /// Deletes every AcquireBlock intent with no acquisition in flight:
+    /// what the store did with it is known (a full view, or the fence).
+    fn drop_settled_acquisitions(&mut self, out: &mut Output) {
+        let acquiring: BTreeSet<u64> = self
+            .inflight
+            .values()
+            .filter_map(|p| match p {
+                Pending::Acquire { intent, .. } => Some(*intent),
+                _ => None,
+            })
+            .collect();
+        self.drop_intents(out, |i| {
+            matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
+        });
+    }
+
     /// Deletes the pending intents `spent` picks, here and in the journal.
     fn drop_intents(&mut self, out: &mut Output, spent: impl Fn(&Intent) -> bool) {
         let ids: Vec<u64> = self
@@ -1402,17 +1418,9 @@ impl NodeMachine {
         }
         // Pending acquisitions with none in flight are settled by a full
         // view (a narrow one cannot show a lease this node lacks).
-        let acquiring: BTreeSet<u64> = self
-            .inflight
-            .values()
-            .filter_map(|p| match p {
-                Pending::Acquire { intent, .. } => Some(*intent),
-                _ => None,
-            })
-            .collect();
-        self.drop_intents(out, |i| {
-            full && matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
-        });
+        if full {
+            self.drop_settled_acquisitions(out);
+        }
         // Leases the store no longer shows as this node's.
         let mine: Vec<BlockLease> = self
             .alloc
@@ -1481,17 +1489,7 @@ impl NodeMachine {
         self.fences += 1;
         // A pending acquisition is spent: the removal freed every block
         // the node leased, and the fence refuses any lease after it.
-        let acquiring: BTreeSet<u64> = self
-            .inflight
-            .values()
-            .filter_map(|p| match p {
-                Pending::Acquire { intent, .. } => Some(*intent),
-                _ => None,
-            })
-            .collect();
-        self.drop_intents(out, |i| {
-            matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
-        });
+        self.drop_settled_acquisitions(out);
         let leased: Vec<BlockLease> = self
             .alloc
             .blocks()

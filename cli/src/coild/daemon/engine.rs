@@ -1157,54 +1157,32 @@ async fn unwire<B: Backend, K: KernelOps>(
 async fn teardown<B: Backend, K: KernelOps>(
     d: Arc<Daemon<B, K>>,
     tx: UnboundedSender<Event>,
-    mut rx: mpsc::Receiver<Doomed>,
+    rx: mpsc::Receiver<Doomed>,
 ) {
-    let mut batch: Vec<Doomed> = Vec::new();
-    let mut oldest = Instant::now();
-    loop {
-        let wait = if batch.is_empty() {
-            Duration::from_secs(3600)
-        } else {
-            Duration::from_millis(5)
-        };
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some(x) => {
-                    if batch.is_empty() {
-                        oldest = Instant::now();
+    let dd = d.clone();
+    release::in_batches(&d, rx, move |done| {
+        let (d, tx) = (dd.clone(), tx.clone());
+        async move {
+            match deadline("deleting doomed veths", d.kernel.delete_doomed()).await {
+                Ok(()) => {
+                    coil::failpoint::hit("del.unwired");
+                    for (_, g, id) in done {
+                        let _ = tx.send(Event::Done(g, id, Outcome::Unwired));
                     }
-                    batch.push(x);
                 }
-                None => return,
-            },
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if batch.is_empty()
-            || !(batch.len() >= release::TEARDOWN_MAX
-                || oldest.elapsed() >= release::TEARDOWN_MAX_AGE
-                || d.idle_for(release::TEARDOWN_QUIET))
-        {
-            continue;
-        }
-        let done = std::mem::take(&mut batch);
-        match deadline("deleting doomed veths", d.kernel.delete_doomed()).await {
-            Ok(()) => {
-                coil::failpoint::hit("del.unwired");
-                for (_, g, id) in done {
-                    let _ = tx.send(Event::Done(g, id, Outcome::Unwired));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(
-                    count = done.len(),
-                    "batched veth teardown: {e}; one by one instead"
-                );
-                for (veth, g, id) in done {
-                    let key = AttachmentKey::new("-", &veth, "-");
-                    let outcome = unwire_now(&d, &key, &veth).await;
-                    let _ = tx.send(Event::Done(g, id, outcome));
+                Err(e) => {
+                    tracing::warn!(
+                        count = done.len(),
+                        "batched veth teardown: {e}; one by one instead"
+                    );
+                    for (veth, g, id) in done {
+                        let key = AttachmentKey::new("-", &veth, "-");
+                        let outcome = unwire_now(&d, &key, &veth).await;
+                        let _ = tx.send(Event::Done(g, id, outcome));
+                    }
                 }
             }
         }
-    }
+    })
+    .await
 }

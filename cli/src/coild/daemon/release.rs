@@ -241,12 +241,35 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
 
 pub(super) async fn teardown_task<B: Backend, K: KernelOps>(
     d: Arc<Daemon<B, K>>,
-    mut rx: mpsc::Receiver<(Attachment, u64)>,
+    rx: mpsc::Receiver<(Attachment, u64)>,
 ) {
-    let mut doomed: Vec<(Attachment, u64)> = Vec::new();
+    let dd = d.clone();
+    in_batches(&d, rx, move |doomed| {
+        let d = dd.clone();
+        async move { d.flush_doomed(doomed).await }
+    })
+    .await
+}
+
+/// Hands what `rx` brings to `flush` in batches: when requests pause (none
+/// for [`TEARDOWN_QUIET`]), when [`TEARDOWN_MAX`] wait, or when the oldest
+/// has waited [`TEARDOWN_MAX_AGE`]. Used by both engines' veth teardown,
+/// so that one kernel request (one RCU grace period) covers many veths
+/// and no ADD waits behind it.
+pub(super) async fn in_batches<B, K, T, F, Fut>(
+    d: &Daemon<B, K>,
+    mut rx: mpsc::Receiver<T>,
+    mut flush: F,
+) where
+    B: Backend,
+    K: KernelOps,
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut batch: Vec<T> = Vec::new();
     let mut oldest = Instant::now();
     loop {
-        let wait = if doomed.is_empty() {
+        let wait = if batch.is_empty() {
             Duration::from_secs(3600)
         } else {
             Duration::from_millis(5)
@@ -254,21 +277,21 @@ pub(super) async fn teardown_task<B: Backend, K: KernelOps>(
         tokio::select! {
             m = rx.recv() => match m {
                 Some(x) => {
-                    if doomed.is_empty() {
+                    if batch.is_empty() {
                         oldest = Instant::now();
                     }
-                    doomed.push(x);
+                    batch.push(x);
                 }
                 None => return,
             },
             _ = tokio::time::sleep(wait) => {}
         }
-        if !doomed.is_empty()
-            && (doomed.len() >= TEARDOWN_MAX
+        if !batch.is_empty()
+            && (batch.len() >= TEARDOWN_MAX
                 || oldest.elapsed() >= TEARDOWN_MAX_AGE
                 || d.idle_for(TEARDOWN_QUIET))
         {
-            d.flush_doomed(std::mem::take(&mut doomed)).await;
+            flush(std::mem::take(&mut batch)).await;
         }
     }
 }
