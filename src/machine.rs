@@ -166,6 +166,10 @@ pub enum Effect {
     Withdraw { block: IpNet },
     /// Read which blocks table 119 holds.
     ReadTable,
+    /// Look at the kernel state of these wired attachments: is each one's
+    /// veth there with a host route to each address, and if not, does its
+    /// pod netns still exist?
+    Observe { attachments: Vec<Attachment> },
 }
 
 /// How an effect ended.
@@ -198,6 +202,9 @@ pub enum Outcome {
     RouteFailed(String),
     /// `ReadTable`: the blocks table 119 holds.
     Table(BTreeSet<IpNet>),
+    /// `Observe`: the attachments whose veth or host routes are missing,
+    /// each with whether its pod netns still exists.
+    Observed(Vec<(AttachmentKey, bool)>),
     /// `View`: the blocks the store says this node leases (with their
     /// pools and epochs), and whether the node is fenced.
     View {
@@ -333,6 +340,10 @@ enum Pending {
         export: bool,
     },
     ReadTable,
+    /// Asked when the change counter was `changes`.
+    Observe {
+        changes: u64,
+    },
 }
 
 /// What the machine knows of one block's route in table 119.
@@ -389,6 +400,10 @@ pub struct NodeMachine {
     viewed_full: bool,
     /// Times the removal fence was seen.
     fences: u64,
+    /// When each attachment last changed (a count of changes): an
+    /// observation of the kernel older than that is not acted on.
+    touched: BTreeMap<AttachmentKey, u64>,
+    changes: u64,
 }
 
 impl NodeMachine {
@@ -422,6 +437,8 @@ impl NodeMachine {
             store_ok: true,
             viewed_full: false,
             fences: 0,
+            touched: BTreeMap::new(),
+            changes: 0,
         };
         for a in durable.attachments.values() {
             if a.boot_id != m.cfg.boot_id {
@@ -430,6 +447,7 @@ impl NodeMachine {
                 continue;
             }
             m.alloc.insert_attachment(a.clone());
+            m.touch(&a.key);
         }
         // Every intent whose attachment is gone (released above) goes too.
         let stale: Vec<u64> = m
@@ -645,6 +663,29 @@ impl NodeMachine {
         }
         self.release_idle(&mut out);
         self.view(&mut out);
+        // The wired attachments' kernel state is looked at: a veth or a
+        // host route gone is rebuilt while the pod's netns lives, and the
+        // attachment released once the netns is gone too (a pod deleted
+        // without a DEL), as recovery's plan does.
+        let wired: Vec<Attachment> = self
+            .alloc
+            .attachments()
+            .filter(|a| a.state == AttachmentState::Wired && !self.busy.contains(&a.key))
+            .cloned()
+            .collect();
+        if !wired.is_empty()
+            && !self
+                .inflight
+                .values()
+                .any(|p| matches!(p, Pending::Observe { .. }))
+        {
+            let changes = self.changes;
+            self.effect(
+                &mut out,
+                Pending::Observe { changes },
+                Effect::Observe { attachments: wired },
+            );
+        }
         // Table 119 is read again: drift (a route deleted by hand) is
         // repaired within a tick.
         if self.table_known
@@ -737,6 +778,7 @@ impl NodeMachine {
             Pending::Unwire { key, intent } => {
                 self.busy.remove(&key);
                 if outcome == Outcome::Unwired {
+                    self.touched.remove(&key);
                     if let Some(a) = self.alloc.remove_attachment(&key) {
                         for x in &a.addresses {
                             out.rec(Rec::DeleteAddress(x.addr));
@@ -770,6 +812,11 @@ impl NodeMachine {
                     for intent in waiting {
                         self.start_release(&mut out, block, intent);
                     }
+                }
+            }
+            Pending::Observe { changes } => {
+                if let Outcome::Observed(missing) = outcome {
+                    self.observed(&mut out, changes, missing);
                 }
             }
             Pending::ReadTable => {
@@ -1054,6 +1101,7 @@ impl NodeMachine {
             out.persist.push(Rec::PutLease(b.lease.clone()));
         }
         self.alloc.insert_attachment(att.clone());
+        self.touch(&p.key);
         self.busy.remove(&p.key);
         self.start_wire(out, &att, intent, Some(p.req), true);
     }
@@ -1172,6 +1220,7 @@ impl NodeMachine {
         );
         out.rec(Rec::PutAttachment(releasing.clone()));
         self.alloc.insert_attachment(releasing.clone());
+        self.touch(&releasing.key);
         if crate::planted::on(crate::planted::Bug::ReuseWhileTearingDown) {
             // Planted (tests only): free the addresses now, while the
             // veth still holds them.
@@ -1259,6 +1308,35 @@ impl NodeMachine {
         });
     }
 
+    /// Notes that an attachment changed (see `touched`).
+    fn touch(&mut self, key: &AttachmentKey) {
+        self.changes += 1;
+        self.touched.insert(key.clone(), self.changes);
+    }
+
+    /// Acts on what an observation asked for at change count `changes`
+    /// found missing: only for an attachment still wired, idle and
+    /// unchanged since (a pod deleted and added again meanwhile under the
+    /// same key is another attachment, whatever its old netns did).
+    fn observed(&mut self, out: &mut Output, changes: u64, missing: Vec<(AttachmentKey, bool)>) {
+        for (key, alive) in missing {
+            let unchanged = self.touched.get(&key).is_some_and(|t| *t <= changes);
+            let Some(a) = self.alloc.attachment(&key).cloned() else {
+                continue;
+            };
+            if !unchanged || a.state != AttachmentState::Wired || self.busy.contains(&key) {
+                continue;
+            }
+            if alive {
+                // Rebuilt in place (create-or-verify), as a restart would.
+                let intent = self.new_intent(out, IntentOp::Wire { key: key.clone() });
+                self.start_wire(out, &a, intent, None, false);
+            } else {
+                self.begin_release(out, a);
+            }
+        }
+    }
+
     /// Deletes every AcquireBlock intent with no acquisition in flight:
     /// what the store did with it is known (a full view, or the fence).
     fn drop_settled_acquisitions(&mut self, out: &mut Output) {
@@ -1321,6 +1399,7 @@ impl NodeMachine {
                     out.rec_unsynced(Rec::DeleteIntent(intent));
                 }
                 self.alloc.insert_attachment(done.clone());
+                self.touch(&done.key);
                 if let Some(req) = req {
                     out.answers.push((req, Answer::Added(addrs(&done))));
                 }
@@ -1724,6 +1803,56 @@ mod tests {
             &out.answers[..],
             [(2, Answer::Failed(ErrorKind::TryAgain, _))]
         ));
+    }
+
+    /// A pod whose veth is gone: rebuilt while its netns lives, released
+    /// once the netns is gone, and never on an observation older than
+    /// the attachment (deleted and added again under the same key).
+    #[test]
+    fn observed_drift_rebuilds_or_releases_only_what_did_not_change() {
+        let (mut m, _) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        let out = m.done(wire, Outcome::Wired);
+        assert_eq!(out.answers.len(), 1);
+        let observe = |m: &mut NodeMachine| {
+            let out = m.tick();
+            effect(&out, |e| matches!(e, Effect::Observe { .. }))
+        };
+        // The veth is gone, the netns lives: a create-or-verify wire.
+        let o = observe(&mut m);
+        let out = m.done(o, Outcome::Observed(vec![(key.clone(), true)]));
+        let wire = effect(
+            &out,
+            |e| matches!(e, Effect::Wire { fresh: false, key: k, .. } if *k == key),
+        );
+        m.done(wire, Outcome::Wired);
+        // An observation asked for before a DEL and a new ADD of the same
+        // key says the (old) netns is gone: the new pod is left alone.
+        let o = observe(&mut m);
+        let out = m.request(2, Request::Del { key: key.clone() });
+        let unwire = effect(&out, |e| matches!(e, Effect::Unwire { .. }));
+        m.done(unwire, Outcome::Unwired);
+        let out = m.request(3, add(&key));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        m.done(wire, Outcome::Wired);
+        let out = m.done(o, Outcome::Observed(vec![(key.clone(), false)]));
+        assert!(out.effects.is_empty(), "{out:?}");
+        assert_eq!(
+            m.state().attachment(&key).map(|a| a.state),
+            Some(AttachmentState::Wired)
+        );
+        // A fresh observation of a gone netns releases it.
+        let o = observe(&mut m);
+        let out = m.done(o, Outcome::Observed(vec![(key.clone(), false)]));
+        effect(&out, |e| matches!(e, Effect::Unwire { .. }));
+        assert_eq!(
+            m.state().attachment(&key).map(|a| a.state),
+            Some(AttachmentState::Releasing)
+        );
     }
 
     #[test]

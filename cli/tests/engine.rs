@@ -68,3 +68,53 @@ fn ticks_release_idle_blocks_after_their_withdrawal_and_repair_table_119() {
     wait_for(|| table() == leases(), "table 119 equal to the leases");
     assert_eq!(run.d().stats()["blocks"], 1, "{}", run.d().stats());
 }
+
+/// What the machine's ticks see of the pods' kernel state: a veth deleted
+/// by hand under a running pod is rebuilt with the same address, and a pod
+/// whose netns is gone without a DEL is released, its address free again.
+#[test]
+fn ticks_rebuild_a_deleted_veth_and_release_a_pod_whose_netns_is_gone() {
+    let n = Node::new();
+    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.engine = ENGINE;
+    cfg.resync_interval = Duration::from_millis(50);
+    let spec = PoolSpec::new("default", vec!["10.48.0.0/29".parse().expect("net")], 3);
+    let (rt, d, journal) =
+        simkit::start_inproc(cfg, n.kernel.clone(), Some(spec)).expect("coild starts");
+    let run = Run {
+        rt: Some(rt),
+        d: Some(d),
+        journal: Some(journal),
+    };
+    let pa = n.pod("pa");
+    let a = ips(&run.call("ADD", "pa", Some(&pa), ""));
+    let pb = n.pod("pb");
+    let b = ips(&run.call("ADD", "pb", Some(&pb), ""));
+    let veth_a =
+        coil::node::host_veth_name(&coil::journal::AttachmentKey::new("k8s", "pa", "eth0"));
+    assert!(n.kernel.drop_link(&veth_a));
+    wait_for(
+        || n.kernel.pod_addresses(&pa, "eth0") == Some(a.clone()),
+        "pa's veth rebuilt with its address",
+    );
+    assert!(run.call("CHECK", "pa", Some(&pa), "").ok);
+    // pb's netns goes without a DEL: its attachment is released.
+    n.kernel.remove_netns(&pb);
+    wait_for(
+        || run.d().stats()["attachments"] == 1,
+        "pb released once its netns was gone",
+    );
+    // Its address is free again: the block (8 addresses, pa holds one)
+    // hands out seven more.
+    let mut got = Vec::new();
+    for i in 0..7 {
+        let p = n.pod(&format!("q{i}"));
+        let r = run.call("ADD", &format!("q{i}"), Some(&p), "");
+        if !r.ok {
+            break;
+        }
+        got.extend(ips(&r));
+    }
+    assert!(got.contains(&b[0]), "{b:?} never handed out again: {got:?}");
+    assert!(!got.contains(&a[0]), "pa's address handed out twice");
+}

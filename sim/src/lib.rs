@@ -185,6 +185,27 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             w.gc(i, net);
             format!("{}: GC of {net}", w.nodes[i].name)
         }
+        // A running pod's veth deleted by hand: coild must rebuild it.
+        635..=637
+            if w.pods
+                .values()
+                .any(|p| !p.dead && matches!(p.state, PodState::Running(_))) =>
+        {
+            let keys: Vec<_> = w
+                .pods
+                .values()
+                .filter(|p| !p.dead && matches!(p.state, PodState::Running(_)))
+                .map(|p| p.key.clone())
+                .collect();
+            let Some(k) = pick(rng, &keys) else {
+                return "no running pod".into();
+            };
+            let n = w.pods[&k].node;
+            if !w.delete_veth(&k) {
+                return format!("{}: the veth of {} was already gone", w.nodes[n].name, k);
+            }
+            format!("{}: the veth of {} deleted by hand", w.nodes[n].name, k)
+        }
         // A pod's netns deleted behind coil's back (the runtime will DEL).
         635..=644 => {
             let keys: Vec<_> = w.pods.values().map(|p| (p.node, p.netns.clone())).collect();
@@ -387,6 +408,9 @@ pub fn check(w: &World) -> Result<(), String> {
         let veth = World::veth_of(&p.key);
         match n.kernel.get(&veth) {
             Some(v) if same(&v.addrs, addrs) => {}
+            // Deleted by hand: rebuilt by a later tick (checked when the
+            // run settles, see `converge`).
+            None if p.drifted => {}
             Some(v) => {
                 return Err(format!(
                     "[lost ADD] pod {} was given {addrs:?} but its veth {veth} on {} has {:?}",
@@ -429,6 +453,45 @@ pub fn converge(w: &mut World) -> Result<(), String> {
             if !w.up(i) {
                 w.start(i);
             }
+        }
+    }
+    // First, with nothing deleted, let every node tick until its effects
+    // are done: a veth deleted by hand under a running pod must be back.
+    for _ in 0..3 {
+        for i in 0..w.nodes.len() {
+            if !w.member(i) {
+                continue;
+            }
+            w.tick(i);
+            let mut guard = 0;
+            while !w.nodes[i].effects.is_empty() && guard < 1000 {
+                guard += 1;
+                if w.nodes[i].effects[0].outcome.is_none() {
+                    let mut rng = StdRng::seed_from_u64(guard);
+                    w.run_effect_reliably(i, 0, &mut rng);
+                }
+                w.deliver(i, 0);
+            }
+        }
+        w.advance(10);
+    }
+    for p in w.pods.values() {
+        let PodState::Running(addrs) = &p.state else {
+            continue;
+        };
+        let n = &w.nodes[p.node];
+        if !p.drifted || p.dead || p.boot != n.boot || !w.member(p.node) {
+            continue;
+        }
+        let back = n
+            .kernel
+            .get(&World::veth_of(&p.key))
+            .is_some_and(|v| same(&v.addrs, addrs));
+        if !back {
+            return Err(format!(
+                "[drift] the veth of running pod {} on {}, deleted by hand, was never rebuilt",
+                p.key, n.name
+            ));
         }
     }
     for _ in 0..200 {

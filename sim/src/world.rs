@@ -137,6 +137,9 @@ pub struct Pod {
     pub boot: u64,
     /// Its netns was deleted (the pod died): nothing of it need stay.
     pub dead: bool,
+    /// Its veth was deleted by hand (the pod lives): coild must rebuild it
+    /// (checked when the run settles).
+    pub drifted: bool,
 }
 
 /// The whole simulated cluster.
@@ -583,6 +586,21 @@ impl World {
                 Outcome::Routed
             }
             Effect::ReadTable => Outcome::Table(self.nodes[i].table.clone()),
+            Effect::Observe { attachments } => {
+                let n = &self.nodes[i];
+                Outcome::Observed(
+                    attachments
+                        .iter()
+                        .filter(|a| {
+                            let addrs: Vec<IpAddr> = a.addresses.iter().map(|x| x.addr).collect();
+                            !n.kernel.get(&a.host_veth).is_some_and(|v| {
+                                v.key == a.key && v.netns == a.netns && v.addrs == addrs
+                            })
+                        })
+                        .map(|a| (a.key.clone(), n.netns.contains(&a.netns)))
+                        .collect(),
+                )
+            }
         };
         self.nodes[i].effects[k].outcome = Some(outcome);
     }
@@ -723,6 +741,15 @@ impl World {
         }
         let name = self.nodes[i].name.clone();
         let boot = format!("boot{}", self.nodes[i].boot);
+        // A pod whose veth was deleted by hand before the journal was lost
+        // leaves nothing to rebuild it from: it is the runtime's to
+        // recreate (its CHECK fails), not coil's to remember.
+        let kernel = &self.nodes[i].kernel;
+        for p in self.pods.values_mut() {
+            if p.node == i && p.drifted && !kernel.contains_key(&World::veth_of(&p.key)) {
+                p.dead = true;
+            }
+        }
         let mut d = Durable::default();
         for (b, l) in &self.store.blocks {
             if l.node == name {
@@ -796,6 +823,7 @@ impl World {
                 state: PodState::Adding,
                 boot: self.nodes[i].boot,
                 dead: false,
+                drifted: false,
             },
         );
         let r = Request::Add {
@@ -890,6 +918,21 @@ impl World {
                 p.dead = true;
             }
         }
+    }
+
+    /// A running pod's veth is deleted by hand; its netns lives on.
+    pub fn delete_veth(&mut self, key: &AttachmentKey) -> bool {
+        let Some(p) = self.pods.get_mut(key) else {
+            return false;
+        };
+        if p.dead || !matches!(p.state, PodState::Running(_)) {
+            return false;
+        }
+        p.drifted = true;
+        self.nodes[p.node]
+            .kernel
+            .remove(&World::veth_of(key))
+            .is_some()
     }
 
     /// Node `i` running and a member?

@@ -1007,6 +1007,7 @@ async fn effect<B: Backend, K: KernelOps>(
         }
         Effect::Unwire { key, host_veth } => unwire_now(d, &key, &host_veth).await,
         Effect::View { full } => view(d, node, full, known).await,
+        Effect::Observe { attachments } => observe(d, attachments).await,
         Effect::Export { block } => match d.kernel.export_block(block).await {
             Ok(()) => Outcome::Routed,
             Err(e) => {
@@ -1039,6 +1040,48 @@ async fn effect<B: Backend, K: KernelOps>(
             }
         }
     }
+}
+
+/// Which of these wired attachments lack their veth or a host route to
+/// one of their addresses, each with whether its pod netns still exists.
+/// A read that fails reports nothing missing (nothing is done on a guess).
+async fn observe<B: Backend, K: KernelOps>(d: &Daemon<B, K>, atts: Vec<Attachment>) -> Outcome {
+    let (links, routes) = match (d.kernel.links().await, d.kernel.host_routes().await) {
+        (Ok(l), Ok(r)) => (l, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("looking at the pods' veths: {e}");
+            return Outcome::Observed(Vec::new());
+        }
+    };
+    let index: HashMap<&str, u32> = links.iter().map(|(i, n, _)| (n.as_str(), *i)).collect();
+    let routes: BTreeSet<(IpNet, u32)> = routes.into_iter().collect();
+    let broken: Vec<&Attachment> = atts
+        .iter()
+        .filter(|a| match index.get(a.host_veth.as_str()) {
+            None => true,
+            Some(i) => !a
+                .addresses
+                .iter()
+                .all(|x| routes.contains(&(IpNet::from(x.addr), *i))),
+        })
+        .collect();
+    if broken.is_empty() {
+        return Outcome::Observed(Vec::new());
+    }
+    let live = d
+        .kernel
+        .live_netns(broken.iter().map(|a| a.netns.clone()).collect())
+        .await;
+    for a in &broken {
+        tracing::warn!(attachment = %a.key, netns_alive = live.contains(&a.netns),
+            "the pod's veth or host routes are gone");
+    }
+    Outcome::Observed(
+        broken
+            .iter()
+            .map(|a| (a.key.clone(), live.contains(&a.netns)))
+            .collect(),
+    )
 }
 
 /// The store's view of this node: its leases and whether it is fenced.
