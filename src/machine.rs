@@ -92,6 +92,10 @@ pub struct Durable {
     /// record names another boot): the store must confirm the leases
     /// before any ADD is served, even when no attachment is left to tell.
     pub rebooted: bool,
+    /// The lowest intent id the journal has not handed out: the machine
+    /// numbers its intents from here (or past its pending ones), so an id
+    /// is never reused while another writer (recovery) may hold it.
+    pub next_intent: u64,
 }
 
 impl Durable {
@@ -419,7 +423,12 @@ impl NodeMachine {
                 .values()
                 .any(|a| a.boot_id != cfg.boot_id);
         let mut m = NodeMachine {
-            next_intent: durable.intents.keys().next_back().map_or(1, |i| i + 1),
+            next_intent: durable
+                .intents
+                .keys()
+                .next_back()
+                .map_or(1, |i| i + 1)
+                .max(durable.next_intent),
             alloc: NodeState::from_records(durable.leases.values().cloned().collect(), Vec::new()),
             intents: durable.intents.clone(),
             cfg,
@@ -510,6 +519,11 @@ impl NodeMachine {
     /// Is the node fenced off (removed)?
     pub fn removed(&self) -> bool {
         self.removed
+    }
+
+    /// The highest intent id the machine may have used so far.
+    pub fn last_intent(&self) -> u64 {
+        self.next_intent.saturating_sub(1)
     }
 
     /// Has the store not yet confirmed the leases since a reboot?

@@ -529,6 +529,15 @@ impl Journal {
         self.inner.intent_next.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Makes every id [`Journal::next_intent_id`] hands out from now on
+    /// greater than `id`: for a writer that numbers intents itself (coild's
+    /// node machine), before another writer (recovery) takes ids here.
+    pub fn reserve_intent_ids_through(&self, id: u64) {
+        self.inner
+            .intent_next
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+
     /// Closes the journal cleanly (with a final checkpoint).
     pub fn close(mut self) -> Result<()> {
         self.stop_checkpointer();
