@@ -65,6 +65,10 @@ pub(super) struct Engine {
     netns: Mutex<HashMap<AttachmentKey, Box<dyn std::any::Any + Send>>>,
     /// The batched teardown's queue (see `teardown`).
     doomed: mpsc::Sender<Doomed>,
+    /// The generation of the machine now running: a teardown of an
+    /// earlier one's is not finished by name (recovery settled it, and the
+    /// name may be a new pod's veth by now).
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -98,6 +102,7 @@ impl Engine {
                 wired: Mutex::new(HashMap::new()),
                 netns: Mutex::new(HashMap::new()),
                 doomed: dtx,
+                generation: AtomicU64::new(0),
             },
             rx,
             drx,
@@ -144,6 +149,11 @@ impl Engine {
             }))
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Is `g` the generation of the machine now running?
+    fn current(&self, g: u64) -> bool {
+        self.generation.load(Ordering::Relaxed) == g
     }
 
     fn take_wired(&self, key: &AttachmentKey) -> Option<coil::kernel::Wired> {
@@ -447,6 +457,7 @@ fn machine_config<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> MachineConfig {
 fn durable(j: &Journal, rebooted: bool) -> DResult<Durable> {
     let mut d = Durable {
         rebooted,
+        next_intent: j.next_intent_id(),
         ..Durable::default()
     };
     for l in j.leases()? {
@@ -493,7 +504,10 @@ async fn run<B: Backend, K: KernelOps>(
     while let Some(ev) = rx.recv().await {
         let mut outs = Vec::new();
         let mut events = vec![ev];
-        while events.len() < ROUND {
+        // A recovery ends a batch: the outcomes received before it are fed
+        // before it waits for the machine to be quiescent (else it would
+        // wait for outcomes sitting behind it in this batch).
+        while events.len() < ROUND && !matches!(events.last(), Some(Event::Recover(_))) {
             match rx.try_recv() {
                 Ok(ev) => events.push(ev),
                 Err(_) => break,
@@ -724,6 +738,9 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                     if let Some(a) = st.remove_attachment(k) {
                         deleted.push(a);
                     }
+                    if let Some(e) = d.engine() {
+                        drop(e.take_wired(k));
+                    }
                 }
                 Rec::PutLease(l) => {
                     if l.state == LeaseState::Quarantined && !self.m.removed() {
@@ -833,6 +850,10 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                 other => held.push(other),
             }
         }
+        // Recovery numbers its intents from the journal: past the machine's.
+        self.d
+            .journal
+            .reserve_intent_ids_through(self.m.last_intent());
         let r = self
             .d
             .recover_now(job.dry_run, job.full_scan, job.store_scan)
@@ -851,6 +872,9 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             self.m = m;
             self.generation += 1;
             self.republish = true;
+            if let Some(e) = self.d.engine() {
+                e.generation.store(self.generation, Ordering::Relaxed);
+            }
             // Requests the old machine held were answered (or their
             // effects timed out): those left get a retry.
             for (_, w) in self.waiting.drain() {
@@ -1186,6 +1210,9 @@ async fn unwire<B: Backend, K: KernelOps>(
             Outcome::Unwired
         }
         Err(e) => {
+            if !d.engine().is_some_and(|e| e.current(g)) {
+                return;
+            }
             tracing::warn!(attachment = %key, "dooming its veth: {e}; deleting it now");
             unwire_now(d, key, host_veth).await
         }
@@ -1219,6 +1246,9 @@ async fn teardown<B: Backend, K: KernelOps>(
                         "batched veth teardown: {e}; one by one instead"
                     );
                     for (veth, g, id) in done {
+                        if !d.engine().is_some_and(|e| e.current(g)) {
+                            continue;
+                        }
                         let key = AttachmentKey::new("-", &veth, "-");
                         let outcome = unwire_now(&d, &key, &veth).await;
                         let _ = tx.send(Event::Done(g, id, outcome));
