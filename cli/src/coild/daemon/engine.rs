@@ -198,6 +198,7 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         tokio::spawn(run(self.clone(), tx.clone(), rx));
         tokio::spawn(teardown(self.clone(), tx.clone(), drx));
         let period = self.cfg.resync_interval;
+        let d = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.tick().await;
@@ -207,6 +208,13 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 n += 1;
                 if tx.send(Event::Tick).is_err() {
                     return;
+                }
+                // The address index is a mirror whose queued updates a
+                // kill loses: it is compared with the journal on the first
+                // tick and every tenth, as the direct engine's full
+                // resync does.
+                if n % 10 == 1 {
+                    d.reconcile_index().await;
                 }
                 // A full scan (orphan links, host routes, aliases) every
                 // tenth tick, as the direct engine's resync does.
