@@ -10,6 +10,22 @@ const ENGINE: coil_cli::coild::EngineChoice = coil_cli::coild::EngineChoice::Mac
 
 include!("driver_cases/cases.rs");
 
+/// coild on `n` with the machine's clock ticking every 50 ms, and a pool
+/// `default` of `subnet` in blocks of 2^`bits` addresses.
+fn ticking(n: &Node, subnet: &str, bits: u8) -> Run {
+    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.engine = ENGINE;
+    cfg.resync_interval = Duration::from_millis(50);
+    let spec = PoolSpec::new("default", vec![subnet.parse().expect("net")], bits);
+    let (rt, d, journal) =
+        simkit::start_inproc(cfg, n.kernel.clone(), Some(spec)).expect("coild starts");
+    Run {
+        rt: Some(rt),
+        d: Some(d),
+        journal: Some(journal),
+    }
+}
+
 /// The machine's clock at work in coild: emptied blocks above the minimum
 /// are withdrawn from table 119 and only then given back to the store, a
 /// route deleted by hand is put back within a tick, and what stays leased
@@ -17,18 +33,8 @@ include!("driver_cases/cases.rs");
 #[test]
 fn ticks_release_idle_blocks_after_their_withdrawal_and_repair_table_119() {
     let n = Node::new();
-    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
-    cfg.engine = ENGINE;
-    cfg.resync_interval = Duration::from_millis(50);
     // Blocks of 4 addresses: six pods need two blocks.
-    let spec = PoolSpec::new("default", vec!["10.47.0.0/28".parse().expect("net")], 2);
-    let (rt, d, journal) =
-        simkit::start_inproc(cfg, n.kernel.clone(), Some(spec)).expect("coild starts");
-    let run = Run {
-        rt: Some(rt),
-        d: Some(d),
-        journal: Some(journal),
-    };
+    let run = ticking(&n, "10.47.0.0/28", 2);
     let leases = || {
         let d = run.d().clone();
         let mut v: Vec<IpAddrNet> =
@@ -75,17 +81,7 @@ fn ticks_release_idle_blocks_after_their_withdrawal_and_repair_table_119() {
 #[test]
 fn ticks_rebuild_a_deleted_veth_and_release_a_pod_whose_netns_is_gone() {
     let n = Node::new();
-    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
-    cfg.engine = ENGINE;
-    cfg.resync_interval = Duration::from_millis(50);
-    let spec = PoolSpec::new("default", vec!["10.48.0.0/29".parse().expect("net")], 3);
-    let (rt, d, journal) =
-        simkit::start_inproc(cfg, n.kernel.clone(), Some(spec)).expect("coild starts");
-    let run = Run {
-        rt: Some(rt),
-        d: Some(d),
-        journal: Some(journal),
-    };
+    let run = ticking(&n, "10.48.0.0/29", 3);
     let pa = n.pod("pa");
     let a = ips(&run.call("ADD", "pa", Some(&pa), ""));
     let pb = n.pod("pb");

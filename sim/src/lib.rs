@@ -446,6 +446,26 @@ fn same(a: &[IpAddr], b: &[IpAddr]) -> bool {
 
 /// The end of a run: partitions heal, every member's coild runs, every
 /// pod is deleted, and the cluster must settle with nothing leaked.
+/// Ticks every member node once and runs its effects, reliably, until
+/// none is left (bounded).
+fn tick_members_to_rest(w: &mut World) {
+    for i in 0..w.nodes.len() {
+        if !w.member(i) {
+            continue;
+        }
+        w.tick(i);
+        let mut guard = 0;
+        while !w.nodes[i].effects.is_empty() && guard < 1000 {
+            guard += 1;
+            if w.nodes[i].effects[0].outcome.is_none() {
+                let mut rng = StdRng::seed_from_u64(guard);
+                w.run_effect_reliably(i, 0, &mut rng);
+            }
+            w.deliver(i, 0);
+        }
+    }
+}
+
 pub fn converge(w: &mut World) -> Result<(), String> {
     for i in 0..w.nodes.len() {
         if w.member(i) {
@@ -458,21 +478,7 @@ pub fn converge(w: &mut World) -> Result<(), String> {
     // First, with nothing deleted, let every node tick until its effects
     // are done: a veth deleted by hand under a running pod must be back.
     for _ in 0..3 {
-        for i in 0..w.nodes.len() {
-            if !w.member(i) {
-                continue;
-            }
-            w.tick(i);
-            let mut guard = 0;
-            while !w.nodes[i].effects.is_empty() && guard < 1000 {
-                guard += 1;
-                if w.nodes[i].effects[0].outcome.is_none() {
-                    let mut rng = StdRng::seed_from_u64(guard);
-                    w.run_effect_reliably(i, 0, &mut rng);
-                }
-                w.deliver(i, 0);
-            }
-        }
+        tick_members_to_rest(w);
         w.advance(10);
     }
     for p in w.pods.values() {
@@ -509,21 +515,7 @@ pub fn converge(w: &mut World) -> Result<(), String> {
         for k in keys {
             w.del_pod(&k, false);
         }
-        for i in 0..w.nodes.len() {
-            if !w.member(i) {
-                continue;
-            }
-            w.tick(i);
-            let mut guard = 0;
-            while !w.nodes[i].effects.is_empty() && guard < 1000 {
-                guard += 1;
-                if w.nodes[i].effects[0].outcome.is_none() {
-                    let mut rng = StdRng::seed_from_u64(guard);
-                    w.run_effect_reliably(i, 0, &mut rng);
-                }
-                w.deliver(i, 0);
-            }
-        }
+        tick_members_to_rest(w);
         w.advance(10);
         w.controller_pass();
         if w.settled() {
