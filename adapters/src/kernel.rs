@@ -72,6 +72,10 @@ pub struct Kernel {
     local: bool,
     /// Namespaces no pod may be wired into.
     forbidden: Forbidden,
+    /// Held for every dump of links or routes: a netlink socket serves one
+    /// dump at a time and refuses a second with EBUSY (coild's machine
+    /// reads table 119, observes the pods and scans at once).
+    dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn mac(msg: &LinkMessage) -> String {
@@ -214,6 +218,7 @@ impl Kernel {
             protocol,
             local: true,
             forbidden: Forbidden::own_and_host(),
+            dumps: Default::default(),
         })
     }
 
@@ -231,6 +236,7 @@ impl Kernel {
             protocol,
             local: false,
             forbidden: Forbidden::own_and_host().with(path, "the node"),
+            dumps: Default::default(),
         })
     }
 
@@ -628,6 +634,7 @@ impl Kernel {
 
     /// Every link of coild's netns: index, name, alias.
     pub async fn links(&self) -> Result<Vec<(u32, String, Option<String>)>> {
+        let _dump = self.dumps.lock().await;
         let msgs: Vec<LinkMessage> = self
             .host
             .link()
@@ -718,6 +725,7 @@ impl Kernel {
         filter.header.protocol = RouteProtocol::Unspec;
         filter.header.scope = RouteScope::Universe;
         filter.header.kind = RouteType::Unspec;
+        let _dump = self.dumps.lock().await;
         let routes: Vec<RouteMessage> = self
             .strict
             .route()
