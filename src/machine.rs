@@ -42,6 +42,8 @@ use crate::journal::{
     Intent, IntentOp, IntentState, LeaseState,
 };
 use crate::kernel::WireSpec;
+#[cfg(test)]
+use crate::node::veth_alias;
 use crate::node::{host_veth_name, wire_spec, NodeState, Reservation};
 use crate::store::model::Family;
 
@@ -174,6 +176,18 @@ pub enum Effect {
     /// veth there with a host route to each address, and if not, does its
     /// pod netns still exist?
     Observe { attachments: Vec<Attachment> },
+    /// List coil's kernel objects in the host netns: every link named
+    /// `coil…` with its alias, and every host route with coil's protocol
+    /// id through one of them. What a crash left behind (a veth made for a
+    /// reservation that never became durable) is found this way.
+    Scan,
+    /// Delete a link of coil's that no attachment owns (a [`Effect::Scan`]
+    /// found it).
+    RemoveLink { name: String },
+    /// Delete a coil host route through an attachment's veth that is not
+    /// one of its addresses. `oif` is the link's index when scanned (a
+    /// link made since has another one, and the delete finds nothing).
+    RemoveHostRoute { dst: IpNet, dev: String, oif: u32 },
 }
 
 /// How an effect ended.
@@ -209,6 +223,17 @@ pub enum Outcome {
     /// `Observe`: the attachments whose veth or host routes are missing,
     /// each with whether its pod netns still exists.
     Observed(Vec<(AttachmentKey, bool)>),
+    /// `Scan`: coil's links (name, alias) and host routes (destination,
+    /// output link's name and index).
+    Scanned {
+        links: Vec<(String, Option<String>)>,
+        routes: Vec<(IpNet, String, u32)>,
+    },
+    /// `RemoveLink` or `RemoveHostRoute` done (or it was gone already).
+    Removed,
+    /// `RemoveLink` or `RemoveHostRoute` failed; the next scan tries
+    /// again.
+    RemoveFailed(String),
     /// `View`: the blocks the store says this node leases (with their
     /// pools and epochs), and whether the node is fenced.
     View {
@@ -337,6 +362,9 @@ enum Pending {
         /// Fences seen before it was asked for: an older view does not
         /// re-admit the node.
         fences: u64,
+        /// Acquisitions ended before it was asked for: only those are
+        /// settled by it (see `acq_ended`).
+        acq_seq: u64,
     },
     /// A change to table 119 for `block` (`export`: publish, else remove).
     Route {
@@ -347,6 +375,14 @@ enum Pending {
     /// Asked when the change counter was `changes`.
     Observe {
         changes: u64,
+    },
+    /// Asked when the change counter was `changes`.
+    Scan {
+        changes: u64,
+    },
+    /// Removing a link (`name`) or a host route (None).
+    Remove {
+        link: Option<String>,
     },
 }
 
@@ -408,7 +444,27 @@ pub struct NodeMachine {
     /// observation of the kernel older than that is not acted on.
     touched: BTreeMap<AttachmentKey, u64>,
     changes: u64,
+    /// Ticks since the start; a [`Effect::Scan`] every [`SCAN_EVERY`].
+    ticks: u64,
+    /// Host veth names whose attachment changed (was made, re-wired or
+    /// removed) while a scan is in flight: a scan's listing of such a
+    /// link is stale, and it is not removed on it.
+    scan_touched: BTreeSet<String>,
+    /// Links being removed: an ADD whose veth has that name waits.
+    removing: BTreeSet<String>,
+    /// Counts the ends of `Acquire` effects; `acq_ended` holds, per
+    /// pending AcquireBlock intent, the count when its last one ended. A
+    /// view asked for before that may have read the store before the
+    /// acquisition's write landed: it must not settle the intent (the
+    /// simulator found the lease leaked that way, after an ambiguous
+    /// answer).
+    acq_seq: u64,
+    acq_ended: BTreeMap<u64, u64>,
 }
+
+/// A tick in this many asks for a [`Effect::Scan`] of the kernel (and
+/// the start does): a listing of every link costs the kernel per veth.
+pub const SCAN_EVERY: u64 = 10;
 
 impl NodeMachine {
     /// The machine of a node whose journal holds `durable`, after a start
@@ -448,6 +504,11 @@ impl NodeMachine {
             fences: 0,
             touched: BTreeMap::new(),
             changes: 0,
+            ticks: 0,
+            scan_touched: BTreeSet::new(),
+            removing: BTreeSet::new(),
+            acq_seq: 0,
+            acq_ended: BTreeMap::new(),
         };
         for a in durable.attachments.values() {
             if a.boot_id != m.cfg.boot_id {
@@ -508,6 +569,10 @@ impl NodeMachine {
         // Table 119 may hold anything a crash left: read it, then make it
         // the leased blocks.
         m.effect(&mut out, Pending::ReadTable, Effect::ReadTable);
+        // The wired pods' veths, as a crash or an operator left them; and
+        // what a crash left in the kernel that no record owns.
+        m.observe(&mut out);
+        m.scan(&mut out);
         (m, out)
     }
 
@@ -677,28 +742,10 @@ impl NodeMachine {
         }
         self.release_idle(&mut out);
         self.view(&mut out);
-        // The wired attachments' kernel state is looked at: a veth or a
-        // host route gone is rebuilt while the pod's netns lives, and the
-        // attachment released once the netns is gone too (a pod deleted
-        // without a DEL), as recovery's plan does.
-        let wired: Vec<Attachment> = self
-            .alloc
-            .attachments()
-            .filter(|a| a.state == AttachmentState::Wired && !self.busy.contains(&a.key))
-            .cloned()
-            .collect();
-        if !wired.is_empty()
-            && !self
-                .inflight
-                .values()
-                .any(|p| matches!(p, Pending::Observe { .. }))
-        {
-            let changes = self.changes;
-            self.effect(
-                &mut out,
-                Pending::Observe { changes },
-                Effect::Observe { attachments: wired },
-            );
+        self.observe(&mut out);
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(SCAN_EVERY) {
+            self.scan(&mut out);
         }
         // Table 119 is read again: drift (a route deleted by hand) is
         // repaired within a tick.
@@ -792,6 +839,7 @@ impl NodeMachine {
             Pending::Unwire { key, intent } => {
                 self.busy.remove(&key);
                 if outcome == Outcome::Unwired {
+                    self.touch(&key);
                     self.touched.remove(&key);
                     if let Some(a) = self.alloc.remove_attachment(&key) {
                         for x in &a.addresses {
@@ -833,6 +881,17 @@ impl NodeMachine {
                     self.observed(&mut out, changes, missing);
                 }
             }
+            Pending::Scan { changes } => {
+                if let Outcome::Scanned { links, routes } = outcome {
+                    self.scanned(&mut out, changes, links, routes);
+                }
+                self.scan_touched.clear();
+            }
+            Pending::Remove { link } => {
+                if let Some(name) = link {
+                    self.removing.remove(&name);
+                }
+            }
             Pending::ReadTable => {
                 if let Outcome::Table(blocks) = outcome {
                     self.table_known = true;
@@ -857,12 +916,13 @@ impl NodeMachine {
                 releases,
                 full,
                 fences,
+                acq_seq,
             } => {
                 // A view read before a release may still show the block:
                 // adopting it again would take a block another node may
                 // lease now. The next tick asks again.
                 if releases == self.releases {
-                    self.viewed(&mut out, outcome, full, fences)
+                    self.viewed(&mut out, outcome, full, fences, acq_seq)
                 }
             }
         }
@@ -964,7 +1024,7 @@ impl NodeMachine {
     /// A new ADD: `p` has reserved nothing yet.
     fn add(&mut self, out: &mut Output, p: Parked) {
         let (req, key) = (p.req, p.key.clone());
-        if self.busy.contains(&key) {
+        if self.busy.contains(&key) || self.removing.contains(&host_veth_name(&key)) {
             out.answers.push((
                 req,
                 Answer::Failed(
@@ -1263,6 +1323,8 @@ impl NodeMachine {
         outcome: Outcome,
     ) {
         self.acquiring.remove(&(pool.clone(), family));
+        self.acq_seq += 1;
+        self.acq_ended.insert(intent, self.acq_seq);
         let failure = match outcome {
             Outcome::Acquired(lease) => {
                 self.intents.remove(&intent);
@@ -1322,10 +1384,117 @@ impl NodeMachine {
         });
     }
 
+    /// Asks to look at the wired, idle attachments' kernel state (unless a
+    /// look is in flight): a veth or a host route gone is rebuilt while
+    /// the pod's netns lives, and the attachment released once the netns
+    /// is gone too (a pod deleted without a DEL).
+    fn observe(&mut self, out: &mut Output) {
+        let wired: Vec<Attachment> = self
+            .alloc
+            .attachments()
+            .filter(|a| a.state == AttachmentState::Wired && !self.busy.contains(&a.key))
+            .cloned()
+            .collect();
+        if !wired.is_empty()
+            && !self
+                .inflight
+                .values()
+                .any(|p| matches!(p, Pending::Observe { .. }))
+        {
+            let changes = self.changes;
+            self.effect(
+                out,
+                Pending::Observe { changes },
+                Effect::Observe { attachments: wired },
+            );
+        }
+    }
+
     /// Notes that an attachment changed (see `touched`).
     fn touch(&mut self, key: &AttachmentKey) {
         self.changes += 1;
         self.touched.insert(key.clone(), self.changes);
+        if self.scanning() {
+            let veth = self
+                .alloc
+                .attachment(key)
+                .map_or_else(|| host_veth_name(key), |a| a.host_veth.clone());
+            self.scan_touched.insert(veth);
+        }
+    }
+
+    fn scanning(&self) -> bool {
+        self.inflight
+            .values()
+            .any(|p| matches!(p, Pending::Scan { .. }))
+    }
+
+    /// Asks for a listing of coil's kernel objects, unless one is in
+    /// flight.
+    fn scan(&mut self, out: &mut Output) {
+        if self.scanning() {
+            return;
+        }
+        self.scan_touched.clear();
+        let changes = self.changes;
+        self.effect(out, Pending::Scan { changes }, Effect::Scan);
+    }
+
+    /// Acts on a scan asked for at change count `changes`: a coil link no
+    /// attachment owns is removed, and so is a coil host route through an
+    /// attachment's veth to an address that is not the attachment's. Only
+    /// coil's own objects (name `coil…` and alias `coil:…`, coil's route
+    /// protocol), and nothing that changed since the scan was asked for:
+    /// a link listed then may be a new pod's by now.
+    fn scanned(
+        &mut self,
+        out: &mut Output,
+        changes: u64,
+        links: Vec<(String, Option<String>)>,
+        routes: Vec<(IpNet, String, u32)>,
+    ) {
+        let owned: BTreeMap<&str, &Attachment> = self
+            .alloc
+            .attachments()
+            .map(|a| (a.host_veth.as_str(), a))
+            .collect();
+        let busy: BTreeSet<String> = self.busy.iter().map(host_veth_name).collect();
+        let mut remove = Vec::new();
+        for (name, alias) in links {
+            let ours = name.starts_with("coil")
+                && alias.as_deref().is_some_and(|a| a.starts_with("coil:"));
+            if ours
+                && !owned.contains_key(name.as_str())
+                && !busy.contains(&name)
+                && !self.scan_touched.contains(&name)
+                && !self.removing.contains(&name)
+            {
+                remove.push(Effect::RemoveLink { name });
+            }
+        }
+        for (dst, dev, oif) in routes {
+            let Some(a) = owned.get(dev.as_str()) else {
+                continue;
+            };
+            let unchanged = self.touched.get(&a.key).is_some_and(|t| *t <= changes);
+            if unchanged
+                && a.state == AttachmentState::Wired
+                && !self.busy.contains(&a.key)
+                && !a.addresses.iter().any(|x| IpNet::from(x.addr) == dst)
+            {
+                remove.push(Effect::RemoveHostRoute { dst, dev, oif });
+            }
+        }
+        for e in remove {
+            let link = match &e {
+                Effect::RemoveLink { name } => {
+                    self.removing.insert(name.clone());
+                    Some(name.clone())
+                }
+                _ => None,
+            };
+            self.effect(out, Pending::Remove { link }, e);
+        }
     }
 
     /// Acts on what an observation asked for at change count `changes`
@@ -1351,9 +1520,10 @@ impl NodeMachine {
         }
     }
 
-    /// Deletes every AcquireBlock intent with no acquisition in flight:
-    /// what the store did with it is known (a full view, or the fence).
-    fn drop_settled_acquisitions(&mut self, out: &mut Output) {
+    /// Deletes every AcquireBlock intent with no acquisition in flight
+    /// whose last acquisition ended before `acq_seq`: what the store did
+    /// with it is known (a full view asked for after that, or the fence).
+    fn drop_settled_acquisitions(&mut self, out: &mut Output, acq_seq: u64) {
         let acquiring: BTreeSet<u64> = self
             .inflight
             .values()
@@ -1362,9 +1532,15 @@ impl NodeMachine {
                 _ => None,
             })
             .collect();
+        let ended = std::mem::take(&mut self.acq_ended);
         self.drop_intents(out, |i| {
-            matches!(i.op, IntentOp::AcquireBlock { .. }) && !acquiring.contains(&i.id)
+            matches!(i.op, IntentOp::AcquireBlock { .. })
+                && !acquiring.contains(&i.id)
+                && ended.get(&i.id).is_none_or(|e| *e <= acq_seq)
         });
+        self.acq_ended = ended;
+        let pending = &self.intents;
+        self.acq_ended.retain(|id, _| pending.contains_key(id));
     }
 
     /// Deletes the pending intents `spent` picks, here and in the journal.
@@ -1464,19 +1640,28 @@ impl NodeMachine {
                     .values()
                     .any(|i| matches!(i.op, IntentOp::AcquireBlock { .. }));
             let fences = self.fences;
+            let acq_seq = self.acq_seq;
             self.effect(
                 out,
                 Pending::View {
                     releases,
                     full,
                     fences,
+                    acq_seq,
                 },
                 Effect::View { full },
             );
         }
     }
 
-    fn viewed(&mut self, out: &mut Output, outcome: Outcome, full: bool, fences: u64) {
+    fn viewed(
+        &mut self,
+        out: &mut Output,
+        outcome: Outcome,
+        full: bool,
+        fences: u64,
+        acq_seq: u64,
+    ) {
         let Outcome::View { leases, fenced } = outcome else {
             return;
         };
@@ -1512,7 +1697,7 @@ impl NodeMachine {
         // Pending acquisitions with none in flight are settled by a full
         // view (a narrow one cannot show a lease this node lacks).
         if full {
-            self.drop_settled_acquisitions(out);
+            self.drop_settled_acquisitions(out, acq_seq);
         }
         // Leases the store no longer shows as this node's.
         let mine: Vec<BlockLease> = self
@@ -1582,7 +1767,7 @@ impl NodeMachine {
         self.fences += 1;
         // A pending acquisition is spent: the removal freed every block
         // the node leased, and the fence refuses any lease after it.
-        self.drop_settled_acquisitions(out);
+        self.drop_settled_acquisitions(out, u64::MAX);
         let leased: Vec<BlockLease> = self
             .alloc
             .blocks()
@@ -1694,6 +1879,12 @@ mod tests {
         let (mut m, out) = NodeMachine::start(cfg("b1"), &d);
         let view = effect(&out, |e| matches!(e, Effect::View { .. }));
         let read = effect(&out, |e| *e == Effect::ReadTable);
+        let scan = effect(&out, |e| *e == Effect::Scan);
+        let empty = Outcome::Scanned {
+            links: Vec::new(),
+            routes: Vec::new(),
+        };
+        assert!(m.done(scan, empty).effects.is_empty());
         let out = m.done(
             view,
             Outcome::View {
@@ -1822,6 +2013,158 @@ mod tests {
     /// A pod whose veth is gone: rebuilt while its netns lives, released
     /// once the netns is gone, and never on an observation older than
     /// the attachment (deleted and added again under the same key).
+    /// Ticks until the machine asks for a scan of the kernel.
+    fn next_scan(m: &mut NodeMachine) -> EffectId {
+        for _ in 0..SCAN_EVERY {
+            let out = m.tick();
+            if let Some((id, _)) = out.effects.iter().find(|(_, e)| *e == Effect::Scan) {
+                return *id;
+            }
+        }
+        panic!("no scan within {SCAN_EVERY} ticks");
+    }
+
+    #[test]
+    fn a_scan_removes_what_no_attachment_owns_and_nothing_that_changed_since() {
+        let (mut m, _) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        m.done(wire, Outcome::Wired);
+        let a = m.state().attachment(&key).cloned().expect("attachment");
+        let addr = a.addresses[0].addr;
+        let orphan = AttachmentKey::new("net", "c9", "eth0");
+        let orphan_veth = host_veth_name(&orphan);
+        let listing = |extra_route: Option<IpNet>| {
+            let mut routes = vec![(IpNet::from(addr), a.host_veth.clone(), 5)];
+            routes.extend(extra_route.map(|r| (r, a.host_veth.clone(), 5)));
+            Outcome::Scanned {
+                links: vec![
+                    (a.host_veth.clone(), Some(veth_alias(&a.key))),
+                    (orphan_veth.clone(), Some(veth_alias(&orphan))),
+                    // Not ours: another plugin's, or an operator's.
+                    ("coilfoo".into(), None),
+                    ("eth0".into(), Some("coil:eth0:x".into())),
+                ],
+                routes,
+            }
+        };
+        let stray = net("10.0.0.3/32");
+        // The orphan link and the stray route go; the pod's veth, its
+        // route and foreign links stay.
+        let scan = next_scan(&mut m);
+        let out = m.done(scan, listing(Some(stray)));
+        let mut fx: Vec<Effect> = out.effects.into_iter().map(|(_, e)| e).collect();
+        fx.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            fx,
+            vec![
+                Effect::RemoveHostRoute {
+                    dst: stray,
+                    dev: a.host_veth.clone(),
+                    oif: 5
+                },
+                Effect::RemoveLink {
+                    name: orphan_veth.clone()
+                },
+            ]
+        );
+        // While the orphan's link is being removed, an ADD of its key
+        // waits: it would make a link of that very name.
+        let out = m.request(2, add(&orphan));
+        assert!(
+            matches!(
+                &out.answers[..],
+                [(2, Answer::Failed(ErrorKind::TryAgain, _))]
+            ),
+            "{out:?}"
+        );
+        // A scan listed before the orphan's key was added and wired (its
+        // link is a new pod's now, then deleted again) acts on neither.
+        let removals: Vec<EffectId> = m
+            .inflight
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Remove { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in removals {
+            m.done(id, Outcome::Removed);
+        }
+        let scan = next_scan(&mut m);
+        let out = m.request(3, add(&orphan));
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        m.done(wire, Outcome::Wired);
+        let out = m.request(
+            4,
+            Request::Del {
+                key: orphan.clone(),
+            },
+        );
+        let unwire = effect(&out, |e| matches!(e, Effect::Unwire { .. }));
+        m.done(unwire, Outcome::Unwired);
+        // The pod's attachment changed too (a DEL and a re-ADD would do):
+        // its stray route is not judged on an older listing either.
+        m.touch(&key);
+        let out = m.done(scan, listing(Some(stray)));
+        assert!(out.effects.is_empty(), "{out:?}");
+        // A fresh scan sees the orphan's link (say, its teardown failed)
+        // and removes it.
+        let scan = next_scan(&mut m);
+        let out = m.done(scan, listing(None));
+        assert_eq!(
+            out.effects.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+            vec![Effect::RemoveLink { name: orphan_veth }]
+        );
+    }
+
+    #[test]
+    fn a_view_read_before_an_ambiguous_acquisition_does_not_settle_it() {
+        let (mut m, mut d) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        persist(&mut d, &out);
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        // A full view asked for while the acquisition is in flight: it
+        // may read the store before the acquisition's write lands.
+        let out = m.tick();
+        let view = effect(&out, |e| *e == Effect::View { full: true });
+        // The store leased 10.0.0.0/30 but its answer was lost.
+        let out = m.done(acq, Outcome::Unavailable);
+        persist(&mut d, &out);
+        let out = m.done(
+            view,
+            Outcome::View {
+                leases: BTreeMap::new(),
+                fenced: false,
+            },
+        );
+        persist(&mut d, &out);
+        assert_eq!(
+            d.intents.len(),
+            1,
+            "the older view must not settle the acquisition: {out:?}"
+        );
+        // The next full view shows the lease: adopted, and the intent
+        // settled.
+        let out = m.tick();
+        persist(&mut d, &out);
+        let view = effect(&out, |e| *e == Effect::View { full: true });
+        let mut leases = BTreeMap::new();
+        leases.insert(net("10.0.0.0/30"), ("default".to_string(), 7));
+        let out = m.done(
+            view,
+            Outcome::View {
+                leases,
+                fenced: false,
+            },
+        );
+        persist(&mut d, &out);
+        assert!(d.intents.is_empty(), "{:?}", d.intents);
+        assert!(d.leases.contains_key(&net("10.0.0.0/30")));
+    }
+
     #[test]
     fn observed_drift_rebuilds_or_releases_only_what_did_not_change() {
         let (mut m, _) = started();

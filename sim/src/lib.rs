@@ -241,11 +241,13 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
                 return "no node up".into();
             };
             let keep = rng.gen_range(0..=w.nodes[i].unsynced.len());
-            w.kill(i, keep);
+            let leave = rng.gen_bool(0.5);
+            w.kill_leaving(i, keep, leave);
             w.start(i);
             format!(
-                "{}: kill -9 (kept {keep} unsynced), restart",
-                w.nodes[i].name
+                "{}: kill -9 (kept {keep} unsynced{}), restart",
+                w.nodes[i].name,
+                if leave { ", fresh links left" } else { "" }
             )
         }
         900..=914 => {
@@ -642,7 +644,14 @@ impl World {
             match &self.nodes[i].effects[k].outcome {
                 Some(coil::machine::Outcome::WireFailed(_, why)) if why.contains("refused") => {}
                 Some(coil::machine::Outcome::WireTimedOut) => {}
-                Some(coil::machine::Outcome::Unavailable) => {}
+                // An acquisition is not re-run: an ambiguous answer may
+                // hide a lease it took, which the machine adopts from a
+                // view; a second run would take another block.
+                Some(coil::machine::Outcome::Unavailable)
+                    if !matches!(
+                        self.nodes[i].effects[k].effect,
+                        coil::machine::Effect::Acquire { .. }
+                    ) => {}
                 _ => return,
             }
         }
@@ -669,6 +678,7 @@ impl World {
                 .filter(|(i, _)| self.member(*i))
                 .all(|(_, n)| {
                     n.effects.is_empty()
+                        && n.kernel.is_empty()
                         && n.durable.attachments.is_empty()
                         && n.durable.intents.is_empty()
                 })

@@ -16,7 +16,7 @@ use coil::machine::{
     Answer, Durable, Effect, EffectId, MachineConfig, NodeMachine, Outcome, Output, Rec, ReqId,
     Request,
 };
-use coil::node::host_veth_name;
+use coil::node::{host_veth_name, veth_alias};
 use coil::store::model::Family;
 use coil::store::NodeStatus;
 
@@ -156,6 +156,8 @@ pub struct World {
     pub next_node: u64,
     /// Crash-restarts of coild (kills and reboots).
     pub crashes: u64,
+    /// Links left behind by kills (see [`World::kill_leaving`]).
+    pub orphans: u64,
     pub trace: Vec<String>,
     /// Families pods ask for.
     pub families: Vec<Family>,
@@ -191,6 +193,7 @@ impl World {
             next_pod: 1,
             next_node: 1,
             crashes: 0,
+            orphans: 0,
             trace: Vec::new(),
             families: vec![Family::Ipv4, Family::Ipv6],
             min_blocks: 1,
@@ -264,6 +267,24 @@ impl World {
     /// coild on node `i` dies (kill -9): volatile state is gone; unsynced
     /// batches survive as a prefix (`keep` of them), the rest is lost.
     pub fn kill(&mut self, i: usize, keep: usize) {
+        self.kill_leaving(i, keep, false);
+    }
+
+    /// [`World::kill`]; with `leave_prepared`, the links coild had made
+    /// for ADDs whose reservation was not durable yet stay behind (the
+    /// driver makes a fresh pod's links while its batch syncs): veths no
+    /// record owns, with no address, which coild must find and remove.
+    pub fn kill_leaving(&mut self, i: usize, keep: usize, leave_prepared: bool) {
+        let adding: Vec<(AttachmentKey, String)> = self.nodes[i]
+            .requests
+            .values()
+            .filter(|(_, kind)| *kind == Kind::Add)
+            .map(|(k, _)| {
+                let netns = self.pods.get(k).map(|p| p.netns.clone());
+                (k.clone(), netns.unwrap_or_default())
+            })
+            .collect();
+        let mut left = 0;
         let n = &mut self.nodes[i];
         n.machine = None;
         n.effects.clear();
@@ -273,6 +294,24 @@ impl World {
                 n.durable.apply(r);
             }
         }
+        if leave_prepared {
+            for (key, netns) in adding {
+                let name = host_veth_name(&key);
+                if n.durable.attachments.contains_key(&key) || n.kernel.contains_key(&name) {
+                    continue;
+                }
+                n.kernel.insert(
+                    name,
+                    Veth {
+                        key,
+                        netns,
+                        addrs: Vec::new(),
+                    },
+                );
+                left += 1;
+            }
+        }
+        self.orphans += left;
         // Requests in flight die with coild: the runtime sees errors.
         let reqs = std::mem::take(&mut n.requests);
         for (_, (key, kind)) in reqs {
@@ -600,6 +639,33 @@ impl World {
                         .map(|a| (a.key.clone(), n.netns.contains(&a.netns)))
                         .collect(),
                 )
+            }
+            Effect::Scan => {
+                let n = &self.nodes[i];
+                Outcome::Scanned {
+                    links: n
+                        .kernel
+                        .iter()
+                        .map(|(name, v)| (name.clone(), Some(veth_alias(&v.key))))
+                        .collect(),
+                    routes: n
+                        .kernel
+                        .iter()
+                        .flat_map(|(name, v)| {
+                            v.addrs.iter().map(|a| (IpNet::from(*a), name.clone(), 0))
+                        })
+                        .collect(),
+                }
+            }
+            Effect::RemoveLink { name } => {
+                self.nodes[i].kernel.remove(name);
+                Outcome::Removed
+            }
+            Effect::RemoveHostRoute { dst, dev, .. } => {
+                if let Some(v) = self.nodes[i].kernel.get_mut(dev) {
+                    v.addrs.retain(|a| IpNet::from(*a) != *dst);
+                }
+                Outcome::Removed
             }
         };
         self.nodes[i].effects[k].outcome = Some(outcome);

@@ -503,27 +503,30 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         });
         let machine = d.cfg.engine == EngineChoice::Machine;
         let lease = d.register_first().await;
-        let t0 = Instant::now();
-        // Before serving, only what the attachments need; orphan links are
-        // found by the first full resync, right after.
-        // The machine's driver has no resync of its own before its first
-        // tenth tick: orphan links are looked for now.
-        let outcomes = d
-            .recover(false, machine, true)
-            .await
-            .map_err(|e| fatal(format!("startup recovery: {e}")))?;
-        tracing::info!(
-            ms = t0.elapsed().as_millis() as u64,
-            steps = outcomes.len(),
-            "startup recovery done"
-        );
-        if let Some(bad) = outcomes.iter().find(|o| !o.ok) {
-            tracing::warn!(
-                "startup recovery left {} step(s) undone (first: {}: {}); they are retried at the next resync",
-                outcomes.iter().filter(|o| !o.ok).count(),
-                bad.action,
-                bad.error.as_deref().unwrap_or("")
+        if !machine {
+            // Before serving, only what the attachments need; orphan links
+            // are found by the first full resync, right after. (The
+            // machine engine needs no planner: its start rolls every
+            // pending intent forward or back, reads the store's view and
+            // table 119, and scans the kernel for what no record owns.)
+            let t0 = Instant::now();
+            let outcomes = d
+                .recover(false, false, true)
+                .await
+                .map_err(|e| fatal(format!("startup recovery: {e}")))?;
+            tracing::info!(
+                ms = t0.elapsed().as_millis() as u64,
+                steps = outcomes.len(),
+                "startup recovery done"
             );
+            if let Some(bad) = outcomes.iter().find(|o| !o.ok) {
+                tracing::warn!(
+                    "startup recovery left {} step(s) undone (first: {}: {}); they are retried at the next resync",
+                    outcomes.iter().filter(|o| !o.ok).count(),
+                    bad.action,
+                    bad.error.as_deref().unwrap_or("")
+                );
+            }
         }
         // The node record names this boot only once the store confirmed
         // the leases: a coild that crashes before then must start
@@ -552,7 +555,21 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         tokio::spawn(tasks::liveness_task(d.clone(), lease));
         if machine {
             drop(trx);
-            d.start_engine();
+            // Serve once the machine's start is done (what the direct
+            // engine's startup recovery did before serving), or after
+            // a bound: requests wait in the machine meanwhile anyway.
+            let t0 = Instant::now();
+            let settled = d.start_engine();
+            let bound = engine::EFFECT_DEADLINE + Duration::from_secs(5);
+            match tokio::time::timeout(bound, settled).await {
+                Ok(_) => tracing::info!(
+                    ms = t0.elapsed().as_millis() as u64,
+                    "the node machine's start is done"
+                ),
+                Err(_) => tracing::warn!(
+                    "the node machine's start is not done after {bound:?}; serving meanwhile"
+                ),
+            }
         } else {
             tokio::spawn(release::teardown_task(d.clone(), trx));
             tokio::spawn(tasks::resync_task(d.clone()));

@@ -188,14 +188,17 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
         self.engine.get()
     }
 
-    /// Starts the machine's driver and its clock. After startup recovery.
-    pub(super) fn start_engine(self: &Arc<Self>) {
+    /// Starts the machine's driver and its clock. The answer resolves
+    /// when the started machine first has no effect in flight (what its
+    /// start rolled forward, viewed and scanned is done).
+    pub(super) fn start_engine(self: &Arc<Self>) -> oneshot::Receiver<()> {
         let (e, rx, drx) = Engine::new();
         let tx = e.tx.clone();
+        let (settled, done) = oneshot::channel();
         if self.engine.set(e).is_err() {
-            return;
+            return done;
         }
-        tokio::spawn(run(self.clone(), tx.clone(), rx));
+        tokio::spawn(run(self.clone(), tx.clone(), rx, settled));
         tokio::spawn(teardown(self.clone(), tx.clone(), drx));
         let period = self.cfg.resync_interval;
         let d = self.clone();
@@ -213,34 +216,15 @@ impl<B: Backend, K: KernelOps> Daemon<B, K> {
                 // kill loses: it is compared with the journal on the first
                 // tick and every tenth, as the direct engine's full
                 // resync does.
+                // (Links and host routes no attachment owns are the
+                // machine's to find: it asks for a scan every
+                // `coil::machine::SCAN_EVERY` ticks.)
                 if n % 10 == 1 {
                     d.reconcile_index().await;
                 }
-                // A full scan (orphan links, host routes, aliases) every
-                // tenth tick, as the direct engine's resync does.
-                if n.is_multiple_of(10) {
-                    let (reply, rx) = oneshot::channel();
-                    let job = RecoverJob {
-                        dry_run: false,
-                        full_scan: true,
-                        store_scan: false,
-                        reply,
-                    };
-                    if tx.send(Event::Recover(job)).is_err() {
-                        return;
-                    }
-                    match rx.await {
-                        Ok(Ok(out)) => {
-                            for o in out.iter().filter(|o| !o.ok) {
-                                tracing::warn!(action = %o.action, "resync: {}", o.error.as_deref().unwrap_or(""));
-                            }
-                        }
-                        Ok(Err(e)) => tracing::warn!("resync: {e}"),
-                        Err(_) => return,
-                    }
-                }
             }
         });
+        done
     }
 
     /// Recovery through the machine's driver, when it runs.
@@ -449,6 +433,9 @@ struct Driver<B: Backend, K: KernelOps> {
     table_failing: Arc<AtomicBool>,
     /// The machine was (re)started: publish its whole allocation.
     republish: bool,
+    /// Told when the started machine first has no effect in flight: its
+    /// start's roll-forward, views and scan are done.
+    settled: Option<oneshot::Sender<()>>,
 }
 
 fn machine_config<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> MachineConfig {
@@ -487,6 +474,7 @@ async fn run<B: Backend, K: KernelOps>(
     d: Arc<Daemon<B, K>>,
     tx: UnboundedSender<Event>,
     mut rx: UnboundedReceiver<Event>,
+    settled: oneshot::Sender<()>,
 ) {
     let dur = match durable(&d.journal, d.unconfirmed.load(Ordering::Relaxed)) {
         Ok(x) => x,
@@ -505,10 +493,12 @@ async fn run<B: Backend, K: KernelOps>(
         waiting: HashMap::new(),
         table_failing: Arc::new(AtomicBool::new(false)),
         republish: true,
+        settled: Some(settled),
     };
     if !drv.drive(vec![first]).await {
         return;
     }
+    drv.tell_settled();
     while let Some(ev) = rx.recv().await {
         let mut outs = Vec::new();
         let mut events = vec![ev];
@@ -542,10 +532,19 @@ async fn run<B: Backend, K: KernelOps>(
         if !drv.drive(outs).await {
             return;
         }
+        drv.tell_settled();
     }
 }
 
 impl<B: Backend, K: KernelOps> Driver<B, K> {
+    fn tell_settled(&mut self) {
+        if self.m.inflight() == 0 {
+            if let Some(s) = self.settled.take() {
+                let _ = s.send(());
+            }
+        }
+    }
+
     fn feed(&mut self, ev: Event) -> Option<Output> {
         match ev {
             Event::Request(r, reply) => {
@@ -728,9 +727,12 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
     fn publish(&mut self, recs: &[Rec]) {
         let d = self.d.clone();
         let mut st = d.lock();
-        if std::mem::take(&mut self.republish) {
-            *st = self.m.state().clone();
-        }
+        // After a (re)start the machine's whole state is copied first; the
+        // state it replaces still names what this round's records delete
+        // (a previous boot's attachments, forgotten at the start), so
+        // their index entries are deleted too.
+        let before = std::mem::take(&mut self.republish)
+            .then(|| std::mem::replace(&mut *st, self.m.state().clone()));
         let mut put = Vec::new();
         let mut deleted = Vec::new();
         let mut lost = Vec::new();
@@ -743,7 +745,10 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                     st.insert_attachment(a.clone());
                 }
                 Rec::DeleteAttachment(k) => {
-                    if let Some(a) = st.remove_attachment(k) {
+                    let gone = st
+                        .remove_attachment(k)
+                        .or_else(|| before.as_ref().and_then(|b| b.attachment(k).cloned()));
+                    if let Some(a) = gone {
                         deleted.push(a);
                     }
                     if let Some(e) = d.engine() {
@@ -831,7 +836,21 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         };
         let table_failing = self.table_failing.clone();
         tokio::spawn(async move {
-            let outcome = effect(&d, e, known, &table_failing, prepared).await;
+            // Every effect ends within its deadline, so a recovery that
+            // waits for the machine to be quiescent waits for all of them.
+            let late = timed_out(&e);
+            let outcome = match tokio::time::timeout(
+                EFFECT_DEADLINE,
+                effect(&d, e, known, &table_failing, prepared),
+            )
+            .await
+            {
+                Ok(o) => o,
+                Err(_) => {
+                    tracing::warn!("an effect took over {EFFECT_DEADLINE:?}: {late:?}; given up");
+                    late
+                }
+            };
             let _ = tx.send(Event::Done(g, id, outcome));
         });
         None
@@ -841,7 +860,9 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
     /// from the journal recovery left. Requests that come meanwhile wait.
     async fn recover(&mut self, job: RecoverJob, rx: &mut UnboundedReceiver<Event>) -> bool {
         let mut held: Vec<Event> = Vec::new();
-        let until = Instant::now() + KERNEL_DEADLINE;
+        // Every effect but an Unwire ends within EFFECT_DEADLINE; an
+        // Unwire's doom and delete each have KERNEL_DEADLINE.
+        let until = Instant::now() + EFFECT_DEADLINE + Duration::from_secs(2);
         while self.m.inflight() > 0 && Instant::now() < until {
             let ev = match tokio::time::timeout_at(until.into(), rx.recv()).await {
                 Ok(Some(ev)) => ev,
@@ -911,6 +932,32 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             }
         }
         true
+    }
+}
+
+/// How long one effect may take, whatever it waits on (a non-fresh wire
+/// checks, reads and wires, each under [`KERNEL_DEADLINE`]).
+pub(super) const EFFECT_DEADLINE: Duration = KERNEL_DEADLINE;
+
+/// What an effect that ran out of time reports: what a failure of its
+/// kind reports (the world may be half way; each effect is idempotent).
+fn timed_out(e: &Effect) -> Outcome {
+    match e {
+        Effect::Wire { .. } => Outcome::WireTimedOut,
+        Effect::Unwire { .. } => {
+            Outcome::WireFailed(ErrorKind::Kernel, "unwiring timed out".into())
+        }
+        Effect::Acquire { .. }
+        | Effect::Reacquire { .. }
+        | Effect::Release { .. }
+        | Effect::View { .. } => Outcome::Unavailable,
+        Effect::Export { .. } | Effect::Withdraw { .. } | Effect::ReadTable => {
+            Outcome::RouteFailed("timed out".into())
+        }
+        Effect::Observe { .. } => Outcome::Observed(Vec::new()),
+        Effect::Scan | Effect::RemoveLink { .. } | Effect::RemoveHostRoute { .. } => {
+            Outcome::RemoveFailed("timed out".into())
+        }
     }
 }
 
@@ -1040,6 +1087,36 @@ async fn effect<B: Backend, K: KernelOps>(
         Effect::Unwire { key, host_veth } => unwire_now(d, &key, &host_veth).await,
         Effect::View { full } => view(d, node, full, known).await,
         Effect::Observe { attachments } => observe(d, attachments).await,
+        Effect::Scan => scan(d).await,
+        Effect::RemoveLink { name } => {
+            match deadline(format!("removing link {name}"), d.kernel.unwire(&name)).await {
+                Ok(_) => {
+                    tracing::info!(link = %name, "removed a coil link no attachment owns");
+                    Outcome::Removed
+                }
+                Err(e) => {
+                    tracing::warn!(link = %name, "removing a coil link no attachment owns: {e}");
+                    Outcome::RemoveFailed(e.to_string())
+                }
+            }
+        }
+        Effect::RemoveHostRoute { dst, dev, oif } => {
+            match deadline(
+                format!("removing host route {dst} dev {dev}"),
+                d.kernel.del_host_route(dst, oif),
+            )
+            .await
+            {
+                Ok(()) => {
+                    tracing::info!(%dst, %dev, "removed a coil host route no address owns");
+                    Outcome::Removed
+                }
+                Err(e) => {
+                    tracing::warn!(%dst, %dev, "removing a stray coil host route: {e}");
+                    Outcome::RemoveFailed(e.to_string())
+                }
+            }
+        }
         Effect::Export { block } => match d.kernel.export_block(block).await {
             Ok(()) => Outcome::Routed,
             Err(e) => {
@@ -1071,6 +1148,35 @@ async fn effect<B: Backend, K: KernelOps>(
                 }
             }
         }
+    }
+}
+
+/// coil's links (name `coil…`, with their alias) and its host routes
+/// through them, for the machine to find what no attachment owns. A read
+/// that fails reports a failure (nothing is removed on a guess).
+async fn scan<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> Outcome {
+    let (links, routes) = match (d.kernel.links().await, d.kernel.host_routes().await) {
+        (Ok(l), Ok(r)) => (l, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("listing coil's links and host routes: {e}");
+            return Outcome::RemoveFailed(e.to_string());
+        }
+    };
+    let ours: HashMap<u32, String> = links
+        .iter()
+        .filter(|(_, n, _)| n.starts_with("coil"))
+        .map(|(i, n, _)| (*i, n.clone()))
+        .collect();
+    Outcome::Scanned {
+        routes: routes
+            .into_iter()
+            .filter_map(|(dst, oif)| ours.get(&oif).map(|n| (dst, n.clone(), oif)))
+            .collect(),
+        links: links
+            .into_iter()
+            .filter(|(_, n, _)| n.starts_with("coil"))
+            .map(|(_, n, a)| (n, a))
+            .collect(),
     }
 }
 
