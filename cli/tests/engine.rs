@@ -114,3 +114,94 @@ fn ticks_rebuild_a_deleted_veth_and_release_a_pod_whose_netns_is_gone() {
     assert!(got.contains(&b[0]), "{b:?} never handed out again: {got:?}");
     assert!(!got.contains(&a[0]), "pa's address handed out twice");
 }
+
+/// coild on `n` with `engine`, over the journal a previous run left.
+fn start_engine(n: &Node, engine: coil_cli::coild::EngineChoice, pool: Option<&str>) -> Run {
+    let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.engine = engine;
+    let spec = pool.map(|p| PoolSpec::new("default", vec![p.parse().expect("net")], 2));
+    let (rt, d, journal) = simkit::start_inproc(cfg, n.kernel.clone(), spec).expect("coild starts");
+    Run {
+        rt: Some(rt),
+        d: Some(d),
+        journal: Some(journal),
+    }
+}
+
+/// Both engines keep one journal format: an operator can switch engines
+/// with a restart (docs/operations.md) and back, and the pods of either
+/// stay served, checked and deletable, with no address given twice.
+#[test]
+fn engines_switch_on_one_journal_both_ways() {
+    use coil_cli::coild::EngineChoice::{Direct, Machine};
+    let n = Node::new();
+    let mut run = start_engine(&n, Direct, Some("10.48.0.0/28"));
+    let mut held = std::collections::BTreeMap::new();
+    for i in 0..3 {
+        let p = n.pod(&format!("s{i}"));
+        held.insert(
+            format!("s{i}"),
+            (
+                p.clone(),
+                ips(&run.call("ADD", &format!("s{i}"), Some(&p), "")),
+            ),
+        );
+    }
+    let (p1, _) = held.remove("s1").expect("s1");
+    ok(&run.call("DEL", "s1", Some(&p1), ""));
+    wait_links(&n.kernel, 2);
+    run.kill();
+
+    let check_all =
+        |run: &Run, held: &std::collections::BTreeMap<String, (String, Vec<IpAddr>)>| {
+            assert_eq!(
+                run.d().stats()["attachments"],
+                held.len(),
+                "{}",
+                run.d().stats()
+            );
+            for (cid, (p, addrs)) in held {
+                ok(&run.call("CHECK", cid, Some(p), ""));
+                // A repeated ADD answers what the other engine gave.
+                assert_eq!(&ips(&run.call("ADD", cid, Some(p), "")), addrs, "{cid}");
+            }
+            let given: BTreeSet<IpAddr> = held.values().flat_map(|(_, a)| a.clone()).collect();
+            assert_eq!(
+                given.len(),
+                held.values().map(|(_, a)| a.len()).sum::<usize>(),
+                "an address given twice: {held:?}"
+            );
+        };
+
+    // The machine engine takes over the direct engine's journal.
+    let mut run = start_engine(&n, Machine, None);
+    check_all(&run, &held);
+    let p = n.pod("s3");
+    held.insert(
+        "s3".into(),
+        (p.clone(), ips(&run.call("ADD", "s3", Some(&p), ""))),
+    );
+    check_all(&run, &held);
+    let (p0, _) = held.remove("s0").expect("s0");
+    ok(&run.call("DEL", "s0", Some(&p0), ""));
+    wait_links(&n.kernel, 2);
+    run.kill();
+
+    // And back.
+    let run = start_engine(&n, Direct, None);
+    check_all(&run, &held);
+    let p = n.pod("s4");
+    held.insert(
+        "s4".into(),
+        (p.clone(), ips(&run.call("ADD", "s4", Some(&p), ""))),
+    );
+    check_all(&run, &held);
+    for (cid, (p, _)) in std::mem::take(&mut held) {
+        ok(&run.call("DEL", &cid, Some(&p), ""));
+    }
+    wait_links(&n.kernel, 0);
+    wait_for(
+        || run.d().stats()["attachments"] == 0,
+        "every attachment released",
+    );
+}
