@@ -197,8 +197,8 @@ pub enum Outcome {
     Acquired(BlockLease),
     /// `Acquire`: every block of the pool and family is leased.
     Exhausted,
-    /// `Reacquire`: another node leases the block now.
-    Taken,
+    /// `Reacquire`: another node (`owner`) leases the block now.
+    Taken { owner: String },
     /// This node is removed (its removal fence exists).
     Fenced,
     /// The store did not answer. A write may or may not have been applied.
@@ -460,6 +460,9 @@ pub struct NodeMachine {
     /// answer).
     acq_seq: u64,
     acq_ended: BTreeMap<u64, u64>,
+    /// Who holds each block this node lost, as far as known (events and
+    /// logs name the owner).
+    lost_to: BTreeMap<IpNet, String>,
 }
 
 /// A tick in this many asks for a [`Effect::Scan`] of the kernel (and
@@ -509,6 +512,7 @@ impl NodeMachine {
             removing: BTreeSet::new(),
             acq_seq: 0,
             acq_ended: BTreeMap::new(),
+            lost_to: BTreeMap::new(),
         };
         for a in durable.attachments.values() {
             if a.boot_id != m.cfg.boot_id {
@@ -579,6 +583,12 @@ impl NodeMachine {
     /// The allocation state (for drivers' listings and tests).
     pub fn state(&self) -> &NodeState {
         &self.alloc
+    }
+
+    /// Who leases a block this node lost (quarantined), when the store
+    /// said so.
+    pub fn lost_to(&self, block: &IpNet) -> Option<&str> {
+        self.lost_to.get(block).map(String::as_str)
     }
 
     /// Is the node fenced off (removed)?
@@ -738,6 +748,7 @@ impl NodeMachine {
             .collect();
         for b in dropped {
             self.alloc.remove_lease(&b);
+            self.lost_to.remove(&b);
             out.rec(Rec::DeleteLease(b));
         }
         self.release_idle(&mut out);
@@ -1745,7 +1756,10 @@ impl NodeMachine {
                 out.rec(Rec::PutLease(lease.clone()));
                 self.alloc.insert_lease(lease);
             }
-            Outcome::Taken => self.quarantine(out, &l),
+            Outcome::Taken { owner } => {
+                self.lost_to.insert(block, owner);
+                self.quarantine(out, &l)
+            }
             Outcome::Fenced => self.fence(out),
             _ => {}
         }
@@ -2163,6 +2177,44 @@ mod tests {
         persist(&mut d, &out);
         assert!(d.intents.is_empty(), "{:?}", d.intents);
         assert!(d.leases.contains_key(&net("10.0.0.0/30")));
+    }
+
+    #[test]
+    fn a_block_another_node_took_is_quarantined_naming_the_owner() {
+        let (mut m, mut d) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        let out = m.request(1, add(&key));
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        persist(&mut d, &out);
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        persist(&mut d, &m.done(wire, Outcome::Wired));
+        let block = net("10.0.0.0/30");
+        // The store no longer shows the lease: it is taken again, but
+        // another node holds the block now.
+        let out = m.tick();
+        let view = effect(&out, |e| matches!(e, Effect::View { .. }));
+        let out = m.done(
+            view,
+            Outcome::View {
+                leases: BTreeMap::new(),
+                fenced: false,
+            },
+        );
+        let re = effect(&out, |e| matches!(e, Effect::Reacquire { .. }));
+        let out = m.done(re, Outcome::Taken { owner: "n2".into() });
+        persist(&mut d, &out);
+        assert_eq!(d.leases[&block].state, LeaseState::Quarantined);
+        assert_eq!(m.lost_to(&block), Some("n2"));
+        // No new address comes from it.
+        let other = AttachmentKey::new("net", "c2", "eth0");
+        let out = m.request(2, add(&other));
+        assert!(
+            out.effects
+                .iter()
+                .any(|(_, e)| matches!(e, Effect::Acquire { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]

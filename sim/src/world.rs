@@ -537,7 +537,9 @@ impl World {
                             epoch: l.epoch,
                             ..lease.clone()
                         }),
-                        Some(_) => Outcome::Taken,
+                        Some(l) => Outcome::Taken {
+                            owner: l.node.clone(),
+                        },
                         None => {
                             self.store.revision += 1;
                             let epoch = self.store.revision;

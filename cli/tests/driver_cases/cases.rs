@@ -452,6 +452,7 @@ fn kubernetes_events_tell_of_exhaustion_quarantine_readmission_and_lease_loss() 
     });
     let n = Node::new();
     let mut cfg = simkit::inproc_config(n.dir.path(), "driver-node");
+    cfg.engine = ENGINE;
     cfg.events = sink.clone();
     // One block of four addresses in all.
     let (rt, d, _journal) = simkit::start_inproc(

@@ -759,7 +759,11 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                     if l.state == LeaseState::Quarantined && !self.m.removed() {
                         if let Some(b) = st.blocks().find(|b| b.lease.block == l.block) {
                             if b.lease.state != LeaseState::Quarantined {
-                                lost.push((l.block, b.used.len()));
+                                let owner = self
+                                    .m
+                                    .lost_to(&l.block)
+                                    .unwrap_or("this node under another lease, or unknown");
+                                lost.push((l.block, b.used.len(), owner.to_string()));
                             }
                         }
                     }
@@ -782,13 +786,13 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                 d.mirror(Mirror::Delete(d.record(a, x)));
             }
         }
-        for (block, pods) in lost {
+        for (block, pods, owner) in lost {
             d.lease_losses.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%block, pods,
-                "lost the lease of block {block}: no new address is taken from it");
+            tracing::error!(%block, pods, %owner,
+                "lost the lease of block {block} to {owner}: no new address is taken from it");
             d.cfg.events.emit(crate::kube::NodeEvent::LeaseLost {
                 block: block.to_string(),
-                owner: "another node".into(),
+                owner,
                 pods,
             });
         }
@@ -999,8 +1003,10 @@ async fn effect<B: Backend, K: KernelOps>(
                     state: LeaseState::Leased,
                     ..lease
                 }),
-                Err(StoreError::NotOwner { .. }) => Outcome::Taken,
-                Err(e) if e.is_corrupt() => Outcome::Taken,
+                Err(StoreError::NotOwner { owner, .. }) => Outcome::Taken { owner },
+                Err(e) if e.is_corrupt() => Outcome::Taken {
+                    owner: format!("unknown (the store's entry is malformed: {e})"),
+                },
                 Err(StoreError::NodeRemoved { .. }) => Outcome::Fenced,
                 Err(e) => {
                     tracing::warn!(block = %lease.block, "re-leasing a block: {e}");
