@@ -694,8 +694,15 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         let d = self.d.clone();
         let ns = d.engine().and_then(|e| e.take_netns::<K::Netns>(key));
         let what = format!("wiring {key}");
+        let t = Instant::now();
         tokio::spawn(async move {
+            let start_us = t.elapsed().as_micros() as u64;
             let r = deadline(what, d.kernel.prepare_in(&spec, ns)).await;
+            tracing::debug!(
+                start_us,
+                prepare_us = t.elapsed().as_micros() as u64,
+                "prepare"
+            );
             let _ = tx.send(r);
         });
         rx
@@ -1064,7 +1071,12 @@ async fn effect<B: Backend, K: KernelOps>(
             let wiring = async {
                 match prepared {
                     Some(rx) => match rx.await {
-                        Ok(Ok(p)) => d.kernel.finish_in(&spec, p).await,
+                        Ok(Ok(p)) => {
+                            let t = Instant::now();
+                            let r = d.kernel.finish_in(&spec, p).await;
+                            tracing::debug!(attachment = %key, finish_us = t.elapsed().as_micros() as u64, "wire");
+                            r
+                        }
                         Ok(Err(e)) => Err(e),
                         // The preparing task died: wire from scratch.
                         Err(_) => d.kernel.wire_in(&spec, None).await,
