@@ -1335,7 +1335,6 @@ impl NodeMachine {
     ) {
         self.acquiring.remove(&(pool.clone(), family));
         self.acq_seq += 1;
-        self.acq_ended.insert(intent, self.acq_seq);
         let failure = match outcome {
             Outcome::Acquired(lease) => {
                 self.intents.remove(&intent);
@@ -1360,11 +1359,15 @@ impl NodeMachine {
                 Some((ErrorKind::Fenced, self.fenced_msg()))
             }
             // The store may have leased a block it could not confirm: the
-            // intent stays until a view adopts or settles it.
-            _ => Some((
-                ErrorKind::TryAgain,
-                format!("the store did not answer acquiring a {family} block of {pool}"),
-            )),
+            // intent stays until a view asked for after now adopts or
+            // settles it.
+            _ => {
+                self.acq_ended.insert(intent, self.acq_seq);
+                Some((
+                    ErrorKind::TryAgain,
+                    format!("the store did not answer acquiring a {family} block of {pool}"),
+                ))
+            }
         };
         let (waiting, rest): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
             .into_iter()
