@@ -1902,13 +1902,7 @@ mod tests {
             routes: Vec::new(),
         };
         assert!(m.done(scan, empty).effects.is_empty());
-        let out = m.done(
-            view,
-            Outcome::View {
-                leases: BTreeMap::new(),
-                fenced: false,
-            },
-        );
+        let out = m.done(view, no_leases());
         persist(&mut d, &out);
         let out = m.done(read, Outcome::Table(BTreeSet::new()));
         assert!(out.effects.is_empty());
@@ -2030,6 +2024,29 @@ mod tests {
     /// A pod whose veth is gone: rebuilt while its netns lives, released
     /// once the netns is gone, and never on an observation older than
     /// the attachment (deleted and added again under the same key).
+    /// The first pod `key` of a started machine, wired in 10.0.0.0/30
+    /// (epoch 7); every batch on the way is applied to `d`.
+    fn first_pod_wired(m: &mut NodeMachine, d: &mut Durable, key: &AttachmentKey) -> Attachment {
+        let out = m.request(1, add(key));
+        persist(d, &out);
+        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
+        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
+        persist(d, &out);
+        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
+        let out = m.done(wire, Outcome::Wired);
+        assert_eq!(out.answers.len(), 1, "{out:?}");
+        persist(d, &out);
+        m.state().attachment(key).cloned().expect("attachment")
+    }
+
+    /// A view of the store that shows no lease of this node.
+    fn no_leases() -> Outcome {
+        Outcome::View {
+            leases: BTreeMap::new(),
+            fenced: false,
+        }
+    }
+
     /// Ticks until the machine asks for a scan of the kernel.
     fn next_scan(m: &mut NodeMachine) -> EffectId {
         for _ in 0..SCAN_EVERY {
@@ -2043,14 +2060,9 @@ mod tests {
 
     #[test]
     fn a_scan_removes_what_no_attachment_owns_and_nothing_that_changed_since() {
-        let (mut m, _) = started();
+        let (mut m, mut d) = started();
         let key = AttachmentKey::new("net", "c1", "eth0");
-        let out = m.request(1, add(&key));
-        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
-        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
-        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
-        m.done(wire, Outcome::Wired);
-        let a = m.state().attachment(&key).cloned().expect("attachment");
+        let a = first_pod_wired(&mut m, &mut d, &key);
         let addr = a.addresses[0].addr;
         let orphan = AttachmentKey::new("net", "c9", "eth0");
         let orphan_veth = host_veth_name(&orphan);
@@ -2150,13 +2162,7 @@ mod tests {
         // The store leased 10.0.0.0/30 but its answer was lost.
         let out = m.done(acq, Outcome::Unavailable);
         persist(&mut d, &out);
-        let out = m.done(
-            view,
-            Outcome::View {
-                leases: BTreeMap::new(),
-                fenced: false,
-            },
-        );
+        let out = m.done(view, no_leases());
         persist(&mut d, &out);
         assert_eq!(
             d.intents.len(),
@@ -2186,24 +2192,13 @@ mod tests {
     fn a_block_another_node_took_is_quarantined_naming_the_owner() {
         let (mut m, mut d) = started();
         let key = AttachmentKey::new("net", "c1", "eth0");
-        let out = m.request(1, add(&key));
-        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
-        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
-        persist(&mut d, &out);
-        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
-        persist(&mut d, &m.done(wire, Outcome::Wired));
+        first_pod_wired(&mut m, &mut d, &key);
         let block = net("10.0.0.0/30");
         // The store no longer shows the lease: it is taken again, but
         // another node holds the block now.
         let out = m.tick();
         let view = effect(&out, |e| matches!(e, Effect::View { .. }));
-        let out = m.done(
-            view,
-            Outcome::View {
-                leases: BTreeMap::new(),
-                fenced: false,
-            },
-        );
+        let out = m.done(view, no_leases());
         let re = effect(&out, |e| matches!(e, Effect::Reacquire { .. }));
         let out = m.done(re, Outcome::Taken { owner: "n2".into() });
         persist(&mut d, &out);
@@ -2222,14 +2217,9 @@ mod tests {
 
     #[test]
     fn observed_drift_rebuilds_or_releases_only_what_did_not_change() {
-        let (mut m, _) = started();
+        let (mut m, mut d) = started();
         let key = AttachmentKey::new("net", "c1", "eth0");
-        let out = m.request(1, add(&key));
-        let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
-        let out = m.done(acq, Outcome::Acquired(lease("10.0.0.0/30", 7)));
-        let wire = effect(&out, |e| matches!(e, Effect::Wire { .. }));
-        let out = m.done(wire, Outcome::Wired);
-        assert_eq!(out.answers.len(), 1);
+        first_pod_wired(&mut m, &mut d, &key);
         let observe = |m: &mut NodeMachine| {
             let out = m.tick();
             effect(&out, |e| matches!(e, Effect::Observe { .. }))
