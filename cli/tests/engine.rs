@@ -205,3 +205,42 @@ fn engines_switch_on_one_journal_both_ways() {
         "every attachment released",
     );
 }
+
+/// What a kill leaves between the links of a fresh reservation and its
+/// durable record (an addressless veth no record owns) is found by the
+/// machine's own scan at the restart, with no recovery run: the started
+/// coild has removed it, and the pods it does own are untouched.
+#[test]
+fn a_restart_scans_away_the_links_of_a_reservation_that_never_became_durable() {
+    let n = Node::new();
+    let mut run = n.start(&["10.49.0.0/28"]);
+    let pa = n.pod("pa");
+    let got = ips(&run.call("ADD", "pa", Some(&pa), ""));
+    // The links of pod pb's ADD, made while its batch synced; then kill.
+    let pb = n.pod("pb");
+    let key = coil::journal::AttachmentKey::new("k8s", "pb", "eth0");
+    let spec = coil::kernel::WireSpec {
+        netns: pb.clone(),
+        ifname: "eth0".into(),
+        host_veth: coil::node::host_veth_name(&key),
+        alias: coil::node::veth_alias(&key),
+        addresses: vec!["10.49.0.9".parse().expect("ip")],
+        mtu: 1500,
+    };
+    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    assert_eq!(n.kernel.link_names().len(), 2);
+    run.kill();
+    let run = n.start(&[]);
+    assert_eq!(
+        n.kernel.link_names().len(),
+        1,
+        "{:?}",
+        n.kernel.link_names()
+    );
+    assert!(!n.kernel.link_names().contains(&spec.host_veth));
+    assert_eq!(n.kernel.pod_addresses(&pa, "eth0"), Some(got));
+    ok(&run.call("CHECK", "pa", Some(&pa), ""));
+    // The runtime's retried ADD of pb wires it from scratch.
+    let b = ips(&run.call("ADD", "pb", Some(&pb), ""));
+    assert_eq!(n.kernel.pod_addresses(&pb, "eth0"), Some(b));
+}
