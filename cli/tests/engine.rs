@@ -244,3 +244,40 @@ fn a_restart_scans_away_the_links_of_a_reservation_that_never_became_durable() {
     let b = ips(&run.call("ADD", "pb", Some(&pb), ""));
     assert_eq!(n.kernel.pod_addresses(&pb, "eth0"), Some(b));
 }
+
+/// A running coild's clock scans the kernel every tenth tick: a coil link
+/// that no record owns (with coil's alias) goes, a foreign link that only
+/// looks like coil's (no alias) stays, and so do the pods' veths.
+#[test]
+fn ticks_scan_away_coil_links_no_record_owns() {
+    let n = Node::new();
+    let run = ticking(&n, "10.50.0.0/28", 2);
+    let pa = n.pod("pa");
+    let got = ips(&run.call("ADD", "pa", Some(&pa), ""));
+    let ghost = coil::journal::AttachmentKey::new("k8s", "ghost", "eth0");
+    let pg = n.pod("ghost");
+    let spec = coil::kernel::WireSpec {
+        netns: pg,
+        ifname: "eth0".into(),
+        host_veth: coil::node::host_veth_name(&ghost),
+        alias: coil::node::veth_alias(&ghost),
+        addresses: vec!["10.50.0.9".parse().expect("ip")],
+        mtu: 1500,
+    };
+    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    let foreign = coil::kernel::WireSpec {
+        host_veth: "coilforeign01".into(),
+        alias: "not-coil".into(),
+        netns: n.pod("foreign"),
+        ..spec.clone()
+    };
+    block_on(&run, n.kernel.prepare_in(&foreign, None)).expect("links");
+    wait_for(
+        || !n.kernel.link_names().contains(&spec.host_veth),
+        "the scan to remove the unowned link",
+    );
+    let links = n.kernel.link_names();
+    assert!(links.contains(&foreign.host_veth), "{links:?}");
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert_eq!(n.kernel.pod_addresses(&pa, "eth0"), Some(got));
+}
