@@ -1618,6 +1618,22 @@ impl NodeMachine {
                     ));
                 }
             }
+            Outcome::WireFailed(kind, why)
+                if req.is_none()
+                    && a.state == AttachmentState::Wired
+                    && !matches!(kind, ErrorKind::NetnsMissing | ErrorKind::BadEnv) =>
+            {
+                // The rebuild of a running pod's veth (deleted under it)
+                // failed while its netns lives: the pod keeps its
+                // addresses, and the next observation tries again.
+                // Releasing it would take a running pod's network for good
+                // (the simulator found this once runtimes retried ADDs).
+                let _ = why;
+                if intent != 0 {
+                    self.intents.remove(&intent);
+                    out.rec(Rec::DeleteIntent(intent));
+                }
+            }
             other => {
                 // A refused wire may leave an earlier, complete wiring of
                 // this attachment in place (the kernel adapter refuses a
@@ -2255,6 +2271,37 @@ mod tests {
             m.state().attachment(&key).map(|a| a.state),
             Some(AttachmentState::Releasing)
         );
+    }
+
+    #[test]
+    fn a_failed_rebuild_of_a_running_pod_keeps_it_and_tries_again() {
+        let (mut m, mut d) = started();
+        let key = AttachmentKey::new("net", "c1", "eth0");
+        first_pod_wired(&mut m, &mut d, &key);
+        let rebuild = |m: &mut NodeMachine, d: &mut Durable| {
+            let out = m.tick();
+            let o = effect(&out, |e| matches!(e, Effect::Observe { .. }));
+            let out = m.done(o, Outcome::Observed(vec![(key.clone(), true)]));
+            persist(d, &out);
+            effect(&out, |e| matches!(e, Effect::Wire { fresh: false, .. }))
+        };
+        // The kernel refuses the rebuild: the pod keeps its attachment.
+        let wire = rebuild(&mut m, &mut d);
+        let out = m.done(
+            wire,
+            Outcome::WireFailed(ErrorKind::Kernel, "refused".into()),
+        );
+        persist(&mut d, &out);
+        assert!(out.effects.is_empty(), "{out:?}");
+        assert_eq!(d.attachments[&key].state, AttachmentState::Wired);
+        assert!(d.intents.is_empty(), "{:?}", d.intents);
+        // The next observation tries again; a gone netns releases it.
+        let wire = rebuild(&mut m, &mut d);
+        let out = m.done(
+            wire,
+            Outcome::WireFailed(ErrorKind::NetnsMissing, "gone".into()),
+        );
+        effect(&out, |e| matches!(e, Effect::Unwire { .. }));
     }
 
     #[test]

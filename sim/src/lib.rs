@@ -134,6 +134,14 @@ pub fn step(w: &mut World, rng: &mut StdRng) -> String {
             let Some(i) = pick(rng, &up) else {
                 return "no node up".into();
             };
+            if rng.gen_bool(0.15) {
+                if let Some(k) = w.retry_add(i, rng.gen_range(0..1000)) {
+                    return format!(
+                        "{}: ADD {} again (a retry)",
+                        w.nodes[i].name, k.container_id
+                    );
+                }
+            }
             let here = w.pods.values().filter(|p| p.node == i).count();
             if here >= MAX_PODS {
                 return "pod limit".into();

@@ -140,6 +140,9 @@ pub struct Pod {
     /// Its veth was deleted by hand (the pod lives): coild must rebuild it
     /// (checked when the run settles).
     pub drifted: bool,
+    /// Its last ADD failed and no DEL was sent since: the runtime may
+    /// send the same ADD again (a retry, same container id).
+    pub add_failed: bool,
 }
 
 /// The whole simulated cluster.
@@ -856,6 +859,12 @@ impl World {
                 boot_id: boot.clone(),
                 created_unix: 0,
             };
+            // As coil-recovery's rebuild: a veth with no address in a
+            // block this node leases is no attachment (a kill's fresh
+            // links, say); the machine's scan removes it.
+            if a.addresses.is_empty() {
+                continue;
+            }
             for x in &a.addresses {
                 d.addresses.insert(
                     x.addr,
@@ -892,6 +901,7 @@ impl World {
                 boot: self.nodes[i].boot,
                 dead: false,
                 drifted: false,
+                add_failed: false,
             },
         );
         let r = Request::Add {
@@ -904,12 +914,47 @@ impl World {
         self.request(i, key, Kind::Add, r);
     }
 
+    /// The runtime sends a failed ADD of node `i` again, same container
+    /// id, same netns (a retry instead of a teardown). False when no pod
+    /// there qualifies.
+    pub fn retry_add(&mut self, i: usize, pick: usize) -> Option<AttachmentKey> {
+        let n = &self.nodes[i];
+        let busy: BTreeSet<&AttachmentKey> = n.requests.values().map(|(k, _)| k).collect();
+        let keys: Vec<AttachmentKey> = self
+            .pods
+            .values()
+            .filter(|p| {
+                p.node == i
+                    && p.add_failed
+                    && !p.dead
+                    && p.boot == n.boot
+                    && n.netns.contains(&p.netns)
+                    && !busy.contains(&p.key)
+            })
+            .map(|p| p.key.clone())
+            .collect();
+        let key = keys.get(pick % keys.len().max(1))?.clone();
+        let p = self.pods.get_mut(&key)?;
+        p.add_failed = false;
+        p.state = PodState::Adding;
+        let r = Request::Add {
+            key: key.clone(),
+            netns: p.netns.clone(),
+            pool: POOL.into(),
+            families: self.families.clone(),
+            pod: Default::default(),
+        };
+        self.request(i, key.clone(), Kind::Add, r);
+        Some(key)
+    }
+
     /// Sends a DEL for a pod (its netns removed first when `no_netns`).
     pub fn del_pod(&mut self, key: &AttachmentKey, no_netns: bool) {
         let Some(p) = self.pods.get_mut(key) else {
             return;
         };
         p.state = PodState::Deleting;
+        p.add_failed = false;
         let (i, netns) = (p.node, p.netns.clone());
         if no_netns {
             self.delete_netns(i, &netns);
@@ -968,7 +1013,10 @@ impl World {
     fn runtime_failed(&mut self, key: &AttachmentKey, kind: Kind) {
         if let Some(p) = self.pods.get_mut(key) {
             match kind {
-                Kind::Add if p.state == PodState::Adding => p.state = PodState::Deleting,
+                Kind::Add if p.state == PodState::Adding => {
+                    p.state = PodState::Deleting;
+                    p.add_failed = true;
+                }
                 Kind::Del => p.state = PodState::Deleting,
                 _ => {}
             }

@@ -55,6 +55,10 @@ fn the_seeds_that_found_bugs_stay_fixed() {
         (38, 20_000),
         (60, 12_684),
         (220, 27_904),
+        // Runtimes retrying ADDs: a rebuilt veth's failure released a
+        // running pod (96); the rebuild model adopted addressless veths (1).
+        (96, 20_001),
+        (1, 4_879),
     ] {
         let r = run(seed, steps, None, false);
         assert!(
