@@ -2055,12 +2055,21 @@ mod tests {
         m.state().attachment(key).cloned().expect("attachment")
     }
 
-    /// A view of the store that shows no lease of this node.
-    fn no_leases() -> Outcome {
+    /// A view of the store that shows these leases of this node (pool
+    /// `default`), unfenced.
+    fn leases_view(leases: &[(&str, u64)]) -> Outcome {
         Outcome::View {
-            leases: BTreeMap::new(),
+            leases: leases
+                .iter()
+                .map(|(b, e)| (net(b), ("default".to_string(), *e)))
+                .collect(),
             fenced: false,
         }
+    }
+
+    /// A view of the store that shows no lease of this node.
+    fn no_leases() -> Outcome {
+        leases_view(&[])
     }
 
     /// Ticks until the machine asks for a scan of the kernel.
@@ -2190,15 +2199,7 @@ mod tests {
         let out = m.tick();
         persist(&mut d, &out);
         let view = effect(&out, |e| *e == Effect::View { full: true });
-        let mut leases = BTreeMap::new();
-        leases.insert(net("10.0.0.0/30"), ("default".to_string(), 7));
-        let out = m.done(
-            view,
-            Outcome::View {
-                leases,
-                fenced: false,
-            },
-        );
+        let out = m.done(view, leases_view(&[("10.0.0.0/30", 7)]));
         persist(&mut d, &out);
         assert!(d.intents.is_empty(), "{:?}", d.intents);
         assert!(d.leases.contains_key(&net("10.0.0.0/30")));
@@ -2347,15 +2348,7 @@ mod tests {
         let acq = effect(&out, |e| matches!(e, Effect::Acquire { .. }));
         let out = m.tick();
         let view = effect(&out, |e| matches!(e, Effect::View { .. }));
-        let mut leases = BTreeMap::new();
-        leases.insert(net("10.0.0.0/30"), ("default".to_string(), 3));
-        let out = m.done(
-            view,
-            Outcome::View {
-                leases,
-                fenced: false,
-            },
-        );
+        let out = m.done(view, leases_view(&[("10.0.0.0/30", 3)]));
         // The adopted block is published in table 119.
         assert!(out.effects.iter().any(|(_, e)| *e
             == Effect::Export {

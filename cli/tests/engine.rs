@@ -135,52 +135,47 @@ fn start_engine(n: &Node, engine: coil_cli::coild::EngineChoice, pool: Option<&s
 fn engines_switch_on_one_journal_both_ways() {
     use coil_cli::coild::EngineChoice::{Direct, Machine};
     let n = Node::new();
+    type Held = std::collections::BTreeMap<String, (String, Vec<IpAddr>)>;
+    // A new pod `cid`: its netns and the addresses its ADD got.
+    let add = |run: &Run, held: &mut Held, cid: &str| {
+        let p = n.pod(cid);
+        let got = ips(&run.call("ADD", cid, Some(&p), ""));
+        held.insert(cid.to_string(), (p, got));
+    };
     let mut run = start_engine(&n, Direct, Some("10.48.0.0/28"));
-    let mut held = std::collections::BTreeMap::new();
-    for i in 0..3 {
-        let p = n.pod(&format!("s{i}"));
-        held.insert(
-            format!("s{i}"),
-            (
-                p.clone(),
-                ips(&run.call("ADD", &format!("s{i}"), Some(&p), "")),
-            ),
-        );
+    let mut held = Held::new();
+    for cid in ["s0", "s1", "s2"] {
+        add(&run, &mut held, cid);
     }
     let (p1, _) = held.remove("s1").expect("s1");
     ok(&run.call("DEL", "s1", Some(&p1), ""));
     wait_links(&n.kernel, 2);
     run.kill();
 
-    let check_all =
-        |run: &Run, held: &std::collections::BTreeMap<String, (String, Vec<IpAddr>)>| {
-            assert_eq!(
-                run.d().stats()["attachments"],
-                held.len(),
-                "{}",
-                run.d().stats()
-            );
-            for (cid, (p, addrs)) in held {
-                ok(&run.call("CHECK", cid, Some(p), ""));
-                // A repeated ADD answers what the other engine gave.
-                assert_eq!(&ips(&run.call("ADD", cid, Some(p), "")), addrs, "{cid}");
-            }
-            let given: BTreeSet<IpAddr> = held.values().flat_map(|(_, a)| a.clone()).collect();
-            assert_eq!(
-                given.len(),
-                held.values().map(|(_, a)| a.len()).sum::<usize>(),
-                "an address given twice: {held:?}"
-            );
-        };
+    let check_all = |run: &Run, held: &Held| {
+        assert_eq!(
+            run.d().stats()["attachments"],
+            held.len(),
+            "{}",
+            run.d().stats()
+        );
+        for (cid, (p, addrs)) in held {
+            ok(&run.call("CHECK", cid, Some(p), ""));
+            // A repeated ADD answers what the other engine gave.
+            assert_eq!(&ips(&run.call("ADD", cid, Some(p), "")), addrs, "{cid}");
+        }
+        let given: BTreeSet<IpAddr> = held.values().flat_map(|(_, a)| a.clone()).collect();
+        assert_eq!(
+            given.len(),
+            held.values().map(|(_, a)| a.len()).sum::<usize>(),
+            "an address given twice: {held:?}"
+        );
+    };
 
     // The machine engine takes over the direct engine's journal.
     let mut run = start_engine(&n, Machine, None);
     check_all(&run, &held);
-    let p = n.pod("s3");
-    held.insert(
-        "s3".into(),
-        (p.clone(), ips(&run.call("ADD", "s3", Some(&p), ""))),
-    );
+    add(&run, &mut held, "s3");
     check_all(&run, &held);
     let (p0, _) = held.remove("s0").expect("s0");
     ok(&run.call("DEL", "s0", Some(&p0), ""));
@@ -190,11 +185,7 @@ fn engines_switch_on_one_journal_both_ways() {
     // And back.
     let run = start_engine(&n, Direct, None);
     check_all(&run, &held);
-    let p = n.pod("s4");
-    held.insert(
-        "s4".into(),
-        (p.clone(), ips(&run.call("ADD", "s4", Some(&p), ""))),
-    );
+    add(&run, &mut held, "s4");
     check_all(&run, &held);
     for (cid, (p, _)) in std::mem::take(&mut held) {
         ok(&run.call("DEL", &cid, Some(&p), ""));
@@ -218,16 +209,7 @@ fn a_restart_scans_away_the_links_of_a_reservation_that_never_became_durable() {
     let got = ips(&run.call("ADD", "pa", Some(&pa), ""));
     // The links of pod pb's ADD, made while its batch synced; then kill.
     let pb = n.pod("pb");
-    let key = coil::journal::AttachmentKey::new("k8s", "pb", "eth0");
-    let spec = coil::kernel::WireSpec {
-        netns: pb.clone(),
-        ifname: "eth0".into(),
-        host_veth: coil::node::host_veth_name(&key),
-        alias: coil::node::veth_alias(&key),
-        addresses: vec!["10.49.0.9".parse().expect("ip")],
-        mtu: 1500,
-    };
-    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    let spec = unrecorded_links(&n, &run, "pb", &pb, "10.49.0.9");
     assert_eq!(n.kernel.link_names().len(), 2);
     run.kill();
     let run = n.start(&[]);
@@ -254,17 +236,7 @@ fn ticks_scan_away_coil_links_no_record_owns() {
     let run = ticking(&n, "10.50.0.0/28", 2);
     let pa = n.pod("pa");
     let got = ips(&run.call("ADD", "pa", Some(&pa), ""));
-    let ghost = coil::journal::AttachmentKey::new("k8s", "ghost", "eth0");
-    let pg = n.pod("ghost");
-    let spec = coil::kernel::WireSpec {
-        netns: pg,
-        ifname: "eth0".into(),
-        host_veth: coil::node::host_veth_name(&ghost),
-        alias: coil::node::veth_alias(&ghost),
-        addresses: vec!["10.50.0.9".parse().expect("ip")],
-        mtu: 1500,
-    };
-    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    let spec = unrecorded_links(&n, &run, "ghost", &n.pod("ghost"), "10.50.0.9");
     let foreign = coil::kernel::WireSpec {
         host_veth: "coilforeign01".into(),
         alias: "not-coil".into(),

@@ -157,6 +157,23 @@ fn block_on<F: std::future::Future>(run: &Run, f: F) -> F::Output {
     run.rt.as_ref().expect("running").block_on(f)
 }
 
+/// The links a fresh ADD of pod `cid` makes while its reservation syncs
+/// (veth and routes, no address), made here with no journal record: what
+/// a kill between the two leaves. Returns their spec.
+fn unrecorded_links(n: &Node, run: &Run, cid: &str, netns: &str, addr: &str) -> coil::kernel::WireSpec {
+    let key = coil::journal::AttachmentKey::new("k8s", cid, "eth0");
+    let spec = coil::kernel::WireSpec {
+        netns: netns.to_string(),
+        ifname: "eth0".into(),
+        host_veth: coil::node::host_veth_name(&key),
+        alias: coil::node::veth_alias(&key),
+        addresses: vec![addr.parse().expect("ip")],
+        mtu: 1500,
+    };
+    block_on(run, n.kernel.prepare_in(&spec, None)).expect("links");
+    spec
+}
+
 #[test]
 fn add_check_del_gc_run_without_root() {
     let n = Node::new();
@@ -329,16 +346,7 @@ fn an_addressless_veth_left_by_a_kill_before_the_commit_is_removed() {
     let n = Node::new();
     let run = n.start(&["10.46.0.0/28"]);
     let pa = n.pod("pa");
-    let key = coil::journal::AttachmentKey::new("k8s", "pa", "eth0");
-    let spec = coil::kernel::WireSpec {
-        netns: pa.clone(),
-        ifname: "eth0".into(),
-        host_veth: coil::node::host_veth_name(&key),
-        alias: coil::node::veth_alias(&key),
-        addresses: vec!["10.46.0.1".parse().expect("ip")],
-        mtu: 1500,
-    };
-    block_on(&run, n.kernel.prepare_in(&spec, None)).expect("links");
+    let spec = unrecorded_links(&n, &run, "pa", &pa, "10.46.0.1");
     assert_eq!(n.kernel.link_names(), vec![spec.host_veth.clone()]);
     assert!(n
         .kernel

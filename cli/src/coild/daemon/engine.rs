@@ -849,7 +849,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         tokio::spawn(async move {
             // Every effect ends within its deadline, so a recovery that
             // waits for the machine to be quiescent waits for all of them.
-            let late = timed_out(&e);
+            let kind = Kind::of(&e);
             let outcome = match tokio::time::timeout(
                 EFFECT_DEADLINE,
                 effect(&d, e, known, &table_failing, prepared),
@@ -858,8 +858,12 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             {
                 Ok(o) => o,
                 Err(_) => {
-                    tracing::warn!("an effect took over {EFFECT_DEADLINE:?}: {late:?}; given up");
-                    late
+                    tracing::warn!(
+                        effect = id,
+                        ?kind,
+                        "an effect took over {EFFECT_DEADLINE:?}; given up"
+                    );
+                    kind.timed_out()
                 }
             };
             let _ = tx.send(Event::Done(g, id, outcome));
@@ -950,24 +954,45 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
 /// checks, reads and wires, each under [`KERNEL_DEADLINE`]).
 pub(super) const EFFECT_DEADLINE: Duration = KERNEL_DEADLINE;
 
-/// What an effect that ran out of time reports: what a failure of its
-/// kind reports (the world may be half way; each effect is idempotent).
-fn timed_out(e: &Effect) -> Outcome {
-    match e {
-        Effect::Wire { .. } => Outcome::WireTimedOut,
-        Effect::Unwire { .. } => {
-            Outcome::WireFailed(ErrorKind::Kernel, "unwiring timed out".into())
+/// The kind of an effect, as far as its deadline cares: taken before the
+/// effect runs (it is moved into its task), turned into an outcome only
+/// when the deadline passes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Wire,
+    Unwire,
+    Store,
+    Route,
+    Observe,
+    Scan,
+}
+
+impl Kind {
+    fn of(e: &Effect) -> Kind {
+        match e {
+            Effect::Wire { .. } => Kind::Wire,
+            Effect::Unwire { .. } => Kind::Unwire,
+            Effect::Acquire { .. }
+            | Effect::Reacquire { .. }
+            | Effect::Release { .. }
+            | Effect::View { .. } => Kind::Store,
+            Effect::Export { .. } | Effect::Withdraw { .. } | Effect::ReadTable => Kind::Route,
+            Effect::Observe { .. } => Kind::Observe,
+            Effect::Scan | Effect::RemoveLink { .. } | Effect::RemoveHostRoute { .. } => Kind::Scan,
         }
-        Effect::Acquire { .. }
-        | Effect::Reacquire { .. }
-        | Effect::Release { .. }
-        | Effect::View { .. } => Outcome::Unavailable,
-        Effect::Export { .. } | Effect::Withdraw { .. } | Effect::ReadTable => {
-            Outcome::RouteFailed("timed out".into())
-        }
-        Effect::Observe { .. } => Outcome::Observed(Vec::new()),
-        Effect::Scan | Effect::RemoveLink { .. } | Effect::RemoveHostRoute { .. } => {
-            Outcome::RemoveFailed("timed out".into())
+    }
+
+    /// What an effect that ran out of time reports: what a failure of its
+    /// kind reports (the world may be half way; each effect is idempotent).
+    fn timed_out(self) -> Outcome {
+        let why = format!("timed out after {EFFECT_DEADLINE:?}");
+        match self {
+            Kind::Wire => Outcome::WireTimedOut,
+            Kind::Unwire => Outcome::WireFailed(ErrorKind::Kernel, why),
+            Kind::Store => Outcome::Unavailable,
+            Kind::Route => Outcome::RouteFailed(why),
+            Kind::Observe => Outcome::Observed(Vec::new()),
+            Kind::Scan => Outcome::RemoveFailed(why),
         }
     }
 }
@@ -1173,38 +1198,45 @@ async fn effect<B: Backend, K: KernelOps>(
 /// through them, for the machine to find what no attachment owns. A read
 /// that fails reports a failure (nothing is removed on a guess).
 async fn scan<B: Backend, K: KernelOps>(d: &Daemon<B, K>) -> Outcome {
-    let (links, routes) = match (d.kernel.links().await, d.kernel.host_routes().await) {
-        (Ok(l), Ok(r)) => (l, r),
-        (Err(e), _) | (_, Err(e)) => {
+    let (links, routes) = match listing(d).await {
+        Ok(x) => x,
+        Err(e) => {
             tracing::warn!("listing coil's links and host routes: {e}");
             return Outcome::RemoveFailed(e.to_string());
         }
     };
-    let ours: HashMap<u32, String> = links
-        .iter()
+    let links: Vec<(u32, String, Option<String>)> = links
+        .into_iter()
         .filter(|(_, n, _)| n.starts_with("coil"))
-        .map(|(i, n, _)| (*i, n.clone()))
+        .collect();
+    let ours: HashMap<u32, &str> = links.iter().map(|(i, n, _)| (*i, n.as_str())).collect();
+    let routes = routes
+        .into_iter()
+        .filter_map(|(dst, oif)| ours.get(&oif).map(|n| (dst, n.to_string(), oif)))
         .collect();
     Outcome::Scanned {
-        routes: routes
-            .into_iter()
-            .filter_map(|(dst, oif)| ours.get(&oif).map(|n| (dst, n.clone(), oif)))
-            .collect(),
-        links: links
-            .into_iter()
-            .filter(|(_, n, _)| n.starts_with("coil"))
-            .map(|(_, n, a)| (n, a))
-            .collect(),
+        routes,
+        links: links.into_iter().map(|(_, n, a)| (n, a)).collect(),
     }
+}
+
+/// Every link of coild's netns (index, name, alias) and coil's host
+/// routes (destination, output link's index): what `scan` and `observe`
+/// look at.
+#[allow(clippy::type_complexity)]
+async fn listing<B: Backend, K: KernelOps>(
+    d: &Daemon<B, K>,
+) -> Result<(Vec<(u32, String, Option<String>)>, Vec<(IpNet, u32)>), KernelError> {
+    Ok((d.kernel.links().await?, d.kernel.host_routes().await?))
 }
 
 /// Which of these wired attachments lack their veth or a host route to
 /// one of their addresses, each with whether its pod netns still exists.
 /// A read that fails reports nothing missing (nothing is done on a guess).
 async fn observe<B: Backend, K: KernelOps>(d: &Daemon<B, K>, atts: Vec<Attachment>) -> Outcome {
-    let (links, routes) = match (d.kernel.links().await, d.kernel.host_routes().await) {
-        (Ok(l), Ok(r)) => (l, r),
-        (Err(e), _) | (_, Err(e)) => {
+    let (links, routes) = match listing(d).await {
+        Ok(x) => x,
+        Err(e) => {
             tracing::warn!("looking at the pods' veths: {e}");
             return Outcome::Observed(Vec::new());
         }
