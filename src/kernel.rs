@@ -54,6 +54,15 @@ pub enum KernelError {
 
 type Result<T, E = KernelError> = std::result::Result<T, E>;
 
+/// The error of a [`KernelOps::wire_after`] whose reservation never
+/// became durable (its links were removed).
+pub fn abandoned(w: &WireSpec) -> KernelError {
+    KernelError::Io(format!(
+        "wiring {} abandoned: its reservation never became durable",
+        w.host_veth
+    ))
+}
+
 /// What one pod attachment looks like in the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireSpec {
@@ -121,6 +130,20 @@ pub trait KernelOps: Send + Sync + 'static {
         w: &WireSpec,
         p: Self::Prepared,
     ) -> impl Future<Output = Result<Wired>> + Send;
+    /// A fresh reservation's whole wire: [`KernelOps::prepare_in`] at
+    /// once, then [`KernelOps::finish_in`] when `durable` resolves to true
+    /// (the reservation's journal batch is synced). When it resolves to
+    /// false (the batch failed) the prepared links are removed and the
+    /// wire fails ([`abandoned`]). The wire starts at the call, before the
+    /// returned future is first polled, where the implementation can (the
+    /// rtnetlink adapter hands it to one of its wiring threads as one
+    /// job).
+    fn wire_after(
+        &self,
+        w: WireSpec,
+        ns: Option<Self::Netns>,
+        durable: impl Future<Output = bool> + Send + 'static,
+    ) -> impl Future<Output = Result<Wired>> + Send + 'static;
     fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send;
     fn doom(
         &self,

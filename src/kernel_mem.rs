@@ -439,6 +439,25 @@ impl KernelOps for MemKernel {
         ready(self.finish_now(w, index))
     }
 
+    fn wire_after(
+        &self,
+        w: WireSpec,
+        _ns: Option<String>,
+        durable: impl Future<Output = bool> + Send + 'static,
+    ) -> impl Future<Output = Result<Wired>> + Send + 'static {
+        let prepared = self.prepare_now(&w);
+        let k = self.clone();
+        async move {
+            let index = prepared?;
+            if durable.await {
+                k.finish_now(&w, index)
+            } else {
+                k.unwire(&w.host_veth).await?;
+                Err(crate::kernel::abandoned(&w))
+            }
+        }
+    }
+
     fn wire_info(&self, w: &WireSpec) -> impl Future<Output = Result<Wired>> + Send {
         let st = self.st();
         let r = match st.links.get(&w.host_veth) {

@@ -23,9 +23,13 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::netns::{Forbidden, NetnsError};
+use crate::nlsync::{Nl, NlError};
+use crate::wirer::{WireJobError, Wirer, Worker};
 use coil::kernel::{KernelError, KernelOps, WireSpec, Wired, GATEWAY_V4, GATEWAY_V6};
 
 const ENOENT: i32 = 2;
@@ -55,7 +59,8 @@ fn nl(op: &'static str, what: impl Into<String>, e: rtnetlink::Error) -> KernelE
 /// the pod's addresses.
 #[derive(Debug)]
 pub struct Prepared {
-    nsh: Handle,
+    /// A socket in the pod's netns, for [`Kernel::finish_in`].
+    pod: Nl,
     hidx: u32,
     pidx: u32,
     wired: Wired,
@@ -76,6 +81,8 @@ pub struct Kernel {
     /// dump at a time and refuses a second with EBUSY (coild's machine
     /// reads table 119, observes the pods and scans at once).
     dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The threads that run an ADD's wiring (blocking rtnetlink).
+    wirer: std::sync::Arc<Wirer>,
 }
 
 fn mac(msg: &LinkMessage) -> String {
@@ -211,6 +218,8 @@ impl Kernel {
         let (c2, strict, _) = rtnetlink::new_connection_with_strict_check()
             .map_err(|e| KernelError::Io(format!("netlink: {e}")))?;
         tokio::spawn(c2);
+        let home = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| KernelError::Io(format!("opening this thread's netns: {e}")))?;
         Ok(Kernel {
             host,
             strict,
@@ -219,6 +228,7 @@ impl Kernel {
             local: true,
             forbidden: Forbidden::own_and_host(),
             dumps: Default::default(),
+            wirer: std::sync::Arc::new(Wirer::new(home)),
         })
     }
 
@@ -237,6 +247,7 @@ impl Kernel {
             local: false,
             forbidden: Forbidden::own_and_host().with(path, "the node"),
             dumps: Default::default(),
+            wirer: std::sync::Arc::new(Wirer::new(ns)),
         })
     }
 
@@ -317,8 +328,8 @@ impl Kernel {
     /// [`Kernel::wire`] with the pod's netns already opened (and checked)
     /// by [`Kernel::open_pod_netns`], or opened here when None.
     pub async fn wire_in(&self, w: &WireSpec, ns: Option<File>) -> Result<Wired> {
-        let p = self.prepare_in(w, ns).await?;
-        self.finish_in(w, p).await
+        self.wire_after(w.clone(), ns, std::future::ready(true))
+            .await
     }
 
     /// The part of a wire that gives the pod no address: the veth with
@@ -327,208 +338,92 @@ impl Kernel {
     /// default routes. Nothing here makes an address reachable, so coild
     /// runs it while the reservation's journal write is being synced;
     /// [`Kernel::finish_in`] adds the addresses once it is durable. On
-    /// failure nothing is left.
+    /// failure nothing is left. Runs on a wiring thread (see
+    /// [`crate::wirer`]).
     pub async fn prepare_in(&self, w: &WireSpec, ns: Option<File>) -> Result<Prepared> {
         let ns = match ns {
             Some(f) => f,
             None => open_netns(&w.netns, &self.forbidden).await?,
         };
-        let nsh = netns_handle(&ns, &w.netns)?;
-        if get_link(&nsh, &w.ifname).await?.is_some() {
-            // The name may be held by the pod end of an earlier, complete
-            // wiring of this very attachment (a wire that finished after
-            // its deadline, then retried): its host end carries our name
-            // and alias. Replace it, as a half-done one is replaced below;
-            // refuse anything else. (Refusing our own made coild free the
-            // reservation while that veth still held the addresses.)
-            let ours = get_link(&self.host, &w.host_veth)
-                .await?
-                .filter(|l| alias_of(l).as_deref() == Some(w.alias.as_str()));
-            let exists = || KernelError::InterfaceExists {
-                ifname: w.ifname.clone(),
-                netns: w.netns.clone(),
-            };
-            let Some(old) = ours else {
-                return Err(exists());
-            };
-            // The pod end goes with the host end.
-            self.del_link(old.header.index, &w.host_veth).await?;
-            if get_link(&nsh, &w.ifname).await?.is_some() {
-                return Err(exists());
-            }
-        }
-        let peer = LinkUnspec::new_with_name(&w.ifname)
-            .setns_by_fd(ns.as_raw_fd())
-            .mtu(w.mtu)
-            .build();
-        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(w.host_veth.clone())
-            .mtu(w.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        if let Err(e) = self.host.link().add(msg.clone()).execute().await {
-            if errno(&e) != EEXIST {
-                return Err(nl("create veth", &w.host_veth, e));
-            }
-            // A host veth of this name is a half-done earlier attempt of
-            // this very attachment (the name derives from it): replace it.
-            // (Checking first would cost every ADD a round trip.)
-            match get_link(&self.host, &w.host_veth).await? {
-                Some(old) => {
-                    self.del_link(old.header.index, &w.host_veth).await?;
-                    self.host
-                        .link()
-                        .add(msg)
-                        .execute()
-                        .await
-                        .map_err(|e| nl("create veth", &w.host_veth, e))?;
-                }
-                None => {
-                    return Err(KernelError::InterfaceExists {
-                        ifname: w.ifname.clone(),
-                        netns: w.netns.clone(),
-                    })
-                }
-            }
-        }
-        let result = self.prepare_links(w, nsh).await;
-        if result.is_err() {
-            self.remove_half_built(w).await;
-        }
-        result
+        let w = w.clone();
+        self.on_wiring_thread(move |k| prepare_blocking(k, &w, &ns))
+            .await
     }
 
     /// Adds the pod's addresses and the host routes to them, after
     /// [`Kernel::prepare_in`]. On failure nothing is left.
     pub async fn finish_in(&self, w: &WireSpec, p: Prepared) -> Result<Wired> {
-        let result = self.add_addresses(w, &p).await;
-        if result.is_err() {
-            self.remove_half_built(w).await;
-        }
-        result.map(|()| p.wired)
-    }
-
-    /// Leaves nothing half-built behind: the peer dies with the host end.
-    async fn remove_half_built(&self, w: &WireSpec) {
-        if let Ok(Some(l)) = get_link(&self.host, &w.host_veth).await {
-            let _ = self.del_link(l.header.index, &w.host_veth).await;
-        }
-    }
-
-    async fn prepare_links(&self, w: &WireSpec, nsh: Handle) -> Result<Prepared> {
-        let host = get_link(&self.host, &w.host_veth)
-            .await?
-            .ok_or_else(|| KernelError::Io(format!("veth {} vanished", w.host_veth)))?;
-        let hidx = host.header.index;
-        self.host
-            .link()
-            .set(
-                LinkUnspec::new_with_index(hidx)
-                    .alias(w.alias.clone())
-                    .up()
-                    .build(),
-            )
-            .execute()
+        let w = w.clone();
+        let protocol = self.protocol;
+        self.on_wiring_thread(move |k| finish_blocking(k, &w, p, protocol))
             .await
-            .map_err(|e| nl("bring up", &w.host_veth, e))?;
-        let pod = get_link(&nsh, &w.ifname)
-            .await?
-            .ok_or_else(|| KernelError::Io(format!("{} missing in {}", w.ifname, w.netns)))?;
-        let pidx = pod.header.index;
-        let v4 = w.addresses.iter().any(IpAddr::is_ipv4);
-        let v6 = w.addresses.iter().any(IpAddr::is_ipv6);
-        nsh.link()
-            .set(LinkUnspec::new_with_index(pidx).up().build())
-            .execute()
-            .await
-            .map_err(|e| nl("bring up", &w.ifname, e))?;
-        if v4 {
-            let mut req = self.host.address().add(hidx, IpAddr::V4(GATEWAY_V4), 32);
-            let _ = &mut req;
-            ignore_exists(req.execute().await, "add gateway", &w.host_veth)?;
-            let link_route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(GATEWAY_V4, 32)
-                .output_interface(pidx)
-                .scope(RouteScope::Link)
-                .build();
-            ignore_exists(
-                nsh.route().add(link_route).execute().await,
-                "add gateway route",
-                &w.ifname,
-            )?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .gateway(GATEWAY_V4)
-                .output_interface(pidx)
-                .build();
-            ignore_exists(
-                nsh.route().add(default).execute().await,
-                "add default route",
-                &w.ifname,
-            )?;
-        }
-        if v6 {
-            let mut req = self.host.address().add(hidx, IpAddr::V6(GATEWAY_V6), 64);
-            req.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            ignore_exists(req.execute().await, "add gateway", &w.host_veth)?;
-            let default = RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-                .gateway(GATEWAY_V6)
-                .output_interface(pidx)
-                .build();
-            ignore_exists(
-                nsh.route().add(default).execute().await,
-                "add default route",
-                &w.ifname,
-            )?;
-        }
-        Ok(Prepared {
-            nsh,
-            hidx,
-            pidx,
-            wired: Wired {
-                host_mac: mac(&host),
-                pod_mac: mac(&pod),
-            },
-        })
     }
 
-    async fn add_addresses(&self, w: &WireSpec, p: &Prepared) -> Result<()> {
-        let (nsh, pidx, hidx) = (&p.nsh, p.pidx, p.hidx);
-        for a in &w.addresses {
-            let mut req = nsh.address().add(pidx, *a, host_prefix(a));
-            if a.is_ipv6() {
-                req.message_mut()
-                    .attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    /// [`KernelOps::wire_after`] as one job on a wiring thread: the links
+    /// are made, the thread waits for `durable` (the journal's sync
+    /// usually ends first, so it does not sleep) and adds the addresses,
+    /// with no hand-off between the two halves. With `ns` given the job
+    /// is handed to a thread at the call, before the returned future is
+    /// first polled.
+    pub fn wire_after(
+        &self,
+        w: WireSpec,
+        ns: Option<File>,
+        durable: impl Future<Output = bool> + Send + 'static,
+    ) -> impl Future<Output = Result<Wired>> + Send + 'static {
+        let protocol = self.protocol;
+        let job = move |w: WireSpec, ns: File| {
+            move |k: &mut Worker| {
+                let p = prepare_blocking(k, &w, &ns)?;
+                if futures::executor::block_on(durable) {
+                    finish_blocking(k, &w, p, protocol)
+                } else {
+                    drop(p);
+                    remove_half_built_blocking(k, &w);
+                    Err(coil::kernel::abandoned(&w))
+                }
             }
-            match req.execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == EEXIST => {}
-                Err(e) => return Err(nl("add address", format!("{a} on {}", w.ifname), e)),
-            }
+        };
+        let wirer = self.wirer.clone();
+        let forbidden = self.forbidden.clone();
+        enum Start<P, J> {
+            Now(P),
+            Later(J),
         }
-        for a in &w.addresses {
-            let msg = self.host_route(a, hidx)?;
-            ignore_exists(
-                self.host.route().add(msg).replace().execute().await,
-                "add host route",
-                &a.to_string(),
-            )?;
+        let start = match ns {
+            Some(ns) => Start::Now(wirer.submit(job(w.clone(), ns))),
+            None => Start::Later(job),
+        };
+        async move {
+            let pending = match start {
+                Start::Now(p) => p,
+                Start::Later(job) => {
+                    let ns = open_netns(&w.netns, &forbidden).await?;
+                    wirer.submit(job(w, ns))
+                }
+            };
+            job_result(Wirer::wait(pending).await)
         }
-        Ok(())
     }
 
-    fn host_route(&self, a: &IpAddr, oif: u32) -> Result<RouteMessage> {
-        let b = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(*a, host_prefix(a))
-            .map_err(|e| KernelError::Io(format!("route to {a}: {e}")))?;
-        Ok(b.output_interface(oif)
-            .scope(RouteScope::Link)
-            .protocol(self.proto())
-            .build())
+    /// The whole wire on the calling thread, blocking: the primitive
+    /// coild's ADD is built from, without the hand-off to a wiring thread
+    /// (the CNI benchmark measures the floor of an ADD with it). `ns` is
+    /// the pod's netns, opened by the caller. The calling thread enters
+    /// this kernel client's home namespace and stays there: call it on a
+    /// thread of the caller's own, never on a runtime's.
+    pub fn wire_blocking(&self, w: &WireSpec, ns: &File) -> Result<Wired> {
+        let mut worker = crate::wirer::Worker::here(self.wirer.home())
+            .map_err(|e| KernelError::Io(format!("netlink: {e}")))?;
+        let p = prepare_blocking(&mut worker, w, ns)?;
+        finish_blocking(&mut worker, w, p, self.protocol)
+    }
+
+    async fn on_wiring_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::wirer::Worker) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        job_result(self.wirer.run(f).await)
     }
 
     async fn del_link(&self, index: u32, name: &str) -> Result<bool> {
@@ -875,18 +770,6 @@ impl Kernel {
     }
 }
 
-fn ignore_exists(
-    r: std::result::Result<(), rtnetlink::Error>,
-    op: &'static str,
-    what: &str,
-) -> Result<()> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == EEXIST => Ok(()),
-        Err(e) => Err(nl(op, what, e)),
-    }
-}
-
 fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
@@ -909,6 +792,253 @@ fn route_dst(r: &RouteMessage) -> Option<IpNet> {
         _ => None,
     })
 }
+fn job_result<T>(r: std::result::Result<T, WireJobError<KernelError>>) -> Result<T> {
+    match r {
+        Ok(t) => Ok(t),
+        Err(WireJobError::Job(e)) => Err(e),
+        Err(WireJobError::Pool(e)) => Err(KernelError::Io(format!("wiring thread: {e}"))),
+    }
+}
+
+fn nls(op: &'static str, what: impl Into<String>, e: NlError) -> KernelError {
+    KernelError::Netlink {
+        op,
+        what: what.into(),
+        errno: e.errno,
+        msg: e.msg,
+    }
+}
+
+fn ignore_exists_blocking(
+    r: std::result::Result<(), NlError>,
+    op: &'static str,
+    what: &str,
+) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno == EEXIST => Ok(()),
+        Err(e) => Err(nls(op, what, e)),
+    }
+}
+
+fn get_link_blocking(nl: &mut Nl, name: &str) -> Result<Option<LinkMessage>> {
+    nl.get_link(name).map_err(|e| nls("look up link", name, e))
+}
+
+fn del_link_blocking(nl: &mut Nl, index: u32, name: &str) -> Result<bool> {
+    match nl.del_link(index) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno == ENODEV => Ok(false),
+        Err(e) => Err(nls("delete link", name, e)),
+    }
+}
+
+/// [`Kernel::prepare_in`] on the calling (wiring) thread.
+fn prepare_blocking(k: &mut Worker, w: &WireSpec, ns: &File) -> Result<Prepared> {
+    let mut pod = k
+        .socket_in(ns)
+        .map_err(|e| KernelError::Io(format!("netlink in netns {}: {e}", w.netns)))?;
+    if get_link_blocking(&mut pod, &w.ifname)?.is_some() {
+        // The name may be held by the pod end of an earlier, complete
+        // wiring of this very attachment (a wire that finished after its
+        // deadline, then retried): its host end carries our name and
+        // alias. Replace it, as a half-done one is replaced below; refuse
+        // anything else. (Refusing our own made coild free the
+        // reservation while that veth still held the addresses.)
+        let ours = get_link_blocking(&mut k.host, &w.host_veth)?
+            .filter(|l| alias_of(l).as_deref() == Some(w.alias.as_str()));
+        let exists = || KernelError::InterfaceExists {
+            ifname: w.ifname.clone(),
+            netns: w.netns.clone(),
+        };
+        let Some(old) = ours else {
+            return Err(exists());
+        };
+        // The pod end goes with the host end.
+        del_link_blocking(&mut k.host, old.header.index, &w.host_veth)?;
+        if get_link_blocking(&mut pod, &w.ifname)?.is_some() {
+            return Err(exists());
+        }
+    }
+    let peer = LinkUnspec::new_with_name(&w.ifname)
+        .setns_by_fd(ns.as_raw_fd())
+        .mtu(w.mtu)
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(w.host_veth.clone())
+        .mtu(w.mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    if let Err(e) = k.host.add_link(msg.clone()) {
+        if e.errno != EEXIST {
+            return Err(nls("create veth", &w.host_veth, e));
+        }
+        // A host veth of this name is a half-done earlier attempt of this
+        // very attachment (the name derives from it): replace it.
+        // (Checking first would cost every ADD a round trip.)
+        match get_link_blocking(&mut k.host, &w.host_veth)? {
+            Some(old) => {
+                del_link_blocking(&mut k.host, old.header.index, &w.host_veth)?;
+                k.host
+                    .add_link(msg)
+                    .map_err(|e| nls("create veth", &w.host_veth, e))?;
+            }
+            None => {
+                return Err(KernelError::InterfaceExists {
+                    ifname: w.ifname.clone(),
+                    netns: w.netns.clone(),
+                })
+            }
+        }
+    }
+    let result = prepare_links_blocking(k, w, pod);
+    if result.is_err() {
+        remove_half_built_blocking(k, w);
+    }
+    result
+}
+
+/// Leaves nothing half-built behind: the peer dies with the host end.
+fn remove_half_built_blocking(k: &mut Worker, w: &WireSpec) {
+    if let Ok(Some(l)) = get_link_blocking(&mut k.host, &w.host_veth) {
+        let _ = del_link_blocking(&mut k.host, l.header.index, &w.host_veth);
+    }
+}
+
+fn prepare_links_blocking(k: &mut Worker, w: &WireSpec, mut pod_nl: Nl) -> Result<Prepared> {
+    let host = get_link_blocking(&mut k.host, &w.host_veth)?
+        .ok_or_else(|| KernelError::Io(format!("veth {} vanished", w.host_veth)))?;
+    let hidx = host.header.index;
+    k.host
+        .set_link(
+            LinkUnspec::new_with_index(hidx)
+                .alias(w.alias.clone())
+                .up()
+                .build(),
+        )
+        .map_err(|e| nls("bring up", &w.host_veth, e))?;
+    let pod = get_link_blocking(&mut pod_nl, &w.ifname)?
+        .ok_or_else(|| KernelError::Io(format!("{} missing in {}", w.ifname, w.netns)))?;
+    let pidx = pod.header.index;
+    let v4 = w.addresses.iter().any(IpAddr::is_ipv4);
+    let v6 = w.addresses.iter().any(IpAddr::is_ipv6);
+    pod_nl
+        .set_link(LinkUnspec::new_with_index(pidx).up().build())
+        .map_err(|e| nls("bring up", &w.ifname, e))?;
+    if v4 {
+        let gw = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(hidx)
+            .address(GATEWAY_V4, 32)
+            .build();
+        ignore_exists_blocking(k.host.add_address(gw), "add gateway", &w.host_veth)?;
+        let link_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(GATEWAY_V4, 32)
+            .output_interface(pidx)
+            .scope(RouteScope::Link)
+            .build();
+        ignore_exists_blocking(
+            pod_nl.add_route(link_route, false),
+            "add gateway route",
+            &w.ifname,
+        )?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(GATEWAY_V4)
+            .output_interface(pidx)
+            .build();
+        ignore_exists_blocking(
+            pod_nl.add_route(default, false),
+            "add default route",
+            &w.ifname,
+        )?;
+    }
+    if v6 {
+        let mut gw = AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(hidx)
+            .address(GATEWAY_V6, 64)
+            .build();
+        gw.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        ignore_exists_blocking(k.host.add_address(gw), "add gateway", &w.host_veth)?;
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(GATEWAY_V6)
+            .output_interface(pidx)
+            .build();
+        ignore_exists_blocking(
+            pod_nl.add_route(default, false),
+            "add default route",
+            &w.ifname,
+        )?;
+    }
+    Ok(Prepared {
+        pod: pod_nl,
+        hidx,
+        pidx,
+        wired: Wired {
+            host_mac: mac(&host),
+            pod_mac: mac(&pod),
+        },
+    })
+}
+
+/// [`Kernel::finish_in`] on the calling (wiring) thread.
+fn finish_blocking(k: &mut Worker, w: &WireSpec, mut p: Prepared, protocol: u8) -> Result<Wired> {
+    let result = add_addresses_blocking(k, w, &mut p, protocol);
+    if result.is_err() {
+        remove_half_built_blocking(k, w);
+    }
+    result.map(|()| p.wired)
+}
+
+fn add_addresses_blocking(
+    k: &mut Worker,
+    w: &WireSpec,
+    p: &mut Prepared,
+    protocol: u8,
+) -> Result<()> {
+    for a in &w.addresses {
+        let mut msg = match a {
+            IpAddr::V4(v4) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(p.pidx)
+                .address(*v4, 32)
+                .build(),
+            IpAddr::V6(v6) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(p.pidx)
+                .address(*v6, 128)
+                .build(),
+        };
+        if a.is_ipv6() {
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match p.pod.add_address(msg) {
+            Ok(()) => {}
+            Err(e) if e.errno == EEXIST => {}
+            Err(e) => return Err(nls("add address", format!("{a} on {}", w.ifname), e)),
+        }
+    }
+    for a in &w.addresses {
+        let msg = host_route_msg(a, p.hidx, protocol)?;
+        ignore_exists_blocking(
+            k.host.add_route(msg, true),
+            "add host route",
+            &a.to_string(),
+        )?;
+    }
+    Ok(())
+}
+
+fn host_route_msg(a: &IpAddr, oif: u32, protocol: u8) -> Result<RouteMessage> {
+    let b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(*a, host_prefix(a))
+        .map_err(|e| KernelError::Io(format!("route to {a}: {e}")))?;
+    Ok(b.output_interface(oif)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::from(protocol))
+        .build())
+}
+
 impl KernelOps for Kernel {
     type Netns = File;
     type Prepared = Prepared;
@@ -922,6 +1052,14 @@ impl KernelOps for Kernel {
     }
     fn finish_in(&self, w: &WireSpec, p: Prepared) -> impl Future<Output = Result<Wired>> + Send {
         Kernel::finish_in(self, w, p)
+    }
+    fn wire_after(
+        &self,
+        w: WireSpec,
+        ns: Option<File>,
+        durable: impl Future<Output = bool> + Send + 'static,
+    ) -> impl Future<Output = Result<Wired>> + Send + 'static {
+        Kernel::wire_after(self, w, ns, durable)
     }
 
     fn table(&self) -> u32 {

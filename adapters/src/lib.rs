@@ -20,6 +20,8 @@ pub mod any;
 pub mod etcd;
 pub mod kernel;
 pub mod netns;
+mod nlsync;
 pub mod remote;
+mod wirer;
 
 pub use any::AnyBackend;

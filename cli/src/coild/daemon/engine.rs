@@ -54,6 +54,9 @@ pub(super) enum Event {
 /// its host name, and the effect to answer `Unwired` once it is gone.
 type Doomed = (String, u64, EffectId);
 
+/// The result of a fresh reservation's wire (see `Driver::prepare`).
+type WireRx = oneshot::Receiver<Result<coil::kernel::Wired, KernelError>>;
+
 /// The handle requests use to reach the machine.
 pub(super) struct Engine {
     tx: UnboundedSender<Event>,
@@ -577,8 +580,9 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         }
         // A fresh reservation's links, which give the pod no address, are
         // made while its batch syncs (a crash leaves at most an
-        // addressless veth, which recovery's full scan at start removes);
-        // its addresses come only after the batch is durable.
+        // addressless veth, which the machine's scan at start removes);
+        // its addresses come only after the batch is durable: its gate
+        // opens below once the commit returned.
         let mut prepared = HashMap::new();
         for (effects, _) in &rest {
             for (id, e) in effects {
@@ -588,10 +592,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                     fresh: true,
                 } = e
                 {
-                    prepared.insert(
-                        *id,
-                        (self.prepare(key, spec.clone()), spec.host_veth.clone()),
-                    );
+                    prepared.insert(*id, self.prepare(key, spec.clone()));
                 }
             }
         }
@@ -622,11 +623,11 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
                 // must not act on them. coild stops; the restart rebuilds
                 // the machine from what the journal holds.
                 d.set_fatal(format!("the node machine's journal commit failed: {e}"));
-                // Links made for reservations that are not durable go.
-                for (_, (rx, veth)) in prepared {
-                    if let Ok(Ok(_)) = rx.await {
-                        let _ = d.kernel.unwire(&veth).await;
-                    }
+                // Links made for reservations that are not durable go:
+                // each wire removes its own when its gate says so.
+                for (_, (gate, rx)) in prepared {
+                    let _ = gate.send(false);
+                    let _ = rx.await;
                 }
                 for (_, answers) in rest {
                     for (req, _) in answers {
@@ -639,6 +640,14 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             }
             self.persisted(&recs);
         }
+        // Durable: the prepared wires may add their addresses.
+        let mut prepared: HashMap<EffectId, WireRx> = prepared
+            .into_iter()
+            .map(|(id, (gate, rx))| {
+                let _ = gate.send(true);
+                (id, rx)
+            })
+            .collect();
         let t1 = t0.elapsed();
         self.publish(&recs);
         tracing::debug!(
@@ -656,7 +665,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
             // netns never finds it taken.
             let mut gates = Vec::new();
             for (id, e) in effects {
-                let p = prepared.remove(&id).map(|(rx, _)| rx);
+                let p = prepared.remove(&id);
                 if let Some(g) = self.start_effect(id, e, p) {
                     gates.push(g);
                 }
@@ -683,29 +692,30 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         true
     }
 
-    /// Starts making a fresh reservation's links; the wire effect takes
-    /// them once the reservation is durable.
-    fn prepare(
-        &self,
-        key: &AttachmentKey,
-        spec: WireSpec,
-    ) -> oneshot::Receiver<Result<K::Prepared, KernelError>> {
+    /// Starts a fresh reservation's wire: its links at once, its
+    /// addresses once the gate returned here is sent true (the
+    /// reservation is durable). The wire effect takes the result.
+    fn prepare(&self, key: &AttachmentKey, spec: WireSpec) -> (oneshot::Sender<bool>, WireRx) {
+        let (gate, durable) = oneshot::channel::<bool>();
         let (tx, rx) = oneshot::channel();
         let d = self.d.clone();
         let ns = d.engine().and_then(|e| e.take_netns::<K::Netns>(key));
         let what = format!("wiring {key}");
         let t = Instant::now();
+        // Called here, not in the task: the wire starts now.
+        let durable = async move { durable.await.unwrap_or(false) };
+        let wire = d.kernel.wire_after(spec, ns, durable);
         tokio::spawn(async move {
             let start_us = t.elapsed().as_micros() as u64;
-            let r = deadline(what, d.kernel.prepare_in(&spec, ns)).await;
+            let r = deadline(what, wire).await;
             tracing::debug!(
                 start_us,
-                prepare_us = t.elapsed().as_micros() as u64,
-                "prepare"
+                wire_us = t.elapsed().as_micros() as u64,
+                "wire job"
             );
             let _ = tx.send(r);
         });
-        rx
+        (gate, rx)
     }
 
     /// The failpoints of the records just made durable.
@@ -816,7 +826,7 @@ impl<B: Backend, K: KernelOps> Driver<B, K> {
         &self,
         id: EffectId,
         e: Effect,
-        prepared: Option<oneshot::Receiver<Result<K::Prepared, KernelError>>>,
+        prepared: Option<WireRx>,
     ) -> Option<oneshot::Receiver<()>> {
         let d = self.d.clone();
         let tx = self.tx.clone();
@@ -1004,7 +1014,7 @@ async fn effect<B: Backend, K: KernelOps>(
     e: Effect,
     known: Vec<(String, IpNet)>,
     table_failing: &AtomicBool,
-    prepared: Option<oneshot::Receiver<Result<K::Prepared, KernelError>>>,
+    prepared: Option<WireRx>,
 ) -> Outcome {
     let node = d.cfg.node_name.as_str();
     match e {
@@ -1096,14 +1106,8 @@ async fn effect<B: Backend, K: KernelOps>(
             let wiring = async {
                 match prepared {
                     Some(rx) => match rx.await {
-                        Ok(Ok(p)) => {
-                            let t = Instant::now();
-                            let r = d.kernel.finish_in(&spec, p).await;
-                            tracing::debug!(attachment = %key, finish_us = t.elapsed().as_micros() as u64, "wire");
-                            r
-                        }
-                        Ok(Err(e)) => Err(e),
-                        // The preparing task died: wire from scratch.
+                        Ok(r) => r,
+                        // The wiring task died: wire from scratch.
                         Err(_) => d.kernel.wire_in(&spec, None).await,
                     },
                     None => {
