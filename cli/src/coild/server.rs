@@ -203,6 +203,7 @@ async fn store_call<B: Backend>(d: &Daemon<B>, rpc: StoreRpc) -> StoreReply {
 }
 
 async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io::Result<()> {
+    let t0 = std::time::Instant::now();
     let buf = match read_request(&mut s).await {
         Ok(b) => b,
         Err(e) => {
@@ -221,8 +222,17 @@ async fn connection<B: Backend>(d: Arc<Daemon<B>>, mut s: UnixStream) -> std::io
     };
     match req {
         SocketRequest::Cni(r) => {
+            let t1 = t0.elapsed();
             let resp = d.handle(r).await;
-            answer(&mut s, &resp).await
+            let t2 = t0.elapsed();
+            let r = answer(&mut s, &resp).await;
+            tracing::debug!(
+                read_us = t1.as_micros() as u64,
+                handle_us = (t2 - t1).as_micros() as u64,
+                answer_us = (t0.elapsed() - t2).as_micros() as u64,
+                "connection"
+            );
+            r
         }
         SocketRequest::Store(rpc) => {
             let reply = store_call(&d, rpc).await;
