@@ -91,3 +91,99 @@ fn a_rewire_replaces_its_own_wiring_and_refuses_a_foreign_interface() {
         assert!(!k.unwire("coilkt0000001").await.expect("unwire twice"));
     });
 }
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Persist before act, at the adapter: a gated wire makes the links and
+/// the pod's routes at once but gives the pod no address and the node no
+/// route to it until its gate says the reservation is durable; a gate
+/// that says false, or is dropped, leaves nothing behind.
+#[test]
+fn a_gated_wire_adds_no_address_until_its_reservation_is_durable() {
+    let node = Netns::new("gnode");
+    let pod = Netns::new("gpod");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let k = Kernel::in_netns(&node.path(), 119, 30)
+            .await
+            .expect("kernel");
+        // Waits (bounded) until the wire's links and the pod's default
+        // route exist: the job is then parked on its gate.
+        let prepared = |pod: &Netns, ifname: &str| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let routes = ip(&["-n", &pod.0, "route", "show", "dev", ifname]);
+                if routes.contains("default via 169.254.1.1") {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the wire never made {ifname}'s links: {routes} / {}",
+                    ip(&["-n", &pod.0, "link"])
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+
+        // Gate opened: the addresses come only after it.
+        let a = spec(&pod, "eth0", "coilktg000001", "10.98.0.7");
+        let (gate, durable) = tokio::sync::oneshot::channel::<bool>();
+        let ns = std::fs::File::open(pod.path()).expect("pod netns");
+        let wire = tokio::spawn(k.wire_after(a.clone(), Some(ns), async move {
+            durable.await.unwrap_or(false)
+        }));
+        prepared(&pod, "eth0");
+        let addrs = ip(&["-n", &pod.0, "addr", "show", "dev", "eth0"]);
+        assert!(
+            !addrs.contains("10.98.0.7"),
+            "address before durable: {addrs}"
+        );
+        let routes = ip(&["-n", &node.0, "route", "show", "10.98.0.7"]);
+        assert!(
+            routes.trim().is_empty(),
+            "host route before durable: {routes}"
+        );
+        gate.send(true).expect("gate");
+        wire.await.expect("task").expect("wire");
+        assert_eq!(k.check(&a).await.expect("check"), Vec::<String>::new());
+        let addrs = ip(&["-n", &pod.0, "addr", "show", "dev", "eth0"]);
+        assert!(addrs.contains("10.98.0.7/32"), "{addrs}");
+
+        // Gate closed, then gate dropped: nothing is left, and the wire
+        // says why.
+        for (n, close) in [(1, true), (2, false)] {
+            // A pod of its own: the first holds the gateway route.
+            let pod = Netns::new(&format!("gpod{n}"));
+            let ifname = "eth0";
+            let veth = format!("coilktg00000{}", n + 1);
+            let b = spec(&pod, ifname, &veth, &format!("10.98.0.{}", 7 + n));
+            let (gate, durable) = tokio::sync::oneshot::channel::<bool>();
+            let ns = std::fs::File::open(pod.path()).expect("pod netns");
+            let wire = tokio::spawn(k.wire_after(b.clone(), Some(ns), async move {
+                durable.await.unwrap_or(false)
+            }));
+            prepared(&pod, ifname);
+            if close {
+                gate.send(false).expect("gate");
+            } else {
+                drop(gate);
+            }
+            let err = wire
+                .await
+                .expect("task")
+                .expect_err("an abandoned wire fails");
+            assert!(err.to_string().contains("abandoned"), "{err}");
+            let hosts = k.links().await.expect("links");
+            assert!(hosts.iter().all(|(_, name, _)| name != &veth), "{hosts:?}");
+            let links = ip(&["-n", &pod.0, "link", "show"]);
+            assert!(!links.contains(&format!(" {ifname}@")), "{links}");
+        }
+        k.unwire("coilktg000001").await.expect("unwire");
+    });
+}
