@@ -3,8 +3,11 @@
 //!
 //! *Invariants:* every effect is idempotent (create-or-verify, delete
 //! tolerates absence); coil only touches links it named and routes carrying
-//! its protocol id; `setns` happens only on a short-lived dedicated thread
-//! (never on a runtime thread), and the pod end of a veth is created
+//! its protocol id; `setns` happens only on a wiring thread
+//! ([`crate::wirer`]), a short-lived dedicated thread, or the caller's own
+//! thread of [`Kernel::wire_blocking`] (never on a runtime thread); an
+//! ADD's requests go over blocking sockets ([`crate::nlsync`]) on the
+//! wiring threads; and the pod end of a veth is created
 //! directly inside the pod's netns (moving a link costs ~20 ms).
 
 use std::fs::File;

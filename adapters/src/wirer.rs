@@ -4,9 +4,9 @@
 //! *Invariants:* a wiring thread is in the kernel's home network
 //! namespace whenever it is not inside [`Worker::socket_in`]; a thread
 //! that cannot return home exits instead of running another job, and a
-//! replacement is started on the next job. Only these threads and the
-//! short-lived threads of [`crate::kernel`] ever call `setns`; no runtime
-//! thread does.
+//! replacement is started on the next job. Only these threads, the
+//! short-lived threads of [`crate::kernel`] and the caller's own thread
+//! of `Kernel::wire_blocking` ever call `setns`; no runtime thread does.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,22 +95,29 @@ impl Wirer {
 
     /// Starts threads until [`THREADS`] are live.
     fn fill(&self) -> std::io::Result<()> {
-        while self.live.load(Ordering::Acquire) < THREADS {
-            let rx = self.rx.clone();
-            let home = self.home.clone();
-            let live = self.live.clone();
-            // Counted before it runs, so a racing caller does not start a
-            // third.
-            live.fetch_add(1, Ordering::AcqRel);
+        loop {
+            // A slot is claimed before its thread starts, so racing callers
+            // never start more than THREADS between them.
+            let n = self.live.load(Ordering::Acquire);
+            if n >= THREADS {
+                return Ok(());
+            }
+            if self
+                .live
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let (rx, home, live) = (self.rx.clone(), self.home.clone(), self.live.clone());
             let spawned = std::thread::Builder::new()
                 .name("coil-wire".into())
-                .spawn(move || run(rx, home, live.clone()));
+                .spawn(move || run(rx, home, live));
             if let Err(e) = spawned {
                 self.live.fetch_sub(1, Ordering::AcqRel);
                 return Err(e);
             }
         }
-        Ok(())
     }
 
     /// Runs `f` on a wiring thread and waits for its result.

@@ -36,6 +36,20 @@ impl Drop for Netns {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The adapter on the node netns `node`.
+async fn kernel(node: &Netns) -> Kernel {
+    Kernel::in_netns(&node.path(), 119, 30)
+        .await
+        .expect("kernel")
+}
+
 fn spec(pod: &Netns, ifname: &str, veth: &str, addr: &str) -> WireSpec {
     WireSpec {
         netns: pod.path(),
@@ -55,14 +69,8 @@ fn spec(pod: &Netns, ifname: &str, veth: &str, addr: &str) -> WireSpec {
 fn a_rewire_replaces_its_own_wiring_and_refuses_a_foreign_interface() {
     let node = Netns::new("node");
     let pod = Netns::new("pod");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let k = Kernel::in_netns(&node.path(), 119, 30)
-            .await
-            .expect("kernel");
+    runtime().block_on(async {
+        let k = kernel(&node).await;
         let a = spec(&pod, "eth0", "coilkt0000001", "10.98.0.5");
         k.wire_in(&a, None).await.expect("first wire");
         assert_eq!(k.check(&a).await.expect("check"), Vec::<String>::new());
@@ -105,14 +113,8 @@ fn ip(args: &[&str]) -> String {
 fn a_gated_wire_adds_no_address_until_its_reservation_is_durable() {
     let node = Netns::new("gnode");
     let pod = Netns::new("gpod");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let k = Kernel::in_netns(&node.path(), 119, 30)
-            .await
-            .expect("kernel");
+    runtime().block_on(async {
+        let k = kernel(&node).await;
         // Waits (bounded) until the wire's links and the pod's default
         // route exist: the job is then parked on its gate.
         let prepared = |pod: &Netns, ifname: &str| {
